@@ -1,0 +1,330 @@
+"""The `lm` command: train, eval, generate, serve, checkpoints and more.
+
+Every user mistake becomes one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lm.errors import LMError
+
+
+def _load_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise LMError(f"--config {path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise LMError(f"--config {path}: not valid TOML ({exc})") from exc
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# -- train --------------------------------------------------------------------------------
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a language model on a text corpus",
+                       description="Train a model; flags override the keys of --config.")
+    p.add_argument("--config", help="recipe.toml with the same keys as these flags")
+    p.add_argument("--corpus", action="append", help="UTF-8 text file (repeatable)")
+    p.add_argument("--out", help="checkpoint directory to write (default runs/model)")
+    p.add_argument("--tokenizer", choices=["char", "word", "bpe", "spm"])
+    p.add_argument("--vocab-size", type=_positive_int)
+    p.add_argument("--model", choices=["rnn", "gru", "lstm", "gpt"])
+    p.add_argument("--n-layer", type=_positive_int)
+    p.add_argument("--n-embd", type=_positive_int)
+    p.add_argument("--n-head", type=_positive_int)
+    p.add_argument("--block-size", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--max-steps", type=_positive_int)
+    p.add_argument("--eval-interval", type=_positive_int)
+    p.add_argument("--eval-tokens", type=_positive_int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from lm.train import TrainConfig, run_training
+
+    settings = _load_toml(args.config) if args.config else {}
+    if "corpus" in settings and args.config:  # recipe paths are relative to the recipe
+        base = Path(args.config).parent
+        corpus = settings["corpus"] if isinstance(settings["corpus"], list) else [settings["corpus"]]
+        settings["corpus"] = [str(_relative_to(base, c)) for c in corpus]
+    if "out" in settings and args.config:
+        settings["out"] = str(_relative_to(Path(args.config).parent, settings["out"]))
+    skip = {"config", "func", "command", "no_progress"}
+    settings.update({k: v for k, v in vars(args).items() if k not in skip and v is not None})
+    config = TrainConfig.from_dict(settings)
+    summary = run_training(config, progress=not args.no_progress)
+    if "val_loss" in summary:
+        print(f"best validation loss {summary['val_loss']:.4f} "
+              f"(perplexity {summary['val_perplexity']:.2f}, {summary['val_bpc']:.3f} bits/char) "
+              f"saved in {config.out}")
+    return 0
+
+
+def _relative_to(base: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+# -- eval ---------------------------------------------------------------------------------
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits/char of a checkpoint on a corpus")
+    p.add_argument("--checkpoint", required=True, help="shipped name or directory")
+    p.add_argument("--corpus", action="append", required=True)
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="the held-out tail the model was validated on (default) or the whole corpus")
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--max-tokens", type=_positive_int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    result = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.val_fraction,
+                                 args.max_tokens, args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+              f"bpc {result['bpc']:.4f}  tokens {result['tokens']}")
+    return 0
+
+
+def evaluate_checkpoint(checkpoint, corpus, split="val", val_fraction=None, max_tokens=None,
+                        device="auto") -> dict:
+    """The one evaluation used by `lm eval`, the shipped-checkpoint test and the benchmarks."""
+    from lm.checkpoint import load_checkpoint
+    from lm.data import read_corpus, split_text, to_tensor
+    from lm.train import evaluate, pick_device
+
+    torch_device = pick_device(device)
+    ckpt = load_checkpoint(checkpoint, torch_device)
+    text = read_corpus(corpus)
+    if split == "val":
+        fraction = val_fraction or ckpt.training.get("val_fraction", 0.1)
+        text = split_text(text, fraction)[1]
+    ids = to_tensor(ckpt.tokenizer.encode(text))
+    if len(ids) < 2:
+        raise LMError("the evaluation text is shorter than two tokens")
+    return evaluate(ckpt.model, ids, len(text), max_tokens, torch_device)
+
+
+# -- generate -----------------------------------------------------------------------------
+
+MAX_NEW_TOKENS_LIMIT = 100_000
+
+
+def _unit_interval(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _max_new_tokens(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_NEW_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_NEW_TOKENS_LIMIT:,}, got {value:,}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_generate(sub) -> None:
+    from lm.checkpoint import DEFAULT_CHECKPOINT
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to the terminal)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt; '-' or nothing reads standard input. With few-shot "
+                        "examples, the query")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="shipped name or directory")
+    p.add_argument("--max-new-tokens", type=_max_new_tokens, default=256)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.8,
+                   help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 turns it off")
+    p.add_argument("--top-p", type=_unit_interval, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    p.add_argument("--n", type=_positive_int, default=1, help="samples per prompt")
+    p.add_argument("--example", action="append", default=None, metavar="IN=>OUT",
+                   help="a few-shot example (repeatable)")
+    p.add_argument("--examples", metavar="FILE.jsonl", help='few-shot examples {"input", "output"}')
+    p.add_argument("--template", default=None, help="few-shot template (default '{input} => {output}\\n')")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from lm.checkpoint import load_checkpoint
+    from lm.engine import SamplingParams
+    from lm.fewshot import DEFAULT_TEMPLATE, build_prompt, load_examples, parse_example
+    from lm.generate import Generator
+    from lm.train import pick_device
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    stop = list(args.stop or [])
+    examples = [parse_example(e) for e in args.example or []]
+    if args.examples:
+        examples += load_examples(args.examples)
+    if examples:
+        prompt, default_stop = build_prompt(examples, prompt.strip("\n"),
+                                            args.template or DEFAULT_TEMPLATE)
+        stop = stop or default_stop
+    elif args.template:
+        raise LMError("--template needs few-shot examples (--example or --examples)")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop)
+    params.validate()
+    checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
+    generator = Generator(checkpoint)
+    out = sys.stdout
+    if args.n == 1:
+        for piece in generator.stream(prompt, params):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return 0
+    for number, completion in enumerate(generator.complete([prompt], params, n=args.n), 1):
+        out.write(f"--- sample {number} ({completion.finish_reason}) ---\n{completion.text}\n")
+    return 0
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def add_checkpoints(sub) -> None:
+    p = sub.add_parser("checkpoints", help="list the shipped checkpoints")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_checkpoints)
+
+
+def cmd_checkpoints(args) -> int:
+    from lm.checkpoint import read_config, shipped_checkpoints, shipped_dir
+
+    rows = []
+    for name in shipped_checkpoints():
+        directory = shipped_dir() / name
+        meta = read_config(directory)
+        size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        training = meta.get("training", {})
+        rows.append({
+            "name": name,
+            "model": meta["model"]["kind"],
+            "tokenizer": meta["tokenizer"]["kind"],
+            "params": meta.get("num_params"),
+            "size_mb": round(size / 1e6, 1),
+            "val_loss": training.get("val_loss"),
+            "val_bpc": training.get("val_bpc"),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no shipped checkpoints in {shipped_dir()}")
+        return 0
+    print(f"{'name':<26} {'model':<5} {'tokens':<6} {'params':>9} {'size':>8} {'val loss':>8} {'bpc':>6}")
+    for r in rows:
+        loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+        bpc = f"{r['val_bpc']:.3f}" if r["val_bpc"] is not None else "-"
+        print(f"{r['name']:<26} {r['model']:<5} {r['tokenizer']:<6} {r['params'] or 0:>9,} "
+              f"{r['size_mb']:>6.1f}MB {loss:>8} {bpc:>6}")
+    return 0
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train(sub)
+    add_eval(sub)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = [add_generate, add_checkpoints]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LMError as exc:
+        print(f"lm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The continuous-batching engine: one scheduler owns the model and every sequence's state.
+
+Each iteration admits waiting requests (prefill), runs one batched `step` for all active
+sequences, samples every row with its own parameters in one vectorised call, hands new
+text to each request, and retires finished or cancelled sequences. Rows live in
+preallocated slots: a request joins by taking the next free slot and leaves by moving the
+last row into its place, so no step copies the whole batch. Used by `lm generate` (in the
+calling thread) and by the server (in a background thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lm.errors import LMError
+from lm.sampling import SamplingBatch, sample, token_logprobs
+from lm.tokenizers import IncrementalDecoder, Tokenizer
+
+MAX_STOP_SEQUENCES = 16
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LMError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LMError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise LMError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise LMError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
+        if any(not s for s in self.stop):
+            raise LMError("stop sequences must not be empty")
+
+
+@dataclass
+class Output:
+    """What a sequence produced since its last output (all of it when not streaming)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last output
+    timings: dict | None = None  # on the last output: queue, ttft, e2e seconds, tokens
+
+
+class QueueFull(LMError):
+    """The engine's waiting queue is full; the caller should retry later."""
+
+
+class EngineStopped(LMError):
+    """The engine no longer admits requests (shutting down)."""
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One request's generation: its tokens, text, stop handling and delivery."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 sink: Callable[[Output], None] | None, stream: bool):
+        if not prompt_ids:
+            raise LMError("the prompt must hold at least one token")
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.sink = sink
+        self.stream = stream
+        self.generated: list[int] = []
+        self.logprobs: list[float] = []
+        self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
+        self.text = ""  # all generated text so far
+        self.sent_chars = 0  # how much of it has been handed out
+        self.sent_tokens = 0
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.cached = 0  # tokens held in the model state
+        self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.outputs: list[Output] = []  # collected here when there is no sink
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    def add_token(self, token_id: int, logprob: float | None, now: float) -> Output | None:
+        """Record a sampled token; return an output to deliver now, if any."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        before = len(self.text)
+        self.text += self.decoder.push(token_id)
+        stops = self.params.stop
+        hold = 0
+        if stops:
+            for stop in stops:
+                found = self.text.find(stop, max(0, before - len(stop) + 1))
+                if found != -1:
+                    self.text = self.text[:found]
+                    self.finish_reason = "stop"
+                    break
+            else:
+                hold = _partial_stop(self.text, stops)
+        if self.finish_reason is None and len(self.generated) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            return self._output(len(self.text), now)
+        if self.stream and len(self.text) - hold > self.sent_chars:
+            return self._output(len(self.text) - hold, now)
+        return None
+
+    def finish(self, reason: str, now: float) -> Output:
+        self.finish_reason = reason
+        return self._output(len(self.text), now)
+
+    def _output(self, upto: int, now: float) -> Output:
+        text = self.text[self.sent_chars : upto]
+        tokens = self.generated[self.sent_tokens :]
+        logprobs = self.logprobs[self.sent_tokens :] if self.params.logprobs else None
+        self.sent_chars, self.sent_tokens = upto, len(self.generated)
+        timings = None
+        if self.finish_reason is not None:
+            admitted = self.admitted_at or now
+            first = self.first_token_at or now
+            timings = {
+                "queue_s": admitted - self.submitted_at,
+                "ttft_s": first - self.submitted_at,
+                "e2e_s": now - self.submitted_at,
+                "decode_s": now - first,
+                "prompt_tokens": len(self.prompt_ids),
+                "completion_tokens": len(self.generated),
+            }
+        return Output(text, tokens, logprobs, self.finish_reason, timings)
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could begin a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+class Engine:
+    """Continuous batching over one model. Thread-safe `submit`; one thread runs `step`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int = 64,
+                 max_queue: int = 256, device: torch.device | str | None = None,
+                 notify: Callable[[list[tuple[Sequence, Output]]], None] | None = None):
+        if max_batch < 1:
+            raise LMError("max_batch must be at least 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.notify = notify
+        self.context_size: int | None = getattr(model, "context_size", None)
+        self.state = model.init_state(max_batch, self.device)
+        self.params = {
+            "temperature": torch.ones(max_batch),
+            "top_k": torch.zeros(max_batch, dtype=torch.long),
+            "top_p": torch.ones(max_batch),
+            "seed": torch.zeros(max_batch, dtype=torch.long),
+            "counter": torch.zeros(max_batch, dtype=torch.long),
+        }
+        self.active: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self.accepting = True
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop_thread = False
+        self.steps = 0
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[Output], None] | None = None, stream: bool = False) -> Sequence:
+        """Queue a request. Raises QueueFull when `max_queue` requests already wait."""
+        params.validate()
+        seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream)
+        with self._lock:
+            if not self.accepting:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self.waiting.append(seq)
+            self._lock.notify()
+        return seq
+
+    @property
+    def num_running(self) -> int:
+        return len(self.active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduler iteration. Returns False when there was nothing to do."""
+        events: list[tuple[Sequence, Output]] = []
+        self._retire_cancelled(events)
+        self._admit(events)
+        if self.active:
+            self._decode(events)
+            self.steps += 1
+        self._deliver(events)
+        return bool(self.active or events)
+
+    def _admit(self, events) -> None:
+        while len(self.active) < self.max_batch:
+            with self._lock:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                events.append((seq, seq.finish("cancelled", time.perf_counter())))
+                continue
+            row = len(self.active)
+            self.active.append(seq)
+            seq.admitted_at = time.perf_counter()
+            self._fill_row(row, seq)
+            for name, value in (("temperature", seq.params.temperature),
+                                ("top_k", seq.params.top_k), ("top_p", seq.params.top_p),
+                                ("seed", seq.seed), ("counter", 0)):
+                self.params[name][row] = value
+
+    def _fill_row(self, row: int, seq: Sequence) -> None:
+        """Reset row `row` and prefill it with all but the newest token of the sequence.
+
+        The newest token goes through the next batched decode step. A GPT keeps only its
+        most recent tokens (a sliding window) when the history outgrows its context.
+        """
+        history = seq.history()
+        context = history[:-1]
+        if self.context_size is not None and len(context) >= self.context_size:
+            context = context[-(self.context_size * 3 // 4) :]
+        view = {name: tensor[row : row + 1] for name, tensor in self.state.items()}
+        for tensor in view.values():
+            tensor.zero_()
+        if context:
+            ids = torch.tensor([context], dtype=torch.long, device=self.device)
+            _, new_state = self.model.step(ids, view)
+            _write_back(view, new_state)
+        seq.cached = len(context)
+
+    def _decode(self, events) -> None:
+        n = len(self.active)
+        if self.context_size is not None:
+            for row, seq in enumerate(self.active):
+                if seq.cached + 1 > self.context_size:
+                    self._fill_row(row, seq)
+        last = [seq.generated[-1] if seq.generated else seq.prompt_ids[-1] for seq in self.active]
+        ids = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
+        view = {name: tensor[:n] for name, tensor in self.state.items()}
+        logits, new_state = self.model.step(ids, view)
+        _write_back(view, new_state)
+        params = SamplingBatch(**{name: tensor[:n] for name, tensor in self.params.items()})
+        tokens = sample(logits, params)
+        self.params["counter"][:n] += 1
+        want_logprobs = any(seq.params.logprobs for seq in self.active)
+        logprobs = token_logprobs(logits, tokens).tolist() if want_logprobs else None
+        now = time.perf_counter()
+        finished = []
+        for row, (seq, token) in enumerate(zip(self.active, tokens.tolist())):
+            seq.cached += 1
+            out = seq.add_token(token, logprobs[row] if logprobs else None, now)
+            if out is not None:
+                events.append((seq, out))
+            if seq.finished:
+                finished.append(row)
+        for row in reversed(finished):
+            self._remove_row(row)
+
+    def _retire_cancelled(self, events) -> None:
+        now = time.perf_counter()
+        for row in range(len(self.active) - 1, -1, -1):
+            seq = self.active[row]
+            if seq.cancelled:
+                events.append((seq, seq.finish("cancelled", now)))
+                self._remove_row(row)
+
+    def _remove_row(self, row: int) -> None:
+        """Drop row `row`, moving the last row into its slot."""
+        last = len(self.active) - 1
+        if row != last:
+            for tensor in (*self.state.values(), *self.params.values()):
+                tensor[row] = tensor[last]
+            self.active[row] = self.active[last]
+        self.active.pop()
+
+    def _deliver(self, events: list[tuple[Sequence, Output]]) -> None:
+        if not events:
+            return
+        if self.notify is not None:
+            self.notify(events)
+            return
+        for seq, out in events:
+            if seq.sink is not None:
+                seq.sink(out)
+            else:
+                seq.outputs.append(out)
+
+    # -- running --------------------------------------------------------------------------
+
+    def run_until_idle(self) -> None:
+        """Step in the calling thread until every submitted request has finished."""
+        while self.step() or self.has_work():
+            pass
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread (the server's mode)."""
+        if self._thread is not None:
+            return
+        self._stop_thread = False
+        self._thread = threading.Thread(target=self._loop, name="lm-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop_thread:
+            with self._lock:
+                while not (self.waiting or self.active or self._stop_thread):
+                    self._lock.wait(timeout=0.5)
+            if self._stop_thread:
+                break
+            self.step()
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self.accepting = False
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish up to `timeout`, cancel the rest."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self.has_work() and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.01)
+        with self._lock:
+            for seq in list(self.waiting) + list(self.active):
+                seq.cancel()
+        if self._thread is not None:
+            deadline = time.monotonic() + 2.0
+            while self.has_work() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self._stop_thread = True
+            with self._lock:
+                self._lock.notify_all()
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+
+def _write_back(view: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor]) -> None:
+    """Copy a step's new state into the slot views (tensors updated in place are skipped)."""
+    for name, tensor in new_state.items():
+        target = view[name]
+        if tensor.data_ptr() != target.data_ptr():
+            target.copy_(tensor)

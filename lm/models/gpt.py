@@ -1,0 +1,161 @@
+"""Decoder-only transformer (GPT) with a KV cache for generation.
+
+Pre-LayerNorm blocks of causal multi-head self-attention and an MLP, learned positional
+embeddings, a final LayerNorm and an output layer tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.models import ModelConfig, State
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, time, _ = x.shape
+        q, k, v = self.c_attn(x).view(batch, time, 3, self.n_head, self.head_dim).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        batch, _, time, _ = y.shape
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, time, -1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return self._merge(y)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attend new tokens `x[B,t]` at `positions[B,t]` over the cache, writing their k, v."""
+        q, k, v = self._heads(x)
+        k_cache[rows, :, positions] = k.transpose(1, 2)
+        v_cache[rows, :, positions] = v.transpose(1, 2)
+        length = mask.shape[-1]
+        y = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :length], v_cache[:, :, :length], attn_mask=mask
+        )
+        return self._merge(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def step(self, x, k_cache, v_cache, rows, positions, mask) -> torch.Tensor:
+        x = x + self.attn.step(self.ln_1(x), k_cache, v_cache, rows, positions, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.context_size = config.block_size
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Parameters, counting the tied embedding once and excluding positions."""
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        time = ids.shape[1]
+        if time > self.config.block_size:
+            raise ValueError(f"sequence of {time} tokens exceeds block size {self.config.block_size}")
+        positions = torch.arange(time, device=ids.device)
+        x = self.drop(self.wte(ids) + self.wpe(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(ids))
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        c = self.config
+        device = device or self.wte.weight.device
+        dtype = self.wte.weight.dtype
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        state = {"pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
+        for layer in range(c.n_layer):  # one [B, H, T, D] tensor per layer and k/v
+            state[f"k{layer}"] = torch.zeros(shape, device=device, dtype=dtype)
+            state[f"v{layer}"] = torch.zeros(shape, device=device, dtype=dtype)
+        return state
+
+    def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Consume `ids[B,t]` after what `state` holds; return next-token logits[B,V].
+
+        The KV cache is written in place; rows may be at different positions.
+        """
+        batch, time = ids.shape
+        pos = state["pos"]
+        positions = pos[:, None] + torch.arange(time, device=ids.device)  # [B, t]
+        length = int(pos.max()) + time
+        if length > self.config.block_size:
+            raise ValueError(f"state of {length} tokens exceeds block size {self.config.block_size}")
+        keys = torch.arange(length, device=ids.device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, t, L]
+        rows = torch.arange(batch, device=ids.device)[:, None]
+        x = self.wte(ids) + self.wpe(positions)
+        for layer, block in enumerate(self.blocks):
+            x = block.step(x, state[f"k{layer}"], state[f"v{layer}"], rows, positions, mask)
+        logits = self.lm_head(self.ln_f(x[:, -1]))
+        return logits, {**state, "pos": pos + time}

@@ -1,0 +1,321 @@
+"""Tokenizers: text <-> token ids. Character, word, byte-level BPE and SentencePiece.
+
+Each tokenizer is trained on the user's corpus, saved into the checkpoint directory and
+reloaded to behave identically. All share one small interface (`Tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from lm.errors import LMError
+
+TOKENIZER_FILE = "tokenizer.json"
+SPM_FILE = "tokenizer.model"
+UNK = "<unk>"
+KINDS = ("char", "word", "bpe", "spm")
+
+
+class Tokenizer(Protocol):
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def id_to_token(self, token_id: int) -> str: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+class CharTokenizer:
+    """One token per character of the training corpus; unseen characters map to `<unk>`."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.itos = [UNK, *chars]
+        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        get = self.stoi.get
+        return [get(ch, 0) for ch in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        itos = self.itos
+        return "".join(itos[i] if 0 < i < len(itos) else "" for i in ids)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.itos[token_id]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.stoi.get(token)
+
+    def save(self, directory: Path) -> None:
+        _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
+
+
+# Words (with inner apostrophes), single punctuation marks, and newlines are tokens.
+_WORD_RE = re.compile(r"\n|[^\W_]+(?:'[^\W_]+)*|[^\w\s]|_")
+_NO_SPACE_BEFORE = set(".,;:!?)]}'\"")
+_NO_SPACE_AFTER = set("([{")
+
+
+class WordTokenizer:
+    """Words and punctuation as tokens, capped vocabulary, `<unk>` for the rest."""
+
+    kind = "word"
+
+    def __init__(self, words: list[str]):
+        self.itos = [UNK, *words]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 8000) -> WordTokenizer:
+        counts = Counter(_WORD_RE.findall(text))
+        words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+        return cls(words[: max(vocab_size - 1, 1)])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        get = self.stoi.get
+        return [get(w, 0) for w in _WORD_RE.findall(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        prev = "\n"
+        for i in ids:
+            word = self.itos[i] if 0 <= i < len(self.itos) else UNK
+            if not (
+                prev == "\n"
+                or word == "\n"
+                or word in _NO_SPACE_BEFORE
+                or prev in _NO_SPACE_AFTER
+            ):
+                out.append(" ")
+            out.append(word)
+            prev = word
+        return "".join(out)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.itos[token_id]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.stoi.get(token)
+
+    def save(self, directory: Path) -> None:
+        _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
+
+
+class BPETokenizer:
+    """Byte-level BPE from Hugging Face `tokenizers`: any UTF-8 string round-trips exactly."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 1024) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
+        hf.train_from_iterator(_chunks(text), trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def token_to_id(self, token: str) -> int | None:
+        ids = self.encode(token)
+        return ids[0] if len(ids) == 1 else None
+
+    def save(self, directory: Path) -> None:
+        self.hf.save(str(directory / TOKENIZER_FILE))
+
+
+class SentencePieceTokenizer:
+    """SentencePiece (unigram by default), trained with `sentencepiece`."""
+
+    kind = "spm"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 1024, model_type: str = "unigram"):
+        import io
+
+        import sentencepiece as spm
+
+        buffer = io.BytesIO()
+        lines = [line for line in text.split("\n") if line.strip()]
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_writer=buffer,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=1.0,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                user_defined_symbols=["\n"],
+                add_dummy_prefix=False,
+                hard_vocab_limit=False,
+                minloglevel=2,
+            )
+        except RuntimeError as exc:  # e.g. fewer tokens than 256 bytes + the corpus's characters
+            reason = str(exc).split("] ")[-1].split(". Increase")[0]
+            raise LMError(
+                f"sentencepiece cannot train with --vocab-size {vocab_size}: {reason}"
+            ) from exc
+        return cls(buffer.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self.sp.piece_to_id(token)
+        return None if self.sp.is_unknown(token_id) else token_id
+
+    def save(self, directory: Path) -> None:
+        (directory / SPM_FILE).write_bytes(self.proto)
+        _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "model_file": SPM_FILE})
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
+    """Train a tokenizer of `kind` on `text`."""
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "word":
+        return WordTokenizer.train(text, vocab_size or 8000)
+    if kind == "bpe":
+        return BPETokenizer.train(text, vocab_size or 1024)
+    if kind == "spm":
+        return SentencePieceTokenizer.train(text, vocab_size or 1024)
+    raise LMError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def load_tokenizer(directory: Path, kind: str) -> Tokenizer:
+    """Load the tokenizer saved in a checkpoint directory."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise LMError(f"{path}: missing tokenizer file")
+    try:
+        if kind == "bpe":
+            return BPETokenizer.load(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("kind") != kind:
+            raise LMError(f"{path}: holds a {data.get('kind')!r} tokenizer, config says {kind!r}")
+        if kind == "char":
+            return CharTokenizer(list(data["vocab"]))
+        if kind == "word":
+            return WordTokenizer(list(data["vocab"]))
+        if kind == "spm":
+            return SentencePieceTokenizer((directory / data["model_file"]).read_bytes())
+    except LMError:
+        raise
+    except Exception as exc:  # damaged file: name it
+        raise LMError(f"{path}: cannot load tokenizer ({exc})") from exc
+    raise LMError(f"{path}: unknown tokenizer kind {kind!r}")
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text pieces without splitting a UTF-8 character.
+
+    Decodes only a short window around the newest tokens (the approach vLLM uses), so
+    each step costs O(1) however long the sequence is.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context_ids or [])[-4:]
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.ids[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            piece = new_text[len(prefix_text) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            if self.prefix_offset > 64:  # keep the window short
+                drop = self.prefix_offset
+                self.ids = self.ids[drop:]
+                self.prefix_offset -= drop
+                self.read_offset -= drop
+            return piece
+        return ""
+
+
+def _chunks(text: str, size: int = 1 << 16) -> Iterable[str]:
+    for start in range(0, len(text), size):
+        yield text[start : start + size]
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")

@@ -1,0 +1,483 @@
+"""Training: next-token cross-entropy, AdamW, clipping, warm-up + cosine decay, evaluation,
+best-checkpoint keeping, exact resume, and data parallel under `torchrun`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lm.checkpoint import (
+    CONFIG_FILE,
+    TRAIN_STATE_FILE,
+    atomic_torch_save,
+    load_train_state,
+    save_checkpoint,
+)
+from lm.data import Streams, corpus_hash, eval_windows, random_windows, read_corpus, split_text, to_tensor
+from lm.errors import LMError
+from lm.models import ModelConfig, build_model
+from lm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class TrainConfig:
+    corpus: list[str] = field(default_factory=list)
+    out: str = "runs/model"
+    tokenizer: str = "char"
+    vocab_size: int | None = None
+    model: str = "gpt"
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    block_size: int = 64
+    batch_size: int = 12
+    dropout: float = 0.0
+    bias: bool = False
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    eval_interval: int = 250
+    eval_tokens: int | None = None  # cap on validation tokens per periodic evaluation
+    val_fraction: float = 0.1
+    seed: int = 1337
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise LMError(f"unknown training setting(s): {', '.join(unknown)}")
+        config = cls(**data)
+        if isinstance(config.corpus, str):
+            config.corpus = [config.corpus]
+        return config
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            kind=self.model,
+            vocab_size=vocab_size,
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            block_size=self.block_size,
+            dropout=self.dropout,
+            bias=self.bias,
+        )
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise LMError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise LMError("--lr must be positive")
+        if self.warmup_steps < 0:
+            raise LMError("--warmup-steps must not be negative")
+        if self.tokenizer not in ("char", "word", "bpe", "spm"):
+            raise LMError(f"unknown tokenizer {self.tokenizer!r}; choose one of char, word, bpe, spm")
+        self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LMError("--device cuda asked for, but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise LMError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    n_chars: int,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Mean next-token loss over `ids` (deterministic), with perplexity and bits per character.
+
+    GPT: non-overlapping windows of its context. Recurrent models: parallel contiguous
+    streams with the hidden state carried along.
+    """
+    was_training = model.training
+    model.eval()
+    chars_per_token = n_chars / max(1, len(ids))
+    if max_tokens is not None and len(ids) > max_tokens + 1:
+        ids = ids[: max_tokens + 1]
+    config = model.config
+    total_loss, total_tokens = 0.0, 0
+    if config.kind == "gpt":
+        block = min(config.block_size, len(ids) - 1)
+        batches = eval_windows(ids, block, batch_size=16)
+        for x, y in batches:
+            logits = model(x.to(device))
+            total_loss += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum"
+            ).item()
+            total_tokens += y.numel()
+    else:
+        n_streams = max(1, min(16, (len(ids) - 1) // (4 * config.block_size)))
+        length = (len(ids) - 1) // n_streams
+        xs = ids[: length * n_streams].view(n_streams, length)
+        ys = ids[1 : length * n_streams + 1].view(n_streams, length)
+        state = None
+        for start in range(0, length, config.block_size):
+            x = xs[:, start : start + config.block_size].to(device)
+            y = ys[:, start : start + config.block_size].to(device)
+            logits, state = model(x, state, return_state=True)
+            total_loss += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+            ).item()
+            total_tokens += y.numel()
+    model.train(was_training)
+    if total_tokens == 0:
+        raise LMError("validation split is empty: the corpus is too short")
+    loss = total_loss / total_tokens
+    covered_chars = chars_per_token * total_tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bpc": total_loss / covered_chars / math.log(2),
+        "tokens": total_tokens,
+    }
+
+
+class Trainer:
+    """Trains one model; writes its checkpoint, metrics and loss curve to `config.out`."""
+
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.out)
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.is_main = self.rank == 0
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = pick_device(config.device)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+        resuming = config.resume and (self.out / TRAIN_STATE_FILE).is_file()
+        if not resuming and (self.out / CONFIG_FILE).exists():
+            raise LMError(
+                f"{self.out} already holds a checkpoint; pass --resume to continue it "
+                "or choose another --out"
+            )
+        if config.resume and not resuming:
+            raise LMError(f"--resume: {self.out / TRAIN_STATE_FILE} not found; nothing to resume")
+
+        text = read_corpus(config.corpus)
+        train_text, val_text = split_text(text, config.val_fraction)
+        self.corpus_hash = corpus_hash(text)
+        if resuming:
+            self.tokenizer: Tokenizer = load_tokenizer(self.out, config.tokenizer)
+        else:
+            self.tokenizer = train_tokenizer(config.tokenizer, train_text, config.vocab_size)
+        self.train_ids = to_tensor(self.tokenizer.encode(train_text))
+        self.val_ids = to_tensor(self.tokenizer.encode(val_text))
+        self.val_chars = len(val_text)
+        need = config.block_size + 2
+        if len(self.train_ids) < need or len(self.val_ids) < 2:
+            raise LMError(
+                f"corpus too short: {len(self.train_ids)} training tokens for a block of "
+                f"{config.block_size}; use a longer corpus or a smaller --block-size"
+            )
+
+        self.model_config = config.model_config(self.tokenizer.vocab_size)
+        torch.manual_seed(config.seed)
+        self.model = build_model(self.model_config).to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.generator = torch.Generator().manual_seed(config.seed + self.rank)
+        self.streams = None
+        if self.model_config.kind != "gpt":
+            self.streams = Streams(self.train_ids, config.block_size, config.batch_size)
+        self.rnn_state = None
+        self.step = 0
+        self.best_val = float("inf")
+        self.best_step = -1
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        if resuming:
+            self._restore(load_train_state(self.out / TRAIN_STATE_FILE))
+
+        self.ddp_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            groups, lr=self.config.lr, betas=(self.config.beta1, self.config.beta2)
+        )
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def _train_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "elapsed": self.elapsed,
+            "model_config": json.dumps(self.model_config.to_dict()),
+        }
+        if self.streams is not None:
+            state["stream_position"] = self.streams.position
+        if self.rnn_state is not None:
+            state["rnn_state"] = {k: v.detach().cpu() for k, v in self.rnn_state.items()}
+        return state
+
+    def _restore(self, state: dict) -> None:
+        saved = json.loads(state["model_config"])
+        if saved != self.model_config.to_dict():
+            raise LMError(
+                f"--resume: {self.out} was trained with a different model config ({saved}); "
+                "use the same settings or another --out"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.best_val = float(state["best_val"])
+        self.best_step = int(state["best_step"])
+        self.elapsed = float(state["elapsed"])
+        if self.streams is not None:
+            self.streams.position = int(state["stream_position"])
+        if "rnn_state" in state:
+            self.rnn_state = {k: v.to(self.device) for k, v in state["rnn_state"].items()}
+        # Steps after the saved one will be run again: drop their records.
+        metrics = self.out / METRICS_FILE
+        if metrics.is_file():
+            kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= self.step]
+            self.history = kept
+            _write_jsonl(metrics, kept)
+
+    # -- loop -----------------------------------------------------------------------------
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if self.streams is None:
+            x, y = random_windows(
+                self.train_ids, self.config.block_size, self.config.batch_size, self.generator
+            )
+            return x, y, False
+        return self.streams.next()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, restart: bool) -> torch.Tensor:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            if self.streams is None:
+                logits = self.ddp_model(x)
+            else:
+                state = None if restart or self.rnn_state is None else self.rnn_state
+                logits, new_state = self.ddp_model(x, state, return_state=True)
+                self.rnn_state = {k: v.detach() for k, v in new_state.items()}
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Run until `max_steps` (or `stop_at`, for tests of resume); return the summary."""
+        config = self.config
+        end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
+        tokens_per_step = config.batch_size * config.block_size * self.world_size
+        bar = None
+        if self.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        self.model.train()
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < end:
+            lr = lr_at(self.step, config)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.perf_counter()
+            x, y, restart = self._batch()
+            loss = self._loss(x.to(self.device), y.to(self.device), restart)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            loss_value = loss.item()
+            self.elapsed += time.perf_counter() - step_start
+            window_tokens += tokens_per_step
+            if bar is not None:
+                rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
+            if self.step % 10 == 0 or self.step == end:
+                rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                self._log({"step": self.step, "train_loss": loss_value, "lr": lr,
+                           "tokens_per_s": rate, "elapsed_s": self.elapsed})
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                self._evaluate_and_save(bar)
+        if bar is not None:
+            bar.close()
+        if self.step >= config.max_steps and self.is_main:
+            return self.finish()
+        return {"step": self.step, "best_val_loss": self.best_val}
+
+    def _evaluate_and_save(self, bar) -> None:
+        if not self.is_main:
+            return
+        t0 = time.perf_counter()
+        result = evaluate(
+            self.model, self.val_ids, self.val_chars, self.config.eval_tokens, self.device
+        )
+        self.elapsed += time.perf_counter() - t0
+        record = {"step": self.step, "val_loss": result["loss"],
+                  "val_perplexity": result["perplexity"], "val_bpc": result["bpc"],
+                  "elapsed_s": self.elapsed}
+        self._log(record)
+        message = (f"step {self.step}: val loss {result['loss']:.4f}, "
+                   f"ppl {result['perplexity']:.2f}, bpc {result['bpc']:.3f}")
+        if bar is not None:
+            bar.write(message)
+        if result["loss"] < self.best_val:
+            self.best_val, self.best_step = result["loss"], self.step
+            save_checkpoint(self.out, self.model, self.tokenizer, self._summary(result))
+        atomic_torch_save(self._train_state(), self.out / TRAIN_STATE_FILE)
+        self._plot()
+
+    def _summary(self, result: dict, full: bool = False) -> dict:
+        return {
+            "corpus": [str(p) for p in self.config.corpus],
+            "corpus_hash": self.corpus_hash,
+            "val_fraction": self.config.val_fraction,
+            "step": self.step,
+            "max_steps": self.config.max_steps,
+            "val_loss": result["loss"],
+            "val_perplexity": result["perplexity"],
+            "val_bpc": result["bpc"],
+            "val_tokens": result["tokens"],
+            "val_full_split": full or self.config.eval_tokens is None,
+            "train_seconds": round(self.elapsed, 1),
+            "device": str(self.device),
+            "world_size": self.world_size,
+            "threads": torch.get_num_threads(),
+            "settings": {k: v for k, v in asdict(self.config).items() if k != "resume"},
+        }
+
+    def finish(self) -> dict:
+        """Evaluate the best checkpoint on the whole validation split and record it."""
+        from lm.checkpoint import load_checkpoint
+
+        best = load_checkpoint(self.out, self.device)
+        result = evaluate(best.model, self.val_ids, self.val_chars, None, self.device)
+        summary = dict(best.training, **{
+            "val_loss": result["loss"], "val_perplexity": result["perplexity"],
+            "val_bpc": result["bpc"], "val_tokens": result["tokens"], "val_full_split": True,
+            "train_seconds": round(self.elapsed, 1), "finished": True,
+        })
+        save_checkpoint(self.out, best.model, self.tokenizer, summary)
+        return summary
+
+    # -- records --------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.history.append(record)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["train_loss"]) for r in self.history if "train_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train", alpha=0.7)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"{self.model_config.kind} on {self.config.tokenizer} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.out / (PLOT_FILE + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.out / PLOT_FILE)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash ends the record
+    return records
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_training(config: TrainConfig, progress: bool = True) -> dict:
+    """Train, under torchrun if WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        try:
+            return Trainer(config, progress=progress).train()
+        finally:
+            dist.destroy_process_group()
+    return Trainer(config, progress=progress).train()
+
