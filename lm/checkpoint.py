@@ -95,7 +95,7 @@ def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu")
     meta = read_config(directory)
     try:
         config = ModelConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, LMError) as exc:
         raise LMError(f"{directory / CONFIG_FILE}: bad model config ({exc})") from exc
     tokenizer = load_tokenizer(directory, meta["tokenizer"].get("kind", ""))
     if tokenizer.vocab_size > config.vocab_size:

@@ -295,6 +295,228 @@ def cmd_checkpoints(args) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------------
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve checkpoints over an OpenAI-compatible HTTP API",
+                       description="Every flag also reads from an LM_* environment variable "
+                                   "(LM_HOST, LM_PORT, LM_CHECKPOINTS, LM_API_KEY, ...).")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="shipped name or directory (repeatable; default shakespeare-char-gpt)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default 8000")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=_positive_int, default=None, help="sequences per step (64)")
+    p.add_argument("--max-queue", type=_non_negative_int, default=None,
+                   help="waiting requests before 429 (256)")
+    p.add_argument("--max-tokens-limit", type=_positive_int, default=None)
+    p.add_argument("--max-body-bytes", type=_positive_int, default=None)
+    p.add_argument("--max-prompt-chars", type=_positive_int, default=None)
+    p.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
+                   help="allow browser calls from this origin (repeatable; default none)")
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--torch-threads", type=_positive_int, default=None)
+    p.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="seconds to finish running requests on SIGTERM (30)")
+    p.add_argument("--log-level", default=None)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("func", "command", "checkpoint")}
+    if args.checkpoint:
+        overrides["checkpoints"] = args.checkpoint
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise LMError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    from lm.checkpoint import load_checkpoint
+    from lm.train import pick_device
+
+    device = pick_device(settings.device)
+    checkpoints = [load_checkpoint(name, device) for name in settings.checkpoints]
+    names = [c.name for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise LMError(f"two checkpoints share a name: {names}")
+    app = create_app(settings, checkpoints)
+    print(f"lm serve: {', '.join(names)} on http://{settings.host}:{settings.port} "
+          f"(device {device}, max batch {settings.max_batch})", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_timeout or None)
+    return 0
+
+
+# -- loadtest -----------------------------------------------------------------------------
+
+def _run_time(text: str) -> str:
+    """Locust's duration: `90`, `60s`, `5m`, `1h30m`."""
+    import re
+
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
+    if text.strip().isdigit():
+        seconds = int(text)
+    elif match and text.strip():
+        hours, minutes, secs = (int(g or 0) for g in match.groups())
+        seconds = 3600 * hours + 60 * minutes + secs
+    else:
+        raise argparse.ArgumentTypeError(f"expected a duration like 60s, 5m or 1h30m, got {text!r}")
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1s, got {text!r}")
+    return text.strip()
+
+
+def _http_url(text: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"expected a URL like http://127.0.0.1:8000, got {text!r}")
+    return text.rstrip("/")
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def default_locustfile() -> Path:
+    """service/locustfile.py, installed next to the `lm` package."""
+    return Path(__file__).resolve().parent.parent / "service" / "locustfile.py"
+
+
+def add_loadtest(sub) -> None:
+    p = sub.add_parser("loadtest", help="load-test a running server with locust (headless)",
+                       description="Run service/locustfile.py headless against a server, write "
+                                   "CSV and HTML reports to --out and print a summary. Exit "
+                                   "status 1 when any request failed.")
+    p.add_argument("--host", type=_http_url, default="http://127.0.0.1:8000",
+                   help="server URL (default http://127.0.0.1:8000)")
+    p.add_argument("--users", type=_positive_int, default=100, help="concurrent users (100)")
+    p.add_argument("--spawn-rate", type=_positive_float, default=20.0,
+                   help="users started per second (20)")
+    p.add_argument("--run-time", type=_run_time, default="60s", help="60s, 5m, 1h30m (60s)")
+    p.add_argument("--out", default="runs/loadtest", help="report directory (runs/loadtest)")
+    p.add_argument("--model", default=None, help="model name to request (LM_MODEL; default "
+                                                 "shakespeare-char-gpt)")
+    p.add_argument("--locustfile", default=None, help="default: service/locustfile.py")
+    p.set_defaults(func=cmd_loadtest)
+
+    def one_line_error(message: str):  # argparse's usage block would make it several lines
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
+    p.error = one_line_error
+
+
+def _locust_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("locust") is not None
+
+
+def cmd_loadtest(args) -> int:
+    import os
+    import subprocess
+
+    locustfile = Path(args.locustfile) if args.locustfile else default_locustfile()
+    if not locustfile.is_file():
+        raise LMError(f"--locustfile {locustfile}: no such file")
+    if not _locust_available():
+        raise LMError('locust is not installed; run: pip install -e ".[load]"')
+    _check_server(args.host)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats_csv = out / "locust_stats.csv"
+    stats_csv.unlink(missing_ok=True)  # never summarise a previous run
+    command = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
+               "-u", str(args.users), "-r", f"{args.spawn_rate:g}", "-t", args.run_time,
+               "--host", args.host, "--csv", str(out / "locust"),
+               "--html", str(out / "report.html"), "--only-summary"]
+    env = dict(os.environ)
+    if args.model:
+        env["LM_MODEL"] = args.model
+    print(f"lm loadtest: {args.users} users (+{args.spawn_rate:g}/s) for {args.run_time} "
+          f"against {args.host}", file=sys.stderr, flush=True)
+    returncode = subprocess.run(command, env=env).returncode
+    if not stats_csv.is_file():
+        raise LMError(f"locust exited with status {returncode} without writing {stats_csv} "
+                      "(see its output above)")
+    rows = read_locust_stats(stats_csv)
+    print(format_loadtest_summary(rows))
+    print(f"report: {out / 'report.html'}")
+    total = rows[-1] if rows else {"failures": 0}
+    if total["failures"]:
+        print(f"lm loadtest: {total['failures']} failed requests "
+              f"(details in {out / 'locust_failures.csv'})", file=sys.stderr)
+        return 1
+    if returncode:
+        print(f"lm loadtest: locust exited with status {returncode} (errors in the locustfile? "
+              f"see {out / 'locust_exceptions.csv'})", file=sys.stderr)
+    return returncode
+
+
+def _check_server(host: str) -> None:
+    """Fail fast, in one line, when nothing listens at `host` (any HTTP answer will do)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{host}/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # it answered: draining, or behind a key; locust will tell
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise LMError(f"no server at {host} ({reason}); start one with `lm serve`") from None
+
+
+def read_locust_stats(path: Path) -> list[dict]:
+    """Locust's *_stats.csv as one dict per endpoint, the `Aggregated` row last."""
+    import csv
+
+    def number(value: str) -> float | None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None  # N/A when an endpoint saw no request
+
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            rows.append({
+                "name": " ".join(p for p in (row.get("Type"), row.get("Name")) if p),
+                "requests": int(row["Request Count"]),
+                "failures": int(row["Failure Count"]),
+                "rps": number(row["Requests/s"]) or 0.0,
+                "p50_ms": number(row.get("50%")),
+                "p99_ms": number(row.get("99%")),
+            })
+    rows.sort(key=lambda r: r["name"] == "Aggregated")
+    return rows
+
+
+def format_loadtest_summary(rows: list[dict]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    width = max([len(r["name"]) for r in rows] + [8])
+    lines = [f"{'endpoint':<{width}} {'requests':>9} {'failures':>9} {'req/s':>8} "
+             f"{'p50 ms':>8} {'p99 ms':>8}"]
+    for r in rows:
+        lines.append(f"{r['name']:<{width}} {r['requests']:>9,} {r['failures']:>9,} "
+                     f"{r['rps']:>8.1f} {ms(r['p50_ms']):>8} {ms(r['p99_ms']):>8}")
+    return "\n".join(lines)
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -308,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = [add_generate, add_checkpoints]
+_EXTRA_COMMANDS: list = [add_generate, add_checkpoints, add_serve, add_loadtest]
 
 
 def main(argv: list[str] | None = None) -> int:

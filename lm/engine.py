@@ -25,6 +25,7 @@ from lm.sampling import SamplingBatch, sample, token_logprobs
 from lm.tokenizers import IncrementalDecoder, Tokenizer
 
 MAX_STOP_SEQUENCES = 16
+MAX_TOP_LOGPROBS = 5
 
 
 @dataclass
@@ -35,7 +36,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k's
+
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -50,6 +52,8 @@ class SamplingParams:
             raise LMError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise LMError("stop sequences must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise LMError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Output:
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last output
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     timings: dict | None = None  # on the last output: queue, ttft, e2e seconds, tokens
 
 
@@ -89,6 +94,7 @@ class Sequence:
         self.stream = stream
         self.generated: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
         self.text = ""  # all generated text so far
         self.sent_chars = 0  # how much of it has been handed out
@@ -111,13 +117,15 @@ class Sequence:
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
-    def add_token(self, token_id: int, logprob: float | None, now: float) -> Output | None:
+    def add_token(self, token_id: int, logprob: float | None, top: list | None,
+                  now: float) -> Output | None:
         """Record a sampled token; return an output to deliver now, if any."""
         if self.first_token_at is None:
             self.first_token_at = now
         self.generated.append(token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
+            self.top_logprobs.append(top or [])
         before = len(self.text)
         self.text += self.decoder.push(token_id)
         stops = self.params.stop
@@ -146,7 +154,9 @@ class Sequence:
     def _output(self, upto: int, now: float) -> Output:
         text = self.text[self.sent_chars : upto]
         tokens = self.generated[self.sent_tokens :]
-        logprobs = self.logprobs[self.sent_tokens :] if self.params.logprobs else None
+        wants = self.params.logprobs is not None
+        logprobs = self.logprobs[self.sent_tokens :] if wants else None
+        top = self.top_logprobs[self.sent_tokens :] if wants else None
         self.sent_chars, self.sent_tokens = upto, len(self.generated)
         timings = None
         if self.finish_reason is not None:
@@ -160,7 +170,7 @@ class Sequence:
                 "prompt_tokens": len(self.prompt_ids),
                 "completion_tokens": len(self.generated),
             }
-        return Output(text, tokens, logprobs, self.finish_reason, timings)
+        return Output(text, tokens, logprobs, self.finish_reason, top_logprobs=top, timings=timings)
 
 
 def _partial_stop(text: str, stops: list[str]) -> int:
@@ -297,13 +307,21 @@ class Engine:
         params = SamplingBatch(**{name: tensor[:n] for name, tensor in self.params.items()})
         tokens = sample(logits, params)
         self.params["counter"][:n] += 1
-        want_logprobs = any(seq.params.logprobs for seq in self.active)
-        logprobs = token_logprobs(logits, tokens).tolist() if want_logprobs else None
+        top_k = max((s.params.logprobs for s in self.active if s.params.logprobs is not None),
+                    default=None)
+        chosen, top = None, None
+        if top_k is not None:
+            chosen_t, top_values, top_ids = token_logprobs(logits, tokens, top_k)
+            chosen = chosen_t.tolist()
+            top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
         now = time.perf_counter()
         finished = []
         for row, (seq, token) in enumerate(zip(self.active, tokens.tolist())):
             seq.cached += 1
-            out = seq.add_token(token, logprobs[row] if logprobs else None, now)
+            if chosen is not None and seq.params.logprobs is not None:
+                out = seq.add_token(token, chosen[row], top[row][: seq.params.logprobs], now)
+            else:
+                out = seq.add_token(token, None, None, now)
             if out is not None:
                 events.append((seq, out))
             if seq.finished:

@@ -71,7 +71,7 @@ class Generator:
                 text="".join(o.text for o in seq.outputs),
                 finish_reason=seq.finish_reason or "length",
                 token_ids=seq.generated,
-                logprobs=seq.logprobs if params.logprobs else None,
+                logprobs=seq.logprobs if params.logprobs is not None else None,
                 prompt_tokens=len(ids),
             ))
         return results

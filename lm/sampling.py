@@ -76,6 +76,12 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     return tokens
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probability of `tokens[B]` under the model's distribution (temperature 1)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's distribution (temperature 1): of the chosen
+    `tokens[B]`, and the `top_k` most likely tokens' values and ids ([B, top_k])."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+    return chosen, values, ids

@@ -1,0 +1,1 @@
+"""The HTTP layer: translates HTTP requests to engine calls and back."""

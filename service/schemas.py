@@ -1,0 +1,106 @@
+"""Request and response shapes of the OpenAI-compatible API (they are also the OpenAPI schema).
+
+Unknown request fields are ignored, as OpenAI's API does, so clients that send fields lm
+does not use (`user`, `presence_penalty`, ...) keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FewShotExample(BaseModel):
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="model name; defaults to the first one served")
+    prompt: str | list[str] = Field(..., description="text, or a list of texts")
+    max_tokens: int = Field(16, ge=1, description="new tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
+                               description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, description="0 turns it off (extension)")
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    examples: list[FewShotExample] | None = Field(
+        None, description="few-shot (input, output) pairs; `prompt` is then the query (extension)")
+    template: str | None = Field(
+        None, description="few-shot template with {input} and {output} (extension)")
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lm"
+    kind: str
+    tokenizer: str
+    num_params: int | None = None
+    context_size: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining"]
+    models: list[str]
+    running: int
+    waiting: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
