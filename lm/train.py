@@ -20,7 +20,15 @@ from lm.checkpoint import (
     load_train_state,
     save_checkpoint,
 )
-from lm.data import Streams, corpus_hash, eval_windows, random_windows, read_corpus, split_text, to_tensor
+from lm.data import (
+    Streams,
+    corpus_hash,
+    eval_windows,
+    random_windows,
+    read_corpus,
+    split_text,
+    to_tensor,
+)
 from lm.errors import LMError
 from lm.models import ModelConfig, build_model
 from lm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer

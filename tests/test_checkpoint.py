@@ -1,0 +1,167 @@
+"""Checkpoints: save/load round trips, clear errors for damaged directories, no pickle."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.checkpoint import (
+    TRAIN_STATE_FILE,
+    atomic_torch_save,
+    load_checkpoint,
+    load_train_state,
+    save_checkpoint,
+)
+from lm.errors import LMError
+from lm.models import ModelConfig, build_model
+from lm.tokenizers import train_tokenizer
+from lm.train import TrainConfig, Trainer
+
+
+def save_tiny(directory: Path, kind: str, tokenizer_kind: str, text: str) -> torch.nn.Module:
+    tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size=400)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        kind=kind, vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=16, n_head=2, block_size=16
+    )
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    save_checkpoint(directory, model, tokenizer, training={"step": 3, "val_loss": 1.5})
+    return model
+
+
+@pytest.mark.parametrize(
+    ("kind", "tokenizer_kind"), [("gpt", "char"), ("lstm", "word"), ("gru", "bpe"), ("rnn", "spm")]
+)
+def test_save_load_round_trip_gives_identical_logits(kind, tokenizer_kind, corpus_text, tmp_path):
+    model = save_tiny(tmp_path, kind, tokenizer_kind, corpus_text)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.config == model.config
+    assert ckpt.tokenizer.kind == tokenizer_kind
+    assert ckpt.training == {"step": 3, "val_loss": 1.5}
+    assert not ckpt.model.training
+    ids = torch.tensor([ckpt.tokenizer.encode("The king walks toward the sea.")[:16]])
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(ids), model(ids))
+    assert ckpt.model.lm_head.weight is ckpt.model.wte.weight  # tying survives the round trip
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_saving_again_replaces_the_checkpoint(corpus_text, tmp_path):
+    save_tiny(tmp_path, "gpt", "char", corpus_text)
+    model = save_tiny(tmp_path, "lstm", "char", corpus_text)
+    assert load_checkpoint(tmp_path).config == model.config
+
+
+def test_load_by_a_name_that_is_neither_directory_nor_shipped(tmp_path):
+    with pytest.raises(LMError, match="no checkpoint 'no-such-model'"):
+        load_checkpoint("no-such-model")
+
+
+@pytest.fixture
+def saved(corpus_text, tmp_path) -> Path:
+    directory = tmp_path / "ckpt"
+    save_tiny(directory, "gpt", "char", corpus_text)
+    return directory
+
+
+def _edit_config(directory: Path, **model_changes) -> None:
+    path = directory / "config.json"
+    meta = json.loads(path.read_text())
+    meta["model"].update(model_changes)
+    path.write_text(json.dumps(meta))
+
+
+DAMAGES = {
+    "missing weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "truncated weights": (
+        lambda d: (d / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:500]
+        ),
+        "model.safetensors: damaged",
+    ),
+    "wrong shapes": (lambda d: _edit_config(d, n_embd=32), "does not match config.json"),
+    "bad model field": (lambda d: _edit_config(d, n_layer=0), "config.json: bad model config"),
+    "missing config": (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+    "config not json": (lambda d: (d / "config.json").write_text("{oops"), "config.json: damaged"),
+    "missing tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json"),
+    "foreign config": (
+        lambda d: (d / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}'),
+        "not an lm checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_damaged_checkpoint_is_an_lm_error_naming_the_file(damage, saved):
+    apply, message = DAMAGES[damage]
+    apply(saved)
+    with pytest.raises(LMError, match=message):
+        load_checkpoint(saved)
+
+
+# -- train_state.pt: no code runs on load --------------------------------------------------
+
+
+class _Payload:
+    """Pickles into a call that creates `marker` when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_train_state_round_trip(tmp_path):
+    state = {
+        "step": 7,
+        "generator": torch.Generator().manual_seed(3).get_state(),
+        "model": {"w": torch.arange(4.0)},
+        "model_config": "{}",
+        "best_val": 1.25,
+    }
+    atomic_torch_save(state, tmp_path / TRAIN_STATE_FILE)
+    loaded = load_train_state(tmp_path / TRAIN_STATE_FILE)
+    assert loaded["step"] == 7 and loaded["best_val"] == 1.25
+    assert torch.equal(loaded["generator"], state["generator"])
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_pickle_payload_in_train_state_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / TRAIN_STATE_FILE
+    torch.save({"step": 1, "payload": _Payload(marker)}, path)
+    with pytest.raises(LMError, match=TRAIN_STATE_FILE):
+        load_train_state(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # control: the payload is real and would run
+    assert marker.exists()
+
+
+def test_resume_refuses_a_pickle_payload(corpus_path, tmp_path):
+    out = tmp_path / "run"
+    settings = dict(
+        corpus=[str(corpus_path)],
+        out=str(out),
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        block_size=16,
+        batch_size=4,
+        max_steps=10,
+        eval_interval=5,
+        device="cpu",
+    )
+    Trainer(TrainConfig(**settings), progress=False).train(stop_at=5)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": _Payload(marker)}, out / TRAIN_STATE_FILE)
+    with pytest.raises(LMError, match=f"{TRAIN_STATE_FILE}: cannot be read safely"):
+        Trainer(TrainConfig(**settings, resume=True), progress=False)
+    assert not marker.exists()

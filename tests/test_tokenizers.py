@@ -1,0 +1,152 @@
+"""Tokenizers: save/load fidelity, unknowns, spacing, round trips, incremental decoding."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lm.errors import LMError
+from lm.tokenizers import (
+    KINDS,
+    UNK,
+    BPETokenizer,
+    CharTokenizer,
+    IncrementalDecoder,
+    WordTokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+SAMPLE = "My good lord remembers the crown.\nThe king, tired; walks toward the sea!\n"
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus_text) -> BPETokenizer:
+    return BPETokenizer.train(corpus_text, vocab_size=300)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_tokenizer_encodes_identically(kind, corpus_text, tmp_path):
+    tokenizer = train_tokenizer(kind, corpus_text, vocab_size=400 if kind != "char" else None)
+    tokenizer.save(tmp_path)
+    loaded = load_tokenizer(tmp_path, kind)
+    assert loaded.kind == kind
+    assert loaded.vocab_size == tokenizer.vocab_size
+    for text in (SAMPLE, corpus_text[:500]):
+        assert loaded.encode(text) == tokenizer.encode(text)
+        assert loaded.decode(loaded.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+
+
+def test_load_refuses_a_tokenizer_of_another_kind(corpus_text, tmp_path):
+    CharTokenizer.train(corpus_text).save(tmp_path)
+    with pytest.raises(LMError, match="char"):
+        load_tokenizer(tmp_path, "word")
+
+
+def test_load_names_a_missing_tokenizer_file(tmp_path):
+    with pytest.raises(LMError, match="tokenizer.json"):
+        load_tokenizer(tmp_path, "char")
+
+
+def test_unknown_tokenizer_kind_is_an_lm_error(corpus_text):
+    with pytest.raises(LMError, match="unknown tokenizer"):
+        train_tokenizer("morse", corpus_text)
+
+
+# -- char ---------------------------------------------------------------------------------
+
+
+def test_char_round_trip_and_unknown_character(corpus_text):
+    tokenizer = CharTokenizer.train(corpus_text)
+    assert tokenizer.vocab_size == len(set(corpus_text)) + 1
+    assert tokenizer.decode(tokenizer.encode(SAMPLE)) == SAMPLE
+    ids = tokenizer.encode("king§")
+    assert ids[-1] == 0 and tokenizer.id_to_token(0) == UNK
+    assert all(i > 0 for i in ids[:-1])
+    assert tokenizer.decode(ids) == "king"  # <unk> decodes to nothing
+
+
+def test_char_vocabulary_of_tiny_shakespeare(shakespeare_path):
+    text = shakespeare_path.read_text(encoding="utf-8")
+    assert CharTokenizer.train(text).vocab_size == 65 + 1  # nanoGPT's 65 characters + <unk>
+
+
+# -- word ---------------------------------------------------------------------------------
+
+
+def test_word_vocabulary_cap_keeps_the_most_frequent(corpus_text):
+    tokenizer = WordTokenizer.train(corpus_text, vocab_size=20)
+    assert tokenizer.vocab_size == 20
+    assert tokenizer.token_to_id("the") is not None  # the most frequent word survives
+    uncapped = WordTokenizer.train(corpus_text, vocab_size=10_000)
+    assert 20 < uncapped.vocab_size < 10_000
+
+
+def test_word_unknown_words_map_to_unk(corpus_text):
+    tokenizer = WordTokenizer.train(corpus_text)
+    ids = tokenizer.encode("The king eats zebras.")
+    assert [tokenizer.id_to_token(i) for i in ids] == ["The", "king", UNK, UNK, "."]
+
+
+def test_word_decode_spaces_like_prose():
+    tokenizer = WordTokenizer.train("Hello, world! (It is) my father's house; yes.\nNext line?")
+    for text in ("Hello, world!", "my father's house; yes.", "(It is) Hello?\nNext line!"):
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+# -- bpe ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text())
+def test_bpe_round_trips_any_text(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_bpe_round_trips_non_ascii(bpe):
+    text = "héllo 日本語 🙂\n\tçà et là — «ok»\x00"
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+# -- spm ----------------------------------------------------------------------------------
+
+
+def test_spm_round_trips_text_with_newlines(corpus_text):
+    tokenizer = train_tokenizer("spm", corpus_text, vocab_size=400)
+    for text in (SAMPLE, "First line.\n\nThird line,  two spaces.\n", corpus_text[:400]):
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.token_to_id("\n") is not None  # newline is a token of its own
+
+
+# -- incremental decoding -----------------------------------------------------------------
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
+    decoder = IncrementalDecoder(tokenizer)
+    return [decoder.push(i) for i in ids]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["héllo 日本語 🙂", "🙂🙂🙂 ok", "The king speaks.\n" * 30 + "é"],
+    ids=["mixed", "emoji", "long"],
+)
+def test_incremental_decoder_bpe_never_splits_a_character(bpe, text):
+    ids = bpe.encode(text)
+    pieces = _pieces(bpe, ids)
+    assert "".join(pieces) == bpe.decode(ids) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert any("\ufffd" in bpe.decode([i]) for i in ids)  # some character spans tokens
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "spm"])
+def test_incremental_decoder_other_kinds(kind, corpus_text):
+    tokenizer = train_tokenizer(kind, corpus_text, vocab_size=400 if kind != "char" else None)
+    ids = tokenizer.encode(SAMPLE)
+    assert "".join(_pieces(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+def test_spm_vocabulary_too_small_is_an_lm_error(corpus_text):
+    with pytest.raises(LMError, match="--vocab-size 100"):
+        train_tokenizer("spm", corpus_text, vocab_size=100)
