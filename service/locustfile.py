@@ -14,8 +14,11 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterable
 
-from locust import HttpUser, between, task
+import gevent
+import locust.stats
+from locust import HttpUser, between, events, task
 from requests.exceptions import RequestException
 
 MODEL = os.environ.get("LM_MODEL") or "shakespeare-char-gpt"
@@ -187,38 +190,52 @@ class CompletionsUser(HttpUser):
             if response.status_code != 200:
                 response.failure(_status_message(response))
                 return
-            chunks, finished, usage, done, size = 0, False, False, False, 0
-            try:
-                for line in response.iter_lines(chunk_size=None, decode_unicode=True):
-                    size += len(line) + 1
-                    if not line or not line.startswith("data:"):
-                        continue  # blank separators, comments, event names
-                    data = line[len("data:"):].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    event = json.loads(data)
-                    if "error" in event:
-                        response.failure(f"error event: {event['error']}")
-                        return
-                    choices = event.get("choices") or []
-                    chunks += bool(choices)
-                    finished |= any(c.get("finish_reason") in FINISH_REASONS for c in choices)
-                    usage |= bool(event.get("usage"))
-            except (RequestException, ValueError) as exc:
-                response.failure(f"stream broken after {chunks} chunks: {exc!r}")
-                return
-            finally:
-                response.request_meta["response_time"] = (time.perf_counter() - start) * 1000
-                response.request_meta["response_length"] = size
-            if not done:
-                response.failure(f"stream ended after {chunks} chunks without data: [DONE]")
-            elif chunks == 0:
-                response.failure("stream without a single choice chunk")
-            elif not finished:
-                response.failure("stream without a finish_reason")
-            elif not usage:
-                response.failure("stream_options.include_usage set but no usage chunk")
+            lines = response.iter_lines(chunk_size=None, decode_unicode=True)
+            problem, size = check_stream(lines, want_usage=True)
+            response.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+            response.request_meta["response_length"] = size
+            if problem:
+                response.failure(problem)
+
+
+def check_stream(lines: Iterable[str], want_usage: bool) -> tuple[str | None, int]:
+    """Read server-sent events to `data: [DONE]`: what is wrong with them (or None), and
+    how many characters were read."""
+    chunks, finished, usage, size = 0, False, False, 0
+    try:
+        for line in lines:
+            size += len(line) + 1
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, event names
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                return f"error event: {event['error']}", size
+            choices = event.get("choices") or []
+            chunks += bool(choices)
+            finished |= any(c.get("finish_reason") in FINISH_REASONS for c in choices)
+            usage |= bool(event.get("usage"))
+        else:
+            return f"stream ended after {chunks} chunks without data: [DONE]", size
+    except (RequestException, ValueError, AttributeError) as exc:
+        return f"stream broken after {chunks} chunks: {exc!r}", size
+    if chunks == 0:
+        return "stream without a single choice chunk", size
+    if not finished:
+        return "stream without a finish_reason", size
+    if want_usage and not usage:
+        return "stream_options.include_usage set but no usage chunk", size
+    return None, size
+
+
+@events.quitting.add_listener
+def _final_csv_rows(environment, **_kwargs) -> None:
+    """Locust rewrites *_stats.csv every CSV_STATS_INTERVAL_SEC but not at exit, so the file
+    would miss the last second of the run (locust issue #1806): give its writer one more turn."""
+    if getattr(environment.parsed_options, "csv_prefix", None):
+        gevent.sleep(locust.stats.CSV_STATS_INTERVAL_SEC + 0.2)
 
 
 def _check_choices(choices: object, expected: int) -> str | None:

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0)
     log_level: str = "info"
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
     @field_validator("checkpoints", "cors_origins", mode="before")
     @classmethod
     def _comma_list(cls, value):
