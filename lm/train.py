@@ -228,7 +228,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed + self.rank)
         self.streams = None
         if self.model_config.kind != "gpt":
-            self.streams = Streams(self.train_ids, config.block_size, config.batch_size)
+            shard = len(self.train_ids) // self.world_size  # each rank reads its own part
+            own = self.train_ids[self.rank * shard : (self.rank + 1) * shard + 1]
+            self.streams = Streams(own, config.block_size, config.batch_size)
         self.rnn_state = None
         self.step = 0
         self.best_val = float("inf")
