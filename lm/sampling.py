@@ -1,8 +1,9 @@
 """Logits -> next token ids, one row per request, each row with its own parameters.
 
-Pure tensor functions: temperature (0 is greedy), top-k, top-p and per-row seeds. The
-random number for row b is a hash of (seed_b, counter_b), so a request draws the same
-tokens whatever else shares its batch, and the whole batch is sampled without a Python loop.
+Pure tensor functions: temperature (0 is greedy), top-k and top-p. Each row also brings
+its own uniform random number (drawn from the request's own seeded generator), so a
+request draws the same tokens whatever else shares its batch, and the whole batch is
+sampled at once by inverting each row's cumulative distribution.
 """
 
 from __future__ import annotations
@@ -10,24 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _pcg_hash(x: torch.Tensor) -> torch.Tensor:
-    """PCG-style 32-bit integer hash on int64 tensors (values stay below 2**63)."""
-    state = (x * 747796405 + 2891336453) & _MASK32
-    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _MASK32
-    return ((word >> 22) ^ word) & _MASK32
-
-
-def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """A uniform number in [0, 1) for each (seed, counter) pair, float64."""
-    low = seeds & _MASK32
-    high = (seeds >> 32) & _MASK32
-    h = _pcg_hash(_pcg_hash(low ^ _pcg_hash(high)) ^ counters)
-    h2 = _pcg_hash(h ^ 0x9E3779B9)
-    return (h.double() * 2.0**21 + (h2 >> 11).double()) / 2.0**53  # 53 random bits
 
 
 @dataclass
@@ -37,8 +20,7 @@ class SamplingBatch:
     temperature: torch.Tensor  # float; 0 means greedy
     top_k: torch.Tensor  # long; 0 means off
     top_p: torch.Tensor  # float in (0, 1]; 1 means off
-    seed: torch.Tensor  # long
-    counter: torch.Tensor  # long: how many tokens this row has drawn so far
+    uniform: torch.Tensor  # float64 in [0, 1): this row's random draw for this token
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
@@ -63,7 +45,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         order = None
     probs = torch.softmax(scaled, dim=-1)
     cdf = torch.cumsum(probs.double(), dim=-1)
-    u = uniform(params.seed, params.counter).to(cdf.device) * cdf[:, -1]
+    u = params.uniform.to(cdf.device) * cdf[:, -1]
     # right=True: the first index whose cdf exceeds u, so never a token of zero probability.
     choice = torch.searchsorted(cdf, u[:, None], right=True)
     choice = choice.clamp_(max=scaled.shape[-1] - 1).squeeze(1)

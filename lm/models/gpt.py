@@ -44,7 +44,9 @@ class CausalSelfAttention(nn.Module):
     def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              where: StepIndex) -> torch.Tensor:
         """Attend new tokens `x[B,t]` over the cache, writing their keys and values into it."""
-        q, k, v = self._heads(x)
+        batch, time, _ = x.shape
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
+        q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
         if where.same_position is not None:  # every row at one position: a plain slice copy
             start = where.same_position
             k_cache[:, :, start : start + k.shape[2]] = k
@@ -58,7 +60,8 @@ class CausalSelfAttention(nn.Module):
         scores = (q.contiguous() @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
         if where.blocked is not None:
             scores = scores.masked_fill(where.blocked, float("-inf"))
-        return self._merge(torch.softmax(scores, dim=-1) @ values)
+        y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
+        return F.linear(y, self.c_proj.weight, self.c_proj.bias)
 
 
 @dataclass
@@ -96,8 +99,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def step(self, x, k_cache, v_cache, where: StepIndex) -> torch.Tensor:
-        x = x + self.attn.step(self.ln_1(x), k_cache, v_cache, where)
-        return x + self.mlp(self.ln_2(x))
+        """Generation: the same computation as `forward`, called functionally (no dropout,
+        no module-call overhead) because decode runs it for every token."""
+        x = x + self.attn.step(_layer_norm(x, self.ln_1), k_cache, v_cache, where)
+        mlp = self.mlp
+        h = F.gelu(F.linear(_layer_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias))
+        return x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class GPT(nn.Module):
@@ -174,5 +185,5 @@ class GPT(nn.Module):
         x = self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, state[f"k{layer}"], state[f"v{layer}"], where)
-        logits = self.lm_head(self.ln_f(x[:, -1]))
+        logits = F.linear(_layer_norm(x[:, -1], self.ln_f), self.lm_head.weight)
         return logits, {**state, "pos": pos + time}

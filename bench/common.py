@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmarks: where results go and how they are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DATA_DIR = Path(os.environ.get("LM_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def corpus_path() -> Path:
+    path = DATA_DIR / "tinyshakespeare.txt"
+    if not path.is_file():
+        raise SystemExit(f"reference corpus not found at {path}; set LM_DATA_DIR")
+    return path
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_result(name: str, result: dict) -> Path:
+    """Write a benchmark's result as JSON (the markdown report is built from these)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": machine(), "revision": git_revision(), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
