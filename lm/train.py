@@ -235,7 +235,8 @@ class Trainer:
         self.step = 0
         self.best_val = float("inf")
         self.best_step = -1
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # training and evaluation time, across resumes
+        self.eval_seconds = 0.0  # evaluation time in this process
         self.history: list[dict] = []
         if resuming:
             self._restore(load_train_state(self.out / TRAIN_STATE_FILE))
@@ -379,6 +380,7 @@ class Trainer:
             self.model, self.val_ids, self.val_chars, self.config.eval_tokens, self.device
         )
         self.elapsed += time.perf_counter() - t0
+        self.eval_seconds += time.perf_counter() - t0
         record = {"step": self.step, "val_loss": result["loss"],
                   "val_perplexity": result["perplexity"], "val_bpc": result["bpc"],
                   "elapsed_s": self.elapsed}
