@@ -1,0 +1,101 @@
+"""Write a shipped checkpoint's card (README.md) from what its training recorded.
+
+    python checkpoints/write_card.py shakespeare-char-gpt [NAME ...]
+
+The numbers come from config.json (written by `lm train` after it evaluates the best
+checkpoint on the whole validation split); the sample is generated with a fixed seed.
+tests/test_shipped_checkpoints.py re-evaluates each model and checks the card's loss.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def describe_model(model: dict) -> str:
+    if model["kind"] == "gpt":
+        return (f"GPT: {model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, "
+                f"context {model['block_size']} tokens, dropout {model['dropout']}")
+    return (f"{model['kind'].upper()}: {model['n_layer']} layers of {model['n_embd']} units, "
+            f"trained on {model['block_size']}-token BPTT windows, dropout {model['dropout']}")
+
+
+def write_card(name: str, description: str = "") -> Path:
+    from lm.checkpoint import load_checkpoint
+    from lm.engine import SamplingParams
+    from lm.generate import Generator
+
+    directory = HERE / name
+    meta = json.loads((directory / "config.json").read_text())
+    training = meta["training"]
+    settings = training.get("settings", {})
+    tokens_per_step = settings.get("batch_size", 0) * settings.get("block_size", 0)
+    prompt = {"fewshot": "cat => tac\nstone => enots\nplover => "}.get(name.split("-")[0], "ROMEO:\n")
+    checkpoint = load_checkpoint(directory)
+    sample = Generator(checkpoint).complete(
+        [prompt], SamplingParams(max_new_tokens=300, temperature=0.8, top_k=0, seed=0))[0].text
+    minutes = training.get("train_seconds", 0) / 60
+    corpus = ", ".join(Path(c).name for c in training.get("corpus", []))
+    lines = [
+        f"# {name}",
+        "",
+        description or f"A {meta['tokenizer']['kind']}-level {meta['model']['kind'].upper()} "
+                       f"trained on {corpus}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| corpus | `{corpus}` ({training.get('corpus_hash', '?')}), last "
+        f"{training.get('val_fraction', 0.1):.0%} held out for validation |",
+        f"| tokenizer | {meta['tokenizer']['kind']}, {meta['tokenizer']['vocab_size']:,} tokens |",
+        f"| model | {describe_model(meta['model'])} |",
+        f"| parameters | {meta['num_params']:,} |",
+        f"| training | {training.get('max_steps', 0):,} steps of {settings.get('batch_size')} x "
+        f"{settings.get('block_size')} tokens ({tokens_per_step * training.get('max_steps', 0):,} "
+        f"tokens); best checkpoint at step {training.get('step')} |",
+        f"| hardware | {minutes:.1f} minutes on {training.get('threads')} CPU threads "
+        f"({cpu_name()}), device {training.get('device')} |",
+        f"| validation loss | {training['val_loss']:.4f} |",
+        f"| perplexity | {training['val_perplexity']:.3f} per token |",
+        f"| bits per character | {training['val_bpc']:.4f} |",
+        f"| validation tokens | {training['val_tokens']:,} "
+        f"({'the whole held-out split' if training.get('val_full_split') else 'a subset'}) |",
+        "",
+        f"Reproduce: `lm train --config checkpoints/{name}/recipe.toml` (see `recipe.toml`).",
+        f"Check: `lm eval --checkpoint {name} --corpus ../shared/data/{corpus}`."
+        if name.startswith("shakespeare") else "",
+        "",
+        f"Sample (`temperature 0.8, seed 0`, prompt {prompt!r}):",
+        "",
+        "```",
+        prompt + sample,
+        "```",
+        "",
+        "![loss curve](loss.png)",
+        "",
+    ]
+    extra = directory / "EXTRA.md"
+    if extra.is_file():
+        lines += [extra.read_text().rstrip(), ""]
+    card = directory / "README.md"
+    card.write_text("\n".join(lines))
+    return card
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(write_card(arg))
