@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from lm.tokenizers import IncrementalDecoder, Tokenizer
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 5
+_INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
 
 
 @dataclass
@@ -42,8 +44,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise LMError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LMError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also rejects NaN
+            raise LMError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise LMError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -90,6 +92,7 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.rng = random.Random(self.seed)  # this request's own draws, whatever its batch
         self.sink = sink
         self.stream = stream
         self.generated: list[int] = []
@@ -204,8 +207,6 @@ class Engine:
             "temperature": torch.ones(max_batch),
             "top_k": torch.zeros(max_batch, dtype=torch.long),
             "top_p": torch.ones(max_batch),
-            "seed": torch.zeros(max_batch, dtype=torch.long),
-            "counter": torch.zeros(max_batch, dtype=torch.long),
         }
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
@@ -270,8 +271,8 @@ class Engine:
             seq.admitted_at = time.perf_counter()
             self._fill_row(row, seq)
             for name, value in (("temperature", seq.params.temperature),
-                                ("top_k", seq.params.top_k), ("top_p", seq.params.top_p),
-                                ("seed", seq.seed), ("counter", 0)):
+                                ("top_k", min(seq.params.top_k, _INT64_MAX)),
+                                ("top_p", seq.params.top_p)):
                 self.params[name][row] = value
 
     def _fill_row(self, row: int, seq: Sequence) -> None:
@@ -283,7 +284,7 @@ class Engine:
         history = seq.history()
         context = history[:-1]
         if self.context_size is not None and len(context) >= self.context_size:
-            context = context[-(self.context_size * 3 // 4) :]
+            context = context[len(context) - self.context_size * 3 // 4 :]  # [-0:] keeps all
         view = {name: tensor[row : row + 1] for name, tensor in self.state.items()}
         for tensor in view.values():
             tensor.zero_()
@@ -304,9 +305,10 @@ class Engine:
         view = {name: tensor[:n] for name, tensor in self.state.items()}
         logits, new_state = self.model.step(ids, view)
         _write_back(view, new_state)
-        params = SamplingBatch(**{name: tensor[:n] for name, tensor in self.params.items()})
+        uniform = torch.tensor([seq.rng.random() for seq in self.active], dtype=torch.float64)
+        params = SamplingBatch(**{name: tensor[:n] for name, tensor in self.params.items()},
+                               uniform=uniform)
         tokens = sample(logits, params)
-        self.params["counter"][:n] += 1
         top_k = max((s.params.logprobs for s in self.active if s.params.logprobs is not None),
                     default=None)
         chosen, top = None, None

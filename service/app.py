@@ -41,6 +41,11 @@ from service.schemas import (
 )
 from service.settings import Settings
 
+# One server-sent event of a streamed completion (FastAPI's own notation for event streams).
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a completion chunk as JSON; `[DONE]` at the end"},
+}}
+
 
 class APIError(Exception):
     """An error to send as an OpenAI error body."""
@@ -94,7 +99,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(413, f"request body exceeds {self.max_bytes} bytes")
             return message
 
         try:
@@ -108,8 +113,9 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """An HTTPException, so that FastAPI's body parsing re-raises it as it is (it turns any
+    other exception raised while reading the body into a 400)."""
 
 
 def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] | None = None) -> FastAPI:
@@ -133,6 +139,8 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
             torch.set_num_threads(settings.torch_threads)
         loop = asyncio.get_running_loop()
         device = pick_device(settings.device)
+        state["draining"] = False  # the app may be started again after a shutdown (tests)
+        models.clear()
         loaded = checkpoints if checkpoints is not None else [
             load_checkpoint(name, device) for name in settings.checkpoints
         ]
@@ -177,7 +185,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
         param = loc[0] if loc else None
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
-        elif first.get("type") == "model_attributes_type" or (not loc and first.get("type") == "dict_type"):
+        elif not loc and first.get("type") in ("model_attributes_type", "dict_type"):
             message = "the request body must be a JSON object"
         else:
             where = ".".join(loc) if loc else "body"
@@ -186,7 +194,8 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "request_too_large"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), code=code)
 
     @app.exception_handler(Exception)
@@ -219,7 +228,8 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
     # -- routes ---------------------------------------------------------------------------
 
-    @app.get("/health", response_model=Health)
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": Health, "description": "shutting down"}})
     async def health():
         running = sum(m.engine.num_running for m in models.values())
         waiting = sum(m.engine.num_waiting for m in models.values())
@@ -244,7 +254,11 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
         ])
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)})
+              responses={200: {"content": {"text/event-stream": {"itemSchema": _SSE_EVENT}},
+                               "description": "a completion; with `stream`, server-sent "
+                                              "events instead"},
+                         **{code: {"model": ErrorResponse}
+                            for code in (400, 401, 404, 413, 429, 503)}})
     async def completions(body: CompletionRequest, request: Request):
         check_key(request)
         served = pick_model(body.model)
@@ -295,9 +309,12 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
         if body.n * len(prompts) > settings.max_n:
             raise APIError(400, f"n: at most {settings.max_n} completions per request "
                                 f"(prompts x n), got {body.n * len(prompts)}", param="n")
-        if body.max_tokens > settings.max_tokens_limit:
+        max_tokens = body.max_tokens
+        if "max_tokens" not in body.model_fields_set:  # the default must fit a lower limit
+            max_tokens = min(max_tokens, settings.max_tokens_limit)
+        if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens: at most {settings.max_tokens_limit}, "
-                                f"got {body.max_tokens}", param="max_tokens")
+                                f"got {max_tokens}", param="max_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > settings.max_stop:
             raise APIError(400, f"stop: at most {settings.max_stop} sequences", param="stop")
@@ -317,8 +334,10 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                     text, default_stop = build_prompt(examples, query,
                                                       body.template or DEFAULT_TEMPLATE)
                 except LMError as exc:
-                    param = "template" if "template" in str(exc) else "examples"
-                    raise APIError(400, str(exc), param=param) from None
+                    message = str(exc)
+                    param = ("examples" if message.startswith("example") else
+                             "prompt" if message.startswith("the query") else "template")
+                    raise APIError(400, f"{param}: {message}", param=param) from None
                 built.append(text)
             prompts = built
             stop = stop or default_stop
@@ -328,7 +347,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
             if len(text) > settings.max_prompt_chars:
                 raise APIError(413, f"prompt: longer than {settings.max_prompt_chars} characters",
                                param="prompt", code="prompt_too_long")
-        params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature,
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
                                 top_k=body.top_k, top_p=body.top_p, stop=stop,
                                 logprobs=body.logprobs)
         prompt_ids = [encode_prompt(served.checkpoint, text) for text in prompts]
@@ -369,7 +388,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
     def _finish_reason(out: Output) -> str:
         return "stop" if out.finish_reason == "stop" else "length"
 
-    async def _complete(ctx: _Context, request: Request) -> CompletionResponse:
+    async def _complete(ctx: _Context, request: Request) -> CompletionResponse | Response:
         pending = len(ctx.sequences)
         texts = [""] * pending
         parts: list[list[Output]] = [[] for _ in range(pending)]
@@ -380,9 +399,9 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                 getter = asyncio.ensure_future(ctx.outputs.get())
                 done, _ = await asyncio.wait({getter, disconnect},
                                              return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
+                if getter not in done:  # the client left: nobody reads this response
                     getter.cancel()
-                    raise asyncio.CancelledError  # the client left
+                    return Response(status_code=499)  # nginx's "client closed request"
                 choice, out = getter.result()
                 texts[choice] += out.text
                 parts[choice].append(out)

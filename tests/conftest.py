@@ -68,3 +68,104 @@ def shakespeare_path() -> Path:
     if not path.is_file():
         pytest.skip(f"reference corpus not found at {path} (set LM_DATA_DIR)")
     return path
+
+
+# -- a tiny checkpoint and live servers (the HTTP tests) ----------------------------------
+
+
+def save_tiny_gpt(directory: Path, text: str) -> Path:
+    """An untrained 1-layer char GPT (random weights, 64-token context) saved as a checkpoint."""
+    from lm.checkpoint import save_checkpoint
+    from lm.models import ModelConfig, build_model
+    from lm.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer.train(text)
+    torch.manual_seed(0)
+    config = ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32,
+                         n_head=2, block_size=64)
+    model = build_model(config)
+    with torch.no_grad():  # larger random weights: varied, not near-uniform, predictions
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    save_checkpoint(directory, model, tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory, corpus_text: str) -> Path:
+    """Served under the model name "tiny" (the directory's name)."""
+    return save_tiny_gpt(tmp_path_factory.mktemp("checkpoints") / "tiny", corpus_text)
+
+
+class LiveServer:
+    """A FastAPI app run by uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        import time
+
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"no answer from {self.url}/health after {timeout} s")
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.should_exit = True
+            self.thread.join(timeout=15)
+        self.socket.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_checkpoint_dir: Path):
+    """Factory: a live server for `Settings(**overrides)` serving "tiny"; stopped at the end."""
+    from lm.checkpoint import load_checkpoint
+    from service.app import create_app
+    from service.settings import Settings
+
+    servers: list[LiveServer] = []
+
+    def start(**overrides) -> LiveServer:
+        settings = Settings(checkpoints=[str(tiny_checkpoint_dir)], **overrides)
+        app = create_app(settings, [load_checkpoint(tiny_checkpoint_dir)])
+        server = LiveServer(app).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(start_server) -> LiveServer:
+    """The default server: default settings, model "tiny"."""
+    return start_server()

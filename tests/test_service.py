@@ -1,0 +1,290 @@
+"""The HTTP server through the official `openai` client: completions, streaming, sampling
+options, few-shot, models, health, metrics, docs, and continuous batching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from lm.checkpoint import load_checkpoint
+from lm.engine import Engine, SamplingParams
+
+PROMPT = "The king speaks of"
+
+
+@pytest.fixture(scope="module")
+def server(live_server):
+    return live_server
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def complete(client: openai.OpenAI, **kwargs):
+    return client.completions.create(model="tiny", **{"prompt": PROMPT, **kwargs})
+
+
+def greedy_text(client: openai.OpenAI, prompt: str = PROMPT, max_tokens: int = 40) -> str:
+    return complete(client, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+# -- completions ----------------------------------------------------------------------------
+
+
+def test_plain_completion(client):
+    response = complete(client, max_tokens=12, seed=3)
+    assert response.object == "text_completion"
+    assert response.model == "tiny"
+    assert response.id.startswith("cmpl-")
+    [choice] = response.choices
+    assert choice.index == 0
+    assert choice.finish_reason == "length"
+    assert isinstance(choice.text, str) and 0 < len(choice.text) <= 12
+    # A char tokenizer: one prompt token per character (all of them in the vocabulary).
+    assert response.usage.prompt_tokens == len(PROMPT)
+    assert response.usage.completion_tokens == 12
+    assert response.usage.total_tokens == len(PROMPT) + 12
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = complete(client, max_tokens=30, seed=11)
+    chunks = list(complete(client, max_tokens=30, seed=11, stream=True))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length"
+    assert all(f is None for f in finishes[:-1])
+    assert all(c.model == "tiny" and c.id == chunks[0].id for c in chunks)
+
+
+def test_streaming_ends_with_done(server):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_include_usage(client):
+    chunks = list(complete(client, max_tokens=10, seed=5, stream=True,
+                           stream_options={"include_usage": True}))
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(PROMPT), 10)
+    assert usage.total_tokens == len(PROMPT) + 10
+
+
+def test_n_choices(client):
+    response = complete(client, max_tokens=6, n=3, seed=1)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in response.choices)
+    assert response.usage.completion_tokens == 18
+    assert response.usage.prompt_tokens == len(PROMPT)
+
+
+def test_list_of_prompts(client):
+    prompts = ["The king", "A young poet", "We"]
+    response = complete(client, prompt=prompts, max_tokens=5, n=2, temperature=0)
+    assert [c.index for c in response.choices] == list(range(6))
+    assert response.usage.prompt_tokens == sum(len(p) for p in prompts)
+    assert response.usage.completion_tokens == 30
+    # Greedy: the two samples of one prompt agree, and each equals that prompt alone.
+    for index, prompt in enumerate(prompts):
+        first, second = response.choices[2 * index], response.choices[2 * index + 1]
+        assert first.text == second.text == greedy_text(client, prompt, max_tokens=5)
+
+
+def test_stop_sequence(client):
+    greedy = greedy_text(client, max_tokens=40)
+    stop = greedy[10:12]
+    assert len(stop) == 2
+    response = complete(client, max_tokens=40, temperature=0, stop=[stop])
+    [choice] = response.choices
+    assert stop not in choice.text
+    assert choice.finish_reason == "stop"
+    assert choice.text == greedy[: greedy.index(stop)]
+    streamed = "".join(c.choices[0].text
+                       for c in complete(client, max_tokens=40, temperature=0, stop=stop,
+                                         stream=True) if c.choices)
+    assert streamed == choice.text
+
+
+def test_stop_not_hit_is_length(client):
+    response = complete(client, max_tokens=8, temperature=0, stop=["\u00a7never\u00a7"])
+    assert response.choices[0].finish_reason == "length"
+    assert response.choices[0].text == greedy_text(client, max_tokens=8)
+
+
+def test_seed_reproducible(client):
+    first = complete(client, max_tokens=20, seed=42).choices[0].text
+    second = complete(client, max_tokens=20, seed=42).choices[0].text
+    assert first == second
+    others = {complete(client, max_tokens=20, seed=seed).choices[0].text for seed in range(4)}
+    assert len(others | {first}) > 1
+
+
+def test_logprobs(client):
+    response = complete(client, max_tokens=10, logprobs=2, seed=9)
+    [choice] = response.choices
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == response.usage.completion_tokens == 10
+    assert len(logprobs.token_logprobs) == 10
+    assert all(value <= 0 for value in logprobs.token_logprobs)
+    assert len(logprobs.top_logprobs) == 10
+    for top in logprobs.top_logprobs:
+        assert 1 <= len(top) <= 2
+        assert all(value <= 0 for value in top.values())
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+
+
+def test_echo_prefixes_prompt(client):
+    plain = complete(client, max_tokens=6, seed=4).choices[0].text
+    echoed = complete(client, max_tokens=6, seed=4, echo=True).choices[0].text
+    assert echoed == PROMPT + plain
+    streamed = "".join(c.choices[0].text
+                       for c in complete(client, max_tokens=6, seed=4, echo=True, stream=True)
+                       if c.choices)
+    assert streamed == echoed
+
+
+def test_few_shot_extension(client):
+    examples = [{"input": "cat", "output": "tac"}, {"input": "dog", "output": "god"}]
+    response = complete(client, prompt="sun", max_tokens=20, temperature=0, echo=True,
+                        extra_body={"examples": examples})
+    [choice] = response.choices
+    prompt = "cat => tac\ndog => god\nsun => "
+    assert choice.text.startswith(prompt)
+    assert "\n" not in choice.text[len(prompt):]  # the template's line end is the default stop
+    assert response.usage.prompt_tokens == len(prompt)
+
+
+def test_top_k_extension(client):
+    response = complete(client, max_tokens=10, seed=2, extra_body={"top_k": 1})
+    assert response.choices[0].text == greedy_text(client, max_tokens=10)
+
+
+def test_default_model_when_omitted(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 3},
+                   timeout=30)
+    assert r.status_code == 200
+    assert r.json()["model"] == "tiny"
+
+
+# -- other routes ---------------------------------------------------------------------------
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].object == "model"
+
+
+def test_health(server):
+    r = httpx.get(f"{server.url}/health", timeout=10)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["models"] == ["tiny"]
+    assert body["running"] == 0 and body["waiting"] == 0
+
+
+def test_metrics(client, server):
+    complete(client, max_tokens=5, seed=1)
+    list(complete(client, max_tokens=5, seed=1, stream=True))
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in ("lm_time_to_first_token_seconds_count", "lm_inter_token_latency_seconds_count",
+                 "lm_e2e_request_latency_seconds_count", "lm_queue_time_seconds_count",
+                 "lm_generation_tokens_total", "lm_requests_running", "lm_requests_waiting"):
+        lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+        assert lines, f"{name} missing from /metrics"
+        assert any('model="tiny"' in line for line in lines)
+    generated = [line for line in text.splitlines()
+                 if line.startswith('lm_generation_tokens_total{model="tiny"}')]
+    assert float(generated[0].split()[-1]) >= 10
+
+
+def test_docs_and_openapi(server):
+    docs = httpx.get(f"{server.url}/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=10)
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    assert {"/v1/completions", "/v1/models", "/health"} <= set(paths)
+    completions = paths["/v1/completions"]["post"]["responses"]
+    assert {"application/json", "text/event-stream"} <= set(completions["200"]["content"])
+    assert {"400", "401", "404", "413", "429", "503"} <= set(completions)
+    assert "503" in paths["/health"]["get"]["responses"]  # while draining
+
+
+# -- continuous batching --------------------------------------------------------------------
+
+SAMPLED = {"temperature": 1.0, "top_k": 0}
+
+
+def _prompt(i: int) -> str:
+    return ["The king", "A young poet speaks", "We", "Her sister remembers the sea"][i % 4]
+
+
+def test_batched_http_output_equals_solo(server, client):
+    engine = server.app.state.models["tiny"].engine
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], engine.num_running)
+            done.wait(0.001)
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            bodies = [{"model": "tiny", "prompt": _prompt(i), "max_tokens": 24 + i % 7,
+                       "seed": 1000 + i, **SAMPLED} for i in range(64)]
+            responses = await asyncio.gather(*(http.post("/v1/completions", json=b)
+                                               for b in bodies))
+        assert all(r.status_code == 200 for r in responses)
+        return [r.json() for r in responses]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        together = asyncio.run(burst())
+    finally:
+        done.set()
+        watcher.join()
+    assert peak[0] > 1, "the 64 requests never shared a batch"
+    for i in (0, 1, 2, 3, 17, 63):
+        solo = complete(client, prompt=_prompt(i), max_tokens=24 + i % 7, seed=1000 + i,
+                        extra_body={"top_k": 0}, temperature=1.0)
+        assert together[i]["choices"][0]["text"] == solo.choices[0].text, f"request {i}"
+
+
+def test_engine_batch_equals_solo(tiny_checkpoint_dir):
+    ckpt = load_checkpoint(tiny_checkpoint_dir)
+    prompts = [ckpt.tokenizer.encode(_prompt(i)) for i in range(64)]
+
+    def params(i: int) -> SamplingParams:
+        # Lengths differ (rows leave and move mid-batch); some outgrow the 64-token context.
+        return SamplingParams(max_new_tokens=20 + (i * 7) % 61, temperature=1.0, top_k=0,
+                              seed=i)
+
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=64)
+    together = [engine.submit(prompts[i], params(i)) for i in range(64)]
+    engine.run_until_idle()
+    for i, seq in enumerate(together):
+        alone = Engine(ckpt.model, ckpt.tokenizer, max_batch=1)
+        solo = alone.submit(prompts[i], params(i))
+        alone.run_until_idle()
+        assert seq.generated == solo.generated, f"sequence {i}"
+        assert len(seq.generated) == params(i).max_new_tokens
