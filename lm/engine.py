@@ -11,6 +11,7 @@ calling thread) and by the server (in a background thread).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import threading
@@ -24,6 +25,8 @@ import torch
 from lm.errors import LMError
 from lm.sampling import SamplingBatch, sample, token_logprobs
 from lm.tokenizers import IncrementalDecoder, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 5
@@ -65,7 +68,7 @@ class Output:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last output
+    finish_reason: str | None = None  # on the last output: "stop", "length", "cancelled", "error"
     top_logprobs: list[list[tuple[int, float]]] | None = None
     timings: dict | None = None  # on the last output: queue, ttft, e2e seconds, tokens
 
@@ -134,12 +137,13 @@ class Sequence:
         stops = self.params.stop
         hold = 0
         if stops:
-            for stop in stops:
-                found = self.text.find(stop, max(0, before - len(stop) + 1))
-                if found != -1:
-                    self.text = self.text[:found]
-                    self.finish_reason = "stop"
-                    break
+            # The earliest occurrence of any stop, not the first stop in list order: a token
+            # may complete several at once ("xabc" with stops "bc" and "a" must give "x").
+            found = [self.text.find(stop, max(0, before - len(stop) + 1)) for stop in stops]
+            found = [index for index in found if index != -1]
+            if found:
+                self.text = self.text[: min(found)]
+                self.finish_reason = "stop"
             else:
                 hold = _partial_stop(self.text, stops)
         if self.finish_reason is None and len(self.generated) >= self.params.max_new_tokens:
@@ -382,7 +386,17 @@ class Engine:
                     self._lock.wait(timeout=0.5)
             if self._stop_thread:
                 break
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a bug must not hang every request: fail the running ones
+                logger.exception("engine step failed; failing the running requests")
+                self._fail_running()
+
+    def _fail_running(self) -> None:
+        now = time.perf_counter()
+        events = [(seq, seq.finish("error", now)) for seq in self.active]
+        self.active.clear()
+        self._deliver(events)
 
     def stop_accepting(self) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -243,8 +243,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
     @app.get("/v1/models", response_model=ModelList,
              responses={401: {"model": ErrorResponse}})
-    async def list_models(request: Request):
-        check_key(request)
+    async def list_models(request: Request, _key: None = Depends(check_key)):
         return ModelList(data=[
             ModelCard(id=m.name, created=m.created, kind=m.checkpoint.config.kind,
                       tokenizer=m.checkpoint.tokenizer.kind,
@@ -259,8 +258,8 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                                               "events instead"},
                          **{code: {"model": ErrorResponse}
                             for code in (400, 401, 404, 413, 429, 503)}})
-    async def completions(body: CompletionRequest, request: Request):
-        check_key(request)
+    async def completions(body: CompletionRequest, request: Request,
+                          _key: None = Depends(check_key)):
         served = pick_model(body.model)
         params, prompts, prompt_ids = _prepare(body, served)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -452,6 +451,10 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                         chunks.append(_sse(ctx, choice, out.text, ctx.logprobs(out, offsets[choice]),
                                            finish))
                     offsets[choice] += len(out.text)
+                    if out.finish_reason == "error":
+                        error = {"message": "generation failed on the server; see its log",
+                                 "type": "server_error", "param": None, "code": None}
+                        chunks.append(f"data: {json.dumps({'error': error})}\n\n")
                     if out.finish_reason is not None:
                         pending -= 1
                         _observe(ctx, out, streamed=True)
