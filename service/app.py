@@ -7,6 +7,7 @@ work: the engine thread hands each step's outputs to the loop in one call.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -20,9 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm.checkpoint import Checkpoint, load_checkpoint
+from lm.embeddings import mean_hidden_embedding
 from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
 from lm.errors import LMError
 from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
@@ -32,6 +35,10 @@ from service.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ErrorResponse,
     Health,
     Logprobs,
@@ -297,6 +304,38 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
         return await _complete(context, request)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse,
+              responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413)})
+    async def embeddings(body: EmbeddingRequest, _key: None = Depends(check_key)):
+        """The mean of the model's final hidden states over each input's tokens."""
+        served = pick_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise APIError(400, "input: must not be an empty list", param="input")
+        if len(texts) > settings.max_prompts:
+            raise APIError(400, f"input: at most {settings.max_prompts} texts per request",
+                           param="input")
+        for text in texts:
+            if not text:
+                raise APIError(400, "input: texts must not be empty", param="input")
+            if len(text) > settings.max_prompt_chars:
+                raise APIError(413, f"input: longer than {settings.max_prompt_chars} characters",
+                               param="input", code="prompt_too_long")
+        ids = [served.checkpoint.tokenizer.encode(text) for text in texts]
+        if any(not seq for seq in ids):
+            raise APIError(400, "input: a text encodes to no tokens", param="input")
+        vectors = await run_in_threadpool(mean_hidden_embedding, served.checkpoint.model, ids)
+        data = []
+        for index, vector in enumerate(vectors):
+            if body.encoding_format == "base64":
+                encoded = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+                data.append(Embedding(embedding=encoded, index=index))
+            else:
+                data.append(Embedding(embedding=vector.tolist(), index=index))
+        tokens = sum(len(seq) for seq in ids)
+        return EmbeddingResponse(data=data, model=served.name,
+                                 usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
     def _prepare(body: CompletionRequest, served: ServedModel):
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)

@@ -95,6 +95,32 @@ class Health(BaseModel):
     waiting: int
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="model name; defaults to the first one served")
+    input: str | list[str] = Field(..., description="text, or a list of texts")
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
