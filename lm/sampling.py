@@ -28,31 +28,31 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     logits = logits.float()
     greedy_rows = params.temperature <= 0
     temperature = torch.where(greedy_rows, torch.ones_like(params.temperature), params.temperature)
-    scaled = logits / temperature[:, None]
+    # Shift each row so its largest logit is 0: dividing by a tiny temperature then gives
+    # -inf at worst, never inf (whose softmax would be NaN and pick an arbitrary token).
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
     use_top_k = bool((params.top_k > 0).any())
     use_top_p = bool((params.top_p < 1.0).any())
     if use_top_k or use_top_p:
-        scaled, order = scaled.sort(dim=-1, descending=True)
+        # Decide what to drop in sorted order, but sample in vocabulary order: a row's token
+        # then does not depend on whether another row in the batch asked for top-k or top-p.
+        ranked, order = scaled.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(ranked, dtype=torch.bool)
         if use_top_k:
-            ranks = torch.arange(scaled.shape[-1], device=scaled.device)
-            k = torch.where(params.top_k > 0, params.top_k, scaled.shape[-1])
-            scaled = scaled.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+            ranks = torch.arange(ranked.shape[-1], device=ranked.device)
+            k = torch.where(params.top_k > 0, params.top_k, ranked.shape[-1])
+            drop |= ranks[None, :] >= k[:, None]
         if use_top_p:
-            probs = torch.softmax(scaled, dim=-1)
+            probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
             before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-            scaled = scaled.masked_fill(before >= params.top_p[:, None], float("-inf"))
-    else:
-        order = None
+            drop |= before >= params.top_p[:, None]
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     cdf = torch.cumsum(probs.double(), dim=-1)
     u = params.uniform.to(cdf.device) * cdf[:, -1]
     # right=True: the first index whose cdf exceeds u, so never a token of zero probability.
-    choice = torch.searchsorted(cdf, u[:, None], right=True)
-    choice = choice.clamp_(max=scaled.shape[-1] - 1).squeeze(1)
-    if order is not None:
-        tokens = order.gather(1, choice[:, None]).squeeze(1)
-    else:
-        tokens = choice
+    tokens = torch.searchsorted(cdf, u[:, None], right=True)
+    tokens = tokens.clamp_(max=scaled.shape[-1] - 1).squeeze(1)
     if bool(greedy_rows.any()):
         tokens = torch.where(greedy_rows, logits.argmax(dim=-1), tokens)
     return tokens

@@ -1,0 +1,498 @@
+"""The engine: determinism, batch independence, stops, streaming, sliding window,
+cancellation, admission, limits, logprobs and the background thread (tiny untrained models)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
+from lm.errors import LMError
+from lm.models import ModelConfig, build_model
+from lm.tokenizers import BPETokenizer, CharTokenizer
+
+PROMPTS = ["The king speaks of ", "A young poet", "We defend", "Her sister remembers the "]
+
+MIXED_PARAMS = [
+    dict(temperature=0.0),
+    dict(temperature=0.8, top_k=5, seed=11),
+    dict(temperature=1.2, top_p=0.9, seed=12),
+    dict(temperature=0.5, seed=13),
+    dict(temperature=1.0, top_k=3, top_p=0.8, seed=14),
+    dict(temperature=2.0, seed=15),
+]
+
+
+def tiny_model(kind: str, vocab_size: int, block_size: int = 64, seed: int = 0) -> torch.nn.Module:
+    """An untrained model with large random weights, so that its predictions vary."""
+    torch.manual_seed(seed)
+    config = ModelConfig(kind=kind, vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2,
+                         block_size=block_size)
+    model = build_model(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(corpus_text) -> CharTokenizer:
+    return CharTokenizer.train(corpus_text)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(corpus_text) -> BPETokenizer:
+    return BPETokenizer.train(corpus_text, vocab_size=300)
+
+
+@pytest.fixture(scope="module", params=["gpt", "lstm"])
+def model(request, char_tokenizer):
+    return tiny_model(request.param, char_tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def gpt(char_tokenizer):
+    return tiny_model("gpt", char_tokenizer.vocab_size)
+
+
+def run_one(model, tokenizer, prompt: str, stream: bool = False, **params) -> Sequence:
+    """Generate for one request alone in its engine; outputs collected on the sequence."""
+    engine = Engine(model, tokenizer, max_batch=4)
+    seq = engine.submit(tokenizer.encode(prompt), SamplingParams(**params), stream=stream)
+    engine.run_until_idle()
+    return seq
+
+
+def text_of(seq: Sequence) -> str:
+    return "".join(out.text for out in seq.outputs)
+
+
+# -- determinism and batching ----------------------------------------------------------------
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ(model, char_tokenizer):
+    first = run_one(model, char_tokenizer, PROMPTS[0], max_new_tokens=30, seed=7)
+    again = run_one(model, char_tokenizer, PROMPTS[0], max_new_tokens=30, seed=7)
+    other = run_one(model, char_tokenizer, PROMPTS[0], max_new_tokens=30, seed=8)
+    assert first.generated == again.generated
+    assert text_of(first) == text_of(again)
+    assert first.generated != other.generated
+
+
+def test_a_request_is_the_same_alone_and_in_a_mixed_batch(model, char_tokenizer):
+    requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=20 + 3 * i, **params))
+                for i, params in enumerate(MIXED_PARAMS)]
+    alone = [run_one(model, char_tokenizer, prompt, **params).generated
+             for prompt, params in requests]
+
+    engine = Engine(model, char_tokenizer, max_batch=8)
+    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests]
+    engine.run_until_idle()
+    assert [seq.generated for seq in seqs] == alone
+
+    # Continuous batching: half join while the others are already decoding.
+    engine = Engine(model, char_tokenizer, max_batch=8)
+    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests[:3]]
+    for _ in range(5):
+        engine.step()
+    seqs += [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests[3:]]
+    engine.run_until_idle()
+    assert [seq.generated for seq in seqs] == alone
+
+
+def test_max_new_tokens_and_finish_reason_length(model, char_tokenizer):
+    for max_new_tokens in (1, 2, 17):
+        seq = run_one(model, char_tokenizer, PROMPTS[1], max_new_tokens=max_new_tokens, seed=3)
+        assert len(seq.generated) == max_new_tokens
+        assert seq.finish_reason == "length"
+        assert len(seq.outputs) == 1  # not streaming: one output at the end
+        out = seq.outputs[0]
+        assert out.finish_reason == "length"
+        assert out.token_ids == seq.generated
+        assert out.text == char_tokenizer.decode(seq.generated)
+        assert out.timings["completion_tokens"] == max_new_tokens
+        assert out.timings["prompt_tokens"] == len(PROMPTS[1])
+
+
+def test_empty_prompt_ids_are_refused(gpt, char_tokenizer):
+    engine = Engine(gpt, char_tokenizer)
+    with pytest.raises(LMError, match="at least one token"):
+        engine.submit([], SamplingParams())
+
+
+# -- stop sequences and streaming ----------------------------------------------------------
+
+
+def greedy_text(model, tokenizer, prompt: str, n: int = 60) -> str:
+    return text_of(run_one(model, tokenizer, prompt, max_new_tokens=n, temperature=0.0))
+
+
+def multi_char_stop(text: str, length: int = 3) -> tuple[str, int]:
+    """A substring of `text` (so spanning several char tokens) whose first occurrence is
+    well inside the text, and that occurrence's index."""
+    for start in range(8, len(text) - length):
+        stop = text[start : start + length]
+        if text.find(stop) == start:
+            return stop, start
+    raise AssertionError(f"no usable stop sequence in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence_spanning_tokens_is_cut_from_the_output(gpt, char_tokenizer, stream):
+    full = greedy_text(gpt, char_tokenizer, PROMPTS[0])
+    stop, index = multi_char_stop(full)
+    seq = run_one(gpt, char_tokenizer, PROMPTS[0], stream=stream, max_new_tokens=60,
+                  temperature=0.0, stop=["never in the text", stop])
+    assert seq.finish_reason == "stop"
+    assert text_of(seq) == full[:index]
+    assert stop not in text_of(seq)
+    assert len(seq.generated) == index + len(stop)  # stopped on the token that completed it
+    assert [out.finish_reason for out in seq.outputs] == [None] * (len(seq.outputs) - 1) + ["stop"]
+    if stream:
+        assert len(seq.outputs) > 3
+
+
+def test_stop_sequence_straddling_bpe_tokens(bpe_tokenizer):
+    model = tiny_model("gpt", bpe_tokenizer.vocab_size)
+    prompt = PROMPTS[2]
+    plain = run_one(model, bpe_tokenizer, prompt, stream=True, max_new_tokens=60, seed=1)
+    text = text_of(plain)
+    # Streamed one token at a time, each output's text is that token's; take the characters
+    # either side of a boundary between two tokens of valid text (an untrained model also
+    # makes stray bytes), where that stop first occurs.
+    stop = index = None
+    end = 0
+    for left, right in zip(plain.outputs, plain.outputs[1:]):
+        end += len(left.text)
+        if len(left.token_ids) == len(right.token_ids) == 1 and left.text and right.text:
+            candidate = left.text[-2:] + right.text[:2]
+            if "\ufffd" not in candidate and text.find(candidate) == end - len(left.text[-2:]):
+                stop, index = candidate, end - len(left.text[-2:])
+                break
+    assert stop is not None, f"no clean token boundary in {text!r}"
+    assert len(stop) >= 2
+    for stream in (False, True):
+        seq = run_one(model, bpe_tokenizer, prompt, stream=stream, max_new_tokens=60, seed=1,
+                      stop=[stop])
+        assert seq.finish_reason == "stop"
+        assert text_of(seq) == text[:index]
+        assert seq.generated == plain.generated[: len(seq.generated)]
+
+
+def test_streaming_joins_to_the_non_streaming_text(model, char_tokenizer):
+    for params in MIXED_PARAMS[:3]:
+        whole = run_one(model, char_tokenizer, PROMPTS[3], max_new_tokens=40, **params)
+        pieces = run_one(model, char_tokenizer, PROMPTS[3], stream=True, max_new_tokens=40,
+                         **params)
+        assert len(pieces.outputs) > 1
+        assert text_of(pieces) == text_of(whole)
+        assert [t for out in pieces.outputs for t in out.token_ids] == whole.generated
+
+
+def test_streaming_holds_back_a_partial_stop_and_releases_it(gpt, char_tokenizer):
+    """A tail that may begin a stop sequence is held until it cannot; the stream then
+    carries on, and joins to the same text as without the stop."""
+    full = greedy_text(gpt, char_tokenizer, PROMPTS[0], n=50)
+    char = full[10]
+    assert full.count(char) >= 2
+    stop = char + "\x00"  # its first character appears, the whole never does
+    sent: list[str] = []
+    engine = Engine(gpt, char_tokenizer)
+    seq = engine.submit(char_tokenizer.encode(PROMPTS[0]),
+                        SamplingParams(max_new_tokens=50, temperature=0.0, stop=[stop]),
+                        sink=lambda out: sent.append(out.text), stream=True)
+    held_back = 0
+    while not seq.finished:
+        engine.step()
+        assert seq.text.startswith("".join(sent))
+        held = seq.text[len("".join(sent)) :]
+        if not seq.finished:  # exactly the tail that could begin the stop is held back
+            assert held == (char if seq.text.endswith(char) else "")
+            held_back += held == char
+    assert held_back >= 2
+    assert seq.finish_reason == "length"
+    assert "".join(sent) == full
+
+
+def test_streaming_never_sends_what_turns_into_the_stop(gpt, char_tokenizer):
+    full = greedy_text(gpt, char_tokenizer, PROMPTS[0])
+    stop, index = multi_char_stop(full, length=4)
+    sent: list[str] = []
+    engine = Engine(gpt, char_tokenizer)
+    seq = engine.submit(char_tokenizer.encode(PROMPTS[0]),
+                        SamplingParams(max_new_tokens=60, temperature=0.0, stop=[stop]),
+                        sink=lambda out: sent.append(out.text), stream=True)
+    while not seq.finished:
+        engine.step()
+        assert full[:index].startswith("".join(sent))  # never anything past the cut
+    assert "".join(sent) == full[:index]
+
+
+def test_stops_completed_by_one_token_cut_at_the_earliest(char_tokenizer):
+    """A multi-character token can complete several stops at once; the output must end
+    before the earliest of them, whatever their order in the list."""
+
+    class PiecesTokenizer:  # what the decoder needs: ids -> text
+        pieces = ["", "x", "abc", "q"]
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids)
+
+    for stops in (["bc", "a"], ["a", "bc"], ["c", "xa"]):
+        seq = Sequence([3], SamplingParams(stop=stops), PiecesTokenizer(), None, stream=False)
+        assert seq.add_token(1, None, None, 0.0) is None
+        out = seq.add_token(2, None, None, 0.0)
+        expected = "" if "xa" in stops else "x"
+        assert (out.text, out.finish_reason) == (expected, "stop")
+
+
+# -- the sliding window --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_gpt_keeps_going_past_its_context(char_tokenizer):
+    block = 16
+    model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=block)
+    prompt = char_tokenizer.encode("The old sailor walks toward the win")  # 35 tokens
+    prompt = (prompt + prompt)[:40]
+    engine = Engine(model, char_tokenizer, max_batch=2)
+    greedy = engine.submit(prompt, SamplingParams(max_new_tokens=100, temperature=0.0))
+    sampled = engine.submit(prompt, SamplingParams(max_new_tokens=100, seed=5))
+    engine.run_until_idle()
+    assert len(greedy.generated) == len(sampled.generated) == 100
+    assert greedy.finish_reason == sampled.finish_reason == "length"
+    again = run_one(model, char_tokenizer, char_tokenizer.decode(prompt), max_new_tokens=100,
+                    seed=5)
+    assert again.generated == sampled.generated
+
+    # Each greedy token is the argmax of `forward` over the tokens in the window: the engine
+    # re-prefills the newest 3/4 of a block whenever the next token would not fit.
+    history, cached = list(prompt), None
+    for token in greedy.generated:
+        if cached is None or cached + 1 > block:
+            cached = min(len(history) - 1, block * 3 // 4)
+        window = history[-(cached + 1) :]
+        assert len(window) <= block
+        expected = model(torch.tensor([window]))[0, -1].argmax().item()
+        assert token == expected
+        history.append(token)
+        cached += 1
+
+
+@torch.no_grad()
+def test_gpt_tokens_before_the_window_fills_use_the_whole_history(char_tokenizer):
+    block = 16
+    model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=block, seed=1)
+    prompt = char_tokenizer.encode("We remember")  # 11 tokens: 5 more fit in the context
+    seq = run_one(model, char_tokenizer, char_tokenizer.decode(prompt), max_new_tokens=30,
+                  temperature=0.0)
+    history = list(prompt)
+    while len(history) < block:
+        token = model(torch.tensor([history]))[0, -1].argmax().item()
+        assert seq.generated[len(history) - len(prompt)] == token
+        history.append(token)
+    assert len(seq.generated) == 30
+
+
+def test_gpt_with_a_one_token_context(char_tokenizer):
+    model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=1)
+    seq = run_one(model, char_tokenizer, "The king", max_new_tokens=10, seed=0)
+    assert len(seq.generated) == 10
+
+
+# -- cancellation, admission, limits ---------------------------------------------------------
+
+
+def test_cancel_finishes_at_the_next_step_and_frees_the_slot(model, char_tokenizer):
+    alone = [run_one(model, char_tokenizer, p, max_new_tokens=30, seed=i).generated
+             for i, p in enumerate(PROMPTS[:3])]
+    engine = Engine(model, char_tokenizer, max_batch=4)
+    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(max_new_tokens=30, seed=i))
+            for i, p in enumerate(PROMPTS[:3])]
+    for _ in range(5):
+        engine.step()
+    assert engine.num_running == 3
+    seqs[0].cancel()  # row 0: the last row moves into its slot
+    engine.step()
+    assert seqs[0].finish_reason == "cancelled"
+    assert len(seqs[0].generated) == 5
+    assert engine.num_running == 2
+    assert seqs[0].outputs[-1].finish_reason == "cancelled"
+    assert seqs[0].outputs[-1].text == char_tokenizer.decode(seqs[0].generated)
+    engine.run_until_idle()
+    assert engine.num_running == 0
+    assert [s.generated for s in seqs[1:]] == alone[1:]  # undisturbed by the move
+
+
+def test_cancel_while_waiting(gpt, char_tokenizer):
+    engine = Engine(gpt, char_tokenizer, max_batch=1)
+    running = engine.submit(char_tokenizer.encode("We"), SamplingParams(max_new_tokens=5))
+    waiting = engine.submit(char_tokenizer.encode("We"), SamplingParams(max_new_tokens=5))
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    waiting.cancel()
+    engine.run_until_idle()
+    assert running.finish_reason == "length"
+    assert waiting.finish_reason == "cancelled"
+    assert waiting.generated == []
+
+
+def test_more_requests_than_slots_all_complete_in_fifo_order(model, char_tokenizer):
+    lengths = [12, 3, 8, 1, 6, 9, 2]
+    alone = [run_one(model, char_tokenizer, PROMPTS[i % 4], max_new_tokens=n, seed=i).generated
+             for i, n in enumerate(lengths)]
+    engine = Engine(model, char_tokenizer, max_batch=2)
+    seqs = [engine.submit(char_tokenizer.encode(PROMPTS[i % 4]),
+                          SamplingParams(max_new_tokens=n, seed=i))
+            for i, n in enumerate(lengths)]
+    admitted: list[int] = []
+    while engine.has_work():
+        engine.step()
+        assert engine.num_running <= 2
+        admitted += [i for i, s in enumerate(seqs) if s.admitted_at and i not in admitted]
+    assert admitted == list(range(len(lengths)))
+    assert [s.admitted_at for s in seqs] == sorted(s.admitted_at for s in seqs)
+    assert [s.finish_reason for s in seqs] == ["length"] * len(lengths)
+    assert [s.generated for s in seqs] == alone
+
+
+def test_queue_full(gpt, char_tokenizer):
+    engine = Engine(gpt, char_tokenizer, max_batch=1, max_queue=2)
+    ids = char_tokenizer.encode("We")
+    engine.submit(ids, SamplingParams(max_new_tokens=2))
+    engine.submit(ids, SamplingParams(max_new_tokens=2))
+    with pytest.raises(QueueFull, match="queue is full"):
+        engine.submit(ids, SamplingParams(max_new_tokens=2))
+    assert issubclass(QueueFull, LMError)
+    engine.step()  # admits one: room in the queue again
+    engine.submit(ids, SamplingParams(max_new_tokens=2))
+    engine.run_until_idle()
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1),
+    dict(temperature=float("nan")),
+    dict(temperature=float("inf")),
+    dict(top_p=0.0),
+    dict(top_p=1.5),
+    dict(top_p=float("nan")),
+    dict(top_k=-1),
+    dict(max_new_tokens=0),
+    dict(max_new_tokens=-3),
+    dict(stop=[""]),
+    dict(stop=["a", ""]),
+    dict(stop=[str(i) for i in range(17)]),
+    dict(logprobs=-1),
+    dict(logprobs=6),
+])
+def test_bad_sampling_params_are_refused(bad, gpt, char_tokenizer):
+    params = SamplingParams(**bad)
+    with pytest.raises(LMError):
+        params.validate()
+    engine = Engine(gpt, char_tokenizer)
+    with pytest.raises(LMError):
+        engine.submit(char_tokenizer.encode("We"), params)
+    assert engine.num_waiting == 0
+
+
+def test_good_edge_sampling_params_are_accepted():
+    for good in (dict(temperature=0.0), dict(top_p=1.0), dict(top_k=0), dict(top_k=10**30),
+                 dict(max_new_tokens=1), dict(stop=[str(i) for i in range(16)]),
+                 dict(logprobs=0), dict(logprobs=5)):
+        SamplingParams(**good).validate()
+
+
+def test_huge_top_k_is_no_limit(gpt, char_tokenizer):
+    huge = run_one(gpt, char_tokenizer, "We", max_new_tokens=15, seed=2, top_k=10**30)
+    off = run_one(gpt, char_tokenizer, "We", max_new_tokens=15, seed=2, top_k=0)
+    assert huge.generated == off.generated
+
+
+# -- logprobs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_for_every_token(gpt, char_tokenizer, stream):
+    engine = Engine(gpt, char_tokenizer)
+    ids = char_tokenizer.encode(PROMPTS[0])
+    two = engine.submit(ids, SamplingParams(max_new_tokens=12, seed=1, logprobs=2), stream=stream)
+    greedy = engine.submit(ids, SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=2),
+                           stream=stream)
+    zero = engine.submit(ids, SamplingParams(max_new_tokens=12, seed=1, logprobs=0), stream=stream)
+    none = engine.submit(ids, SamplingParams(max_new_tokens=12, seed=1), stream=stream)
+    engine.run_until_idle()
+    for seq in (two, greedy, zero):
+        logprobs = [lp for out in seq.outputs for lp in out.logprobs]
+        top = [t for out in seq.outputs for t in out.top_logprobs]
+        assert len(logprobs) == len(top) == len(seq.generated) == 12
+        assert all(lp <= 0 for lp in logprobs)
+        size = seq.params.logprobs
+        assert all(len(entries) == size for entries in top)
+        for entries in top:
+            values = [value for _, value in entries]
+            assert values == sorted(values, reverse=True)
+    for token, lp, entries in zip(greedy.generated, greedy.logprobs, greedy.top_logprobs):
+        assert entries[0][0] == token
+        assert entries[0][1] == pytest.approx(lp)
+    for token, lp, entries in zip(two.generated, two.logprobs, two.top_logprobs):
+        assert token == entries[0][0] or lp <= entries[0][1] + 1e-6
+    assert all(out.logprobs is None and out.top_logprobs is None for out in none.outputs)
+    assert none.generated == zero.generated == two.generated  # logprobs change no draw
+
+
+# -- the background thread -------------------------------------------------------------------
+
+
+def test_background_thread_serves_requests_from_other_threads(gpt, char_tokenizer):
+    params = dict(max_new_tokens=25, temperature=0.9, top_k=8, seed=21)
+    expected = run_one(gpt, char_tokenizer, PROMPTS[1], **params)
+    engine = Engine(gpt, char_tokenizer)
+    engine.start()
+    try:
+        received: list[Output] = []
+        done = threading.Event()
+
+        def sink(out: Output) -> None:
+            received.append(out)
+            if out.finish_reason is not None:
+                done.set()
+
+        client = threading.Thread(target=lambda: engine.submit(
+            char_tokenizer.encode(PROMPTS[1]), SamplingParams(**params), sink, stream=True))
+        client.start()
+        client.join(timeout=10)
+        assert done.wait(timeout=20)
+        assert "".join(out.text for out in received) == text_of(expected)
+        assert received[-1].finish_reason == "length"
+    finally:
+        engine.shutdown(timeout=5)
+    with pytest.raises(EngineStopped):
+        engine.submit(char_tokenizer.encode("We"), SamplingParams())
+
+
+def test_shutdown_cancels_what_does_not_finish_in_time(gpt, char_tokenizer):
+    engine = Engine(gpt, char_tokenizer)
+    done = threading.Event()
+    reasons: list[str] = []
+
+    def sink(out: Output) -> None:
+        if out.finish_reason is not None:
+            reasons.append(out.finish_reason)
+            done.set()
+
+    engine.start()
+    seq = engine.submit(char_tokenizer.encode("We"), SamplingParams(max_new_tokens=100_000),
+                        sink)
+    deadline = time.monotonic() + 10
+    while not seq.generated and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    engine.shutdown(timeout=0.2)
+    assert time.monotonic() - started < 5
+    assert done.wait(timeout=5)
+    assert reasons == ["cancelled"]
+    assert 0 < len(seq.generated) < 100_000

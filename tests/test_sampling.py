@@ -1,0 +1,187 @@
+"""Sampling: pure tensor tests of `sample` and `token_logprobs` (no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lm.sampling import SamplingBatch, sample, token_logprobs
+
+V = 12
+
+
+def batch(rows: int, temperature=1.0, top_k=0, top_p=1.0, uniform=0.5) -> SamplingBatch:
+    """Per-row parameters; each argument is a scalar (the same for every row) or a list."""
+
+    def column(value, dtype):
+        values = value if isinstance(value, (list, tuple)) else [value] * rows
+        return torch.tensor(values, dtype=dtype)
+
+    return SamplingBatch(
+        temperature=column(temperature, torch.float32),
+        top_k=column(top_k, torch.long),
+        top_p=column(top_p, torch.float32),
+        uniform=column(uniform, torch.float64),
+    )
+
+
+def random_logits(rows: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def grid(n: int) -> list[float]:
+    """`n` evenly spread uniforms in (0, 1): empirical frequencies with no sampling noise."""
+    return [(i + 0.5) / n for i in range(n)]
+
+
+def frequencies(logits_row: torch.Tensor, n: int = 4000, **params) -> torch.Tensor:
+    """How often each token is drawn over a grid of uniforms, everything else fixed."""
+    tokens = sample(logits_row.expand(n, -1), batch(n, uniform=grid(n), **params))
+    return torch.bincount(tokens, minlength=logits_row.shape[-1]).double() / n
+
+
+def test_temperature_zero_is_argmax_whatever_the_uniform():
+    logits = random_logits(6)
+    for u in (0.0, 0.3, 0.999999):
+        tokens = sample(logits, batch(6, temperature=0.0, top_k=3, top_p=0.5, uniform=u))
+        assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_one_is_argmax_whatever_the_uniform():
+    logits = random_logits(5, seed=1)
+    for u in grid(50):
+        tokens = sample(logits, batch(5, temperature=1.5, top_k=1, uniform=u))
+        assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_top_k_never_picks_outside_the_k_largest(k):
+    logits = random_logits(4, seed=2, scale=0.5)  # flat-ish: the tail has real mass
+    allowed = logits.topk(k, dim=-1).indices
+    n = 500
+    for row in range(4):
+        tokens = sample(logits[row].expand(n, -1), batch(n, temperature=2.0, top_k=k,
+                                                         uniform=grid(n)))
+        assert set(tokens.tolist()) <= set(allowed[row].tolist())
+        assert len(set(tokens.tolist())) == k  # and every one of them is reachable
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token():
+    logits = random_logits(5, seed=3)
+    for u in (0.0, 0.5, 0.999999):
+        tokens = sample(logits, batch(5, temperature=1.0, top_p=1e-6, uniform=u))
+        assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_frequencies_match_the_softmax(temperature):
+    logits = random_logits(1, seed=4)[0]
+    expected = torch.softmax(logits.double() / temperature, dim=-1)
+    observed = frequencies(logits, temperature=temperature)
+    assert_close(observed, expected, atol=2e-3, rtol=0)
+
+
+def test_top_p_frequencies_are_the_renormalised_nucleus():
+    logits = random_logits(1, seed=5, scale=0.7)[0]
+    probs = torch.softmax(logits.double(), dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    before = sorted_probs.cumsum(0) - sorted_probs
+    nucleus = order[before < 0.7]  # the smallest set of most likely tokens with mass >= 0.7
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    assert 1 < len(nucleus) < V
+    assert_close(frequencies(logits, top_p=0.7), expected, atol=2e-3, rtol=0)
+
+
+def test_top_k_frequencies_are_the_renormalised_top_k():
+    logits = random_logits(1, seed=6)[0]
+    probs = torch.softmax(logits.double(), dim=-1)
+    top = logits.topk(4).indices
+    expected = torch.zeros_like(probs)
+    expected[top] = probs[top] / probs[top].sum()
+    assert_close(frequencies(logits, top_k=4), expected, atol=2e-3, rtol=0)
+
+
+def test_rows_are_independent_of_the_rest_of_the_batch():
+    """A row's token depends on its own logits, parameters and uniform only, also when the
+    other rows turn on top-k or top-p (which the sampler handles by sorting)."""
+    own = random_logits(1, seed=7)
+    own_params = dict(temperature=0.9, top_k=0, top_p=1.0)
+    for u in grid(40):
+        alone = sample(own, batch(1, uniform=u, **own_params)).item()
+        for seed, others in enumerate([
+            dict(temperature=[0.0, 0.0, 0.0], top_k=[0, 0, 0], top_p=[1.0, 1.0, 1.0]),
+            dict(temperature=[2.0, 0.7, 1.0], top_k=[3, 0, 1], top_p=[1.0, 1.0, 1.0]),
+            dict(temperature=[0.5, 1.0, 0.0], top_k=[0, 5, 0], top_p=[0.3, 0.9, 1.0]),
+        ]):
+            logits = torch.cat([random_logits(1, seed=100 + seed), own,
+                                random_logits(2, seed=200 + seed)])
+            params = batch(
+                4,
+                temperature=[others["temperature"][0], own_params["temperature"],
+                             *others["temperature"][1:]],
+                top_k=[others["top_k"][0], own_params["top_k"], *others["top_k"][1:]],
+                top_p=[others["top_p"][0], own_params["top_p"], *others["top_p"][1:]],
+                uniform=[0.9, u, 0.1, 0.5],
+            )
+            assert sample(logits, params)[1].item() == alone
+
+
+def test_rows_with_filters_are_independent_of_the_rest_of_the_batch():
+    own = random_logits(1, seed=8)
+    for u in grid(40):
+        alone = sample(own, batch(1, temperature=1.3, top_k=6, top_p=0.8, uniform=u)).item()
+        logits = torch.cat([own, random_logits(2, seed=9)])
+        params = batch(3, temperature=[1.3, 0.0, 0.4], top_k=[6, 0, 2],
+                       top_p=[0.8, 1.0, 0.2], uniform=[u, 0.7, 0.2])
+        assert sample(logits, params)[0].item() == alone
+
+
+@pytest.mark.parametrize("uniform", [0.0, 1e-12, 0.5, 1 - 1e-9, 1 - 2**-53])
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=3), dict(top_p=0.95),
+                                     dict(top_k=5, top_p=0.9)])
+def test_a_token_of_zero_probability_is_never_picked(uniform, filters):
+    logits = random_logits(3, seed=10)
+    impossible = [0, V - 1, 4]  # first and last in vocabulary order, and one in the middle
+    logits[:, impossible] = float("-inf")
+    tokens = sample(logits, batch(3, temperature=1.0, uniform=uniform, **filters))
+    assert not set(tokens.tolist()) & set(impossible)
+
+
+def test_only_one_possible_token_is_always_picked():
+    logits = torch.full((1, V), float("-inf"))
+    logits[0, 7] = 0.0
+    for u in (0.0, 0.5, 1 - 2**-53):
+        for filters in (dict(), dict(top_k=3), dict(top_p=0.5)):
+            assert sample(logits, batch(1, uniform=u, **filters)).item() == 7
+
+
+def test_tiny_temperature_is_nearly_greedy():
+    """A temperature near 0 must not overflow the scaled logits into NaN."""
+    logits = torch.tensor([[5.0, 1.0, 4.9, -2.0]])
+    for u in (0.0, 0.5, 0.99):
+        for temperature in (1e-38, 1e-30, 1e-6):
+            assert sample(logits, batch(1, temperature=temperature, uniform=u)).item() == 0
+
+
+def test_token_logprobs():
+    logits = random_logits(4, seed=11)
+    tokens = torch.tensor([0, 5, 11, 3])
+    chosen, values, ids = token_logprobs(logits, tokens, top_k=3)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert_close(chosen, expected.gather(1, tokens[:, None]).squeeze(1))
+    assert values.shape == ids.shape == (4, 3)
+    assert bool((values <= 0).all())
+    assert bool((values[:, :-1] >= values[:, 1:]).all())  # sorted, most likely first
+    assert_close(values, expected.gather(1, ids))
+    assert ids[:, 0].tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_token_logprobs_top_zero_and_more_than_the_vocabulary():
+    logits = random_logits(2, seed=12)
+    _, values, ids = token_logprobs(logits, torch.tensor([1, 2]), top_k=0)
+    assert values.shape == ids.shape == (2, 0)
+    _, values, _ = token_logprobs(logits, torch.tensor([1, 2]), top_k=V + 5)
+    assert values.shape == (2, V)
+    assert_close(values.exp().sum(dim=-1), torch.ones(2, dtype=values.dtype))
