@@ -324,6 +324,8 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    import signal
+
     import uvicorn
     from pydantic import ValidationError
 
@@ -350,9 +352,16 @@ def cmd_serve(args) -> int:
     app = create_app(settings, checkpoints)
     print(f"lm serve: {', '.join(names)} on http://{settings.host}:{settings.port} "
           f"(device {device}, max batch {settings.max_batch})", file=sys.stderr)
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found:
+    # with the default one the process would die by the signal (exit -15) after a clean drain.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.shutdown_timeout or None)
     return 0
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 # -- loadtest -----------------------------------------------------------------------------
@@ -517,6 +526,112 @@ def format_loadtest_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- make-tasks, fewshot-eval -------------------------------------------------------------
+
+
+def add_make_tasks(sub) -> None:
+    p = sub.add_parser("make-tasks", help="write an in-context-learning corpus of few-shot episodes",
+                       description="Episodes of `input => output` lines, one random string task "
+                                   "each, blank-line separated; held-out words never appear.")
+    p.add_argument("--out", required=True, help="text file to write (UTF-8)")
+    p.add_argument("--episodes", type=_positive_int, default=20_000)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
+    p.set_defaults(func=cmd_make_tasks)
+
+
+def cmd_make_tasks(args) -> int:
+    from lm.tasks import write_corpus
+
+    text = write_corpus(args.out, args.episodes, args.seed)
+    print(f"wrote {args.episodes:,} episodes ({len(text):,} characters) to {args.out}")
+    return 0
+
+
+def _shots_list(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        shots = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers like 0,1,2,4,8, got {text!r}") from None
+    if any(s < 0 for s in shots):
+        raise argparse.ArgumentTypeError(f"shots must be >= 0, got {text!r}")
+    return sorted(set(shots))
+
+
+def add_fewshot_eval(sub) -> None:
+    p = sub.add_parser("fewshot-eval", help="exact-match accuracy on held-out few-shot episodes",
+                       description="Greedy completions of held-out `lm make-tasks` episodes, "
+                                   "scored by exact match, per number of shots and per task.")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="shipped name or directory (repeatable)")
+    p.add_argument("--shots", type=_shots_list, default=[0, 1, 2, 4, 8],
+                   help="comma-separated numbers of examples (default 0,1,2,4,8)")
+    p.add_argument("--episodes", type=_positive_int, default=200, help="per number of shots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true",
+                   help='print {checkpoint: {shots: {"overall", "per_task"}}}')
+    p.add_argument("--plot", metavar="FILE.png", help="save accuracy vs shots, a line per checkpoint")
+    p.set_defaults(func=cmd_fewshot_eval)
+
+
+def cmd_fewshot_eval(args) -> int:
+    from lm.checkpoint import load_checkpoint
+    from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy
+    from lm.train import pick_device
+
+    device = pick_device(args.device)
+    results = {}
+    for name in args.checkpoint:
+        checkpoint = load_checkpoint(name, device)
+        results[name] = fewshot_accuracy(checkpoint, args.shots, args.episodes, args.seed)
+    if args.plot:
+        plot_accuracy(results, args.plot)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for name, result in results.items():
+        print(f"{name}: exact match (%) on {args.episodes} held-out episodes, seed {args.seed}")
+        print(accuracy_table(result))
+        print()
+    if args.plot:
+        print(f"plot saved to {args.plot}")
+    return 0
+
+
+# -- neighbors ----------------------------------------------------------------------------
+
+
+def add_neighbors(sub) -> None:
+    from lm.checkpoint import DEFAULT_CHECKPOINT
+
+    p = sub.add_parser("neighbors", help="tokens with the most similar input embeddings")
+    p.add_argument("token", help="a token of the checkpoint's vocabulary (a character for char models)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="shipped name or directory")
+    p.add_argument("-k", type=_positive_int, default=10, help="how many (default 10)")
+    p.set_defaults(func=cmd_neighbors)
+
+
+def cmd_neighbors(args) -> int:
+    from lm.embeddings import nearest_tokens
+
+    neighbors = nearest_tokens(args.checkpoint, args.token, args.k)
+    shown = [_show_token(n.token) for n in neighbors]
+    width = max(5, *(len(s) for s in shown))
+    print(f"{'rank':>4}  {'token':<{width}}  similarity")
+    for neighbor, text in zip(neighbors, shown):
+        print(f"{neighbor.rank:>4}  {text:<{width}}  {neighbor.similarity:>10.4f}")
+    return 0
+
+
+def _show_token(token: str) -> str:
+    """The token as is, or its repr when it holds whitespace or is not printable."""
+    if token and token.isprintable() and not any(c.isspace() for c in token):
+        return token
+    return repr(token)
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -531,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRA_COMMANDS: list = [add_generate, add_checkpoints, add_serve, add_loadtest]
+_EXTRA_COMMANDS += [add_make_tasks, add_fewshot_eval, add_neighbors]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,10 @@ def nearest_tokens(checkpoint: Checkpoint | str | Path, token: str, k: int = 10)
     tokenizer = checkpoint.tokenizer
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise LMError(f"token {token!r} is not in the vocabulary of {checkpoint.name} "
-                      f"({tokenizer.vocab_size} {tokenizer.kind} tokens)")
+        raise LMError(
+            f"token {token!r} is not in the vocabulary of {checkpoint.name} "
+            f"({tokenizer.vocab_size} {tokenizer.kind} tokens)"
+        )
     wte = getattr(checkpoint.model, "wte", None)
     if not isinstance(wte, torch.nn.Embedding):
         raise LMError(f"{checkpoint.name}: the model has no input embedding (wte)")
@@ -43,12 +45,15 @@ def nearest_tokens(checkpoint: Checkpoint | str | Path, token: str, k: int = 10)
     order_key = similarity.clone()
     order_key[token_id] = float("inf")  # itself first, even if a near-twin rounds higher
     top = order_key.topk(min(k, len(order_key))).indices.tolist()
-    return [Neighbor(rank, i, tokenizer.id_to_token(i), similarity[i].item())
-            for rank, i in enumerate(top, 1)]
+    return [
+        Neighbor(rank, i, tokenizer.id_to_token(i), similarity[i].item())
+        for rank, i in enumerate(top, 1)
+    ]
 
 
-def mean_hidden_embedding(model: torch.nn.Module,
-                          ids_batch: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+def mean_hidden_embedding(
+    model: torch.nn.Module, ids_batch: Sequence[Sequence[int]] | torch.Tensor
+) -> torch.Tensor:
     """One vector per sequence: the mean of `model.hidden(ids)` over its tokens, [B, n_embd].
 
     Sequences may differ in length (they are right-padded, which a causal model never

@@ -1,0 +1,90 @@
+"""The shipped checkpoints load, generate, and score what their cards say."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lm.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    load_checkpoint,
+    read_config,
+    shipped_checkpoints,
+    shipped_dir,
+)
+from lm.cli import evaluate_checkpoint, main
+from lm.data import corpus_hash
+
+SHAKESPEARE = ["shakespeare-char-gpt", "shakespeare-char-lstm", "shakespeare-bpe-gpt",
+               "shakespeare-word-lstm"]
+# The corpus the few-shot checkpoints were trained on: `lm make-tasks` in train_all.sh.
+FEWSHOT_EPISODES, FEWSHOT_SEED = 60000, 1234
+
+
+def card_loss(name: str) -> float:
+    card = (shipped_dir() / name / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"\| validation loss \| ([0-9.]+) \|", card)
+    assert match, f"{name}: the card states no validation loss"
+    return float(match.group(1))
+
+
+def test_the_shakespeare_models_and_the_default_are_shipped():
+    names = shipped_checkpoints()
+    assert DEFAULT_CHECKPOINT in names
+    for name in SHAKESPEARE:
+        assert name in names
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", shipped_checkpoints())
+def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_threads):
+    meta = read_config(shipped_dir() / name)
+    if name.startswith("fewshot"):
+        from lm.tasks import make_corpus
+
+        text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED)
+        corpus = tmp_path / "tasks.txt"
+        corpus.write_text(text, encoding="utf-8")
+    else:
+        corpus = shakespeare_path
+        text = corpus.read_text(encoding="utf-8")
+    assert corpus_hash(text) == meta["training"]["corpus_hash"], "not the training corpus"
+    result = evaluate_checkpoint(name, [str(corpus)], split="val", device="cpu")
+    assert abs(result["loss"] - card_loss(name)) <= 0.02
+
+
+@pytest.mark.parametrize("name", shipped_checkpoints())
+def test_every_shipped_checkpoint_is_finished_and_generates(name):
+    from lm.engine import SamplingParams
+    from lm.generate import Generator
+
+    checkpoint = load_checkpoint(name)
+    assert checkpoint.training.get("finished"), f"{name} did not finish training"
+    assert (shipped_dir() / name / "recipe.toml").is_file()
+    [completion] = Generator(checkpoint).complete(["The "], SamplingParams(max_new_tokens=8, seed=0))
+    assert len(completion.token_ids) == 8
+
+
+def test_generate_with_the_default_checkpoint(capsys):
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "40", "--seed", "7"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "40", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == first
+    assert len(first.strip()) > 10
+
+
+def test_checkpoints_lists_kind_size_and_loss(capsys):
+    assert main(["checkpoints"]) == 0
+    out = capsys.readouterr().out
+    for name in SHAKESPEARE:
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert f"{card_loss(name):.4f}" in line
