@@ -106,6 +106,21 @@ def serve_section(r: dict) -> list[str]:
     return lines
 
 
+def locust_section(r: dict, title: str) -> list[str]:
+    lines = [f"## {title}", ""] + header(r)
+    lines += [f"`service/locustfile.py` mix (short and long prompts, streaming and not, few-shot, "
+              f"models and health) against `lm serve` with `{r['checkpoint']}`; locust runs on the "
+              f"same 2 cores. {r['users']} users for {r['run_time']}: **{r['requests']:,} requests, "
+              f"{r['failures']} failed**, {r['rps']:.1f} requests/s. Server memory "
+              f"{r['memory_start_mb']:.0f} MB at start, {r['memory_end_mb']:.0f} MB at the end "
+              f"(max {r['memory_max_mb']:.0f} MB). Health afterwards: `{r['health_after']}`.", "",
+              "| endpoint | requests | failures | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    for e in r["endpoints"]:
+        lines.append(f"| {e['type']} {e['name']} | {e['requests']:,} | {e['failures']} | "
+                     f"{e['p50_ms']:.0f} | {e['p99_ms']:.0f} |")
+    return lines + [""]
+
+
 def fewshot_section(r: dict) -> list[str]:
     lines = ["## Few-shot accuracy", ""] + header(r)
     lines += [r.get("table", ""), "", "![accuracy vs shots](fewshot_accuracy.png)", ""]
@@ -122,6 +137,11 @@ def main() -> None:
         result = load(name)
         if result is not None:
             parts += section(result)
+    for name, title in (("locust", "Locust, 100 users for 60 s"),
+                        ("soak", "Soak, 100 users for 5 minutes")):
+        result = load(name)
+        if result is not None:
+            parts += locust_section(result, title)
     extra = ROOT / "docs" / "benchmarks-notes.md"
     if extra.is_file():
         parts += [extra.read_text().rstrip(), ""]
