@@ -126,8 +126,9 @@ def save_checkpoint(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = directory / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         raw_model = getattr(model, "module", model)  # unwrap DistributedDataParallel
