@@ -132,9 +132,15 @@ class Sequence:
         if logprob is not None:
             self.logprobs.append(logprob)
             self.top_logprobs.append(top or [])
+        stops = self.params.stop
+        if not (self.stream or stops):  # nobody reads the text before the end: decode then
+            if len(self.generated) >= self.params.max_new_tokens:
+                self.text = self._decode_all()
+                self.finish_reason = "length"
+                return self._output(len(self.text), now)
+            return None
         before = len(self.text)
         self.text += self.decoder.push(token_id)
-        stops = self.params.stop
         hold = 0
         if stops:
             # The earliest occurrence of any stop, not the first stop in list order: a token
@@ -154,7 +160,18 @@ class Sequence:
             return self._output(len(self.text) - hold, now)
         return None
 
+    def _decode_all(self) -> str:
+        """The generated text in one decode, in the context of the prompt's last tokens."""
+        context = self.prompt_ids[-4:]
+        decode = self.decoder.tokenizer.decode
+        prefix, full = decode(context), decode(context + self.generated)
+        if full.startswith(prefix) and not prefix.endswith("\ufffd"):
+            return full[len(prefix) :]
+        return "".join(self.decoder.push(t) for t in self.generated)
+
     def finish(self, reason: str, now: float) -> Output:
+        if not (self.stream or self.params.stop):
+            self.text = self._decode_all()
         self.finish_reason = reason
         return self._output(len(self.text), now)
 
