@@ -107,6 +107,9 @@ def test_overload_gets_429_fast_and_admitted_complete(small_server):
             [choice] = body["choices"]
             assert choice["finish_reason"] == "length" and choice["index"] == 0
             assert body["usage"]["completion_tokens"] == max_tokens
+    refused = [elapsed for status, elapsed, *_ in results if status == 429]
+    print(f"\noverload: 30 requests at max_batch 2, max_queue 2: {statuses.count(200)} served, "
+          f"{len(refused)} refused with 429 in at most {1000 * max(refused):.0f} ms")
     wait_for_gauges(small_server, 0, 0)
     metrics = httpx.get(f"{small_server.url}/metrics", timeout=10).text
     rejected = [line for line in metrics.splitlines()
