@@ -9,12 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,13 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.embeddings import mean_hidden_embedding
-from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
-from lm.errors import LMError
-from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
-from lm.generate import encode_prompt
+from lm.engine import Engine, Output, Sequence
+from service.completions import ServedModel, complete, stream, submit
+from service.errors import APIError, error_response
 from service.metrics import Metrics
 from service.schemas import (
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     Embedding,
@@ -41,10 +35,8 @@ from service.schemas import (
     EmbeddingUsage,
     ErrorResponse,
     Health,
-    Logprobs,
     ModelCard,
     ModelList,
-    Usage,
 )
 from service.settings import Settings
 
@@ -52,32 +44,6 @@ from service.settings import Settings
 _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
     "data": {"type": "string", "description": "a completion chunk as JSON; `[DONE]` at the end"},
 }}
-
-
-class APIError(Exception):
-    """An error to send as an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-@dataclass
-class ServedModel:
-    name: str
-    checkpoint: Checkpoint
-    engine: Engine
-    created: int
 
 
 class BodySizeLimit:
@@ -268,42 +234,12 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
     async def completions(body: CompletionRequest, request: Request,
                           _key: None = Depends(check_key)):
         served = pick_model(body.model)
-        params, prompts, prompt_ids = _prepare(body, served)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        outputs: asyncio.Queue = asyncio.Queue()
-        sequences: list[Sequence] = []
-        try:
-            for p_index, ids in enumerate(prompt_ids):
-                for s_index in range(body.n):
-                    choice = p_index * body.n + s_index
-                    seed = None if body.seed is None else (body.seed + s_index) & ((1 << 63) - 1)
-                    choice_params = SamplingParams(**{**params.__dict__, "seed": seed})
-
-                    def sink(out, _choice=choice):
-                        outputs.put_nowait((_choice, out))
-
-                    sequences.append(served.engine.submit(ids, choice_params, sink,
-                                                          stream=body.stream))
-        except QueueFull as exc:
-            for seq in sequences:
-                seq.cancel()
-            metrics.rejected.labels(served.name).inc()
-            raise APIError(429, f"{exc}; retry shortly", type_="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
-        except EngineStopped as exc:
-            for seq in sequences:
-                seq.cancel()
-            raise APIError(503, str(exc), type_="server_error", code="shutting_down",
-                           headers={"Retry-After": "5"}) from None
-
-        context = _Context(served, body, request_id, created, prompts, prompt_ids, sequences,
-                           outputs)
+        job = submit(body, served, settings, metrics)
         if body.stream:
-            return StreamingResponse(_stream(context), media_type="text/event-stream",
+            return StreamingResponse(stream(job, metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
-        return await _complete(context, request)
+        return await complete(job, request, metrics)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse,
               responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413)})
@@ -337,212 +273,4 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
         return EmbeddingResponse(data=data, model=served.name,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
-    def _prepare(body: CompletionRequest, served: ServedModel):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts:
-            raise APIError(400, "prompt: must not be an empty list", param="prompt")
-        if len(prompts) > settings.max_prompts:
-            raise APIError(400, f"prompt: at most {settings.max_prompts} prompts per request",
-                           param="prompt")
-        if body.n * len(prompts) > settings.max_n:
-            raise APIError(400, f"n: at most {settings.max_n} completions per request "
-                                f"(prompts x n), got {body.n * len(prompts)}", param="n")
-        max_tokens = body.max_tokens
-        if "max_tokens" not in body.model_fields_set:  # the default must fit a lower limit
-            max_tokens = min(max_tokens, settings.max_tokens_limit)
-        if max_tokens > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens: at most {settings.max_tokens_limit}, "
-                                f"got {max_tokens}", param="max_tokens")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > settings.max_stop:
-            raise APIError(400, f"stop: at most {settings.max_stop} sequences", param="stop")
-        if any(not s for s in stop):
-            raise APIError(400, "stop: sequences must not be empty", param="stop")
-        if any(len(s) > settings.max_stop_chars for s in stop):
-            raise APIError(400, f"stop: each sequence at most {settings.max_stop_chars} characters",
-                           param="stop")
-        if body.examples is not None or body.template is not None:
-            if not body.examples:
-                raise APIError(400, "examples: at least one example is needed for a few-shot "
-                                    "request", param="examples")
-            examples = [Example(e.input, e.output) for e in body.examples]
-            built = []
-            for query in prompts:
-                try:
-                    text, default_stop = build_prompt(examples, query,
-                                                      body.template or DEFAULT_TEMPLATE)
-                except LMError as exc:
-                    message = str(exc)
-                    param = ("examples" if message.startswith("example") else
-                             "prompt" if message.startswith("the query") else "template")
-                    raise APIError(400, f"{param}: {message}", param=param) from None
-                built.append(text)
-            prompts = built
-            stop = stop or default_stop
-        for text in prompts:
-            if not text:
-                raise APIError(400, "prompt: must not be empty", param="prompt")
-            if len(text) > settings.max_prompt_chars:
-                raise APIError(413, f"prompt: longer than {settings.max_prompt_chars} characters",
-                               param="prompt", code="prompt_too_long")
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
-                                top_k=body.top_k, top_p=body.top_p, stop=stop,
-                                logprobs=body.logprobs)
-        prompt_ids = [encode_prompt(served.checkpoint, text) for text in prompts]
-        return params, prompts, prompt_ids
-
-    @dataclass
-    class _Context:
-        served: ServedModel
-        body: CompletionRequest
-        request_id: str
-        created: int
-        prompts: list[str]
-        prompt_ids: list[list[int]]
-        sequences: list[Sequence]
-        outputs: asyncio.Queue
-
-        def usage(self) -> Usage:
-            prompt = sum(len(ids) for ids in self.prompt_ids)
-            completion = sum(len(seq.generated) for seq in self.sequences)
-            return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion)
-
-        def logprobs(self, out: Output, offset: int) -> Logprobs | None:
-            if self.body.logprobs is None or out.logprobs is None:
-                return None
-            tokenizer = self.served.checkpoint.tokenizer
-            tokens = [tokenizer.id_to_token(t) for t in out.token_ids]
-            offsets, position = [], offset
-            for token in tokens:
-                offsets.append(position)
-                position += len(token)
-            top = None
-            if self.body.logprobs > 0 and out.top_logprobs is not None:
-                top = [{tokenizer.id_to_token(t): v for t, v in row} for row in out.top_logprobs]
-            return Logprobs(tokens=tokens, token_logprobs=list(out.logprobs), top_logprobs=top,
-                            text_offset=offsets)
-
-    def _finish_reason(out: Output) -> str:
-        return "stop" if out.finish_reason == "stop" else "length"
-
-    async def _complete(ctx: _Context, request: Request) -> CompletionResponse | Response:
-        pending = len(ctx.sequences)
-        texts = [""] * pending
-        parts: list[list[Output]] = [[] for _ in range(pending)]
-        finals: list[Output | None] = [None] * pending
-        disconnect = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            while pending:
-                getter = asyncio.ensure_future(ctx.outputs.get())
-                done, _ = await asyncio.wait({getter, disconnect},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:  # the client left: nobody reads this response
-                    getter.cancel()
-                    return Response(status_code=499)  # nginx's "client closed request"
-                choice, out = getter.result()
-                texts[choice] += out.text
-                parts[choice].append(out)
-                if out.finish_reason is not None:
-                    finals[choice] = out
-                    pending -= 1
-                    _observe(ctx, out, streamed=False)
-        finally:
-            disconnect.cancel()
-            for seq in ctx.sequences:
-                if not seq.finished:
-                    seq.cancel()
-        choices = []
-        for choice, text in enumerate(texts):
-            prefix = ctx.prompts[choice // ctx.body.n] if ctx.body.echo else ""
-            merged = _merge(parts[choice])
-            choices.append(CompletionChoice(
-                text=prefix + text, index=choice,
-                logprobs=ctx.logprobs(merged, len(prefix)),
-                finish_reason=_finish_reason(finals[choice])))
-        return CompletionResponse(id=ctx.request_id, created=ctx.created, model=ctx.served.name,
-                                  choices=choices, usage=ctx.usage())
-
-    async def _stream(ctx: _Context) -> AsyncIterator[str]:
-        pending = len(ctx.sequences)
-        offsets = [0] * pending
-        last_time = [None] * pending
-        try:
-            if ctx.body.echo:
-                for choice in range(pending):
-                    prompt = ctx.prompts[choice // ctx.body.n]
-                    offsets[choice] = len(prompt)
-                    yield _sse(ctx, choice, prompt, None, None)
-            while pending:
-                choice, out = await ctx.outputs.get()
-                # Coalesce whatever else is ready into the same write.
-                batch = [(choice, out)]
-                while not ctx.outputs.empty():
-                    batch.append(ctx.outputs.get_nowait())
-                chunks = []
-                now = time.perf_counter()
-                for choice, out in batch:
-                    if last_time[choice] is not None:
-                        metrics.itl.labels(ctx.served.name).observe(now - last_time[choice])
-                    last_time[choice] = now
-                    finish = _finish_reason(out) if out.finish_reason is not None else None
-                    if out.text or finish is not None:
-                        chunks.append(_sse(ctx, choice, out.text, ctx.logprobs(out, offsets[choice]),
-                                           finish))
-                    offsets[choice] += len(out.text)
-                    if out.finish_reason == "error":
-                        error = {"message": "generation failed on the server; see its log",
-                                 "type": "server_error", "param": None, "code": None}
-                        chunks.append(f"data: {json.dumps({'error': error})}\n\n")
-                    if out.finish_reason is not None:
-                        pending -= 1
-                        _observe(ctx, out, streamed=True)
-                if chunks:
-                    yield "".join(chunks)
-            if ctx.body.stream_options is not None and ctx.body.stream_options.include_usage:
-                chunk = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-                         "model": ctx.served.name, "choices": [],
-                         "usage": ctx.usage().model_dump()}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnects and the response is cancelled
-            for seq in ctx.sequences:
-                if not seq.finished:
-                    seq.cancel()
-
-    def _sse(ctx: _Context, choice: int, text: str, logprobs: Logprobs | None,
-             finish: str | None) -> str:
-        chunk = {
-            "id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-            "model": ctx.served.name,
-            "choices": [{"text": text, "index": choice,
-                         "logprobs": logprobs.model_dump() if logprobs else None,
-                         "finish_reason": finish}],
-        }
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    def _observe(ctx: _Context, out: Output, streamed: bool) -> None:
-        if out.timings is not None and out.finish_reason != "cancelled":
-            metrics.observe_finished(ctx.served.name, out.timings, out.finish_reason, streamed)
-
     return app
-
-
-def _merge(parts: list[Output]) -> Output:
-    """One output from a sequence's pieces (non-streaming requests get one piece anyway)."""
-    if len(parts) == 1:
-        return parts[0]
-    logprobs = None if parts[0].logprobs is None else [x for p in parts for x in p.logprobs]
-    top = None if parts[0].top_logprobs is None else [x for p in parts for x in p.top_logprobs]
-    return Output(text="".join(p.text for p in parts),
-                  token_ids=[t for p in parts for t in p.token_ids], logprobs=logprobs,
-                  finish_reason=parts[-1].finish_reason, timings=parts[-1].timings,
-                  top_logprobs=top)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Returns when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
