@@ -35,6 +35,32 @@ def describe_model(model: dict) -> str:
             f"trained on {model['block_size']}-token BPTT windows, dropout {model['dropout']}")
 
 
+def fewshot_section(name: str) -> list[str]:
+    """Accuracy from bench/results/fewshot.json (written by `python -m bench.fewshot_bench`)."""
+    path = HERE.parent / "bench" / "results" / "fewshot.json"
+    if not name.startswith("fewshot") or not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    mine = result["results"].get(name)
+    if mine is None:
+        return []
+    shots = list(mine)
+    last = mine[shots[-1]]["per_task"]
+    return [
+        "## Few-shot accuracy",
+        "",
+        f"Exact match of greedy completions on held-out episodes (`{result['command']}`):",
+        "",
+        "| shots | " + " | ".join(shots) + " |",
+        "|---|" + "---|" * len(shots),
+        "| accuracy | " + " | ".join(f"{100 * mine[s]['overall']:.1f}%" for s in shots) + " |",
+        "",
+        f"Per task at {shots[-1]} shots: " + ", ".join(
+            f"{task} {100 * value:.0f}%" for task, value in last.items()) + ".",
+        "",
+    ]
+
+
 def write_card(name: str, description: str = "") -> Path:
     from lm.checkpoint import load_checkpoint
     from lm.engine import SamplingParams
@@ -88,6 +114,7 @@ def write_card(name: str, description: str = "") -> Path:
         "![loss curve](loss.png)",
         "",
     ]
+    lines += fewshot_section(name)
     extra = directory / "EXTRA.md"
     if extra.is_file():
         lines += [extra.read_text().rstrip(), ""]
