@@ -316,7 +316,8 @@ def add_serve(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                    help="allow browser calls from this origin (repeatable; default none)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    p.add_argument("--torch-threads", type=_positive_int, default=None)
+    p.add_argument("--torch-threads", type=_positive_int, default=None,
+                   help="model CPU threads (default: cores - 1, at least 1)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds to finish running requests on SIGTERM (30)")
     p.add_argument("--log-level", default=None)

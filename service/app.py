@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import os
 import time
 from contextlib import asynccontextmanager
 
@@ -108,8 +109,9 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
         from lm.train import pick_device
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        # Leave a core to the event loop: CPU threads of the model that wait on a busy core
+        # stall every step (OpenMP barriers), which costs far more than they bring here.
+        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
         loop = asyncio.get_running_loop()
         device = pick_device(settings.device)
         state["draining"] = False  # the app may be started again after a shutdown (tests)
