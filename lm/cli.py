@@ -263,13 +263,14 @@ def add_checkpoints(sub) -> None:
 
 
 def cmd_checkpoints(args) -> int:
-    from lm.checkpoint import read_config, shipped_checkpoints, shipped_dir
+    from lm.checkpoint import TRAIN_STATE_FILE, read_config, shipped_checkpoints, shipped_dir
 
     rows = []
     for name in shipped_checkpoints():
         directory = shipped_dir() / name
         meta = read_config(directory)
-        size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in directory.iterdir()  # what serving needs
+                   if p.is_file() and p.name != TRAIN_STATE_FILE)
         training = meta.get("training", {})
         rows.append({
             "name": name,
