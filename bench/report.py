@@ -100,9 +100,14 @@ def serve_section(r: dict) -> list[str]:
                      f"{row['failed']} | {fmt(row['tokens_per_s'])} | {ttft} | {itl} | "
                      f"{fmt(row['e2e_p50_ms'])} / {fmt(row['e2e_p99_ms'])} |")
     memory = r.get("memory", {})
-    lines += ["", "Server resident memory: " + ", ".join(
-        f"{key.replace('_', ' ')} {value:.0f} MB" for key, value in memory.items()) + ".", "",
-        "![serving throughput](serve_throughput.png)", ""]
+    labels = {"reference_start_mb": "reference model, at start",
+              "reference_end_mb": "reference model, after the runs above",
+              "default_model_after_64_streams_mb": "shipped default model, after 64 streams"}
+    lines += ["", "Server resident memory: " + "; ".join(
+        f"{labels.get(key, key)} {value:.0f} MB" for key, value in memory.items()) + ".", ""]
+    if r.get("server_args"):
+        lines += [f"Server flags: `{' '.join(r['server_args'])}`.", ""]
+    lines += ["![serving throughput](serve_throughput.png)", ""]
     return lines
 
 
@@ -112,7 +117,9 @@ def locust_section(r: dict, title: str) -> list[str]:
               f"models and health) against `lm serve` with `{r['checkpoint']}`; locust runs on the "
               f"same 2 cores. {r['users']} users for {r['run_time']}: **{r['requests']:,} requests, "
               f"{r['failures']} failed**, {r['rps']:.1f} requests/s. Server memory "
-              f"{r['memory_start_mb']:.0f} MB at start, {r['memory_end_mb']:.0f} MB at the end "
+              f"{r['memory_start_mb']:.0f} MB at start, "
+              f"{r['memory_samples'][1][1]:.0f} MB after the first {r['memory_samples'][1][0]:.0f} s "
+              f"of load, {r['memory_end_mb']:.0f} MB at the end "
               f"(max {r['memory_max_mb']:.0f} MB). Health afterwards: `{r['health_after']}`.", "",
               "| endpoint | requests | failures | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     for e in r["endpoints"]:
