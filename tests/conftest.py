@@ -169,3 +169,18 @@ def start_server(tiny_checkpoint_dir: Path):
 def live_server(start_server) -> LiveServer:
     """The default server: default settings, model "tiny"."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """Factory: run any app on a live server; all are stopped at the end."""
+    servers: list[LiveServer] = []
+
+    def start(app) -> LiveServer:
+        server = LiveServer(app).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
