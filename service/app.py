@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.embeddings import mean_hidden_embedding
 from lm.engine import Engine, Output, Sequence
-from service.completions import ServedModel, complete, stream, submit
+from service.completions import ServedModel, check_lengths, complete, stream, submit, text_list
 from service.errors import APIError, error_response
 from service.metrics import Metrics
 from service.schemas import (
@@ -248,18 +248,8 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
     async def embeddings(body: EmbeddingRequest, _key: None = Depends(check_key)):
         """The mean of the model's final hidden states over each input's tokens."""
         served = pick_model(body.model)
-        texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        if not texts:
-            raise APIError(400, "input: must not be an empty list", param="input")
-        if len(texts) > settings.max_prompts:
-            raise APIError(400, f"input: at most {settings.max_prompts} texts per request",
-                           param="input")
-        for text in texts:
-            if not text:
-                raise APIError(400, "input: texts must not be empty", param="input")
-            if len(text) > settings.max_prompt_chars:
-                raise APIError(413, f"input: longer than {settings.max_prompt_chars} characters",
-                               param="input", code="prompt_too_long")
+        texts = text_list(body.input, "input", settings)
+        check_lengths(texts, "input", settings)
         ids = [served.checkpoint.tokenizer.encode(text) for text in texts]
         if any(not seq for seq in ids):
             raise APIError(400, "input: a text encodes to no tokens", param="input")

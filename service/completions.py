@@ -38,14 +38,30 @@ class ServedModel:
     created: int
 
 
+def text_list(value: str | list[str], param: str, settings: Settings) -> list[str]:
+    """A request's text or texts as a list, within the server's count limit."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise APIError(400, f"{param}: must not be an empty list", param=param)
+    if len(texts) > settings.max_prompts:
+        raise APIError(400, f"{param}: at most {settings.max_prompts} texts per request",
+                       param=param)
+    return texts
+
+
+def check_lengths(texts: list[str], param: str, settings: Settings) -> None:
+    """Every text non-empty and within the size limit (413 beyond it)."""
+    for text in texts:
+        if not text:
+            raise APIError(400, f"{param}: must not be empty", param=param)
+        if len(text) > settings.max_prompt_chars:
+            raise APIError(413, f"{param}: longer than {settings.max_prompt_chars} characters",
+                           param=param, code="prompt_too_long")
+
+
 def prepare(body: CompletionRequest, served: ServedModel, settings: Settings):
     """Validate a request against the server's limits; build prompts, ids and parameters."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    if not prompts:
-        raise APIError(400, "prompt: must not be an empty list", param="prompt")
-    if len(prompts) > settings.max_prompts:
-        raise APIError(400, f"prompt: at most {settings.max_prompts} prompts per request",
-                       param="prompt")
+    prompts = text_list(body.prompt, "prompt", settings)
     if body.n * len(prompts) > settings.max_n:
         raise APIError(400, f"n: at most {settings.max_n} completions per request "
                             f"(prompts x n), got {body.n * len(prompts)}", param="n")
@@ -81,12 +97,7 @@ def prepare(body: CompletionRequest, served: ServedModel, settings: Settings):
             built.append(text)
         prompts = built
         stop = stop or default_stop
-    for text in prompts:
-        if not text:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
-        if len(text) > settings.max_prompt_chars:
-            raise APIError(413, f"prompt: longer than {settings.max_prompt_chars} characters",
-                           param="prompt", code="prompt_too_long")
+    check_lengths(prompts, "prompt", settings)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
                             top_k=body.top_k, top_p=body.top_p, stop=stop,
                             logprobs=body.logprobs)

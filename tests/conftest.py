@@ -145,24 +145,17 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def start_server(tiny_checkpoint_dir: Path):
+def start_server(tiny_checkpoint_dir: Path, launch):
     """Factory: a live server for `Settings(**overrides)` serving "tiny"; stopped at the end."""
     from lm.checkpoint import load_checkpoint
     from service.app import create_app
     from service.settings import Settings
 
-    servers: list[LiveServer] = []
-
     def start(**overrides) -> LiveServer:
         settings = Settings(checkpoints=[str(tiny_checkpoint_dir)], **overrides)
-        app = create_app(settings, [load_checkpoint(tiny_checkpoint_dir)])
-        server = LiveServer(app).start()
-        servers.append(server)
-        return server
+        return launch(create_app(settings, [load_checkpoint(tiny_checkpoint_dir)]))
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 @pytest.fixture(scope="session")
