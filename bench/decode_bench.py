@@ -5,7 +5,7 @@ block 256; also the shipped LSTM. Each stream starts from a short prompt and mak
 `--new-tokens` tokens by sampling (temperature 1). Tokens/s counts generated tokens over
 wall time, prefill included.
 
-    python bench/decode_bench.py [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
+    python -m bench.decode_bench [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
         rows.append(row)
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     save_result("decode", {
-        "command": "python bench/decode_bench.py " + " ".join(
+        "command": "python -m bench.decode_bench " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "threads": args.threads, "new_tokens": args.new_tokens,
         "reference_params": reference.num_params(),

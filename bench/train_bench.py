@@ -9,7 +9,7 @@ recipe given the plain loop's wall-clock time.
 Part 2, RNN, GRU, LSTM and GPT at about the same parameter count (~0.8M) and the same time
 budget each: validation loss and bits per character.
 
-    python bench/train_bench.py [--steps 2000] [--budget 60] [--threads 2]
+    python -m bench.train_bench [--steps 2000] [--budget 60] [--threads 2]
 """
 
 from __future__ import annotations
