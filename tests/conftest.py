@@ -73,8 +73,9 @@ def shakespeare_path() -> Path:
 # -- a tiny checkpoint and live servers (the HTTP tests) ----------------------------------
 
 
-def save_tiny_gpt(directory: Path, text: str) -> Path:
-    """An untrained 1-layer char GPT (random weights, 64-token context) saved as a checkpoint."""
+def save_tiny_gpt(directory: Path, text: str, block_size: int = 64,
+                  training: dict | None = None) -> Path:
+    """An untrained 1-layer char GPT (random weights) saved as a checkpoint."""
     from lm.checkpoint import save_checkpoint
     from lm.models import ModelConfig, build_model
     from lm.tokenizers import CharTokenizer
@@ -82,13 +83,19 @@ def save_tiny_gpt(directory: Path, text: str) -> Path:
     tokenizer = CharTokenizer.train(text)
     torch.manual_seed(0)
     config = ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32,
-                         n_head=2, block_size=64)
+                         n_head=2, block_size=block_size)
     model = build_model(config)
     with torch.no_grad():  # larger random weights: varied, not near-uniform, predictions
         for param in model.parameters():
             param.normal_(0.0, 0.3)
-    save_checkpoint(directory, model, tokenizer)
+    save_checkpoint(directory, model, tokenizer, training)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_saver():
+    """`save_tiny_gpt`, for test modules (they do not import conftest)."""
+    return save_tiny_gpt
 
 
 @pytest.fixture(scope="session")

@@ -9,29 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from lm.checkpoint import load_checkpoint, save_checkpoint
+from lm.checkpoint import load_checkpoint
 from lm.cli import main
 from lm.engine import SamplingParams
 from lm.fewshot import Example, build_prompt
 from lm.generate import Generator
-from lm.models import ModelConfig, build_model
-from lm.tokenizers import CharTokenizer
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, corpus_text) -> Path:
+def shipped(tmp_path_factory, corpus_text, tiny_gpt_saver) -> Path:
     """A checkpoints directory with one model, "tiny"."""
     root = tmp_path_factory.mktemp("shipped")
-    tokenizer = CharTokenizer.train(corpus_text + "xyz")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=1,
-                                    n_embd=32, n_head=2, block_size=32))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    save_checkpoint(root / "tiny", model, tokenizer, training={"val_loss": 3.5})
+    tiny_gpt_saver(root / "tiny", corpus_text + "xyz", block_size=32, training={"val_loss": 3.5})
     return root
 
 

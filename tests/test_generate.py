@@ -8,28 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.engine import SamplingParams
 from lm.errors import LMError
 from lm.generate import Generator, encode_prompt
-from lm.models import ModelConfig, build_model
-from lm.tokenizers import BPETokenizer, CharTokenizer, IncrementalDecoder
+from lm.models import ModelConfig
+from lm.tokenizers import BPETokenizer, IncrementalDecoder
 
 MULTIBYTE_TEXT = "héllo wörld 日本語 🙂\n" * 40
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, corpus_text) -> Checkpoint:
-    tokenizer = CharTokenizer.train(corpus_text)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=1,
-                                    n_embd=32, n_head=2, block_size=32))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
+def checkpoint(tmp_path_factory, corpus_text, tiny_gpt_saver) -> Checkpoint:
     directory = tmp_path_factory.mktemp("generate") / "tiny"
-    save_checkpoint(directory, model, tokenizer)
-    return load_checkpoint(directory)
+    return load_checkpoint(tiny_gpt_saver(directory, corpus_text, block_size=32))
 
 
 @pytest.fixture(scope="module")
