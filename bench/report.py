@@ -36,7 +36,7 @@ def train_section(r: dict) -> list[str]:
     lines += [
         "Char GPT, 4 layers, 4 heads, 128 wide, block 64, batch 12, on Tiny Shakespeare; "
         "validation loss on the whole held-out 10% (nanoGPT reaches 1.886 with this recipe "
-        "in 80 s on these machines).", "",
+        "in 80 s on these machines, per DESIGN.md).", "",
         "| run | steps | training s | tokens/s | val loss |", "|---|---|---|---|---|",
     ]
     names = {"plain_pytorch": "plain PyTorch loop (same dims, batches, schedule)",
@@ -73,7 +73,7 @@ def decode_section(r: dict) -> list[str]:
               f"{r['threads']} threads). Reference GPT: {fmt(r['reference_params'])} parameters. "
               f"Baseline: Hugging Face `transformers` `generate` on a GPT-2 of the same "
               f"dimensions, same run (nanoGPT's own sampler, without a KV cache, makes about 430 "
-              f"tok/s for one stream on these machines).", "",
+              f"tok/s for one stream on these machines, per DESIGN.md; not re-measured here).", "",
               "| streams | lm GPT | transformers GPT-2 | lm / transformers |"
               + (f" lm {r['lstm']} |" if r.get("lstm") else ""),
               "|---|---|---|---|" + ("---|" if r.get("lstm") else "")]
