@@ -3,6 +3,7 @@ best-checkpoint keeping, exact resume, and data parallel under `torchrun`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -488,7 +489,14 @@ def run_training(config: TrainConfig, progress: bool = True) -> dict:
         backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
         dist.init_process_group(backend)
         try:
-            return Trainer(config, progress=progress).train()
+            trainer = Trainer(config, progress=progress)
+            summary = trainer.train()
+            dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
+            # Drop DDP and its pending work before the process group goes: gloo threads
+            # still holding tensors at interpreter exit abort the process.
+            del trainer
+            gc.collect()
+            return summary
         finally:
             dist.destroy_process_group()
     return Trainer(config, progress=progress).train()

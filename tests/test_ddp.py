@@ -22,7 +22,8 @@ def test_two_processes_train_one_checkpoint(tmp_path, corpus_path, model):
          "--block-size", "16", "--batch-size", "4", "--max-steps", "8", "--eval-interval", "4",
          "--no-progress", "--threads", "1"],
         capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # The head of stderr holds a rank's own error; torchrun's summary follows it.
+    assert result.returncode == 0, result.stderr[:3000]
     checkpoint = load_checkpoint(out)
     assert checkpoint.training["world_size"] == 2
     assert checkpoint.training["finished"] is True
