@@ -2,6 +2,7 @@
 
 Exact match of greedy completions, per number of shots and per task, over episodes built
 only from held-out words (and the held-out shift), with a plot of accuracy against shots.
+Tasks seen in training (on new words) and the task never seen (shift+3) are scored apart.
 
     python -m bench.fewshot_bench [--episodes 200] [--shots 0,1,2,4,8]
 """
@@ -33,11 +34,13 @@ def main() -> None:
         tables.append(f"{name}\n{accuracy_table(results[name])}")
         print(tables[-1], flush=True)
     plot_accuracy(results, ROOT / "docs" / "fewshot_accuracy.png")
-    overall = {name: {str(k): v["overall"] for k, v in r.items()} for name, r in results.items()}
-    table = ["| checkpoint | " + " | ".join(f"{s} shots" for s in shots) + " |",
-             "|---|" + "---|" * len(shots)]
-    for name, row in overall.items():
-        table.append(f"| {name} | " + " | ".join(f"{100 * row[str(s)]:.1f}%" for s in shots) + " |")
+    table = ["| checkpoint | tasks | " + " | ".join(f"{s} shots" for s in shots) + " |",
+             "|---|---|" + "---|" * len(shots)]
+    for name, result in results.items():
+        for key, label in (("seen_tasks", "trained tasks, held-out words"),
+                           ("unseen_tasks", "held-out task (shift+3)"), ("overall", "all")):
+            table.append(f"| {name} | {label} | "
+                         + " | ".join(f"{100 * result[s][key]:.1f}%" for s in shots) + " |")
     save_result("fewshot", {
         "command": f"python -m bench.fewshot_bench --episodes {args.episodes} --shots {args.shots}",
         "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},

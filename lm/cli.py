@@ -573,7 +573,8 @@ def add_fewshot_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
-                   help='print {checkpoint: {shots: {"overall", "per_task"}}}')
+                   help='print {checkpoint: {shots: {"overall", "seen_tasks", "unseen_tasks", '
+                        '"per_task"}}}')
     p.add_argument("--plot", metavar="FILE.png", help="save accuracy vs shots, a line per checkpoint")
     p.set_defaults(func=cmd_fewshot_eval)
 

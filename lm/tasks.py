@@ -120,6 +120,8 @@ TRAIN_FAMILIES: tuple[tuple[Task, ...], ...] = (
 )
 # Evaluation: one task per family, with the held-out parameter where the family has one.
 EVAL_TASKS: tuple[Task, ...] = (*_FIXED_TASKS, _shift_task(HELDOUT_SHIFT))
+# Tasks that never occur in training (a parameter not seen): scored apart as well.
+UNSEEN_TASKS = frozenset({_shift_task(HELDOUT_SHIFT).name})
 
 
 # -- words --------------------------------------------------------------------------------
@@ -256,7 +258,11 @@ def fewshot_accuracy(
     checkpoint, shots_list: Iterable[int], episodes: int = 200, seed: int = 0, max_batch: int = 64
 ) -> dict[int, dict]:
     """Exact-match accuracy of greedy completions on held-out episodes, per shot count:
-    {shots: {"overall": accuracy, "per_task": {task: accuracy}}}.
+    {shots: {"overall": ..., "seen_tasks": ..., "unseen_tasks": ..., "per_task": {task: ...}}}.
+
+    Every episode uses held-out words. "seen_tasks" scores the tasks trained on (new words
+    only), "unseen_tasks" those whose parameter never occurs in training (shift+3), and
+    "overall" all of them.
 
     `checkpoint` is a loaded lm.checkpoint.Checkpoint, a shipped name or a directory. All
     prompts (every shot count) go to the engine at once, batched `max_batch` at a time.
@@ -290,8 +296,14 @@ def fewshot_accuracy(
     result = {}
     for shots, per_task in tally.items():
         scores = [s for task_scores in per_task.values() for s in task_scores]
+        seen = [s for name, task_scores in per_task.items() if name not in UNSEEN_TASKS
+                for s in task_scores]
+        unseen = [s for name, task_scores in per_task.items() if name in UNSEEN_TASKS
+                  for s in task_scores]
         result[shots] = {
             "overall": sum(scores) / len(scores),
+            "seen_tasks": sum(seen) / len(seen) if seen else None,
+            "unseen_tasks": sum(unseen) / len(unseen) if unseen else None,
             "per_task": {
                 name: sum(per_task[name]) / len(per_task[name])
                 for name in order
@@ -304,17 +316,20 @@ def fewshot_accuracy(
 def accuracy_table(result: dict[int, dict]) -> str:
     """`fewshot_accuracy`'s result as text: a row per shot count, overall then each task."""
     tasks = list(next(iter(result.values()))["per_task"])
-    columns = ["overall", *tasks]
+    columns = ["overall", "seen", "unseen", *tasks]
     width = max(8, *(len(c) + 1 for c in columns))
     lines = ["shots" + "".join(f"{c:>{width}}" for c in columns)]
     for shots, row in result.items():
-        values = [row["overall"], *(row["per_task"].get(t, float("nan")) for t in tasks)]
-        lines.append(f"{shots:>5}" + "".join(f"{100 * v:>{width - 1}.1f}%" for v in values))
+        values = [row["overall"], row.get("seen_tasks"), row.get("unseen_tasks"),
+                  *(row["per_task"].get(t) for t in tasks)]
+        lines.append(f"{shots:>5}" + "".join(
+            f"{'-':>{width}}" if v is None else f"{100 * v:>{width - 1}.1f}%" for v in values))
     return "\n".join(lines)
 
 
 def plot_accuracy(results: dict[str, dict[int, dict]], path: str | Path) -> None:
-    """Save `accuracy vs shots`, one line per checkpoint, to an image file."""
+    """Save `accuracy vs shots` to an image file: per checkpoint, a solid line for the tasks
+    seen in training (held-out words) and a dashed one for all tasks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,14 +340,19 @@ def plot_accuracy(results: dict[str, dict[int, dict]], path: str | Path) -> None
     for name, result in results.items():
         shots = sorted(result)
         all_shots.update(shots)
-        ax.plot(shots, [100 * result[s]["overall"] for s in shots], "o-", label=name)
+        seen = [result[s].get("seen_tasks") for s in shots]
+        if None in seen:  # only the tasks never trained on were drawn
+            seen = [result[s]["overall"] for s in shots]
+        (line,) = ax.plot(shots, [100 * v for v in seen], "o-", label=f"{name}, trained tasks")
+        ax.plot(shots, [100 * result[s]["overall"] for s in shots], "o--", alpha=0.5,
+                color=line.get_color(), label=f"{name}, all (with held-out shift+3)")
     ax.set_xticks(sorted(all_shots))
     ax.set_xlabel("examples in the prompt (shots)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(-2, 102)  # lines at 0% or 100% stay visible
     ax.set_title("few-shot accuracy vs shots (held-out words)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=100)

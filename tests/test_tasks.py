@@ -21,6 +21,8 @@ from lm.tasks import (
     HELDOUT_SHIFT,
     TRAIN_FAMILIES,
     TRAIN_SHIFTS,
+    UNSEEN_TASKS,
+    accuracy_table,
     episode_prompt,
     fewshot_accuracy,
     heldout_episodes,
@@ -190,6 +192,24 @@ def test_fewshot_accuracy_scores_exact_matches(tmp_path, monkeypatch):
     assert result[0]["overall"] == 1.0 and set(result[2]["per_task"].values()) == {1.0}
     replies[:] = [(a + " x", "stop") if i % 2 else (a, "length") for i, a in enumerate(answers)]
     assert fewshot_accuracy(checkpoint, [0, 2], episodes=6)[2]["overall"] == 0.0
+
+
+def test_fewshot_accuracy_scores_unseen_tasks_apart(tmp_path, monkeypatch):
+    """shift+3 never occurs in training: it counts in "overall" and "unseen_tasks" only."""
+    checkpoint = tiny_checkpoint(tmp_path / "gpt", "gpt")
+    episodes = list(heldout_episodes(24, seed=0, shots=1))  # every task twice
+    assert {e.task for e in episodes} == {t.name for t in EVAL_TASKS}
+
+    def fake_complete(self, prompts, params, n=1):
+        return [Completion(i, "wrong" if e.task in UNSEEN_TASKS else e.answer, "stop", [], None, 0)
+                for i, e in enumerate(episodes)]
+
+    monkeypatch.setattr(Generator, "complete", fake_complete)
+    row = fewshot_accuracy(checkpoint, [1], episodes=24, seed=0)[1]
+    assert row["seen_tasks"] == 1.0 and row["unseen_tasks"] == 0.0
+    assert row["overall"] == pytest.approx(1 - 2 / 24)
+    assert row["per_task"]["shift+3"] == 0.0
+    assert "unseen" in accuracy_table({1: row}).splitlines()[0]
 
 
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
