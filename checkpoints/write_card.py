@@ -53,7 +53,11 @@ def fewshot_section(name: str) -> list[str]:
         "",
         "| shots | " + " | ".join(shots) + " |",
         "|---|" + "---|" * len(shots),
-        "| accuracy | " + " | ".join(f"{100 * mine[s]['overall']:.1f}%" for s in shots) + " |",
+        "| trained tasks, held-out words | "
+        + " | ".join(f"{100 * mine[s]['seen_tasks']:.1f}%" for s in shots) + " |",
+        "| held-out task (shift+3) | "
+        + " | ".join(f"{100 * mine[s]['unseen_tasks']:.1f}%" for s in shots) + " |",
+        "| all | " + " | ".join(f"{100 * mine[s]['overall']:.1f}%" for s in shots) + " |",
         "",
         f"Per task at {shots[-1]} shots: " + ", ".join(
             f"{task} {100 * value:.0f}%" for task, value in last.items()) + ".",
