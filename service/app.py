@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import os
 import time
 from contextlib import asynccontextmanager
 
@@ -23,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.embeddings import mean_hidden_embedding
-from lm.engine import Engine, Output, Sequence
+from lm.engine import Engine, Output, Sequence, serving_threads
 from service.completions import ServedModel, check_lengths, complete, stream, submit, text_list
 from service.errors import APIError, error_response
 from service.metrics import Metrics
@@ -105,13 +104,9 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import torch
-
         from lm.train import pick_device
 
-        # Leave a core to the event loop: CPU threads of the model that wait on a busy core
-        # stall every step (OpenMP barriers), which costs far more than they bring here.
-        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        threads = serving_threads(settings.torch_threads)
         loop = asyncio.get_running_loop()
         device = pick_device(settings.device)
         state["draining"] = False  # the app may be started again after a shutdown (tests)
@@ -126,7 +121,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                 _loop.call_soon_threadsafe(_dispatch, events)
 
             engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch,
-                            max_queue=settings.max_queue, notify=notify)
+                            max_queue=settings.max_queue, notify=notify, threads=threads)
             engine.start()
             models[name] = ServedModel(name, ckpt, engine, int(time.time()))
         try:

@@ -43,24 +43,33 @@ class CausalSelfAttention(nn.Module):
 
     def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              where: StepIndex) -> torch.Tensor:
-        """Attend new tokens `x[B,t]` over the cache, writing their keys and values into it."""
+        """Attend new tokens `x[B,t]` over the cache, writing their keys and values into it.
+
+        Keys are cached transposed, [B, H, D, T], and values as [B, H, T, D]: both products
+        are then plain batched matrix products over contiguous runs of the cache. The cache
+        may hold a narrower dtype than the model (bfloat16 halves the bytes every decode
+        step reads); scores and softmax stay in float32.
+        """
         batch, time, _ = x.shape
         qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
         q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
+        cache_dtype = v_cache.dtype
         if where.same_position is not None:  # every row at one position: a plain slice copy
             start = where.same_position
-            k_cache[:, :, start : start + k.shape[2]] = k
-            v_cache[:, :, start : start + v.shape[2]] = v
+            k_cache[:, :, :, start : start + time] = k.transpose(2, 3)
+            v_cache[:, :, start : start + time] = v
         else:
-            k_cache[where.rows, :, where.positions] = k.transpose(1, 2)
-            v_cache[where.rows, :, where.positions] = v.transpose(1, 2)
-        keys, values = k_cache[:, :, : where.length], v_cache[:, :, : where.length]
+            k_cache.permute(0, 3, 1, 2)[where.rows, where.positions] = k.permute(0, 2, 1, 3).to(cache_dtype)
+            v_cache.transpose(1, 2)[where.rows, where.positions] = v.transpose(1, 2).to(cache_dtype)
+        keys, values = k_cache[..., : where.length], v_cache[:, :, : where.length]
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries.
-        scores = (q.contiguous() @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
-        if where.blocked is not None:
-            scores = scores.masked_fill(where.blocked, float("-inf"))
-        y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
+        q = (q * (1.0 / math.sqrt(self.head_dim))).to(cache_dtype)
+        scores = (q @ keys).float()
+        if where.bias is not None:
+            scores = scores + where.bias
+        probs = torch.softmax(scores, dim=-1).to(cache_dtype)
+        y = (probs @ values).to(x.dtype).transpose(1, 2).reshape(batch, time, -1)
         return F.linear(y, self.c_proj.weight, self.c_proj.bias)
 
 
@@ -72,7 +81,7 @@ class StepIndex:
     rows: torch.Tensor  # [B, 1]
     length: int  # keys to attend over
     same_position: int | None  # the shared start position when every row has the same one
-    blocked: torch.Tensor | None  # [B, 1, t, L], True where a query may not see a key
+    bias: torch.Tensor | None  # [B, 1, t, L] float32: -inf where a query may not see a key
 
 
 class MLP(nn.Module):
@@ -152,15 +161,20 @@ class GPT(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(ids))
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   cache_dtype: torch.dtype | None = None) -> State:
+        """Empty state for `batch_size` rows: positions and a KV cache per layer (in
+        `cache_dtype`, by default the model's)."""
         c = self.config
         device = device or self.wte.weight.device
-        dtype = self.wte.weight.dtype
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        dtype = cache_dtype or self.wte.weight.dtype
+        head_dim = c.n_embd // c.n_head
         state = {"pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
-        for layer in range(c.n_layer):  # one [B, H, T, D] tensor per layer and k/v
-            state[f"k{layer}"] = torch.zeros(shape, device=device, dtype=dtype)
-            state[f"v{layer}"] = torch.zeros(shape, device=device, dtype=dtype)
+        for layer in range(c.n_layer):  # keys [B, H, D, T], values [B, H, T, D]
+            state[f"k{layer}"] = torch.zeros((batch_size, c.n_head, head_dim, c.block_size),
+                                             device=device, dtype=dtype)
+            state[f"v{layer}"] = torch.zeros((batch_size, c.n_head, c.block_size, head_dim),
+                                             device=device, dtype=dtype)
         return state
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -175,13 +189,14 @@ class GPT(nn.Module):
         if length > self.config.block_size:
             raise ValueError(f"state of {length} tokens exceeds block size {self.config.block_size}")
         positions = pos[:, None] + torch.arange(time, device=ids.device)  # [B, t]
-        blocked = None
+        bias = None
         if first != last or time > 1:
             keys = torch.arange(length, device=ids.device)
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
+            bias = torch.zeros(blocked.shape, device=ids.device).masked_fill_(blocked, -math.inf)
         where = StepIndex(positions=positions, rows=torch.arange(batch, device=ids.device)[:, None],
                           length=length, same_position=first if first == last else None,
-                          blocked=blocked)
+                          bias=bias)
         x = self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, state[f"k{layer}"], state[f"v{layer}"], where)
