@@ -318,7 +318,11 @@ def add_serve(sub) -> None:
                    help="allow browser calls from this origin (repeatable; default none)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--torch-threads", type=_positive_int, default=None,
-                   help="model CPU threads (default: cores - 1, at least 1)")
+                   help="model CPU threads (default: one per core)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="GPT KV cache precision (default auto: the model's; bfloat16 halves "
+                        "the memory each step reads)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds to finish running requests on SIGTERM (30)")
     p.add_argument("--log-level", default=None)
@@ -344,8 +348,11 @@ def cmd_serve(args) -> int:
         first = exc.errors()[0]
         raise LMError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     from lm.checkpoint import load_checkpoint
+    from lm.engine import serving_threads
     from lm.train import pick_device
 
+    # Before any tensor work here: the engines' threads run the models (see serving_threads).
+    serving_threads(settings.torch_threads)
     device = pick_device(settings.device)
     checkpoints = [load_checkpoint(name, device) for name in settings.checkpoints]
     names = [c.name for c in checkpoints]

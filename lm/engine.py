@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 5
+# "auto": the model's dtype. bfloat16 halves the bytes each decode step reads from the KV
+# cache (attention, not the weights, dominates a step at many streams on the CPU).
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
 
 
@@ -214,9 +217,12 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int = 64,
                  max_queue: int = 256, device: torch.device | str | None = None,
                  notify: Callable[[list[tuple[Sequence, Output]]], None] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, kv_cache_dtype: str = "auto"):
         if max_batch < 1:
             raise LMError("max_batch must be at least 1")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise LMError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                          f"got {kv_cache_dtype!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -225,7 +231,14 @@ class Engine:
         self.notify = notify
         self.threads = threads  # CPU threads of the background loop (None: the process's)
         self.context_size: int | None = getattr(model, "context_size", None)
-        self.state = model.init_state(max_batch, self.device)
+        if kv_cache_dtype == "auto":
+            self.state = model.init_state(max_batch, self.device)
+        elif getattr(model, "context_size", None) is None:
+            raise LMError("kv_cache_dtype applies to GPT models only (recurrent models keep "
+                          "a hidden state, not a KV cache)")
+        else:
+            self.state = model.init_state(max_batch, self.device,
+                                          cache_dtype=getattr(torch, kv_cache_dtype))
         self.params = {
             "temperature": torch.ones(max_batch),
             "top_k": torch.zeros(max_batch, dtype=torch.long),
@@ -454,14 +467,15 @@ def _write_back(view: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor
 
 
 def serving_threads(threads: int | None) -> int:
-    """The CPU threads for a model run by a background engine thread (default: cores - 1,
-    at least 1, leaving a core to the event loop), and keep the calling thread to one.
+    """Keep the calling (main) thread to one CPU thread and return the count for the
+    engine threads that run the models (default: one per core).
 
-    OpenMP settings are per thread: the engine thread sets its own count when it starts
-    (`Engine(threads=...)`). A second OpenMP team left in the main thread (from loading the
-    model, say) halved the engine thread's speed with 2 threads in a measurement on 2
-    cores (7,100 against 14,000 tokens/s), hence the single thread here.
+    OpenMP teams belong to the thread that starts parallel work: each engine thread sets
+    its own count when it starts (`Engine(threads=...)`). Call this before any tensor work
+    in the main thread: once the main thread had run a parallel op with 2 threads, the
+    engine thread's 2-thread steps ran at half speed on 2 cores (about 7,000 against
+    13,000 tokens/s, 64 streams), and `lm serve` measured slower with 2 threads than 1.
     """
-    count = threads or max(1, (os.cpu_count() or 2) - 1)
+    count = threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(1)
     return count

@@ -496,3 +496,36 @@ def test_shutdown_cancels_what_does_not_finish_in_time(gpt, char_tokenizer):
     assert done.wait(timeout=5)
     assert reasons == ["cancelled"]
     assert 0 < len(seq.generated) < 100_000
+
+
+# -- KV cache precision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_narrower_kv_cache_keeps_requests_batch_independent(gpt, char_tokenizer, dtype):
+    """A bfloat16 cache changes the numbers a little, never what batch a request ran in."""
+    requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=24 + 2 * i, **params))
+                for i, params in enumerate(MIXED_PARAMS)]
+
+    def generate(batch: list) -> list[list[int]]:
+        engine = Engine(gpt, char_tokenizer, max_batch=8, kv_cache_dtype=dtype)
+        assert engine.state["k0"].dtype == getattr(torch, dtype)
+        seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in batch]
+        engine.run_until_idle()
+        return [seq.generated for seq in seqs]
+
+    alone = [generate([request])[0] for request in requests]
+    assert generate(requests) == alone
+    # Greedy text stays close to the float32 cache's: the first tokens agree.
+    full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0)
+    narrow = generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0]
+    assert narrow[:4] == full.generated[:4]
+
+
+def test_kv_cache_dtype_is_checked(gpt, char_tokenizer):
+    with pytest.raises(LMError, match="kv_cache_dtype must be one of"):
+        Engine(gpt, char_tokenizer, kv_cache_dtype="int8")
+    lstm = tiny_model("lstm", char_tokenizer.vocab_size)
+    with pytest.raises(LMError, match="GPT models only"):
+        Engine(lstm, char_tokenizer, kv_cache_dtype="bfloat16")
+    assert Engine(lstm, char_tokenizer, kv_cache_dtype="auto").state  # the default fits all
