@@ -319,10 +319,6 @@ def add_serve(sub) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--torch-threads", type=_positive_int, default=None,
                    help="model CPU threads (default: one per core)")
-    p.add_argument("--kv-cache-dtype", default=None,
-                   choices=["auto", "float32", "bfloat16", "float16"],
-                   help="GPT KV cache precision (default auto: the model's; bfloat16 halves "
-                        "the memory each step reads)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds to finish running requests on SIGTERM (30)")
     p.add_argument("--log-level", default=None)

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 5
 # "auto": the model's dtype. bfloat16 halves the bytes each decode step reads from the KV
-# cache (attention, not the weights, dominates a step at many streams on the CPU).
+# cache; on the CPU, oneDNN then builds and keeps a kernel per shape (hundreds of MB when
+# batch sizes and lengths vary, as in a server), so `lm serve` keeps the model's dtype.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
 

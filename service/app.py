@@ -91,11 +91,6 @@ class _BodyTooLarge(StarletteHTTPException):
     other exception raised while reading the body into a 400)."""
 
 
-def kv_cache_dtype(checkpoint: Checkpoint, settings: Settings) -> str:
-    """The setting for models with a KV cache (GPT); recurrent models keep their own."""
-    return settings.kv_cache_dtype if checkpoint.config.kind == "gpt" else "auto"
-
-
 def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] | None = None) -> FastAPI:
     """The FastAPI app. `checkpoints` may be given pre-loaded (tests); else from settings."""
     settings = settings or Settings()
@@ -126,8 +121,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                 _loop.call_soon_threadsafe(_dispatch, events)
 
             engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch,
-                            max_queue=settings.max_queue, notify=notify, threads=threads,
-                            kv_cache_dtype=kv_cache_dtype(ckpt, settings))
+                            max_queue=settings.max_queue, notify=notify, threads=threads)
             engine.start()
             models[name] = ServedModel(name, ckpt, engine, int(time.time()))
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,7 +21,6 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=1024)
     max_queue: int = Field(256, ge=0)
     torch_threads: int | None = Field(None, ge=1)
-    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Limits on what one request may ask for.
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(16, ge=1)

@@ -529,3 +529,25 @@ def test_kv_cache_dtype_is_checked(gpt, char_tokenizer):
     with pytest.raises(LMError, match="GPT models only"):
         Engine(lstm, char_tokenizer, kv_cache_dtype="bfloat16")
     assert Engine(lstm, char_tokenizer, kv_cache_dtype="auto").state  # the default fits all
+
+
+def test_a_bfloat16_model_keeps_requests_batch_independent(gpt, char_tokenizer):
+    """`lm serve --dtype bfloat16`: weights, activations and cache in bfloat16."""
+    import copy
+
+    model = copy.deepcopy(gpt).to(torch.bfloat16)
+    requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=24 + 2 * i, **params))
+                for i, params in enumerate(MIXED_PARAMS)]
+
+    def generate(batch: list) -> list[list[int]]:
+        engine = Engine(model, char_tokenizer, max_batch=8)
+        assert engine.state["v0"].dtype == torch.bfloat16
+        seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in batch]
+        engine.run_until_idle()
+        return [seq.generated for seq in seqs]
+
+    alone = [generate([request])[0] for request in requests]
+    assert generate(requests) == alone
+    full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0)
+    assert generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0][:3] == \
+        full.generated[:3]

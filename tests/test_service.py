@@ -10,7 +10,6 @@ import threading
 import httpx
 import openai
 import pytest
-import torch
 
 from lm.checkpoint import load_checkpoint
 from lm.engine import Engine, SamplingParams
@@ -289,24 +288,3 @@ def test_engine_batch_equals_solo(tiny_checkpoint_dir):
         alone.run_until_idle()
         assert seq.generated == solo.generated, f"sequence {i}"
         assert len(seq.generated) == params(i).max_new_tokens
-
-
-def test_bfloat16_kv_cache_server(start_server):
-    """`--kv-cache-dtype bfloat16`: the engine keeps its cache in bfloat16 and serves."""
-    server = start_server(kv_cache_dtype="bfloat16")
-    assert server.app.state.models["tiny"].engine.state["k0"].dtype == torch.bfloat16
-    body = {"model": "tiny", "prompt": _prompt(3), "max_tokens": 16, "seed": 5}
-    first = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
-    again = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
-    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 16
-    assert first.json()["choices"][0]["text"] == again.json()["choices"][0]["text"]
-
-
-def test_kv_cache_dtype_setting_is_validated():
-    from pydantic import ValidationError
-
-    from service.settings import Settings
-
-    with pytest.raises(ValidationError):
-        Settings(kv_cache_dtype="int8")
-    assert Settings(kv_cache_dtype="bfloat16").kv_cache_dtype == "bfloat16"
