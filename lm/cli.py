@@ -319,6 +319,9 @@ def add_serve(sub) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--torch-threads", type=_positive_int, default=None,
                    help="model CPU threads (default: one per core)")
+    p.add_argument("--stream-interval", type=_positive_int, default=None,
+                   help="generated tokens per streamed chunk (default 1: every token; more "
+                        "means fewer, larger server-sent events for less CPU per token)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds to finish running requests on SIGTERM (30)")
     p.add_argument("--log-level", default=None)

@@ -92,7 +92,7 @@ class Sequence:
     """One request's generation: its tokens, text, stop handling and delivery."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 sink: Callable[[Output], None] | None, stream: bool):
+                 sink: Callable[[Output], None] | None, stream: bool, stream_interval: int = 1):
         if not prompt_ids:
             raise LMError("the prompt must hold at least one token")
         self.id = next(_ids)
@@ -102,6 +102,7 @@ class Sequence:
         self.rng = random.Random(self.seed)  # this request's own draws, whatever its batch
         self.sink = sink
         self.stream = stream
+        self.stream_interval = stream_interval  # tokens per streamed output (the last: fewer)
         self.generated: list[int] = []
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
@@ -160,7 +161,8 @@ class Sequence:
             self.finish_reason = "length"
         if self.finish_reason is not None:
             return self._output(len(self.text), now)
-        if self.stream and len(self.text) - hold > self.sent_chars:
+        if (self.stream and len(self.text) - hold > self.sent_chars
+                and len(self.generated) - self.sent_tokens >= self.stream_interval):
             return self._output(len(self.text) - hold, now)
         return None
 
@@ -218,9 +220,13 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int = 64,
                  max_queue: int = 256, device: torch.device | str | None = None,
                  notify: Callable[[list[tuple[Sequence, Output]]], None] | None = None,
-                 threads: int | None = None, kv_cache_dtype: str = "auto"):
+                 threads: int | None = None, kv_cache_dtype: str = "auto",
+                 stream_interval: int = 1):
         if max_batch < 1:
             raise LMError("max_batch must be at least 1")
+        if stream_interval < 1:
+            raise LMError(f"stream_interval must be at least 1, got {stream_interval}")
+        self.stream_interval = stream_interval
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise LMError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                           f"got {kv_cache_dtype!r}")
@@ -259,7 +265,7 @@ class Engine:
                sink: Callable[[Output], None] | None = None, stream: bool = False) -> Sequence:
         """Queue a request. Raises QueueFull when `max_queue` requests already wait."""
         params.validate()
-        seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream)
+        seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream, self.stream_interval)
         with self._lock:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")

@@ -121,7 +121,8 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
                 _loop.call_soon_threadsafe(_dispatch, events)
 
             engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch,
-                            max_queue=settings.max_queue, notify=notify, threads=threads)
+                            max_queue=settings.max_queue, notify=notify, threads=threads,
+                            stream_interval=settings.stream_interval)
             engine.start()
             models[name] = ServedModel(name, ckpt, engine, int(time.time()))
         try:

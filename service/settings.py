@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=1024)
     max_queue: int = Field(256, ge=0)
     torch_threads: int | None = Field(None, ge=1)
+    stream_interval: int = Field(1, ge=1, le=64)  # tokens per streamed chunk (at most)
     # Limits on what one request may ask for.
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(16, ge=1)

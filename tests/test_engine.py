@@ -551,3 +551,17 @@ def test_a_bfloat16_model_keeps_requests_batch_independent(gpt, char_tokenizer):
     full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0)
     assert generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0][:3] == \
         full.generated[:3]
+
+
+def test_stream_interval_sends_several_tokens_per_output(gpt, char_tokenizer):
+    params = dict(max_new_tokens=30, temperature=0.9, seed=3)
+    whole = run_one(gpt, char_tokenizer, PROMPTS[0], **params)
+    engine = Engine(gpt, char_tokenizer, stream_interval=4)
+    seq = engine.submit(char_tokenizer.encode(PROMPTS[0]), SamplingParams(**params), stream=True)
+    engine.run_until_idle()
+    sizes = [len(out.token_ids) for out in seq.outputs]
+    assert sum(sizes) == 30 and all(size >= 4 for size in sizes[:-1])
+    assert len(sizes) <= 8  # 30 tokens in outputs of 4: at most 7, and the finish
+    assert text_of(seq) == text_of(whole)
+    with pytest.raises(LMError, match="stream_interval"):
+        Engine(gpt, char_tokenizer, stream_interval=0)

@@ -288,3 +288,15 @@ def test_engine_batch_equals_solo(tiny_checkpoint_dir):
         alone.run_until_idle()
         assert seq.generated == solo.generated, f"sequence {i}"
         assert len(seq.generated) == params(i).max_new_tokens
+
+
+def test_stream_interval_server(start_server):
+    """`--stream-interval 3`: fewer, larger events; the same text as without streaming."""
+    server = start_server(stream_interval=3)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=24, seed=4, temperature=1.0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs)
+              if c.choices]
+    assert "".join(chunks) == whole
+    assert len(chunks) <= 24 // 3 + 1
