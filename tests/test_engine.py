@@ -532,7 +532,7 @@ def test_kv_cache_dtype_is_checked(gpt, char_tokenizer):
 
 
 def test_a_bfloat16_model_keeps_requests_batch_independent(gpt, char_tokenizer):
-    """`lm serve --dtype bfloat16`: weights, activations and cache in bfloat16."""
+    """A model cast to bfloat16: weights, activations and KV cache all in bfloat16."""
     import copy
 
     model = copy.deepcopy(gpt).to(torch.bfloat16)

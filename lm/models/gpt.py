@@ -59,8 +59,10 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, :, start : start + time] = k.transpose(2, 3)
             v_cache[:, :, start : start + time] = v
         else:
-            k_cache.permute(0, 3, 1, 2)[where.rows, where.positions] = k.permute(0, 2, 1, 3).to(cache_dtype)
-            v_cache.transpose(1, 2)[where.rows, where.positions] = v.transpose(1, 2).to(cache_dtype)
+            # Index both caches as [B, T, H, D] to scatter each row's new positions.
+            k_rows, v_rows = k_cache.permute(0, 3, 1, 2), v_cache.transpose(1, 2)
+            k_rows[where.rows, where.positions] = k.permute(0, 2, 1, 3).to(cache_dtype)
+            v_rows[where.rows, where.positions] = v.transpose(1, 2).to(cache_dtype)
         keys, values = k_cache[..., : where.length], v_cache[:, :, : where.length]
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries.
