@@ -38,7 +38,8 @@ def hf_rate(vocab_size: int, streams: int, new_tokens: int, prompt_len: int) -> 
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
-    config = GPT2Config(vocab_size=vocab_size, n_positions=max(256, prompt_len + new_tokens), n_embd=128, n_layer=4, n_head=4,
+    config = GPT2Config(vocab_size=vocab_size, n_positions=max(256, prompt_len + new_tokens),
+                        n_embd=128, n_layer=4, n_head=4,
                         bos_token_id=0, eos_token_id=None, pad_token_id=0)
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(1, vocab_size, (streams, prompt_len))

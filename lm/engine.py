@@ -226,7 +226,6 @@ class Engine:
             raise LMError("max_batch must be at least 1")
         if stream_interval < 1:
             raise LMError(f"stream_interval must be at least 1, got {stream_interval}")
-        self.stream_interval = stream_interval
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise LMError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                           f"got {kv_cache_dtype!r}")
@@ -237,10 +236,11 @@ class Engine:
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.notify = notify
         self.threads = threads  # CPU threads of the background loop (None: the process's)
+        self.stream_interval = stream_interval
         self.context_size: int | None = getattr(model, "context_size", None)
         if kv_cache_dtype == "auto":
             self.state = model.init_state(max_batch, self.device)
-        elif getattr(model, "context_size", None) is None:
+        elif self.context_size is None:
             raise LMError("kv_cache_dtype applies to GPT models only (recurrent models keep "
                           "a hidden state, not a KV cache)")
         else:

@@ -501,25 +501,32 @@ def test_shutdown_cancels_what_does_not_finish_in_time(gpt, char_tokenizer):
 # -- KV cache precision ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_narrower_kv_cache_keeps_requests_batch_independent(gpt, char_tokenizer, dtype):
-    """A bfloat16 cache changes the numbers a little, never what batch a request ran in."""
+@pytest.mark.parametrize("model_dtype, cache_dtype, agree", [
+    ("float32", "bfloat16", 4), ("float32", "float16", 4), ("bfloat16", "auto", 3)])
+def test_narrower_precision_keeps_requests_batch_independent(gpt, char_tokenizer, model_dtype,
+                                                             cache_dtype, agree):
+    """A bfloat16/float16 KV cache, or a whole model cast to bfloat16, changes the numbers a
+    little, never what batch a request ran in."""
+    import copy
+
+    model = copy.deepcopy(gpt).to(getattr(torch, model_dtype))
+    expected = model_dtype if cache_dtype == "auto" else cache_dtype
     requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=24 + 2 * i, **params))
                 for i, params in enumerate(MIXED_PARAMS)]
 
     def generate(batch: list) -> list[list[int]]:
-        engine = Engine(gpt, char_tokenizer, max_batch=8, kv_cache_dtype=dtype)
-        assert engine.state["k0"].dtype == getattr(torch, dtype)
+        engine = Engine(model, char_tokenizer, max_batch=8, kv_cache_dtype=cache_dtype)
+        assert engine.state["k0"].dtype == engine.state["v0"].dtype == getattr(torch, expected)
         seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in batch]
         engine.run_until_idle()
         return [seq.generated for seq in seqs]
 
     alone = [generate([request])[0] for request in requests]
     assert generate(requests) == alone
-    # Greedy text stays close to the float32 cache's: the first tokens agree.
+    # Greedy text stays close to float32's: the first tokens agree.
     full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0)
     narrow = generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0]
-    assert narrow[:4] == full.generated[:4]
+    assert narrow[:agree] == full.generated[:agree]
 
 
 def test_kv_cache_dtype_is_checked(gpt, char_tokenizer):
@@ -529,28 +536,6 @@ def test_kv_cache_dtype_is_checked(gpt, char_tokenizer):
     with pytest.raises(LMError, match="GPT models only"):
         Engine(lstm, char_tokenizer, kv_cache_dtype="bfloat16")
     assert Engine(lstm, char_tokenizer, kv_cache_dtype="auto").state  # the default fits all
-
-
-def test_a_bfloat16_model_keeps_requests_batch_independent(gpt, char_tokenizer):
-    """A model cast to bfloat16: weights, activations and KV cache all in bfloat16."""
-    import copy
-
-    model = copy.deepcopy(gpt).to(torch.bfloat16)
-    requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=24 + 2 * i, **params))
-                for i, params in enumerate(MIXED_PARAMS)]
-
-    def generate(batch: list) -> list[list[int]]:
-        engine = Engine(model, char_tokenizer, max_batch=8)
-        assert engine.state["v0"].dtype == torch.bfloat16
-        seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in batch]
-        engine.run_until_idle()
-        return [seq.generated for seq in seqs]
-
-    alone = [generate([request])[0] for request in requests]
-    assert generate(requests) == alone
-    full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0)
-    assert generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0][:3] == \
-        full.generated[:3]
 
 
 def test_stream_interval_sends_several_tokens_per_output(gpt, char_tokenizer):
