@@ -128,6 +128,17 @@ def locust_section(r: dict, title: str) -> list[str]:
     return lines + [""]
 
 
+def engine_section(r: dict) -> list[str]:
+    lines = ["## The engine alone", ""] + header(r)
+    lines += [f"{r['streams']} sequences of the reference GPT, {r['new_tokens']} new tokens "
+              "each, prompts of different lengths; each configuration in a fresh process, "
+              "timed on its second run.", "",
+              "| configuration | tokens/s | resident MB |", "|---|---|---|"]
+    lines += [f"| {row['config']} | {fmt(row['tokens_per_s'])} | {fmt(row['rss_mb'])} |"
+              for row in r["rows"]]
+    return lines + [""]
+
+
 def fewshot_section(r: dict) -> list[str]:
     lines = ["## Few-shot accuracy", ""] + header(r)
     lines += [r.get("table", ""), "", "![accuracy vs shots](fewshot_accuracy.png)", ""]
@@ -140,7 +151,8 @@ def main() -> None:
              "behind it is in `bench/results/`. Rebuild this page with `python -m bench.report`. "
              "Machines are noisy: compare numbers within one run (the ratios), not across runs.", ""]
     for name, section in (("train", train_section), ("decode", decode_section),
-                          ("serve", serve_section), ("fewshot", fewshot_section)):
+                          ("engine", engine_section), ("serve", serve_section),
+                          ("fewshot", fewshot_section)):
         result = load(name)
         if result is not None:
             parts += section(result)

@@ -479,9 +479,9 @@ def serving_threads(threads: int | None) -> int:
 
     OpenMP teams belong to the thread that starts parallel work: each engine thread sets
     its own count when it starts (`Engine(threads=...)`). Call this before any tensor work
-    in the main thread: once the main thread had run a parallel op with 2 threads, the
-    engine thread's 2-thread steps ran at half speed on 2 cores (about 7,000 against
-    13,000 tokens/s, 64 streams), and `lm serve` measured slower with 2 threads than 1.
+    in the main thread: once the main thread has run a parallel op with 2 threads, an
+    engine thread's 2-thread steps run at half speed on 2 cores (`python -m
+    bench.engine_bench`: 6,660 against 14,144 tokens/s at 64 streams).
     """
     count = threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(1)
