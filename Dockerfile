@@ -12,6 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A C compiler: lm builds its decode-attention kernel for the CPU it runs on (lm/native).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, in its own layer, so that code changes do not download it again.
 RUN pip install --index-url "${TORCH_INDEX}" torch
 

@@ -322,6 +322,10 @@ def add_serve(sub) -> None:
     p.add_argument("--stream-interval", type=_positive_int, default=None,
                    help="generated tokens per streamed chunk (default 1: every token; more "
                         "means fewer, larger server-sent events for less CPU per token)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   choices=("auto", "float32", "float16", "bfloat16"),
+                   help="GPT KV cache precision (default auto: float16 on the CPU when the "
+                        "native attention kernel is built, else the model's)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds to finish running requests on SIGTERM (30)")
     p.add_argument("--log-level", default=None)
@@ -358,8 +362,12 @@ def cmd_serve(args) -> int:
     if len(set(names)) != len(names):
         raise LMError(f"two checkpoints share a name: {names}")
     app = create_app(settings, checkpoints)
+    from lm import native
+
+    kernel = "native" if device.type == "cpu" and native.decode_attention() else "PyTorch"
     print(f"lm serve: {', '.join(names)} on http://{settings.host}:{settings.port} "
-          f"(device {device}, max batch {settings.max_batch})", file=sys.stderr)
+          f"(device {device}, max batch {settings.max_batch}, {kernel} decode attention)",
+          file=sys.stderr)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found:
     # with the default one the process would die by the signal (exit -15) after a clean drain.
     signal.signal(signal.SIGTERM, _exit_cleanly)

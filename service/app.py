@@ -122,7 +122,9 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
             engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch,
                             max_queue=settings.max_queue, notify=notify, threads=threads,
-                            stream_interval=settings.stream_interval)
+                            stream_interval=settings.stream_interval,
+                            kv_cache_dtype=settings.kv_cache_dtype
+                            if getattr(ckpt.model, "context_size", None) else "auto")
             engine.start()
             models[name] = ServedModel(name, ckpt, engine, int(time.time()))
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     stream_interval: int = Field(1, ge=1, le=64)  # tokens per streamed chunk (at most)
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # GPT models
     # Limits on what one request may ask for.
     max_tokens_limit: int = Field(4096, ge=1)
     max_n: int = Field(16, ge=1)

@@ -269,11 +269,11 @@ def test_gpt_keeps_going_past_its_context(char_tokenizer):
     assert again.generated == sampled.generated
 
     # Each greedy token is the argmax of `forward` over the tokens in the window: the engine
-    # re-prefills the newest 3/4 of a block whenever the next token would not fit.
+    # re-prefills the newest half block whenever the next token would not fit.
     history, cached = list(prompt), None
     for token in greedy.generated:
         if cached is None or cached + 1 > block:
-            cached = min(len(history) - 1, block * 3 // 4)
+            cached = min(len(history) - 1, block // 2)
         window = history[-(cached + 1) :]
         assert len(window) <= block
         expected = model(torch.tensor([window]))[0, -1].argmax().item()

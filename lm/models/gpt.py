@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.models import ModelConfig, State
+from lm.native import CACHE_DTYPES, DecodeAttention, decode_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,13 +48,18 @@ class CausalSelfAttention(nn.Module):
 
         Keys are cached transposed, [B, H, D, T], and values as [B, H, T, D]: both products
         are then plain batched matrix products over contiguous runs of the cache. The cache
-        may hold a narrower dtype than the model (bfloat16 halves the bytes every decode
-        step reads); scores and softmax stay in float32.
+        may hold a narrower dtype than the model (half the bytes every decode step reads);
+        the products and softmax run in the model's dtype. Decode steps on the CPU go to
+        the compiled kernel (`lm.native`), which computes the same per row.
         """
         batch, time, _ = x.shape
         qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if where.native is not None:
+            y = where.native(qkv.view(batch, -1), k_cache, v_cache, where.positions.view(-1),
+                             scale, (where.first, where.length - 1))
+            return F.linear(y.view(batch, 1, -1), self.c_proj.weight, self.c_proj.bias)
         q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
-        cache_dtype = v_cache.dtype
         if where.same_position is not None:  # every row at one position: a plain slice copy
             start = where.same_position
             k_cache[:, :, :, start : start + time] = k.transpose(2, 3)
@@ -61,17 +67,16 @@ class CausalSelfAttention(nn.Module):
         else:
             # Index both caches as [B, T, H, D] to scatter each row's new positions.
             k_rows, v_rows = k_cache.permute(0, 3, 1, 2), v_cache.transpose(1, 2)
-            k_rows[where.rows, where.positions] = k.permute(0, 2, 1, 3).to(cache_dtype)
-            v_rows[where.rows, where.positions] = v.transpose(1, 2).to(cache_dtype)
-        keys, values = k_cache[..., : where.length], v_cache[:, :, : where.length]
+            k_rows[where.rows, where.positions] = k.permute(0, 2, 1, 3).to(k_cache.dtype)
+            v_rows[where.rows, where.positions] = v.transpose(1, 2).to(v_cache.dtype)
+        keys = k_cache[..., : where.length].to(x.dtype)
+        values = v_cache[:, :, : where.length].to(x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries.
-        q = (q * (1.0 / math.sqrt(self.head_dim))).to(cache_dtype)
-        scores = (q @ keys).float()
+        scores = (q * scale) @ keys
         if where.bias is not None:
             scores = scores + where.bias
-        probs = torch.softmax(scores, dim=-1).to(cache_dtype)
-        y = (probs @ values).to(x.dtype).transpose(1, 2).reshape(batch, time, -1)
+        y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
         return F.linear(y, self.c_proj.weight, self.c_proj.bias)
 
 
@@ -81,9 +86,11 @@ class StepIndex:
 
     positions: torch.Tensor  # [B, t]
     rows: torch.Tensor  # [B, 1]
-    length: int  # keys to attend over
+    first: int  # the lowest start position
+    length: int  # keys to attend over: the highest position + 1
     same_position: int | None  # the shared start position when every row has the same one
-    bias: torch.Tensor | None  # [B, 1, t, L] float32: -inf where a query may not see a key
+    bias: torch.Tensor | None  # [B, 1, t, L] of zeros and -inf where a query may not see a key
+    native: DecodeAttention | None = None  # the compiled kernel, for steps it can do
 
 
 class MLP(nn.Module):
@@ -191,14 +198,20 @@ class GPT(nn.Module):
         if length > self.config.block_size:
             raise ValueError(f"state of {length} tokens exceeds block size {self.config.block_size}")
         positions = pos[:, None] + torch.arange(time, device=ids.device)  # [B, t]
+        native = None
+        if (time == 1 and ids.device.type == "cpu" and not torch.is_grad_enabled()
+                and self.wte.weight.dtype == torch.float32 and state["k0"].dtype in CACHE_DTYPES):
+            native = decode_attention()
         bias = None
-        if first != last or time > 1:
+        if native is None and (first != last or time > 1):
             keys = torch.arange(length, device=ids.device)
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
-            bias = torch.zeros(blocked.shape, device=ids.device).masked_fill_(blocked, -math.inf)
+            bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
+            bias.masked_fill_(blocked, -math.inf)
         where = StepIndex(positions=positions, rows=torch.arange(batch, device=ids.device)[:, None],
-                          length=length, same_position=first if first == last else None,
-                          bias=bias)
+                          first=first, length=length,
+                          same_position=first if first == last else None, bias=bias,
+                          native=native)
         x = self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, state[f"k{layer}"], state[f"v{layer}"], where)

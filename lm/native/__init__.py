@@ -1,0 +1,174 @@
+"""Native CPU kernels, compiled from C on first use with the machine's C compiler.
+
+Decode attention (`attention.c`) is the one hot loop PyTorch has no fused CPU kernel for:
+one query per row over a cache whose rows hold different lengths. The shared library is
+built once per source, compiler and CPU into a cache directory (`LM_CACHE_DIR`, else
+`$XDG_CACHE_HOME/lm`, else `~/.cache/lm`) and loaded with ctypes. Without a compiler, or
+with `LM_NATIVE=0`, `decode_attention()` returns None and the models use their PyTorch
+path, which computes the same thing more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attention.c")
+# -ffast-math lets the compiler vectorise expf; it is given to the compile step only, so
+# that linking does not add crtfastmath.o (which would flush denormals process-wide).
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11"]
+OPENMP_FLAG = "-fopenmp"  # the kernel's threads; without it, it runs in one thread
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LM_CACHE_DIR"):
+        return Path(os.environ["LM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lm"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and features: -march=native code must not run on another CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keys = ("model name", "flags", "Features", "CPU part")
+        return "\n".join(sorted({line for line in lines if line.startswith(keys)}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile SOURCE into the shared library `target` (written atomically)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "attention.o", Path(tmp) / target.name
+        errors = []
+        for openmp in ([OPENMP_FLAG], []):
+            compile_cmd = [compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)]
+            link_cmd = [compiler, "-shared", *openmp, str(obj), "-o", str(lib), "-lm"]
+            try:
+                for cmd in (compile_cmd, link_cmd):
+                    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+                os.replace(lib, target)
+                return
+            except subprocess.CalledProcessError as err:
+                errors.append(err.stderr.strip() or str(err))
+            except (OSError, subprocess.TimeoutExpired) as err:
+                errors.append(str(err))
+        raise RuntimeError("; ".join(errors))
+
+
+_FUNCTIONS = {torch.float32: "lm_decode_attention_f32", torch.float16: "lm_decode_attention_f16",
+              torch.bfloat16: "lm_decode_attention_bf16"}
+CACHE_DTYPES = tuple(_FUNCTIONS)  # what the kernel's KV cache may hold
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: decode attention runs on the slower PyTorch "
+                       "path (install gcc or clang, or set CC)")
+        return None
+    key = hashlib.sha256("\0".join([
+        SOURCE.read_text(), compiler, *COMPILE_FLAGS, OPENMP_FLAG, _cpu_signature(),
+    ]).encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"attention-{key}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as err:
+        logger.warning("could not build the native attention kernel with %s (%s): decode "
+                       "attention runs on the slower PyTorch path", compiler, err)
+        return None
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    for function in _FUNCTIONS.values():
+        function = getattr(library, function)
+        function.argtypes = [pointer, i64, pointer, pointer, i64, pointer, pointer, i64,
+                             pointer, pointer, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        function.restype = ctypes.c_int
+    return library
+
+
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+                           torch.Tensor]
+
+
+def decode_attention() -> DecodeAttention | None:
+    """The native decode-attention kernel, or None where it cannot be built.
+
+    The returned function takes `qkv[B, 3*H*D]` (the new tokens' fused float32
+    projections), `k_cache[*, H, D, T]` and `v_cache[*, H, T, D]` (CPU tensors of one of
+    `CACHE_DTYPES`, whose first `B` rows are the batch), `positions[B]` (int64), the
+    softmax scale and, when the caller knows them, the positions' (min, max). It writes
+    each row's new key and value at its position (rounded to the cache's dtype as
+    `Tensor.to` rounds) and returns the attention output `[B, H*D]` in float32.
+    """
+    library = _library()
+    if library is None:
+        return None
+    functions = {dtype: getattr(library, name) for dtype, name in _FUNCTIONS.items()}
+
+    def attend(qkv, k_cache, v_cache, positions, scale, bounds=None):
+        batch = qkv.shape[0]
+        _, heads, dim, ctx = k_cache.shape
+        _check(qkv, k_cache, v_cache, positions, batch, heads, dim, ctx)
+        if batch:
+            first, last = bounds or (int(positions.min()), int(positions.max()))
+            if not 0 <= first <= last < ctx:
+                raise ValueError(f"positions must lie in [0, {ctx})")
+        width = heads * dim
+        if k_cache.dtype == torch.float32:
+            new, new_row_stride = qkv[:, width:], qkv.stride(0)
+        else:  # the new keys and values, rounded once as the cache will hold them
+            new = qkv[:, width:].to(k_cache.dtype)
+            new_row_stride = new.stride(0)
+        out = torch.empty(batch, width)
+        failed = functions[k_cache.dtype](
+            qkv.data_ptr(), qkv.stride(0), new.data_ptr(),
+            new.data_ptr() + width * new.element_size(), new_row_stride, k_cache.data_ptr(),
+            v_cache.data_ptr(), k_cache.stride(0), positions.data_ptr(), out.data_ptr(),
+            batch, heads, dim, ctx, scale, torch.get_num_threads())
+        if failed:
+            raise MemoryError("native decode attention could not allocate its scratch")
+        return out
+
+    return attend
+
+
+def _check(qkv, k_cache, v_cache, positions, batch, heads, dim, ctx) -> None:
+    """The kernel reads raw memory: refuse anything but the layouts it was written for."""
+    if not all(t.device.type == "cpu" for t in (qkv, k_cache, v_cache, positions)):
+        raise ValueError("native decode attention takes CPU tensors")
+    if qkv.dtype != torch.float32 or k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"native decode attention takes float32 projections and a cache "
+                         f"of {', '.join(str(d) for d in CACHE_DTYPES)}")
+    if qkv.shape[1:] != (3 * heads * dim,) or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [batch, {3 * heads * dim}] with unit inner stride")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError("the key and value caches must share a dtype")
+    if (k_cache.shape[0] < batch
+            or v_cache.shape != (k_cache.shape[0], heads, ctx, dim)
+            or k_cache.stride()[1:] != (dim * ctx, ctx, 1)
+            or v_cache.stride()[1:] != (ctx * dim, dim, 1)
+            or v_cache.stride(0) != k_cache.stride(0)):
+        raise ValueError("KV cache rows must be contiguous [H, D, T] keys and [H, T, D] values")
+    if (positions.dtype != torch.int64 or positions.shape != (batch,)
+            or not positions.is_contiguous()):
+        raise ValueError("positions must be a contiguous int64 tensor of one entry per row")

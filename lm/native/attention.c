@@ -1,0 +1,128 @@
+/* Decode-step attention for the GPT's KV cache, on the CPU.
+ *
+ * One call does a whole layer's attention for one new token per row: it writes each row's
+ * new key and value into the cache at that row's own position, then attends the row's
+ * query over that row's keys only, 0..pos[b]. Rows at different positions cost what their
+ * own length costs (a batched matrix product pads every row to the longest); the mask,
+ * scores and softmax stay in a small per-thread scratch; every row's result is
+ * independent of the others in its batch. The cache may hold float32, float16 or
+ * bfloat16 (half the bytes to read, and decode is bound by reading the cache); scores,
+ * softmax and sums are float32. lm/native/__init__.py compiles this file on first use;
+ * lm/models/gpt.py keeps a PyTorch path that computes the same thing.
+ *
+ * Layouts (C-contiguous within a row; rows `*_row_stride` elements apart):
+ *   q        [batch, heads, dim]      float32, the new tokens' queries
+ *   k_new    [batch, heads, dim]      the new keys, in the cache's type
+ *   v_new    [batch, heads, dim]      the new values, in the cache's type
+ *   k_cache  [rows, heads, dim, ctx]  keys, transposed
+ *   v_cache  [rows, heads, ctx, dim]  values
+ *   pos      [batch]                  where each row's new token goes (< ctx)
+ *   out      [batch, heads, dim]      float32
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+enum element { F32, F16, BF16 };
+
+static inline float bits_to_float(uint32_t bits)
+{
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint32_t float_to_bits(float value)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* IEEE half to float for finite values, normals and subnormals alike: shift exponent and
+   mantissa into float position, rescale by 2^112, then put the sign back. */
+static inline float half_to_float(uint16_t h)
+{
+    float magnitude = bits_to_float((uint32_t)(h & 0x7fff) << 13) * 0x1p112f;
+    return bits_to_float(float_to_bits(magnitude) | (uint32_t)(h & 0x8000) << 16);
+}
+
+static inline __attribute__((always_inline)) float load(const void *base, int64_t i,
+                                                         enum element kind)
+{
+    switch (kind) {
+    case F32: return ((const float *)base)[i];
+    case F16: return half_to_float(((const uint16_t *)base)[i]);
+    default: return bits_to_float((uint32_t)((const uint16_t *)base)[i] << 16);
+    }
+}
+
+/* One (row, head): store the new key and value, then softmax(q . keys) . values. */
+static inline __attribute__((always_inline)) void attend_one(
+    const float *q_all, int64_t q_row_stride, const char *k_new, const char *v_new,
+    int64_t kv_row_stride, char *k_cache, char *v_cache, int64_t cache_row_stride,
+    const int64_t *pos, float *out, int64_t heads, int64_t dim, int64_t ctx, float scale,
+    int64_t item, float *restrict scores, float *restrict acc, enum element kind)
+{
+    const size_t size = kind == F32 ? 4 : 2;
+    int64_t b = item / heads, h = item % heads;
+    const float *q = q_all + b * q_row_stride + h * dim;
+    char *keys = k_cache + (b * cache_row_stride + h * dim * ctx) * size;    /* [dim, ctx] */
+    char *values = v_cache + (b * cache_row_stride + h * ctx * dim) * size;  /* [ctx, dim] */
+    const char *key = k_new + (b * kv_row_stride + h * dim) * size;
+    const char *value = v_new + (b * kv_row_stride + h * dim) * size;
+    int64_t p = pos[b], len = p + 1;
+    for (int64_t d = 0; d < dim; d++)
+        memcpy(keys + (d * ctx + p) * size, key + d * size, size);
+    memcpy(values + p * dim * size, value, dim * size);
+
+    for (int64_t t = 0; t < len; t++) scores[t] = 0.0f;
+    for (int64_t d = 0; d < dim; d++) {
+        float qd = q[d] * scale;
+        const char *key_row = keys + d * ctx * size;
+        for (int64_t t = 0; t < len; t++) scores[t] += qd * load(key_row, t, kind);
+    }
+    float max = scores[0];
+    for (int64_t t = 1; t < len; t++) max = scores[t] > max ? scores[t] : max;
+    float sum = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - max);
+        sum += scores[t];
+    }
+    for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const char *value_row = values + t * dim * size;
+        float weight = scores[t];
+        for (int64_t d = 0; d < dim; d++) acc[d] += weight * load(value_row, d, kind);
+    }
+    float *o = out + (b * heads + h) * dim;
+    for (int64_t d = 0; d < dim; d++) o[d] = acc[d] / sum;
+}
+
+/* Returns 0, or 1 when a thread could not allocate its scratch (nothing is then valid). */
+#define DEFINE_DECODE_ATTENTION(NAME, KIND)                                                 \
+    int NAME(const float *q, int64_t q_row_stride, const void *k_new, const void *v_new,    \
+             int64_t kv_row_stride, void *k_cache, void *v_cache, int64_t cache_row_stride, \
+             const int64_t *pos, float *out, int64_t batch, int64_t heads, int64_t dim,     \
+             int64_t ctx, float scale, int threads)                                         \
+    {                                                                                       \
+        int failed = 0;                                                                     \
+        _Pragma("omp parallel num_threads(threads) reduction(|: failed)")                   \
+        {                                                                                   \
+            float *scratch = malloc(sizeof(float) * (size_t)(ctx + dim));                   \
+            failed = scratch == NULL;                                                       \
+            _Pragma("omp for schedule(static, 1)")                                          \
+            for (int64_t item = 0; item < batch * heads; item++)                            \
+                if (scratch != NULL)                                                        \
+                    attend_one(q, q_row_stride, k_new, v_new, kv_row_stride, k_cache,       \
+                               v_cache, cache_row_stride, pos, out, heads, dim, ctx, scale, \
+                               item, scratch, scratch + ctx, KIND);                         \
+            free(scratch);                                                                  \
+        }                                                                                   \
+        return failed;                                                                      \
+    }
+
+DEFINE_DECODE_ATTENTION(lm_decode_attention_f32, F32)
+DEFINE_DECODE_ATTENTION(lm_decode_attention_f16, F16)
+DEFINE_DECODE_ATTENTION(lm_decode_attention_bf16, BF16)

@@ -1,0 +1,195 @@
+"""The compiled decode-attention kernel: same results as PyTorch, safe on bad input, optional."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lm import native
+from lm.engine import Engine, SamplingParams, resolve_kv_cache_dtype
+from lm.models import ModelConfig, build_model
+from lm.tokenizers import CharTokenizer
+
+HEADS, DIM, CTX = 3, 8, 24
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def char_tokenizer(corpus_text) -> CharTokenizer:
+    return CharTokenizer.train(corpus_text)
+
+
+@pytest.fixture
+def kernel():
+    attend = native.decode_attention()
+    if attend is None and (shutil.which("cc") or shutil.which("gcc")):
+        pytest.fail("a C compiler is here, yet the native kernel did not build")
+    if attend is None:
+        pytest.skip("no C compiler on this machine")
+    return attend
+
+
+@pytest.fixture
+def rebuild(tmp_path, monkeypatch):
+    """Build (or fail to build) the library afresh in an empty cache directory."""
+    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+    native._library.cache_clear()
+    yield tmp_path
+    native._library.cache_clear()
+
+
+def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(rows, HEADS, DIM, CTX, generator=generator).to(dtype)
+    v_cache = torch.randn(rows, HEADS, CTX, DIM, generator=generator).to(dtype)
+    qkv = torch.randn(batch, 3 * HEADS * DIM, generator=generator)
+    positions = torch.tensor([0, CTX - 1, 7, 1, 12][:batch], dtype=torch.long)
+    return qkv, k_cache, v_cache, positions
+
+
+def reference(qkv, k_cache, v_cache, positions, scale):
+    """The same step in plain PyTorch, one row at a time, in float32 (caches updated)."""
+    batch = qkv.shape[0]
+    q, k, v = qkv.view(batch, 3, HEADS, DIM).unbind(1)
+    out = []
+    for row in range(batch):
+        p = int(positions[row])
+        k_cache[row, :, :, p] = k[row].to(k_cache.dtype)
+        v_cache[row, :, p] = v[row].to(v_cache.dtype)
+        keys, values = k_cache[row, :, :, : p + 1].float(), v_cache[row, :, : p + 1].float()
+        probs = torch.softmax((q[row, :, None] * scale) @ keys, dim=-1)
+        out.append((probs @ values).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_kernel_matches_pytorch_and_writes_the_cache_as_to_rounds(kernel, dtype):
+    qkv, k_cache, v_cache, positions = random_case(dtype)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    scale = 1 / math.sqrt(DIM)
+    expected = reference(qkv, k_expected, v_expected, positions, scale)
+    out = kernel(qkv, k_cache, v_cache, positions, scale)
+    assert out.dtype == torch.float32 and out.shape == (5, HEADS * DIM)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)  # bit for bit
+    assert torch.equal(k_cache[5], random_case(dtype)[1][5])  # rows past the batch untouched
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_row_is_independent_of_its_batch(kernel, threads):
+    qkv, k_cache, v_cache, positions = random_case(torch.float16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernel runs on the caller's thread count
+    try:
+        together = kernel(qkv, k_cache.clone(), v_cache.clone(), positions, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    for row in range(qkv.shape[0]):
+        alone = kernel(qkv[row : row + 1], k_cache[row : row + 1].clone(),
+                       v_cache[row : row + 1].clone(), positions[row : row + 1], 0.3)
+        assert torch.equal(alone[0], together[row])
+
+
+def test_half_to_float_is_exact_for_every_float16(kernel):
+    """The kernel widens float16 with bit arithmetic: check all finite values, subnormals
+    included, through a one-key attention whose output is that key's value."""
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    values = values[torch.isfinite(values)]
+    batch = math.ceil(values.numel() / DIM)
+    v_new = torch.zeros(batch * DIM, dtype=torch.float16)
+    v_new[: values.numel()] = values
+    qkv = torch.zeros(batch, 3, 1, DIM)
+    qkv[:, 2, 0] = v_new.view(batch, DIM).float()
+    k_cache = torch.zeros(batch, 1, DIM, 1, dtype=torch.float16)
+    v_cache = torch.zeros(batch, 1, 1, DIM, dtype=torch.float16)
+    out = kernel(qkv.view(batch, -1), k_cache, v_cache, torch.zeros(batch, dtype=torch.long), 1.0)
+    assert torch.equal(out.view(-1), v_new.float())
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (lambda c: {**c, "k_cache": c["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)},
+     "contiguous"),
+    (lambda c: {**c, "v_cache": c["v_cache"].half()}, "share a dtype"),
+    (lambda c: {**c, "k_cache": c["k_cache"].double(), "v_cache": c["v_cache"].double()},
+     "float32 projections"),
+    (lambda c: {**c, "qkv": c["qkv"].half()}, "float32 projections"),
+    (lambda c: {**c, "qkv": c["qkv"][:, :-1]}, "qkv must be"),
+    (lambda c: {**c, "positions": c["positions"] + CTX}, r"positions must lie in \[0, 24\)"),
+    (lambda c: {**c, "positions": c["positions"] - 1}, r"positions must lie in \[0, 24\)"),
+    (lambda c: {**c, "positions": c["positions"].int()}, "int64"),
+    (lambda c: {**c, "positions": c["positions"][:2]}, "one entry per row"),
+    (lambda c: {**c, "k_cache": c["k_cache"][:3], "v_cache": c["v_cache"][:3]}, "contiguous"),
+])
+def test_layouts_it_was_not_written_for_are_refused(kernel, mistake, message):
+    """The kernel indexes raw memory: anything else must fail before it runs."""
+    qkv, k_cache, v_cache, positions = random_case(torch.float32)
+    case = mistake({"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "positions": positions})
+    before = (k_cache.clone(), v_cache.clone())
+    with pytest.raises(ValueError, match=message):
+        kernel(case["qkv"], case["k_cache"], case["v_cache"], case["positions"], 1.0)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@needs_compiler
+def test_the_library_is_built_once_into_the_cache_dir(rebuild):
+    assert native.decode_attention() is not None
+    built = list((rebuild / "native").glob("attention-*.so"))
+    assert len(built) == 1
+    native._library.cache_clear()
+    stamp = built[0].stat().st_mtime_ns
+    assert native.decode_attention() is not None  # loaded, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp
+    assert not [p for p in (rebuild / "native").iterdir() if p != built[0]]  # no leftovers
+
+
+def test_without_a_compiler_the_pytorch_path_runs(rebuild, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(rebuild / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="lm.native"):
+        assert native.decode_attention() is None
+    assert "PyTorch path" in caplog.text
+    model = build_model(ModelConfig(kind="gpt", vocab_size=11, n_layer=1, n_embd=8, n_head=2,
+                                    block_size=8)).eval()
+    assert resolve_kv_cache_dtype(model, torch.device("cpu")) == torch.float32
+    with torch.inference_mode():
+        logits, _ = model.step(torch.tensor([[1], [2]]), model.init_state(2))
+    assert torch.isfinite(logits).all()
+
+
+def test_lm_native_0_turns_it_off(rebuild, monkeypatch):
+    monkeypatch.setenv("LM_NATIVE", "0")
+    assert native.decode_attention() is None
+    assert not (rebuild / "native").exists()
+
+
+def test_native_and_pytorch_paths_generate_the_same_text(kernel, monkeypatch, char_tokenizer):
+    """Whole requests through the engine, float32 cache: the same tokens either way."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="gpt", vocab_size=char_tokenizer.vocab_size,
+                                    n_layer=2, n_embd=32, n_head=4, block_size=32)).eval()
+    prompts = ["ROMEO:", "What light through yonder", "a"]
+
+    def generate() -> list[list[int]]:
+        engine = Engine(model, char_tokenizer, max_batch=4, kv_cache_dtype="float32")
+        seqs = [engine.submit(char_tokenizer.encode(p),
+                              SamplingParams(max_new_tokens=40, temperature=0.0)) for p in prompts]
+        engine.run_until_idle()
+        return [s.generated for s in seqs]
+
+    with_kernel = generate()
+    monkeypatch.setattr("lm.models.gpt.decode_attention", lambda: None)
+    assert generate() == with_kernel
+
+
+def test_auto_cache_is_float16_on_the_cpu_with_the_kernel(kernel, char_tokenizer):
+    model = build_model(ModelConfig(kind="gpt", vocab_size=char_tokenizer.vocab_size,
+                                    n_layer=1, n_embd=8, n_head=2, block_size=8))
+    assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.float16
+    assert resolve_kv_cache_dtype(model.to(torch.bfloat16), torch.device("cpu")) == torch.bfloat16
