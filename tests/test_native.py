@@ -46,19 +46,20 @@ def rebuild(tmp_path, monkeypatch):
     native._library.cache_clear()
 
 
-def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0):
+def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0,
+                dim: int = DIM):
     generator = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(rows, HEADS, DIM, CTX, generator=generator).to(dtype)
-    v_cache = torch.randn(rows, HEADS, CTX, DIM, generator=generator).to(dtype)
-    qkv = torch.randn(batch, 3 * HEADS * DIM, generator=generator)
+    k_cache = torch.randn(rows, HEADS, dim, CTX, generator=generator).to(dtype)
+    v_cache = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
+    qkv = torch.randn(batch, 3 * HEADS * dim, generator=generator)
     positions = torch.tensor([0, CTX - 1, 7, 1, 12][:batch], dtype=torch.long)
     return qkv, k_cache, v_cache, positions
 
 
 def reference(qkv, k_cache, v_cache, positions, scale):
     """The same step in plain PyTorch, one row at a time, in float32 (caches updated)."""
-    batch = qkv.shape[0]
-    q, k, v = qkv.view(batch, 3, HEADS, DIM).unbind(1)
+    batch, dim = qkv.shape[0], k_cache.shape[2]
+    q, k, v = qkv.view(batch, 3, HEADS, dim).unbind(1)
     out = []
     for row in range(batch):
         p = int(positions[row])
@@ -70,17 +71,18 @@ def reference(qkv, k_cache, v_cache, positions, scale):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("dim", [DIM, 32])  # 32: one of the head sizes compiled as constants
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
-def test_kernel_matches_pytorch_and_writes_the_cache_as_to_rounds(kernel, dtype):
-    qkv, k_cache, v_cache, positions = random_case(dtype)
+def test_kernel_matches_pytorch_and_writes_the_cache_as_to_rounds(kernel, dtype, dim):
+    qkv, k_cache, v_cache, positions = random_case(dtype, dim=dim)
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    scale = 1 / math.sqrt(DIM)
+    scale = 1 / math.sqrt(dim)
     expected = reference(qkv, k_expected, v_expected, positions, scale)
     out = kernel(qkv, k_cache, v_cache, positions, scale)
-    assert out.dtype == torch.float32 and out.shape == (5, HEADS * DIM)
+    assert out.dtype == torch.float32 and out.shape == (5, HEADS * dim)
     assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)  # bit for bit
-    assert torch.equal(k_cache[5], random_case(dtype)[1][5])  # rows past the batch untouched
+    assert torch.equal(k_cache[5], random_case(dtype, dim=dim)[1][5])  # rows past the batch
 
 
 @pytest.mark.parametrize("threads", [1, 2])
