@@ -35,8 +35,9 @@ MAX_TOP_LOGPROBS = 5
 # model is float32: decode reads the whole cache every step, half the bytes is faster, and
 # the shipped character GPT's loss is the same to five decimals (as llama.cpp's default f16
 # cache). Elsewhere "auto" is the model's own dtype.
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_INT64_MAX = (1 << 63) - 1
+PREFILL_TOKENS = 4096  # most prompt tokens prefilled in one step (bounds its scratch memory)  # a larger top_k (no limit anyway) would not fit its tensor slot
 
 
 @dataclass
@@ -246,8 +247,8 @@ class Engine:
         if self.context_size is not None and self.device.type == "cpu":
             native.decode_attention()  # built now (once per machine), not in the first step
         self.kv_cache_dtype = resolve_kv_cache_dtype(model, self.device, kv_cache_dtype)
-        self.state = model.init_state(max_batch, self.device, **(
-            {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}))
+        self._cache_dtype = {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
+        self.state = model.init_state(max_batch, self.device, **self._cache_dtype)
         self.params = {
             "temperature": torch.ones(max_batch),
             "top_k": torch.zeros(max_batch, dtype=torch.long),
@@ -303,10 +304,11 @@ class Engine:
         return bool(self.active or events)
 
     def _admit(self, events) -> None:
+        admitted = []
         while len(self.active) < self.max_batch:
             with self._lock:
                 if not self.waiting:
-                    return
+                    break
                 seq = self.waiting.popleft()
             if seq.cancelled:
                 events.append((seq, seq.finish("cancelled", time.perf_counter())))
@@ -314,37 +316,60 @@ class Engine:
             row = len(self.active)
             self.active.append(seq)
             seq.admitted_at = time.perf_counter()
-            self._fill_row(row, seq)
             for name, value in (("temperature", seq.params.temperature),
                                 ("top_k", min(seq.params.top_k, _INT64_MAX)),
                                 ("top_p", seq.params.top_p)):
                 self.params[name][row] = value
+            admitted.append(row)
+        self._fill_rows(admitted)
 
-    def _fill_row(self, row: int, seq: Sequence) -> None:
-        """Reset row `row` and prefill it with all but the newest token of the sequence.
+    def _fill_rows(self, rows: list[int]) -> None:
+        """Reset rows and prefill each with all but the newest token of its sequence.
 
-        The newest token goes through the next batched decode step. A GPT keeps only its
-        most recent tokens (a sliding window) when the history outgrows its context.
+        The newest token goes through the next batched decode step. A GPT keeps only the
+        newest half of its context (a sliding window, as llama.cpp's context shift) when
+        the history outgrows it. Rows whose prefills have the same length run as one
+        batch, up to PREFILL_TOKENS tokens at a time.
         """
-        history = seq.history()
-        context = history[:-1]
-        if self.context_size is not None and len(context) >= self.context_size:
-            context = context[len(context) - self.context_size // 2 :]  # [-0:] keeps all
-        view = {name: tensor[row : row + 1] for name, tensor in self.state.items()}
-        for tensor in view.values():
-            tensor.zero_()
-        if context:
-            ids = torch.tensor([context], dtype=torch.long, device=self.device)
-            _, new_state = self.model.step(ids, view)
-            _write_back(view, new_state)
-        seq.cached = len(context)
+        by_length: dict[int, list[tuple[int, list[int]]]] = {}
+        for row in rows:
+            seq = self.active[row]
+            context = seq.history()[:-1]
+            if self.context_size is not None and len(context) >= self.context_size:
+                context = context[len(context) - self.context_size // 2 :]
+            seq.cached = len(context)
+            by_length.setdefault(len(context), []).append((row, context))
+        for length, group in by_length.items():
+            size = max(1, PREFILL_TOKENS // max(1, length))
+            for start in range(0, len(group), size):
+                self._prefill(group[start : start + size])
+
+    def _prefill(self, group: list[tuple[int, list[int]]]) -> None:
+        """Prefill rows with contexts of one length in one model step."""
+        rows = [row for row, _ in group]
+        first, count = rows[0], len(rows)
+        if rows == list(range(first, first + count)):  # adjacent rows: work in place
+            state = {name: tensor[first : first + count] for name, tensor in self.state.items()}
+            for tensor in state.values():
+                tensor.zero_()
+            index = None
+        else:
+            state = self.model.init_state(count, self.device, **self._cache_dtype)
+            index = torch.tensor(rows, device=self.device)
+        if group[0][1]:
+            ids = torch.tensor([context for _, context in group], dtype=torch.long,
+                               device=self.device)
+            _, new_state = self.model.step(ids, state)
+            _write_back(state, new_state)
+        if index is not None:
+            for name, tensor in self.state.items():
+                tensor.index_copy_(0, index, state[name])
 
     def _decode(self, events) -> None:
         n = len(self.active)
         if self.context_size is not None:
-            for row, seq in enumerate(self.active):
-                if seq.cached + 1 > self.context_size:
-                    self._fill_row(row, seq)
+            self._fill_rows([row for row, seq in enumerate(self.active)
+                             if seq.cached + 1 > self.context_size])
         last = [seq.generated[-1] if seq.generated else seq.prompt_ids[-1] for seq in self.active]
         ids = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
         view = {name: tensor[:n] for name, tensor in self.state.items()}

@@ -13,10 +13,11 @@ from torch.testing import assert_close
 from lm import native
 from lm.engine import Engine, SamplingParams, resolve_kv_cache_dtype
 from lm.models import ModelConfig, build_model
+from lm.models.gpt import LayerCache
 from lm.tokenizers import CharTokenizer
 
 HEADS, DIM, CTX = 3, 8, 24
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+NARROW_DTYPES = (torch.float16, torch.bfloat16)
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler on this machine")
@@ -48,55 +49,67 @@ def rebuild(tmp_path, monkeypatch):
 
 def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0,
                 dim: int = DIM):
+    """A layer cache of `rows` rows holding random vectors, and a step for `batch` rows."""
     generator = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(rows, HEADS, dim, CTX, generator=generator).to(dtype)
-    v_cache = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
+    keys = torch.randn(rows, HEADS, dim, CTX, generator=generator).to(dtype)
+    values = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
+    cache = LayerCache(keys, values)
     qkv = torch.randn(batch, 3 * HEADS * dim, generator=generator)
     positions = torch.tensor([0, CTX - 1, 7, 1, 12][:batch], dtype=torch.long)
-    return qkv, k_cache, v_cache, positions
+    return qkv, cache, positions
 
 
-def reference(qkv, k_cache, v_cache, positions, scale):
-    """The same step in plain PyTorch, one row at a time, in float32 (caches updated)."""
-    batch, dim = qkv.shape[0], k_cache.shape[2]
+def copy(cache: LayerCache) -> LayerCache:
+    return LayerCache(*(t.clone() for t in cache))
+
+
+def same(a: LayerCache, b: LayerCache) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def reference(qkv, cache: LayerCache, positions, scale):
+    """The same step in plain PyTorch, one row at a time, in float32 (cache updated)."""
+    batch, dim = qkv.shape[0], cache.keys.shape[2]
     q, k, v = qkv.view(batch, 3, HEADS, dim).unbind(1)
     out = []
     for row in range(batch):
         p = int(positions[row])
-        k_cache[row, :, :, p] = k[row].to(k_cache.dtype)
-        v_cache[row, :, p] = v[row].to(v_cache.dtype)
-        keys, values = k_cache[row, :, :, : p + 1].float(), v_cache[row, :, : p + 1].float()
+        cache.keys[row, :, :, p] = k[row].to(cache.keys.dtype)
+        cache.values[row, :, p] = v[row].to(cache.values.dtype)
+        keys = cache.keys[row, :, :, : p + 1].float()
+        values = cache.values[row, :, : p + 1].float()
         probs = torch.softmax((q[row, :, None] * scale) @ keys, dim=-1)
         out.append((probs @ values).reshape(-1))
     return torch.stack(out)
 
 
 @pytest.mark.parametrize("dim", [DIM, 32])  # 32: one of the head sizes compiled as constants
-@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
-def test_kernel_matches_pytorch_and_writes_the_cache_as_to_rounds(kernel, dtype, dim):
-    qkv, k_cache, v_cache, positions = random_case(dtype, dim=dim)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+@pytest.mark.parametrize("dtype", [torch.float32, *NARROW_DTYPES])
+def test_kernel_matches_pytorch_and_writes_the_cache_as_pytorch_does(kernel, dtype, dim):
+    qkv, cache, positions = random_case(dtype, dim=dim)
+    expected_cache = copy(cache)
     scale = 1 / math.sqrt(dim)
-    expected = reference(qkv, k_expected, v_expected, positions, scale)
-    out = kernel(qkv, k_cache, v_cache, positions, scale)
+    expected = reference(qkv, expected_cache, positions, scale)
+    out = kernel(qkv, cache, positions, scale)
     assert out.dtype == torch.float32 and out.shape == (5, HEADS * dim)
     assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)  # bit for bit
-    assert torch.equal(k_cache[5], random_case(dtype, dim=dim)[1][5])  # rows past the batch
+    assert same(cache, expected_cache)  # bit for bit
+    untouched = random_case(dtype, dim=dim)[1]
+    assert all(torch.equal(t[5], u[5]) for t, u in zip(cache, untouched))  # past the batch
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_each_row_is_independent_of_its_batch(kernel, threads):
-    qkv, k_cache, v_cache, positions = random_case(torch.float16)
+    qkv, cache, positions = random_case(torch.float16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the kernel runs on the caller's thread count
     try:
-        together = kernel(qkv, k_cache.clone(), v_cache.clone(), positions, 0.3)
+        together = kernel(qkv, copy(cache), positions, 0.3)
     finally:
         torch.set_num_threads(before)
     for row in range(qkv.shape[0]):
-        alone = kernel(qkv[row : row + 1], k_cache[row : row + 1].clone(),
-                       v_cache[row : row + 1].clone(), positions[row : row + 1], 0.3)
+        alone = kernel(qkv[row : row + 1], LayerCache(*(t[row : row + 1].clone() for t in cache)),
+                       positions[row : row + 1], 0.3)
         assert torch.equal(alone[0], together[row])
 
 
@@ -110,34 +123,41 @@ def test_half_to_float_is_exact_for_every_float16(kernel):
     v_new[: values.numel()] = values
     qkv = torch.zeros(batch, 3, 1, DIM)
     qkv[:, 2, 0] = v_new.view(batch, DIM).float()
-    k_cache = torch.zeros(batch, 1, DIM, 1, dtype=torch.float16)
-    v_cache = torch.zeros(batch, 1, 1, DIM, dtype=torch.float16)
-    out = kernel(qkv.view(batch, -1), k_cache, v_cache, torch.zeros(batch, dtype=torch.long), 1.0)
+    cache = LayerCache(torch.zeros(batch, 1, DIM, 1, dtype=torch.float16),
+                       torch.zeros(batch, 1, 1, DIM, dtype=torch.float16))
+    out = kernel(qkv.view(batch, -1), cache, torch.zeros(batch, dtype=torch.long), 1.0)
     assert torch.equal(out.view(-1), v_new.float())
 
 
+def _replace(case: dict, **changes) -> dict:
+    cache = case["cache"]._replace(**{k: v for k, v in changes.items() if k in LayerCache._fields})
+    return {**case, "cache": cache,
+            **{k: v for k, v in changes.items() if k not in LayerCache._fields}}
+
+
 @pytest.mark.parametrize("mistake, message", [
-    (lambda c: {**c, "k_cache": c["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)},
+    (lambda c: _replace(c, keys=c["cache"].keys.transpose(2, 3).contiguous().transpose(2, 3)),
      "contiguous"),
-    (lambda c: {**c, "v_cache": c["v_cache"].half()}, "share a dtype"),
-    (lambda c: {**c, "k_cache": c["k_cache"].double(), "v_cache": c["v_cache"].double()},
+    (lambda c: _replace(c, values=c["cache"].values.half()), "share a dtype"),
+    (lambda c: _replace(c, keys=c["cache"].keys.double(), values=c["cache"].values.double()),
      "float32 projections"),
-    (lambda c: {**c, "qkv": c["qkv"].half()}, "float32 projections"),
-    (lambda c: {**c, "qkv": c["qkv"][:, :-1]}, "qkv must be"),
-    (lambda c: {**c, "positions": c["positions"] + CTX}, r"positions must lie in \[0, 24\)"),
-    (lambda c: {**c, "positions": c["positions"] - 1}, r"positions must lie in \[0, 24\)"),
-    (lambda c: {**c, "positions": c["positions"].int()}, "int64"),
-    (lambda c: {**c, "positions": c["positions"][:2]}, "one entry per row"),
-    (lambda c: {**c, "k_cache": c["k_cache"][:3], "v_cache": c["v_cache"][:3]}, "contiguous"),
+    (lambda c: _replace(c, qkv=c["qkv"].half()), "float32 projections"),
+    (lambda c: _replace(c, qkv=c["qkv"][:, :-1]), "qkv must be"),
+    (lambda c: _replace(c, positions=c["positions"] + CTX), r"positions must lie in \[0, 24\)"),
+    (lambda c: _replace(c, positions=c["positions"] - 1), r"positions must lie in \[0, 24\)"),
+    (lambda c: _replace(c, positions=c["positions"].int()), "int64"),
+    (lambda c: _replace(c, positions=c["positions"][:2]), "one entry per row"),
+    (lambda c: _replace(c, keys=c["cache"].keys[:3], values=c["cache"].values[:3]),
+     "contiguous"),
 ])
 def test_layouts_it_was_not_written_for_are_refused(kernel, mistake, message):
     """The kernel indexes raw memory: anything else must fail before it runs."""
-    qkv, k_cache, v_cache, positions = random_case(torch.float32)
-    case = mistake({"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "positions": positions})
-    before = (k_cache.clone(), v_cache.clone())
+    qkv, cache, positions = random_case(torch.float32)
+    case = mistake({"qkv": qkv, "cache": cache, "positions": positions})
+    before = copy(cache)
     with pytest.raises(ValueError, match=message):
-        kernel(case["qkv"], case["k_cache"], case["v_cache"], case["positions"], 1.0)
-    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+        kernel(case["qkv"], case["cache"], case["positions"], 1.0)
+    assert same(cache, before)
 
 
 @needs_compiler

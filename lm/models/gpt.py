@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,35 +43,32 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         return self._merge(y)
 
-    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             where: StepIndex) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: LayerCache, where: StepIndex) -> torch.Tensor:
         """Attend new tokens `x[B,t]` over the cache, writing their keys and values into it.
 
         Keys are cached transposed, [B, H, D, T], and values as [B, H, T, D]: both products
         are then plain batched matrix products over contiguous runs of the cache. The cache
-        may hold a narrower dtype than the model (half the bytes every decode step reads);
-        the products and softmax run in the model's dtype. Decode steps on the CPU go to
-        the compiled kernel (`lm.native`), which computes the same per row.
+        may hold a narrower dtype than the model (half the bytes for every decode step to
+        read); the products and softmax run in the model's dtype. Decode steps on the CPU
+        go to the compiled kernel (`lm.native`), which computes the same per row.
         """
         batch, time, _ = x.shape
         qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
         scale = 1.0 / math.sqrt(self.head_dim)
         if where.native is not None:
-            y = where.native(qkv.view(batch, -1), k_cache, v_cache, where.positions.view(-1),
-                             scale, (where.first, where.length - 1))
+            y = where.native(qkv.view(batch, -1), cache, where.positions.view(-1), scale,
+                             (where.first, where.length - 1))
             return F.linear(y.view(batch, 1, -1), self.c_proj.weight, self.c_proj.bias)
         q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
-        if where.same_position is not None:  # every row at one position: a plain slice copy
-            start = where.same_position
-            k_cache[:, :, :, start : start + time] = k.transpose(2, 3)
-            v_cache[:, :, start : start + time] = v
-        else:
-            # Index both caches as [B, T, H, D] to scatter each row's new positions.
-            k_rows, v_rows = k_cache.permute(0, 3, 1, 2), v_cache.transpose(1, 2)
-            k_rows[where.rows, where.positions] = k.permute(0, 2, 1, 3).to(k_cache.dtype)
-            v_rows[where.rows, where.positions] = v.transpose(1, 2).to(v_cache.dtype)
-        keys = k_cache[..., : where.length].to(x.dtype)
-        values = v_cache[:, :, : where.length].to(x.dtype)
+        # Both caches seen as [B, T, H, D], the new keys and values as [B, t, H, D].
+        _store(cache.keys.permute(0, 3, 1, 2), k.transpose(1, 2), where)
+        _store(cache.values.transpose(1, 2), v.transpose(1, 2), where)
+        if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.linear(y.transpose(1, 2).reshape(batch, time, -1), self.c_proj.weight,
+                            self.c_proj.bias)
+        keys = cache.keys[..., : where.length].to(x.dtype)
+        values = cache.values[:, :, : where.length].to(x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries.
         scores = (q * scale) @ keys
@@ -78,6 +76,21 @@ class CausalSelfAttention(nn.Module):
             scores = scores + where.bias
         y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
         return F.linear(y, self.c_proj.weight, self.c_proj.bias)
+
+
+def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
+    """Write `new[B, t, ...]` into `target[B, T, ...]` at each row's new positions."""
+    if where.same_position is not None:  # every row at one position: a plain slice copy
+        target[:, where.same_position : where.same_position + new.shape[1]] = new
+    else:
+        target[where.rows, where.positions] = new.to(target.dtype)
+
+
+class LayerCache(NamedTuple):
+    """One layer's part of the state: keys [B, H, D, T] (transposed) and values [B, H, T, D]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 @dataclass
@@ -116,10 +129,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def step(self, x, k_cache, v_cache, where: StepIndex) -> torch.Tensor:
+    def step(self, x, cache: LayerCache, where: StepIndex) -> torch.Tensor:
         """Generation: the same computation as `forward`, called functionally (no dropout,
         no module-call overhead) because decode runs it for every token."""
-        x = x + self.attn.step(_layer_norm(x, self.ln_1), k_cache, v_cache, where)
+        x = x + self.attn.step(_layer_norm(x, self.ln_1), cache, where)
         mlp = self.mlp
         h = F.gelu(F.linear(_layer_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias))
         return x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
@@ -202,8 +215,9 @@ class GPT(nn.Module):
         if (time == 1 and ids.device.type == "cpu" and not torch.is_grad_enabled()
                 and self.wte.weight.dtype == torch.float32 and state["k0"].dtype in CACHE_DTYPES):
             native = decode_attention()
-        bias = None
-        if native is None and (first != last or time > 1):
+        bias = None  # the attention mask, where rows or queries see different keys
+        fresh = time > 1 and first == last == 0  # a prefill of empty rows: causal attention
+        if native is None and not fresh and (first != last or time > 1):
             keys = torch.arange(length, device=ids.device)
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
@@ -214,6 +228,6 @@ class GPT(nn.Module):
                           native=native)
         x = self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
-            x = block.step(x, state[f"k{layer}"], state[f"v{layer}"], where)
+            x = block.step(x, LayerCache(state[f"k{layer}"], state[f"v{layer}"]), where)
         logits = F.linear(_layer_norm(x[:, -1], self.ln_f), self.lm_head.weight)
         return logits, {**state, "pos": pos + time}

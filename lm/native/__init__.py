@@ -106,45 +106,44 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
-                           torch.Tensor]
+DecodeAttention = Callable[..., torch.Tensor]
 
 
 def decode_attention() -> DecodeAttention | None:
     """The native decode-attention kernel, or None where it cannot be built.
 
     The returned function takes `qkv[B, 3*H*D]` (the new tokens' fused float32
-    projections), `k_cache[*, H, D, T]` and `v_cache[*, H, T, D]` (CPU tensors of one of
-    `CACHE_DTYPES`, whose first `B` rows are the batch), `positions[B]` (int64), the
-    softmax scale and, when the caller knows them, the positions' (min, max). It writes
-    each row's new key and value at its position (rounded to the cache's dtype as
-    `Tensor.to` rounds) and returns the attention output `[B, H*D]` in float32.
+    projections), a layer's cache (`lm.models.gpt.LayerCache`: keys `[*, H, D, T]` and
+    values `[*, H, T, D]`, CPU tensors of one of `CACHE_DTYPES` whose first `B` rows are the
+    batch), `positions[B]` (int64), the softmax scale and, when the caller knows them, the
+    positions' (min, max). It writes each row's new key and value at its position (rounded
+    to the cache's dtype as `Tensor.to` rounds) and returns the attention output `[B, H*D]`
+    in float32.
     """
     library = _library()
     if library is None:
         return None
     functions = {dtype: getattr(library, name) for dtype, name in _FUNCTIONS.items()}
 
-    def attend(qkv, k_cache, v_cache, positions, scale, bounds=None):
+    def attend(qkv, cache, positions, scale, bounds=None):
         batch = qkv.shape[0]
-        _, heads, dim, ctx = k_cache.shape
-        _check(qkv, k_cache, v_cache, positions, batch, heads, dim, ctx)
+        _, heads, dim, ctx = cache.keys.shape
+        _check(qkv, cache, positions, batch, heads, dim, ctx)
         if batch:
             first, last = bounds or (int(positions.min()), int(positions.max()))
             if not 0 <= first <= last < ctx:
                 raise ValueError(f"positions must lie in [0, {ctx})")
-        width = heads * dim
-        if k_cache.dtype == torch.float32:
-            new, new_row_stride = qkv[:, width:], qkv.stride(0)
-        else:  # the new keys and values, rounded once as the cache will hold them
-            new = qkv[:, width:].to(k_cache.dtype)
-            new_row_stride = new.stride(0)
+        width, dtype = heads * dim, cache.keys.dtype
+        new = qkv[:, width:]  # the new keys and values
+        if dtype != torch.float32:  # rounded once, as the cache will hold them
+            new = new.to(dtype)
         out = torch.empty(batch, width)
-        failed = functions[k_cache.dtype](
+        failed = functions[dtype](
             qkv.data_ptr(), qkv.stride(0), new.data_ptr(),
-            new.data_ptr() + width * new.element_size(), new_row_stride, k_cache.data_ptr(),
-            v_cache.data_ptr(), k_cache.stride(0), positions.data_ptr(), out.data_ptr(),
-            batch, heads, dim, ctx, scale, torch.get_num_threads())
+            new.data_ptr() + width * new.element_size(), new.stride(0),
+            cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.stride(0),
+            positions.data_ptr(), out.data_ptr(), batch, heads, dim, ctx, scale,
+            torch.get_num_threads())
         if failed:
             raise MemoryError("native decode attention could not allocate its scratch")
         return out
@@ -152,22 +151,23 @@ def decode_attention() -> DecodeAttention | None:
     return attend
 
 
-def _check(qkv, k_cache, v_cache, positions, batch, heads, dim, ctx) -> None:
+def _check(qkv, cache, positions, batch, heads, dim, ctx) -> None:
     """The kernel reads raw memory: refuse anything but the layouts it was written for."""
-    if not all(t.device.type == "cpu" for t in (qkv, k_cache, v_cache, positions)):
+    keys, values = cache.keys, cache.values
+    if not all(t.device.type == "cpu" for t in (qkv, keys, values, positions)):
         raise ValueError("native decode attention takes CPU tensors")
-    if qkv.dtype != torch.float32 or k_cache.dtype not in CACHE_DTYPES:
+    if qkv.dtype != torch.float32 or keys.dtype not in CACHE_DTYPES:
         raise ValueError(f"native decode attention takes float32 projections and a cache "
                          f"of {', '.join(str(d) for d in CACHE_DTYPES)}")
     if qkv.shape[1:] != (3 * heads * dim,) or qkv.stride(1) != 1:
         raise ValueError(f"qkv must be [batch, {3 * heads * dim}] with unit inner stride")
-    if v_cache.dtype != k_cache.dtype:
+    if values.dtype != keys.dtype:
         raise ValueError("the key and value caches must share a dtype")
-    if (k_cache.shape[0] < batch
-            or v_cache.shape != (k_cache.shape[0], heads, ctx, dim)
-            or k_cache.stride()[1:] != (dim * ctx, ctx, 1)
-            or v_cache.stride()[1:] != (ctx * dim, dim, 1)
-            or v_cache.stride(0) != k_cache.stride(0)):
+    if (keys.shape[0] < batch
+            or values.shape != (keys.shape[0], heads, ctx, dim)
+            or keys.stride()[1:] != (dim * ctx, ctx, 1)
+            or values.stride()[1:] != (ctx * dim, dim, 1)
+            or values.stride(0) != keys.stride(0)):
         raise ValueError("KV cache rows must be contiguous [H, D, T] keys and [H, T, D] values")
     if (positions.dtype != torch.int64 or positions.shape != (batch,)
             or not positions.is_contiguous()):

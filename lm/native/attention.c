@@ -87,7 +87,9 @@ static inline __attribute__((always_inline)) void attend_one(
     for (int64_t t = 1; t < len; t++) max = scores[t] > max ? scores[t] : max;
     float sum = 0.0f;
     for (int64_t t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - max);
+        /* exp(-80) is 2e-35, still a normal float: no slow subnormal arithmetic below. */
+        float shifted = scores[t] - max;
+        scores[t] = expf(shifted < -80.0f ? -80.0f : shifted);
         sum += scores[t];
     }
     float acc[dim];  /* registers, where the head size is a constant (see the dispatch) */
