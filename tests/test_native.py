@@ -210,8 +210,8 @@ def test_native_and_pytorch_paths_generate_the_same_text(kernel, monkeypatch, ch
     assert generate() == with_kernel
 
 
-def test_auto_cache_is_float16_on_the_cpu_with_the_kernel(kernel, char_tokenizer):
+def test_auto_cache_is_bfloat16_on_the_cpu_with_the_kernel(kernel, char_tokenizer):
     model = build_model(ModelConfig(kind="gpt", vocab_size=char_tokenizer.vocab_size,
                                     n_layer=1, n_embd=8, n_head=2, block_size=8))
-    assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.float16
-    assert resolve_kv_cache_dtype(model.to(torch.bfloat16), torch.device("cpu")) == torch.bfloat16
+    assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.bfloat16
+    assert resolve_kv_cache_dtype(model.to(torch.float16), torch.device("cpu")) == torch.float16
