@@ -58,9 +58,10 @@ def gpt(char_tokenizer):
     return tiny_model("gpt", char_tokenizer.vocab_size)
 
 
-def run_one(model, tokenizer, prompt: str, stream: bool = False, **params) -> Sequence:
+def run_one(model, tokenizer, prompt: str, stream: bool = False, kv_cache_dtype: str = "auto",
+            **params) -> Sequence:
     """Generate for one request alone in its engine; outputs collected on the sequence."""
-    engine = Engine(model, tokenizer, max_batch=4)
+    engine = Engine(model, tokenizer, max_batch=4, kv_cache_dtype=kv_cache_dtype)
     seq = engine.submit(tokenizer.encode(prompt), SamplingParams(**params), stream=stream)
     engine.run_until_idle()
     return seq
@@ -258,14 +259,15 @@ def test_gpt_keeps_going_past_its_context(char_tokenizer):
     model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=block)
     prompt = char_tokenizer.encode("The old sailor walks toward the win")  # 35 tokens
     prompt = (prompt + prompt)[:40]
-    engine = Engine(model, char_tokenizer, max_batch=2)
+    # A float32 cache: greedy tokens are compared with `forward`'s argmax below.
+    engine = Engine(model, char_tokenizer, max_batch=2, kv_cache_dtype="float32")
     greedy = engine.submit(prompt, SamplingParams(max_new_tokens=100, temperature=0.0))
     sampled = engine.submit(prompt, SamplingParams(max_new_tokens=100, seed=5))
     engine.run_until_idle()
     assert len(greedy.generated) == len(sampled.generated) == 100
     assert greedy.finish_reason == sampled.finish_reason == "length"
     again = run_one(model, char_tokenizer, char_tokenizer.decode(prompt), max_new_tokens=100,
-                    seed=5)
+                    seed=5, kv_cache_dtype="float32")
     assert again.generated == sampled.generated
 
     # Each greedy token is the argmax of `forward` over the tokens in the window: the engine
@@ -288,7 +290,7 @@ def test_gpt_tokens_before_the_window_fills_use_the_whole_history(char_tokenizer
     model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=block, seed=1)
     prompt = char_tokenizer.encode("We remember")  # 11 tokens: 5 more fit in the context
     seq = run_one(model, char_tokenizer, char_tokenizer.decode(prompt), max_new_tokens=30,
-                  temperature=0.0)
+                  temperature=0.0, kv_cache_dtype="float32")  # compared with `forward` below
     history = list(prompt)
     while len(history) < block:
         token = model(torch.tensor([history]))[0, -1].argmax().item()
@@ -524,7 +526,8 @@ def test_narrower_precision_keeps_requests_batch_independent(gpt, char_tokenizer
     alone = [generate([request])[0] for request in requests]
     assert generate(requests) == alone
     # Greedy text stays close to float32's: the first tokens agree.
-    full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0)
+    full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0,
+                   kv_cache_dtype="float32")
     narrow = generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0]
     assert narrow[:agree] == full.generated[:agree]
 
