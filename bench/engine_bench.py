@@ -6,12 +6,16 @@ positions as they do in a server. Each configuration runs in a fresh process (Op
 is per process) and is timed on its second run (the first warms caches); the resident
 memory is read at the end.
 
-- `main, N threads`: the engine steps in the main thread (as `lm generate` does).
+- `main, N threads`: the engine steps in the main thread (as `lm generate` does), with
+  the defaults: decode attention in the compiled kernel (lm/native), bfloat16 KV cache.
 - `engine thread, 2 threads, main thread used first`: the engine runs in a background
   thread (as in `lm serve`) after the main thread ran one parallel op with 2 threads.
 - `engine thread, 2 threads, main thread kept to 1`: the same after `serving_threads`,
   which is what `lm serve` does.
-- `bfloat16 KV cache` and `bfloat16 model`: the narrower precisions the engine supports.
+- `float32 / float16 KV cache`: the kernel with the other cache precisions.
+- `PyTorch attention`: `LM_NATIVE=0`, the path used where no C compiler is found (as
+  before the kernel existed), with its float32 cache.
+- `bfloat16 model`: the whole model cast to bfloat16 (PyTorch attention).
 
     python -m bench.engine_bench [--streams 64] [--new-tokens 256]
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -32,8 +37,12 @@ CONFIGS = [
      "where": "thread", "main_parallel_op": True},
     {"name": "engine thread, 2 threads, main thread kept to 1 (lm serve)", "threads": 2,
      "where": "thread", "serving_threads": True},
-    {"name": "main thread, 2 threads, bfloat16 KV cache", "threads": 2, "where": "main",
-     "kv_cache_dtype": "bfloat16"},
+    {"name": "main thread, 2 threads, float32 KV cache", "threads": 2, "where": "main",
+     "kv_cache_dtype": "float32"},
+    {"name": "main thread, 2 threads, float16 KV cache", "threads": 2, "where": "main",
+     "kv_cache_dtype": "float16"},
+    {"name": "main thread, 2 threads, PyTorch attention (LM_NATIVE=0)", "threads": 2,
+     "where": "main", "native": False},
     {"name": "main thread, 2 threads, bfloat16 model", "threads": 2, "where": "main",
      "model_dtype": "bfloat16"},
 ]
@@ -106,10 +115,11 @@ def main() -> None:
         return
     rows = []
     for config in CONFIGS:
+        env = {**os.environ, "LM_NATIVE": "1" if config.get("native", True) else "0"}
         out = subprocess.run(
             [sys.executable, "-m", "bench.engine_bench", "--streams", str(args.streams),
              "--new-tokens", str(args.new_tokens), "--config", json.dumps(config)],
-            capture_output=True, text=True, check=True)
+            capture_output=True, text=True, check=True, env=env)
         row = {"config": config["name"], **json.loads(out.stdout.strip().splitlines()[-1])}
         print(row, flush=True)
         rows.append(row)

@@ -8,7 +8,7 @@ first token and inter-token latency at the client; non-streaming rows measure en
 latency. Also records the server's resident memory, with the reference model and with
 the shipped default model, and draws a plot.
 
-    python -m bench.serve_bench [--clients 1,8,32,64] [--requests-per-client 2]
+    python -m bench.serve_bench [--clients 1,8,32,64] [--requests-per-client 4]
 """
 
 from __future__ import annotations
@@ -179,7 +179,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,8,32,64")
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--requests-per-client", type=int, default=4,
+                        help="requests each client sends one after another (at 64 clients, 4 "
+                             "make a run of about 3 seconds: shorter runs are noisy here)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--server-args", default="", help="extra `lm serve` flags")
     args = parser.parse_args()

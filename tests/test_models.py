@@ -106,6 +106,50 @@ def test_a_row_split_from_a_batch_continues_alone(kind):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_long_gpt_prefill_uses_bfloat16_products_and_stays_close(monkeypatch):
+    """Prefills of BF16_PREFILL_BLOCK tokens or more multiply in bfloat16 on CPUs that do it
+    in hardware (padded to a multiple of the block): the logits stay close to float32's."""
+    import lm.models.gpt as gpt
+
+    model = tiny_model("gpt", block_size=400, n_embd=32, n_head=4)
+    for param in model.parameters():
+        param.mul_(0.3)  # keep activations in the range of a trained model's
+    ids = ids_of(2, 300)  # 600 tokens: one block and a padded part
+    monkeypatch.setattr(gpt, "bf16_matmul_is_fast", lambda: True)
+    calls = []
+    monkeypatch.setattr(gpt.F, "linear", lambda x, w, b=None: calls.append((x.dtype, x.shape))
+                        or torch._C._nn.linear(x, w, b))
+    logits, state = model.step(ids, model.init_state(2))
+    assert (torch.bfloat16, (1024, 32)) in calls  # 600 rows padded to 1024
+    expected = model(ids)[:, -1]
+    assert_close(logits, expected, atol=0.05, rtol=0.05)
+    assert not torch.equal(logits, expected)  # it did run in bfloat16
+    calls.clear()
+    logits, state = model.step(ids_of(2, 1, seed=7), state)  # decode steps: float32
+    assert calls and all(dtype == torch.float32 for dtype, _ in calls)
+
+    monkeypatch.setattr(gpt, "bf16_matmul_is_fast", lambda: False)
+    calls.clear()
+    assert_close(model.step(ids, model.init_state(2))[0], expected, atol=ATOL, rtol=0)
+    assert all(dtype == torch.float32 for dtype, _ in calls)
+
+
+def test_bf16_prefill_follows_the_cpu_and_lm_bf16_prefill(monkeypatch):
+    from lm import native
+
+    native.bf16_matmul_is_fast.cache_clear()
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "flags : fpu sse2 avx2 fma")
+    assert not native.bf16_matmul_is_fast()
+    native.bf16_matmul_is_fast.cache_clear()
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "flags : avx2 avx512f avx512_bf16")
+    assert native.bf16_matmul_is_fast()
+    native.bf16_matmul_is_fast.cache_clear()
+    monkeypatch.setenv("LM_BF16_PREFILL", "0")
+    assert not native.bf16_matmul_is_fast()
+    native.bf16_matmul_is_fast.cache_clear()
+
+
 def test_gpt_refuses_more_than_its_context():
     model = tiny_model("gpt", block_size=8)
     assert model.context_size == 8

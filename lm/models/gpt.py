@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.models import ModelConfig, State
-from lm.native import CACHE_DTYPES, DecodeAttention, decode_attention
+from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
+
+BF16_PREFILL_BLOCK = 512  # prefills of this many tokens or more: bfloat16 matrix products
 
 
 class CausalSelfAttention(nn.Module):
@@ -53,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         go to the compiled kernel (`lm.native`), which computes the same per row.
         """
         batch, time, _ = x.shape
-        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
+        qkv = _linear(x, self.c_attn.weight, self.c_attn.bias, where)
         scale = 1.0 / math.sqrt(self.head_dim)
         if where.native is not None:
             y = where.native(qkv.view(batch, -1), cache, where.positions.view(-1), scale,
@@ -65,8 +67,8 @@ class CausalSelfAttention(nn.Module):
         _store(cache.values.transpose(1, 2), v.transpose(1, 2), where)
         if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return F.linear(y.transpose(1, 2).reshape(batch, time, -1), self.c_proj.weight,
-                            self.c_proj.bias)
+            return _linear(y.transpose(1, 2).reshape(batch, time, -1), self.c_proj.weight,
+                           self.c_proj.bias, where)
         keys = cache.keys[..., : where.length].to(x.dtype)
         values = cache.values[:, :, : where.length].to(x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
@@ -75,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         if where.bias is not None:
             scores = scores + where.bias
         y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
-        return F.linear(y, self.c_proj.weight, self.c_proj.bias)
+        return _linear(y, self.c_proj.weight, self.c_proj.bias, where)
 
 
 def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
@@ -104,6 +106,7 @@ class StepIndex:
     same_position: int | None  # the shared start position when every row has the same one
     bias: torch.Tensor | None  # [B, 1, t, L] of zeros and -inf where a query may not see a key
     native: DecodeAttention | None = None  # the compiled kernel, for steps it can do
+    bf16_prefill: bool = False  # matrix products in bfloat16 (see `_linear`)
 
 
 class MLP(nn.Module):
@@ -134,8 +137,27 @@ class Block(nn.Module):
         no module-call overhead) because decode runs it for every token."""
         x = x + self.attn.step(_layer_norm(x, self.ln_1), cache, where)
         mlp = self.mlp
-        h = F.gelu(F.linear(_layer_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias))
-        return x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        h = F.gelu(_linear(_layer_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, where))
+        return x + _linear(h, mlp.c_proj.weight, mlp.c_proj.bias, where)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            where: StepIndex) -> torch.Tensor:
+    """`F.linear`; in a long prefill on the CPU, in bfloat16 with float32 results.
+
+    A prefill's matrix products are large enough for the CPU's bfloat16 dot-product
+    instructions to pay: 3 to 4 times faster than float32 on 4,096 tokens, while the
+    validation loss of decoding after such a prefill moves by 0.0001 nats or less on the
+    shipped GPTs. The token count is padded to a multiple of BF16_PREFILL_BLOCK, so that
+    oneDNN builds a kernel for a few shapes only (it keeps one per shape).
+    """
+    if not where.bf16_prefill:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    padded = -len(rows) % BF16_PREFILL_BLOCK
+    rows = F.pad(rows.to(torch.bfloat16), (0, 0, 0, padded))
+    y = F.linear(rows, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+    return y[: len(y) - padded].float().view(*x.shape[:-1], -1)
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -222,10 +244,12 @@ class GPT(nn.Module):
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
             bias.masked_fill_(blocked, -math.inf)
+        bf16_prefill = (batch * time >= BF16_PREFILL_BLOCK and ids.device.type == "cpu"
+                        and self.wte.weight.dtype == torch.float32 and bf16_matmul_is_fast())
         where = StepIndex(positions=positions, rows=torch.arange(batch, device=ids.device)[:, None],
                           first=first, length=length,
                           same_position=first if first == last else None, bias=bias,
-                          native=native)
+                          native=native, bf16_prefill=bf16_prefill)
         x = self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, LayerCache(state[f"k{layer}"], state[f"v{layer}"]), where)
