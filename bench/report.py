@@ -139,6 +139,20 @@ def engine_section(r: dict) -> list[str]:
     return lines + [""]
 
 
+def precision_section(r: dict) -> list[str]:
+    lines = ["## Generation precision and quality", ""] + header(r)
+    lines += [f"Validation loss (nats per token) of decoding {r['windows']} windows of the "
+              "held-out text: half a context prefilled, the rest decoded token by token "
+              "through the engine's `step`.", "",
+              "| checkpoint | configuration | loss | change |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        note = "" if row["bf16_prefill_applied"] or "bfloat16 prefill" not in row["config"] \
+            else " (no hardware bfloat16: float32 prefill)"
+        lines.append(f"| {row['checkpoint']} | {row['config']}{note} | {row['loss']:.5f} | "
+                     f"{row['delta']:+.5f} |")
+    return lines + [""]
+
+
 def fewshot_section(r: dict) -> list[str]:
     lines = ["## Few-shot accuracy", ""] + header(r)
     lines += [r.get("table", ""), "", "![accuracy vs shots](fewshot_accuracy.png)", ""]
@@ -151,8 +165,8 @@ def main() -> None:
              "behind it is in `bench/results/`. Rebuild this page with `python -m bench.report`. "
              "Machines are noisy: compare numbers within one run (the ratios), not across runs.", ""]
     for name, section in (("train", train_section), ("decode", decode_section),
-                          ("engine", engine_section), ("serve", serve_section),
-                          ("fewshot", fewshot_section)):
+                          ("engine", engine_section), ("precision", precision_section),
+                          ("serve", serve_section), ("fewshot", fewshot_section)):
         result = load(name)
         if result is not None:
             parts += section(result)

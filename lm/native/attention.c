@@ -84,8 +84,7 @@ static inline __attribute__((always_inline)) void attend_one(
         memcpy(keys + (d * ctx + p) * size, key + d * size, size);
     memcpy(values + p * dim * size, value, dim * size);
     /* The cache outgrows the CPU's caches: ask for the values (read after the scores) and
-       the next item's keys now, so that memory works while this item computes (the kernel
-       took 20% less time with these prefetches). */
+       the next item's keys now, so that memory works while this item computes. */
     prefetch(values, len * dim * size);
     if (next >= 0) {
         int64_t next_b = next / heads, next_len = pos[next_b] + 1;
@@ -120,14 +119,14 @@ static inline __attribute__((always_inline)) void attend_one(
 }
 
 /* One (row, head) item, with the common head sizes as constants: the compiler then keeps
-   the output accumulator in registers and unrolls the head-size loops (about 20% faster). */
+   the output accumulator in registers and unrolls the head-size loops. */
 #define ATTEND_ITEM(DIM, KIND)                                                               \
     attend_one(q, q_row_stride, k_new, v_new, kv_row_stride, k_cache, v_cache,               \
                cache_row_stride, pos, out, heads, DIM, ctx, scale, item,                     \
                item + 1 < batch * heads ? item + 1 : -1, scratch, KIND)
 
 /* Returns 0, or 1 when a thread could not allocate its scratch (nothing is then valid).
-   Threads take runs of 8 adjacent items: each walks the cache in memory order (20% faster
+   Threads take runs of 8 adjacent items: each walks the cache in memory order (faster
    than interleaving single items), and runs balance rows of different lengths. */
 #define DEFINE_DECODE_ATTENTION(NAME, KIND)                                                 \
     int NAME(const float *q, int64_t q_row_stride, const void *k_new, const void *v_new,    \
