@@ -128,6 +128,9 @@ def test_long_gpt_prefill_uses_bfloat16_products_and_stays_close(monkeypatch):
     calls.clear()
     logits, state = model.step(ids_of(2, 1, seed=7), state)  # decode steps: float32
     assert calls and all(dtype == torch.float32 for dtype, _ in calls)
+    calls.clear()
+    model.step(ids_of(600, 1), model.init_state(600))  # even with 600 rows
+    assert calls and all(dtype == torch.float32 for dtype, _ in calls)
 
     monkeypatch.setattr(gpt, "bf16_matmul_is_fast", lambda: False)
     calls.clear()

@@ -148,8 +148,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     A prefill's matrix products are large enough for the CPU's bfloat16 dot-product
     instructions to pay: several times faster than float32 on thousands of tokens, while
     the validation loss of decoding after such a prefill moves by 0.00003 nats or less on
-    the shipped GPTs (`python -m bench.precision_bench`). The token count is padded to a multiple of BF16_PREFILL_BLOCK, so that
-    oneDNN builds a kernel for a few shapes only (it keeps one per shape).
+    the shipped GPTs (`python -m bench.precision_bench`). The token count is padded to a
+    multiple of BF16_PREFILL_BLOCK, so that oneDNN builds a kernel for a few shapes only
+    (it keeps one per shape). Decode steps stay in float32, however many rows.
     """
     if not where.bf16_prefill:
         return F.linear(x, weight, bias)
@@ -244,8 +245,9 @@ class GPT(nn.Module):
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
             bias.masked_fill_(blocked, -math.inf)
-        bf16_prefill = (batch * time >= BF16_PREFILL_BLOCK and ids.device.type == "cpu"
-                        and self.wte.weight.dtype == torch.float32 and bf16_matmul_is_fast())
+        bf16_prefill = (time > 1 and batch * time >= BF16_PREFILL_BLOCK
+                        and ids.device.type == "cpu" and self.wte.weight.dtype == torch.float32
+                        and bf16_matmul_is_fast())
         where = StepIndex(positions=positions, rows=torch.arange(batch, device=ids.device)[:, None],
                           first=first, length=length,
                           same_position=first if first == last else None, bias=bias,

@@ -5,7 +5,8 @@ one query per row over a cache whose rows hold different lengths. The shared lib
 built once per source, compiler and CPU into a cache directory (`LM_CACHE_DIR`, else
 `$XDG_CACHE_HOME/lm`, else `~/.cache/lm`) and loaded with ctypes. Without a compiler, or
 with `LM_NATIVE=0`, `decode_attention()` returns None and the models use their PyTorch
-path, which computes the same thing more slowly.
+path, which computes the same thing more slowly. `bf16_matmul_is_fast()` tells whether the
+CPU multiplies bfloat16 in hardware (the GPT's long prefills then use it).
 """
 
 from __future__ import annotations
