@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from lm import native
@@ -73,8 +75,8 @@ def same(a: LayerCache, b: LayerCache) -> bool:
 
 def reference(qkv, cache: LayerCache, positions, scale):
     """The same step in plain PyTorch, one row at a time, in float32 (cache updated)."""
-    batch, dim = qkv.shape[0], cache.keys.shape[2]
-    q, k, v = qkv.view(batch, 3, HEADS, dim).unbind(1)
+    batch, heads, dim = qkv.shape[0], cache.keys.shape[1], cache.keys.shape[2]
+    q, k, v = qkv.view(batch, 3, heads, dim).unbind(1)
     out = []
     for row in range(batch):
         p = int(positions[row])
@@ -84,7 +86,7 @@ def reference(qkv, cache: LayerCache, positions, scale):
         values = cache.values[row, :, : p + 1].float()
         probs = torch.softmax((q[row, :, None] * scale) @ keys, dim=-1)
         out.append((probs @ values).reshape(-1))
-    return torch.stack(out)
+    return torch.stack(out) if out else torch.empty(0, heads * dim)
 
 
 @pytest.mark.parametrize("dim", [DIM, 32])  # 32: one of the head sizes compiled as constants
@@ -219,3 +221,27 @@ def test_auto_cache_is_bfloat16_on_the_cpu_with_the_kernel(kernel, char_tokenize
                                     n_layer=1, n_embd=8, n_head=2, block_size=8))
     assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.bfloat16
     assert resolve_kv_cache_dtype(model.to(torch.float16), torch.device("cpu")) == torch.float16
+
+
+@settings(max_examples=60, deadline=None)
+@given(heads=st.integers(1, 4), dim=st.sampled_from([1, 3, 16, 32, 40, 64]),
+       ctx=st.integers(1, 40), rows=st.integers(0, 5), extra_rows=st.integers(0, 2),
+       dtype=st.sampled_from([torch.float32, *NARROW_DTYPES]), seed=st.integers(0, 1000))
+def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, seed):
+    """Head counts and sizes, contexts and batch sizes (empty included), rows at any
+    position: the kernel agrees with the row-by-row reference and writes only its rows."""
+    attend = native.decode_attention()
+    if attend is None:
+        pytest.skip("the native kernel is not available here")
+    generator = torch.Generator().manual_seed(seed)
+    cache = LayerCache(torch.randn(rows + extra_rows, heads, dim, ctx, generator=generator).to(dtype),
+                       torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype))
+    qkv = torch.randn(rows, 3 * heads * dim, generator=generator)
+    positions = torch.randint(0, ctx, (rows,), generator=generator)
+    expected_cache = copy(cache)
+    expected = reference(qkv, expected_cache, positions, 0.5)
+    out = attend(qkv, cache, positions, 0.5)
+    assert out.shape == (rows, heads * dim)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert same(cache, expected_cache)
+
