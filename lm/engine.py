@@ -38,7 +38,9 @@ MAX_TOP_LOGPROBS = 5
 # Elsewhere "auto" is the model's own dtype.
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
-PREFILL_TOKENS = 4096  # most prompt tokens prefilled in one step (bounds its scratch memory)
+# Most tokens prefilled in one step: bounds the pause that running sequences see when
+# requests arrive or reach the end of their context (and the prefill's scratch memory).
+PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -305,15 +307,22 @@ class Engine:
         return bool(self.active or events)
 
     def _admit(self, events) -> None:
-        admitted = []
+        """Move waiting requests into free rows, up to PREFILL_TOKENS prompt tokens (at
+        least one request) per step; the rest wait for the next step."""
+        admitted, budget = [], PREFILL_TOKENS
         while len(self.active) < self.max_batch:
             with self._lock:
                 if not self.waiting:
                     break
-                seq = self.waiting.popleft()
+                seq = self.waiting[0]
+                cost = 0 if seq.cancelled else len(self._context(seq))
+                if admitted and cost > budget:
+                    break
+                self.waiting.popleft()
             if seq.cancelled:
                 events.append((seq, seq.finish("cancelled", time.perf_counter())))
                 continue
+            budget -= cost
             row = len(self.active)
             self.active.append(seq)
             seq.admitted_at = time.perf_counter()
@@ -324,20 +333,22 @@ class Engine:
             admitted.append(row)
         self._fill_rows(admitted)
 
-    def _fill_rows(self, rows: list[int]) -> None:
-        """Reset rows and prefill each with all but the newest token of its sequence.
+    def _context(self, seq: Sequence) -> list[int]:
+        """What a prefill puts in `seq`'s row: all but its newest token (which goes through
+        the next decode step), or once the history outgrows a GPT's context, only the
+        newest half of the context (a sliding window, as llama.cpp's context shift)."""
+        context = seq.history()[:-1]
+        if self.context_size is not None and len(context) >= self.context_size:
+            context = context[len(context) - self.context_size // 2 :]
+        return context
 
-        The newest token goes through the next batched decode step. A GPT keeps only the
-        newest half of its context (a sliding window, as llama.cpp's context shift) when
-        the history outgrows it. Rows whose prefills have the same length run as one
-        batch, up to PREFILL_TOKENS tokens at a time.
-        """
+    def _fill_rows(self, rows: list[int]) -> None:
+        """Reset rows and prefill each with its context. Rows whose contexts have the same
+        length run as one batch, up to PREFILL_TOKENS tokens at a time."""
         by_length: dict[int, list[tuple[int, list[int]]]] = {}
         for row in rows:
             seq = self.active[row]
-            context = seq.history()[:-1]
-            if self.context_size is not None and len(context) >= self.context_size:
-                context = context[len(context) - self.context_size // 2 :]
+            context = self._context(seq)
             seq.cached = len(context)
             by_length.setdefault(len(context), []).append((row, context))
         for length, group in by_length.items():
@@ -369,18 +380,24 @@ class Engine:
     def _decode(self, events) -> None:
         n = len(self.active)
         if self.context_size is not None:
-            self._fill_rows([row for row, seq in enumerate(self.active)
-                             if seq.cached + 1 > self.context_size])
-        last = [seq.generated[-1] if seq.generated else seq.prompt_ids[-1] for seq in self.active]
+            full = [row for row, seq in enumerate(self.active)
+                    if seq.cached + 1 > self.context_size]
+            shifts = max(1, PREFILL_TOKENS // max(1, self.context_size // 2))
+            if len(full) > shifts:  # more context shifts than one step's prefill allows:
+                n = self._sit_out(full[shifts:])  # the rest wait at the end of the batch
+                full = [row for row in range(n) if self.active[row].cached + 1 > self.context_size]
+            self._fill_rows(full)
+        active = self.active[:n]
+        last = [seq.generated[-1] if seq.generated else seq.prompt_ids[-1] for seq in active]
         ids = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
         view = {name: tensor[:n] for name, tensor in self.state.items()}
         logits, new_state = self.model.step(ids, view)
         _write_back(view, new_state)
-        uniform = torch.tensor([seq.rng.random() for seq in self.active], dtype=torch.float64)
+        uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
         params = SamplingBatch(**{name: tensor[:n] for name, tensor in self.params.items()},
                                uniform=uniform)
         tokens = sample(logits, params)
-        top_k = max((s.params.logprobs for s in self.active if s.params.logprobs is not None),
+        top_k = max((s.params.logprobs for s in active if s.params.logprobs is not None),
                     default=None)
         chosen, top = None, None
         if top_k is not None:
@@ -389,7 +406,7 @@ class Engine:
             top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
         now = time.perf_counter()
         finished = []
-        for row, (seq, token) in enumerate(zip(self.active, tokens.tolist())):
+        for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
             seq.cached += 1
             if chosen is not None and seq.params.logprobs is not None:
                 out = seq.add_token(token, chosen[row], top[row][: seq.params.logprobs], now)
@@ -409,6 +426,17 @@ class Engine:
             if seq.cancelled:
                 events.append((seq, seq.finish("cancelled", now)))
                 self._remove_row(row)
+
+    def _sit_out(self, rows: list[int]) -> int:
+        """Move `rows` to the end of the batch, keeping both groups' order; return how many
+        rows stay in front (they take this step, the others the next)."""
+        n, leaving = len(self.active), set(rows)
+        order = [row for row in range(n) if row not in leaving] + sorted(leaving)
+        index = torch.tensor(order, device=self.device)
+        for tensor in (*self.state.values(), *self.params.values()):
+            tensor[:n] = tensor[:n].index_select(0, index.to(tensor.device))
+        self.active = [self.active[row] for row in order]
+        return n - len(leaving)
 
     def _remove_row(self, row: int) -> None:
         """Drop row `row`, moving the last row into its slot."""

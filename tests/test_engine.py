@@ -553,3 +553,42 @@ def test_stream_interval_sends_several_tokens_per_output(gpt, char_tokenizer):
     assert text_of(seq) == text_of(whole)
     with pytest.raises(LMError, match="stream_interval"):
         Engine(gpt, char_tokenizer, stream_interval=0)
+
+
+# -- prefill budget per step -------------------------------------------------------------------
+
+
+def _generate_all(model, tokenizer, prompts: list[str], **params) -> tuple[list, Engine]:
+    engine = Engine(model, tokenizer, max_batch=8, kv_cache_dtype="float32")
+    seqs = [engine.submit(tokenizer.encode(p), SamplingParams(seed=i, **params))
+            for i, p in enumerate(prompts)]
+    engine.run_until_idle()
+    return [s.generated for s in seqs], engine
+
+
+def test_admissions_take_at_most_the_prefill_budget_per_step(monkeypatch, char_tokenizer):
+    model = tiny_model("gpt", char_tokenizer.vocab_size)
+    prompts = ["abcdefgh", "ijklmnop", "qrstuvwx", "yz"]  # contexts of 7, 7, 7 and 1 tokens
+    expected, _ = _generate_all(model, char_tokenizer, prompts, max_new_tokens=12)
+    monkeypatch.setattr("lm.engine.PREFILL_TOKENS", 10)
+    engine = Engine(model, char_tokenizer, max_batch=8, kv_cache_dtype="float32")
+    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(seed=i, max_new_tokens=12))
+            for i, p in enumerate(prompts)]
+    admitted = []
+    while engine.has_work():
+        engine.step()
+        admitted.append(len(engine.active) + sum(s.finished for s in seqs))
+    assert admitted[:3] == [1, 2, 4]  # 7 | 7 | 7 + 1 tokens: one step's budget each
+    assert [s.generated for s in seqs] == expected  # only the timing changed
+
+
+def test_context_shifts_beyond_the_budget_wait_a_step(monkeypatch, char_tokenizer):
+    """Four rows reach the end of a 16-token context in the same step; with room for one
+    shift per step, three sit out a step or more, and every text stays the same."""
+    model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=16)
+    prompts = ["The king speaks", "A young poet is", "We defend the w", "Her sister reme"]
+    expected, free = _generate_all(model, char_tokenizer, prompts, max_new_tokens=30)
+    monkeypatch.setattr("lm.engine.PREFILL_TOKENS", 8)  # one shift (8 tokens) per step
+    got, budgeted = _generate_all(model, char_tokenizer, prompts, max_new_tokens=30)
+    assert got == expected
+    assert budgeted.steps > free.steps
