@@ -300,3 +300,34 @@ def test_stream_interval_server(start_server):
               if c.choices]
     assert "".join(chunks) == whole
     assert len(chunks) <= 24 // 3 + 1
+
+
+def test_kv_cache_dtype_setting_serves_gpts_and_leaves_recurrent_models_alone(
+        tiny_checkpoint_dir, launch):
+    """LM_KV_CACHE_DTYPE picks the GPT's cache precision; a recurrent model served beside it
+    (which has no KV cache) starts and answers all the same."""
+    import torch
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(checkpoints=[], kv_cache_dtype="float32")
+    gpt, lstm = load_checkpoint(tiny_checkpoint_dir), load_checkpoint("shakespeare-char-lstm")
+    server = launch(create_app(settings, [gpt, lstm]))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+    for model in ("tiny", "shakespeare-char-lstm"):
+        text = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, seed=1,
+                                         temperature=0.0).choices[0].text
+        assert len(text) > 0
+    models = server.app.state.models
+    assert models["tiny"].engine.state["k0"].dtype == torch.float32
+    assert "k0" not in models["shakespeare-char-lstm"].engine.state
+
+
+def test_kv_cache_dtype_setting_is_checked():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        Settings(kv_cache_dtype="int8")
