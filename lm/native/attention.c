@@ -139,7 +139,7 @@ static inline __attribute__((always_inline)) void attend_one(
         {                                                                                   \
             float *scratch = malloc(sizeof(float) * (size_t)ctx);                           \
             failed = scratch == NULL;                                                       \
-            _Pragma("omp for schedule(dynamic, 8)")                                       \
+            _Pragma("omp for schedule(dynamic, 8)")                                         \
             for (int64_t item = 0; item < batch * heads; item++) {                          \
                 if (scratch == NULL) continue;                                              \
                 switch (dim) {                                                              \
