@@ -551,7 +551,7 @@ def serving_threads(threads: int | None) -> int:
     its own count when it starts (`Engine(threads=...)`). Call this before any tensor work
     in the main thread: once the main thread has run a parallel op with 2 threads, an
     engine thread's 2-thread steps run at half speed on 2 cores (`python -m
-    bench.engine_bench`: 6,660 against 14,144 tokens/s at 64 streams).
+    bench.engine_bench`: 10,993 against 24,389 tokens/s at 64 streams).
     """
     count = threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(1)

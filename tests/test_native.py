@@ -48,9 +48,9 @@ def rebuild(tmp_path, monkeypatch):
     """Build (or fail to build) the library afresh in an empty cache directory."""
     monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("LM_NATIVE", raising=False)
-    native._library.cache_clear()
+    native.decode_attention.cache_clear()
     yield tmp_path
-    native._library.cache_clear()
+    native.decode_attention.cache_clear()
 
 
 def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0,
@@ -171,7 +171,7 @@ def test_the_library_is_built_once_into_the_cache_dir(rebuild):
     assert native.decode_attention() is not None
     built = list((rebuild / "native").glob("attention-*.so"))
     assert len(built) == 1
-    native._library.cache_clear()
+    native.decode_attention.cache_clear()
     stamp = built[0].stat().st_mtime_ns
     assert native.decode_attention() is not None  # loaded, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp

@@ -88,8 +88,8 @@ _FUNCTIONS = {torch.float32: "lm_decode_attention_f32", torch.float16: "lm_decod
 CACHE_DTYPES = tuple(_FUNCTIONS)  # what the kernel's KV cache may hold
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
+    """Build (once per source, compiler and CPU) and load the shared library, or None."""
     if os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -121,6 +121,7 @@ def _library() -> ctypes.CDLL | None:
 DecodeAttention = Callable[..., torch.Tensor]
 
 
+@functools.cache  # GPT.step asks at every step: the answer is built once per process
 def decode_attention() -> DecodeAttention | None:
     """The native decode-attention kernel, or None where it cannot be built.
 
