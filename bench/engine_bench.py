@@ -55,7 +55,8 @@ def run_config(config: dict, streams: int, new_tokens: int) -> dict:
 
     import torch
 
-    from lm.engine import Engine, SamplingParams, serving_threads
+    from lm.device import serving_threads
+    from lm.engine import Engine, SamplingParams
 
     if config.get("serving_threads"):
         serving_threads(config["threads"])

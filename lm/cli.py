@@ -132,7 +132,8 @@ def evaluate_checkpoint(checkpoint, corpus, split="val", val_fraction=None, max_
     """The one evaluation used by `lm eval`, the shipped-checkpoint test and the benchmarks."""
     from lm.checkpoint import load_checkpoint
     from lm.data import read_corpus, split_text, to_tensor
-    from lm.train import evaluate, pick_device
+    from lm.device import pick_device
+    from lm.train import evaluate
 
     torch_device = pick_device(device)
     ckpt = load_checkpoint(checkpoint, torch_device)
@@ -218,10 +219,10 @@ def add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from lm.checkpoint import load_checkpoint
+    from lm.device import pick_device
     from lm.engine import SamplingParams
     from lm.fewshot import DEFAULT_TEMPLATE, build_prompt, load_examples, parse_example
     from lm.generate import Generator
-    from lm.train import pick_device
 
     prompt = args.prompt
     if prompt is None or prompt == "-":
@@ -351,8 +352,7 @@ def cmd_serve(args) -> int:
         first = exc.errors()[0]
         raise LMError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     from lm.checkpoint import load_checkpoint
-    from lm.engine import serving_threads
-    from lm.train import pick_device
+    from lm.device import pick_device, serving_threads
 
     # Before any tensor work here: the engines' threads run the models (see serving_threads).
     serving_threads(settings.torch_threads)
@@ -595,8 +595,8 @@ def add_fewshot_eval(sub) -> None:
 
 def cmd_fewshot_eval(args) -> int:
     from lm.checkpoint import load_checkpoint
+    from lm.device import pick_device
     from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy
-    from lm.train import pick_device
 
     device = pick_device(args.device)
     results = {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lm import native
+from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
 from lm.sampling import SamplingBatch, sample, token_logprobs
 from lm.tokenizers import IncrementalDecoder, Tokenizer
@@ -31,12 +32,6 @@ logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 5
-# "auto": bfloat16 where decode attention runs in the compiled CPU kernel (lm.native) and
-# the model is float32. Decode reads the whole cache every step, so half the bytes is
-# faster; bfloat16 keeps float32's range and widens with one shift (float16 is more precise
-# but slower to widen). The shipped GPTs' validation loss moves by at most 0.00004 nats.
-# Elsewhere "auto" is the model's own dtype.
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
 # Most tokens prefilled in one step: bounds the pause that running sequences see when
 # requests arrive or reach the end of their context (and the prefill's scratch memory).
@@ -521,38 +516,9 @@ class Engine:
             self._thread = None
 
 
-def resolve_kv_cache_dtype(model: torch.nn.Module, device: torch.device,
-                           requested: str = "auto") -> torch.dtype | None:
-    """The KV cache dtype a GPT gets for `requested` (None for models without a cache)."""
-    if getattr(model, "context_size", None) is None:
-        return None
-    if requested != "auto":
-        return getattr(torch, requested)
-    model_dtype = next(model.parameters()).dtype
-    if (device.type == "cpu" and model_dtype == torch.float32
-            and native.decode_attention() is not None):
-        return torch.bfloat16
-    return model_dtype
-
-
 def _write_back(view: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor]) -> None:
     """Copy a step's new state into the slot views (tensors updated in place are skipped)."""
     for name, tensor in new_state.items():
         target = view[name]
         if tensor.data_ptr() != target.data_ptr():
             target.copy_(tensor)
-
-
-def serving_threads(threads: int | None) -> int:
-    """Keep the calling (main) thread to one CPU thread and return the count for the
-    engine threads that run the models (default: one per core).
-
-    OpenMP teams belong to the thread that starts parallel work: each engine thread sets
-    its own count when it starts (`Engine(threads=...)`). Call this before any tensor work
-    in the main thread: once the main thread has run a parallel op with 2 threads, an
-    engine thread's 2-thread steps run at half speed on 2 cores (`python -m
-    bench.engine_bench`: 10,993 against 24,389 tokens/s at 64 streams).
-    """
-    count = threads or max(1, os.cpu_count() or 1)
-    torch.set_num_threads(1)
-    return count

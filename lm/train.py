@@ -30,6 +30,7 @@ from lm.data import (
     split_text,
     to_tensor,
 )
+from lm.device import pick_device
 from lm.errors import LMError
 from lm.models import ModelConfig, build_model
 from lm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
@@ -102,16 +103,6 @@ class TrainConfig:
         if self.tokenizer not in ("char", "word", "bpe", "spm"):
             raise LMError(f"unknown tokenizer {self.tokenizer!r}; choose one of char, word, bpe, spm")
         self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LMError("--device cuda asked for, but no CUDA device is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise LMError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

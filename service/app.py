@@ -21,8 +21,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm.checkpoint import Checkpoint, load_checkpoint
+from lm.device import pick_device, serving_threads
 from lm.embeddings import mean_hidden_embedding
-from lm.engine import Engine, Output, Sequence, serving_threads
+from lm.engine import Engine, Output, Sequence
 from service.completions import ServedModel, check_lengths, complete, stream, submit, text_list
 from service.errors import APIError, error_response
 from service.metrics import Metrics
@@ -104,8 +105,6 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from lm.train import pick_device
-
         threads = serving_threads(settings.torch_threads)
         loop = asyncio.get_running_loop()
         device = pick_device(settings.device)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from lm import native
-from lm.engine import Engine, SamplingParams, resolve_kv_cache_dtype
+from lm.device import resolve_kv_cache_dtype
+from lm.engine import Engine, SamplingParams
 from lm.models import ModelConfig, build_model
 from lm.models.gpt import LayerCache
 from lm.tokenizers import CharTokenizer
