@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,24 @@ def assert_one_line_error(code: int, err: str, command: str, *fragments: str) ->
 
 def digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+# -- python -m lm -------------------------------------------------------------------------
+
+
+def test_python_dash_m_lm_runs_the_cli_with_its_exit_codes(tmp_path):
+    """`python -m lm` is the `lm` command (so `torchrun -m lm train` works too)."""
+    missing = tmp_path / "nope.txt"
+    result = subprocess.run([sys.executable, "-m", "lm", "eval", "--checkpoint", str(tmp_path),
+                             "--corpus", str(missing)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lm eval: error: "), result.stderr
+    listed = subprocess.run([sys.executable, "-m", "lm", "checkpoints", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0
+    assert isinstance(json.loads(listed.stdout), list)
 
 
 # -- lm train: user mistakes ---------------------------------------------------------------
