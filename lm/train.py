@@ -33,7 +33,7 @@ from lm.device import pick_device
 from lm.errors import LMError
 from lm.evaluate import evaluate
 from lm.models import ModelConfig, build_model
-from lm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lm.tokenizers import Tokenizer, load_tokenizer, tokenizer_class, train_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -100,8 +100,7 @@ class TrainConfig:
             raise LMError("--lr must be positive")
         if self.warmup_steps < 0:
             raise LMError("--warmup-steps must not be negative")
-        if self.tokenizer not in ("char", "word", "bpe", "spm"):
-            raise LMError(f"unknown tokenizer {self.tokenizer!r}; choose one of char, word, bpe, spm")
+        tokenizer_class(self.tokenizer)  # an unknown kind is an LMError naming the choices
         self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
 
 

@@ -77,6 +77,26 @@ def test_python_dash_m_lm_runs_the_cli_with_its_exit_codes(tmp_path):
     assert isinstance(json.loads(listed.stdout), list)
 
 
+def test_train_choices_are_the_registries():
+    from lm.cli import build_parser
+    from lm.models import MODELS
+    from lm.tokenizers import TOKENIZERS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: a.choices for a in train._actions if a.choices}
+    assert choices == {"tokenizer": list(TOKENIZERS), "model": list(MODELS)}
+
+
+def test_train_unknown_kind_in_a_recipe_is_one_line(capsys, tmp_path, corpus_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'corpus = "{corpus_path}"\ntokenizer = "morse"\n')
+    code, _, err = run(capsys, "train", "--config", recipe, "--out", tmp_path / "run", *TINY)
+    assert_one_line_error(code, err, "train", "unknown tokenizer 'morse'", "char, word, bpe, spm")
+    recipe.write_text(f'corpus = "{corpus_path}"\nmodel = "transformer"\n')
+    code, _, err = run(capsys, "train", "--config", recipe, "--out", tmp_path / "run", *TINY)
+    assert_one_line_error(code, err, "train", "unknown model 'transformer'", "rnn, gru, lstm, gpt")
+
+
 # -- lm train: user mistakes ---------------------------------------------------------------
 
 

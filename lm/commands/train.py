@@ -6,6 +6,8 @@ from pathlib import Path
 
 from lm.commands._args import positive_int
 from lm.errors import LMError
+from lm.models import MODELS
+from lm.tokenizers import TOKENIZERS
 
 
 def add_parser(subparsers) -> None:
@@ -14,9 +16,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", help="recipe.toml with the same keys as these flags")
     p.add_argument("--corpus", action="append", help="UTF-8 text file (repeatable)")
     p.add_argument("--out", help="checkpoint directory to write (default runs/model)")
-    p.add_argument("--tokenizer", choices=["char", "word", "bpe", "spm"])
+    p.add_argument("--tokenizer", choices=list(TOKENIZERS))
     p.add_argument("--vocab-size", type=positive_int)
-    p.add_argument("--model", choices=["rnn", "gru", "lstm", "gpt"])
+    p.add_argument("--model", choices=list(MODELS))
     p.add_argument("--n-layer", type=positive_int)
     p.add_argument("--n-embd", type=positive_int)
     p.add_argument("--n-head", type=positive_int)
