@@ -45,35 +45,34 @@ class Tokenizer(Protocol):
     def save(self, directory: Path) -> None: ...
 
 
-class CharTokenizer:
-    """One token per character of the training corpus; unseen characters map to `<unk>`."""
+class VocabTokenizer:
+    """A fixed list of string tokens, id 0 for `<unk>`, saved as the project's own JSON.
 
-    kind = "char"
+    Owns the vocabulary plumbing (id <-> token maps, save, load); a variant says only how
+    text splits into tokens (`split`), how tokens join back (`decode`) and how it trains.
+    """
 
-    def __init__(self, chars: list[str]):
-        self.itos = [UNK, *chars]
-        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+    kind: str
+
+    def __init__(self, tokens: list[str]):
+        self.itos = [UNK, *tokens]
+        self.stoi = {token: i for i, token in enumerate(self.itos)}
 
     @classmethod
-    def train(cls, text: str, vocab_size: int | None = None) -> CharTokenizer:
-        """Every character of `text` (a char vocabulary has no size to choose)."""
-        return cls(sorted(set(text)))
-
-    @classmethod
-    def load(cls, directory: Path) -> CharTokenizer:
+    def load(cls, directory: Path) -> VocabTokenizer:
         return cls(list(_read_json(directory, cls.kind)["vocab"]))
 
     @property
     def vocab_size(self) -> int:
         return len(self.itos)
 
+    def split(self, text: str) -> Iterable[str]:
+        """The tokens of `text`, before they become ids."""
+        raise NotImplementedError
+
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
-        return [get(ch, 0) for ch in text]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        itos = self.itos
-        return "".join(itos[i] if 0 < i < len(itos) else "" for i in ids)
+        return [get(token, 0) for token in self.split(text)]
 
     def id_to_token(self, token_id: int) -> str:
         return self.itos[token_id]
@@ -85,20 +84,34 @@ class CharTokenizer:
         _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
 
 
+class CharTokenizer(VocabTokenizer):
+    """One token per character of the training corpus; unseen characters map to `<unk>`."""
+
+    kind = "char"
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int | None = None) -> CharTokenizer:
+        """Every character of `text` (a char vocabulary has no size to choose)."""
+        return cls(sorted(set(text)))
+
+    def split(self, text: str) -> str:
+        return text  # a string iterates over its characters
+
+    def decode(self, ids: Iterable[int]) -> str:
+        itos = self.itos
+        return "".join(itos[i] if 0 < i < len(itos) else "" for i in ids)
+
+
 # Words (with inner apostrophes), single punctuation marks, and newlines are tokens.
 _WORD_RE = re.compile(r"\n|[^\W_]+(?:'[^\W_]+)*|[^\w\s]|_")
 _NO_SPACE_BEFORE = set(".,;:!?)]}'\"")
 _NO_SPACE_AFTER = set("([{")
 
 
-class WordTokenizer:
+class WordTokenizer(VocabTokenizer):
     """Words and punctuation as tokens, capped vocabulary, `<unk>` for the rest."""
 
     kind = "word"
-
-    def __init__(self, words: list[str]):
-        self.itos = [UNK, *words]
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
 
     @classmethod
     def train(cls, text: str, vocab_size: int | None = None) -> WordTokenizer:
@@ -107,17 +120,8 @@ class WordTokenizer:
         words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         return cls(words[: max(vocab_size - 1, 1)])
 
-    @classmethod
-    def load(cls, directory: Path) -> WordTokenizer:
-        return cls(list(_read_json(directory, cls.kind)["vocab"]))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        get = self.stoi.get
-        return [get(w, 0) for w in _WORD_RE.findall(text)]
+    def split(self, text: str) -> list[str]:
+        return _WORD_RE.findall(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         out: list[str] = []
@@ -134,15 +138,6 @@ class WordTokenizer:
             out.append(word)
             prev = word
         return "".join(out)
-
-    def id_to_token(self, token_id: int) -> str:
-        return self.itos[token_id]
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.stoi.get(token)
-
-    def save(self, directory: Path) -> None:
-        _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
 
 
 class BPETokenizer:

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lm.checkpoint import read_config, shipped_checkpoints, shipped_dir
 from lm.errors import LMError
 from lm.tokenizers import (
     KINDS,
@@ -73,6 +74,20 @@ def test_unknown_kind_is_an_error_naming_the_choices(kind, corpus_text, tmp_path
         with pytest.raises(LMError, match=f"unknown tokenizer {kind!r}; choose one of "
                                           "char, word, bpe, spm"):
             call()
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_checkpoints()
+                                  if read_config(shipped_dir() / n)["tokenizer"]["kind"]
+                                  in ("char", "word")])
+def test_shipped_vocabulary_saves_back_byte_identical(name, tmp_path):
+    directory = shipped_dir() / name
+    kind = read_config(directory)["tokenizer"]["kind"]
+    tokenizer = load_tokenizer(directory, kind)
+    tokenizer.save(tmp_path)
+    saved = (tmp_path / "tokenizer.json").read_bytes()
+    assert saved == (directory / "tokenizer.json").read_bytes()
+    assert tokenizer.decode(tokenizer.encode(SAMPLE)) == load_tokenizer(tmp_path, kind).decode(
+        load_tokenizer(tmp_path, kind).encode(SAMPLE))
 
 
 # -- char ---------------------------------------------------------------------------------
