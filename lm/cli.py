@@ -22,8 +22,17 @@ from lm.commands import (
 from lm.commands import eval as eval_
 from lm.errors import LMError
 
-COMMANDS = (train, eval_, generate, checkpoints, serve, loadtest, make_tasks, fewshot_eval,
-            neighbors)
+COMMANDS = (
+    train,
+    eval_,
+    generate,
+    checkpoints,
+    serve,
+    loadtest,
+    make_tasks,
+    fewshot_eval,
+    neighbors,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,9 +71,14 @@ def evaluate(
     }
 
 
-def evaluate_checkpoint(checkpoint: str, corpus: list[str], split: str = "val",
-                        val_fraction: float | None = None, max_tokens: int | None = None,
-                        device: str = "auto") -> dict:
+def evaluate_checkpoint(
+    checkpoint: str,
+    corpus: list[str],
+    split: str = "val",
+    val_fraction: float | None = None,
+    max_tokens: int | None = None,
+    device: str = "auto",
+) -> dict:
     """The one evaluation used by `lm eval`, the shipped-checkpoint test and the benchmarks."""
     from lm.checkpoint import load_checkpoint
     from lm.data import read_corpus, split_text, to_tensor

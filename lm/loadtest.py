@@ -23,14 +23,16 @@ def read_locust_stats(path: Path) -> list[dict]:
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            rows.append({
-                "name": " ".join(p for p in (row.get("Type"), row.get("Name")) if p),
-                "requests": int(row["Request Count"]),
-                "failures": int(row["Failure Count"]),
-                "rps": number(row["Requests/s"]) or 0.0,
-                "p50_ms": number(row.get("50%")),
-                "p99_ms": number(row.get("99%")),
-            })
+            rows.append(
+                {
+                    "name": " ".join(p for p in (row.get("Type"), row.get("Name")) if p),
+                    "requests": int(row["Request Count"]),
+                    "failures": int(row["Failure Count"]),
+                    "rps": number(row["Requests/s"]) or 0.0,
+                    "p50_ms": number(row.get("50%")),
+                    "p99_ms": number(row.get("99%")),
+                }
+            )
     rows.sort(key=lambda r: r["name"] == "Aggregated")
     return rows
 
@@ -42,9 +44,13 @@ def format_loadtest_summary(rows: list[dict]) -> str:
         return "-" if value is None else f"{value:.0f}"
 
     width = max([len(r["name"]) for r in rows] + [8])
-    lines = [f"{'endpoint':<{width}} {'requests':>9} {'failures':>9} {'req/s':>8} "
-             f"{'p50 ms':>8} {'p99 ms':>8}"]
+    lines = [
+        f"{'endpoint':<{width}} {'requests':>9} {'failures':>9} {'req/s':>8} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    ]
     for r in rows:
-        lines.append(f"{r['name']:<{width}} {r['requests']:>9,} {r['failures']:>9,} "
-                     f"{r['rps']:>8.1f} {ms(r['p50_ms']):>8} {ms(r['p99_ms']):>8}")
+        lines.append(
+            f"{r['name']:<{width}} {r['requests']:>9,} {r['failures']:>9,} "
+            f"{r['rps']:>8.1f} {ms(r['p50_ms']):>8} {ms(r['p99_ms']):>8}"
+        )
     return "\n".join(lines)

@@ -105,7 +105,8 @@ def shots_list(text: str) -> list[int]:
         shots = [int(part) for part in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated whole numbers like 0,1,2,4,8, got {text!r}") from None
+            f"expected comma-separated whole numbers like 0,1,2,4,8, got {text!r}"
+        ) from None
     if any(s < 0 for s in shots):
         raise argparse.ArgumentTypeError(f"shots must be >= 0, got {text!r}")
     return sorted(set(shots))

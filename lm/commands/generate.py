@@ -17,25 +17,36 @@ from lm.errors import LMError
 def add_parser(subparsers) -> None:
     from lm.checkpoint import DEFAULT_CHECKPOINT
 
-    p = subparsers.add_parser("generate",
-                              help="generate text from a prompt (streams to the terminal)")
-    p.add_argument("prompt", nargs="?", default=None,
-                   help="the prompt; '-' or nothing reads standard input. With few-shot "
-                        "examples, the query")
+    p = subparsers.add_parser(
+        "generate", help="generate text from a prompt (streams to the terminal)"
+    )
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="the prompt; '-' or nothing reads standard input. With few-shot examples, the query",
+    )
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="shipped name or directory")
     p.add_argument("--max-new-tokens", type=max_new_tokens, default=256)
-    p.add_argument("--temperature", type=non_negative_float, default=0.8,
-                   help="0 is greedy (default 0.8)")
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.8, help="0 is greedy (default 0.8)"
+    )
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 turns it off")
     p.add_argument("--top-p", type=unit_interval, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     p.add_argument("--n", type=positive_int, default=1, help="samples per prompt")
-    p.add_argument("--example", action="append", default=None, metavar="IN=>OUT",
-                   help="a few-shot example (repeatable)")
+    p.add_argument(
+        "--example",
+        action="append",
+        default=None,
+        metavar="IN=>OUT",
+        help="a few-shot example (repeatable)",
+    )
     p.add_argument("--examples", metavar="FILE.jsonl", help='few-shot examples {"input", "output"}')
-    p.add_argument("--template", default=None,
-                   help="few-shot template (default '{input} => {output}\\n')")
+    p.add_argument(
+        "--template", default=None, help="few-shot template (default '{input} => {output}\\n')"
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
@@ -55,13 +66,20 @@ def run(args) -> int:
     if args.examples:
         examples += load_examples(args.examples)
     if examples:
-        prompt, default_stop = build_prompt(examples, prompt.strip("\n"),
-                                            args.template or DEFAULT_TEMPLATE)
+        prompt, default_stop = build_prompt(
+            examples, prompt.strip("\n"), args.template or DEFAULT_TEMPLATE
+        )
         stop = stop or default_stop
     elif args.template:
         raise LMError("--template needs few-shot examples (--example or --examples)")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=stop,
+    )
     params.validate()
     checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
     generator = Generator(checkpoint)

@@ -11,19 +11,30 @@ from lm.loadtest import default_locustfile, format_loadtest_summary, read_locust
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("loadtest", help="load-test a running server with locust (headless)",
-                              description="Run service/locustfile.py headless against a server, "
-                                          "write CSV and HTML reports to --out and print a "
-                                          "summary. Exit status 1 when any request failed.")
-    p.add_argument("--host", type=http_url, default="http://127.0.0.1:8000",
-                   help="server URL (default http://127.0.0.1:8000)")
+    p = subparsers.add_parser(
+        "loadtest",
+        help="load-test a running server with locust (headless)",
+        description="Run service/locustfile.py headless against a server, "
+        "write CSV and HTML reports to --out and print a "
+        "summary. Exit status 1 when any request failed.",
+    )
+    p.add_argument(
+        "--host",
+        type=http_url,
+        default="http://127.0.0.1:8000",
+        help="server URL (default http://127.0.0.1:8000)",
+    )
     p.add_argument("--users", type=positive_int, default=100, help="concurrent users (100)")
-    p.add_argument("--spawn-rate", type=positive_float, default=20.0,
-                   help="users started per second (20)")
+    p.add_argument(
+        "--spawn-rate", type=positive_float, default=20.0, help="users started per second (20)"
+    )
     p.add_argument("--run-time", type=run_time, default="60s", help="60s, 5m, 1h30m (60s)")
     p.add_argument("--out", default="runs/loadtest", help="report directory (runs/loadtest)")
-    p.add_argument("--model", default=None, help="model name to request (LM_MODEL; default "
-                                                 "shakespeare-char-gpt)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name to request (LM_MODEL; default shakespeare-char-gpt)",
+    )
     p.add_argument("--locustfile", default=None, help="default: service/locustfile.py")
     p.set_defaults(func=run)
 
@@ -47,30 +58,59 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stats_csv = out / "locust_stats.csv"
     stats_csv.unlink(missing_ok=True)  # never summarise a previous run
-    command = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
-               "-u", str(args.users), "-r", f"{args.spawn_rate:g}", "-t", args.run_time,
-               "--host", args.host, "--csv", str(out / "locust"),
-               "--html", str(out / "report.html"), "--only-summary"]
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(locustfile),
+        "--headless",
+        "-u",
+        str(args.users),
+        "-r",
+        f"{args.spawn_rate:g}",
+        "-t",
+        args.run_time,
+        "--host",
+        args.host,
+        "--csv",
+        str(out / "locust"),
+        "--html",
+        str(out / "report.html"),
+        "--only-summary",
+    ]
     env = dict(os.environ)
     if args.model:
         env["LM_MODEL"] = args.model
-    print(f"lm loadtest: {args.users} users (+{args.spawn_rate:g}/s) for {args.run_time} "
-          f"against {args.host}", file=sys.stderr, flush=True)
+    print(
+        f"lm loadtest: {args.users} users (+{args.spawn_rate:g}/s) for {args.run_time} "
+        f"against {args.host}",
+        file=sys.stderr,
+        flush=True,
+    )
     returncode = subprocess.run(command, env=env).returncode
     if not stats_csv.is_file():
-        raise LMError(f"locust exited with status {returncode} without writing {stats_csv} "
-                      "(see its output above)")
+        raise LMError(
+            f"locust exited with status {returncode} without writing {stats_csv} "
+            "(see its output above)"
+        )
     rows = read_locust_stats(stats_csv)
     print(format_loadtest_summary(rows))
     print(f"report: {out / 'report.html'}")
     total = rows[-1] if rows else {"failures": 0}
     if total["failures"]:
-        print(f"lm loadtest: {total['failures']} failed requests "
-              f"(details in {out / 'locust_failures.csv'})", file=sys.stderr)
+        print(
+            f"lm loadtest: {total['failures']} failed requests "
+            f"(details in {out / 'locust_failures.csv'})",
+            file=sys.stderr,
+        )
         return 1
     if returncode:
-        print(f"lm loadtest: locust exited with status {returncode} (errors in the locustfile? "
-              f"see {out / 'locust_exceptions.csv'})", file=sys.stderr)
+        print(
+            f"lm loadtest: locust exited with status {returncode} (errors in the locustfile? "
+            f"see {out / 'locust_exceptions.csv'})",
+            file=sys.stderr,
+        )
     return returncode
 
 

@@ -6,11 +6,13 @@ from lm.commands._args import positive_int
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("make-tasks",
-                              help="write an in-context-learning corpus of few-shot episodes",
-                              description="Episodes of `input => output` lines, one random string "
-                                          "task each, blank-line separated; held-out words never "
-                                          "appear.")
+    p = subparsers.add_parser(
+        "make-tasks",
+        help="write an in-context-learning corpus of few-shot episodes",
+        description="Episodes of `input => output` lines, one random string "
+        "task each, blank-line separated; held-out words never "
+        "appear.",
+    )
     p.add_argument("--out", required=True, help="text file to write (UTF-8)")
     p.add_argument("--episodes", type=positive_int, default=20_000)
     p.add_argument("--seed", type=int, default=0, help="same seed, same corpus")

@@ -9,8 +9,9 @@ def add_parser(subparsers) -> None:
     from lm.checkpoint import DEFAULT_CHECKPOINT
 
     p = subparsers.add_parser("neighbors", help="tokens with the most similar input embeddings")
-    p.add_argument("token",
-                   help="a token of the checkpoint's vocabulary (a character for char models)")
+    p.add_argument(
+        "token", help="a token of the checkpoint's vocabulary (a character for char models)"
+    )
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="shipped name or directory")
     p.add_argument("-k", type=positive_int, default=10, help="how many (default 10)")
     p.set_defaults(func=run)

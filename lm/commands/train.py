@@ -11,8 +11,11 @@ from lm.tokenizers import TOKENIZERS
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a language model on a text corpus",
-                              description="Train a model; flags override the keys of --config.")
+    p = subparsers.add_parser(
+        "train",
+        help="train a language model on a text corpus",
+        description="Train a model; flags override the keys of --config.",
+    )
     p.add_argument("--config", help="recipe.toml with the same keys as these flags")
     p.add_argument("--corpus", action="append", help="UTF-8 text file (repeatable)")
     p.add_argument("--out", help="checkpoint directory to write (default runs/model)")
@@ -37,8 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the interrupted run in --out")
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="continue the interrupted run in --out"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,7 +53,9 @@ def run(args) -> int:
     settings = _load_toml(args.config) if args.config else {}
     if "corpus" in settings and args.config:  # recipe paths are relative to the recipe
         base = Path(args.config).parent
-        corpus = settings["corpus"] if isinstance(settings["corpus"], list) else [settings["corpus"]]
+        corpus = (
+            settings["corpus"] if isinstance(settings["corpus"], list) else [settings["corpus"]]
+        )
         settings["corpus"] = [str(_relative_to(base, c)) for c in corpus]
     if "out" in settings and args.config:
         settings["out"] = str(_relative_to(Path(args.config).parent, settings["out"]))
@@ -58,9 +64,11 @@ def run(args) -> int:
     config = TrainConfig.from_dict(settings)
     summary = run_training(config, progress=not args.no_progress)
     if "val_loss" in summary:
-        print(f"best validation loss {summary['val_loss']:.4f} "
-              f"(perplexity {summary['val_perplexity']:.2f}, {summary['val_bpc']:.3f} bits/char) "
-              f"saved in {config.out}")
+        print(
+            f"best validation loss {summary['val_loss']:.4f} "
+            f"(perplexity {summary['val_perplexity']:.2f}, {summary['val_bpc']:.3f} bits/char) "
+            f"saved in {config.out}"
+        )
     return 0
 
 
