@@ -49,7 +49,7 @@ def rss_mb(pid: int) -> float:
 
 def start_server(checkpoint: str, port: int, extra: list[str]) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lm.cli", "serve", "--checkpoint", checkpoint, "--port", str(port),
+        [sys.executable, "-m", "lm", "serve", "--checkpoint", checkpoint, "--port", str(port),
          "--log-level", "warning", *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import urllib.request

@@ -45,7 +45,7 @@ def main() -> None:
     out = ROOT / "runs" / args.name
     try:
         completed = subprocess.run(
-            [sys.executable, "-m", "lm.cli", "loadtest", "--host", f"http://127.0.0.1:{port}",
+            [sys.executable, "-m", "lm", "loadtest", "--host", f"http://127.0.0.1:{port}",
              "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
              "--run-time", args.run_time, "--out", str(out), "--model", args.checkpoint],
             cwd=ROOT, capture_output=True, text=True)

@@ -26,8 +26,9 @@ from torch import nn
 
 from bench.common import corpus_path, save_result
 from lm.data import random_windows, split_text, to_tensor
+from lm.evaluate import evaluate
 from lm.tokenizers import CharTokenizer
-from lm.train import TrainConfig, Trainer, evaluate
+from lm.train import TrainConfig, Trainer
 
 # -- a plain PyTorch GPT and loop (the baseline) ------------------------------------------
 

@@ -86,6 +86,28 @@ def read_config(directory: Path) -> dict:
     return meta
 
 
+def describe_checkpoint(directory: Path) -> dict:
+    """What `lm checkpoints` shows: kinds, size on disk (serving files only) and val loss."""
+    meta = read_config(directory)
+    size = sum(p.stat().st_size for p in directory.iterdir()  # what serving needs
+               if p.is_file() and p.name != TRAIN_STATE_FILE)
+    training = meta.get("training", {})
+    return {
+        "name": directory.name,
+        "model": meta["model"]["kind"],
+        "tokenizer": meta["tokenizer"]["kind"],
+        "params": meta.get("num_params"),
+        "size_mb": round(size / 1e6, 1),
+        "val_loss": training.get("val_loss"),
+        "val_bpc": training.get("val_bpc"),
+    }
+
+
+def describe_shipped() -> list[dict]:
+    """`describe_checkpoint` of every shipped checkpoint, by name."""
+    return [describe_checkpoint(shipped_dir() / name) for name in shipped_checkpoints()]
+
+
 def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a model and its tokenizer for inference (eval mode), without pickle."""
     from safetensors import SafetensorError

@@ -18,11 +18,18 @@ from lm.errors import LMError
 TOKENIZER_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 UNK = "<unk>"
-KINDS = ("char", "word", "bpe", "spm")
 
 
 class Tokenizer(Protocol):
+    """What every tokenizer kind offers; `TOKENIZERS` maps each kind to its class."""
+
     kind: str
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int | None = None) -> Tokenizer: ...
+
+    @classmethod
+    def load(cls, directory: Path) -> Tokenizer: ...
 
     @property
     def vocab_size(self) -> int: ...
@@ -38,30 +45,34 @@ class Tokenizer(Protocol):
     def save(self, directory: Path) -> None: ...
 
 
-class CharTokenizer:
-    """One token per character of the training corpus; unseen characters map to `<unk>`."""
+class VocabTokenizer:
+    """A fixed list of string tokens, id 0 for `<unk>`, saved as the project's own JSON.
 
-    kind = "char"
+    Owns the vocabulary plumbing (id <-> token maps, save, load); a variant says only how
+    text splits into tokens (`split`), how tokens join back (`decode`) and how it trains.
+    """
 
-    def __init__(self, chars: list[str]):
-        self.itos = [UNK, *chars]
-        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+    kind: str
+
+    def __init__(self, tokens: list[str]):
+        self.itos = [UNK, *tokens]
+        self.stoi = {token: i for i, token in enumerate(self.itos)}
 
     @classmethod
-    def train(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
+    def load(cls, directory: Path) -> VocabTokenizer:
+        return cls(list(_read_json(directory, cls.kind)["vocab"]))
 
     @property
     def vocab_size(self) -> int:
         return len(self.itos)
 
+    def split(self, text: str) -> Iterable[str]:
+        """The tokens of `text`, before they become ids."""
+        raise NotImplementedError
+
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
-        return [get(ch, 0) for ch in text]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        itos = self.itos
-        return "".join(itos[i] if 0 < i < len(itos) else "" for i in ids)
+        return [get(token, 0) for token in self.split(text)]
 
     def id_to_token(self, token_id: int) -> str:
         return self.itos[token_id]
@@ -73,34 +84,44 @@ class CharTokenizer:
         _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
 
 
+class CharTokenizer(VocabTokenizer):
+    """One token per character of the training corpus; unseen characters map to `<unk>`."""
+
+    kind = "char"
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int | None = None) -> CharTokenizer:
+        """Every character of `text` (a char vocabulary has no size to choose)."""
+        return cls(sorted(set(text)))
+
+    def split(self, text: str) -> str:
+        return text  # a string iterates over its characters
+
+    def decode(self, ids: Iterable[int]) -> str:
+        itos = self.itos
+        return "".join(itos[i] if 0 < i < len(itos) else "" for i in ids)
+
+
 # Words (with inner apostrophes), single punctuation marks, and newlines are tokens.
 _WORD_RE = re.compile(r"\n|[^\W_]+(?:'[^\W_]+)*|[^\w\s]|_")
 _NO_SPACE_BEFORE = set(".,;:!?)]}'\"")
 _NO_SPACE_AFTER = set("([{")
 
 
-class WordTokenizer:
+class WordTokenizer(VocabTokenizer):
     """Words and punctuation as tokens, capped vocabulary, `<unk>` for the rest."""
 
     kind = "word"
 
-    def __init__(self, words: list[str]):
-        self.itos = [UNK, *words]
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-
     @classmethod
-    def train(cls, text: str, vocab_size: int = 8000) -> WordTokenizer:
+    def train(cls, text: str, vocab_size: int | None = None) -> WordTokenizer:
+        vocab_size = vocab_size or 8000
         counts = Counter(_WORD_RE.findall(text))
         words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         return cls(words[: max(vocab_size - 1, 1)])
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        get = self.stoi.get
-        return [get(w, 0) for w in _WORD_RE.findall(text)]
+    def split(self, text: str) -> list[str]:
+        return _WORD_RE.findall(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         out: list[str] = []
@@ -118,15 +139,6 @@ class WordTokenizer:
             prev = word
         return "".join(out)
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.itos[token_id]
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.stoi.get(token)
-
-    def save(self, directory: Path) -> None:
-        _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
-
 
 class BPETokenizer:
     """Byte-level BPE from Hugging Face `tokenizers`: any UTF-8 string round-trips exactly."""
@@ -137,7 +149,7 @@ class BPETokenizer:
         self.hf = hf_tokenizer
 
     @classmethod
-    def train(cls, text: str, vocab_size: int = 1024) -> BPETokenizer:
+    def train(cls, text: str, vocab_size: int | None = None) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -145,7 +157,7 @@ class BPETokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
+            vocab_size=vocab_size or 1024,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             special_tokens=[],
             show_progress=False,
@@ -154,10 +166,10 @@ class BPETokenizer:
         return cls(hf)
 
     @classmethod
-    def load(cls, path: Path) -> BPETokenizer:
+    def load(cls, directory: Path) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(path)))
+        return cls(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)))
 
     @property
     def vocab_size(self) -> int:
@@ -192,11 +204,13 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def train(cls, text: str, vocab_size: int = 1024, model_type: str = "unigram"):
+    def train(cls, text: str, vocab_size: int | None = None,
+              model_type: str = "unigram") -> SentencePieceTokenizer:
         import io
 
         import sentencepiece as spm
 
+        vocab_size = vocab_size or 1024
         buffer = io.BytesIO()
         lines = [line for line in text.split("\n") if line.strip()]
         try:
@@ -222,6 +236,10 @@ class SentencePieceTokenizer:
             ) from exc
         return cls(buffer.getvalue())
 
+    @classmethod
+    def load(cls, directory: Path) -> SentencePieceTokenizer:
+        return cls((directory / _read_json(directory, cls.kind)["model_file"]).read_bytes())
+
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
@@ -244,41 +262,40 @@ class SentencePieceTokenizer:
         _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "model_file": SPM_FILE})
 
 
+TOKENIZERS: dict[str, type[Tokenizer]] = {
+    cls.kind: cls for cls in (CharTokenizer, WordTokenizer, BPETokenizer, SentencePieceTokenizer)
+}
+KINDS = tuple(TOKENIZERS)
+
+
+def tokenizer_class(kind: str) -> type[Tokenizer]:
+    """The tokenizer class registered as `kind`; an unknown kind is an LMError."""
+    try:
+        return TOKENIZERS[kind]
+    except (KeyError, TypeError):
+        raise LMError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}") from None
+
+
 def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
-    """Train a tokenizer of `kind` on `text`."""
-    if kind == "char":
-        return CharTokenizer.train(text)
-    if kind == "word":
-        return WordTokenizer.train(text, vocab_size or 8000)
-    if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size or 1024)
-    if kind == "spm":
-        return SentencePieceTokenizer.train(text, vocab_size or 1024)
-    raise LMError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
+    """Train a tokenizer of `kind` on `text` (each kind has its own default vocabulary size)."""
+    return tokenizer_class(kind).train(text, vocab_size)
 
 
 def load_tokenizer(directory: Path, kind: str) -> Tokenizer:
     """Load the tokenizer saved in a checkpoint directory."""
     path = directory / TOKENIZER_FILE
+    try:
+        cls = tokenizer_class(kind)
+    except LMError as exc:
+        raise LMError(f"{directory}: {exc}") from None
     if not path.is_file():
         raise LMError(f"{path}: missing tokenizer file")
     try:
-        if kind == "bpe":
-            return BPETokenizer.load(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("kind") != kind:
-            raise LMError(f"{path}: holds a {data.get('kind')!r} tokenizer, config says {kind!r}")
-        if kind == "char":
-            return CharTokenizer(list(data["vocab"]))
-        if kind == "word":
-            return WordTokenizer(list(data["vocab"]))
-        if kind == "spm":
-            return SentencePieceTokenizer((directory / data["model_file"]).read_bytes())
+        return cls.load(directory)
     except LMError:
         raise
     except Exception as exc:  # damaged file: name it
         raise LMError(f"{path}: cannot load tokenizer ({exc})") from exc
-    raise LMError(f"{path}: unknown tokenizer kind {kind!r}")
 
 
 class IncrementalDecoder:
@@ -315,6 +332,15 @@ class IncrementalDecoder:
 def _chunks(text: str, size: int = 1 << 16) -> Iterable[str]:
     for start in range(0, len(text), size):
         yield text[start : start + size]
+
+
+def _read_json(directory: Path, kind: str) -> dict:
+    """The project's own tokenizer.json, checked to hold a tokenizer of `kind`."""
+    path = directory / TOKENIZER_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("kind") != kind:
+        raise LMError(f"{path}: holds a {data.get('kind')!r} tokenizer, config says {kind!r}")
+    return data
 
 
 def _write_json(path: Path, data) -> None:

@@ -24,7 +24,6 @@ from lm.checkpoint import (
 from lm.data import (
     Streams,
     corpus_hash,
-    eval_windows,
     random_windows,
     read_corpus,
     split_text,
@@ -32,8 +31,9 @@ from lm.data import (
 )
 from lm.device import pick_device
 from lm.errors import LMError
+from lm.evaluate import evaluate
 from lm.models import ModelConfig, build_model
-from lm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lm.tokenizers import Tokenizer, load_tokenizer, tokenizer_class, train_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -100,8 +100,7 @@ class TrainConfig:
             raise LMError("--lr must be positive")
         if self.warmup_steps < 0:
             raise LMError("--warmup-steps must not be negative")
-        if self.tokenizer not in ("char", "word", "bpe", "spm"):
-            raise LMError(f"unknown tokenizer {self.tokenizer!r}; choose one of char, word, bpe, spm")
+        tokenizer_class(self.tokenizer)  # an unknown kind is an LMError naming the choices
         self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
 
 
@@ -112,62 +111,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    n_chars: int,
-    max_tokens: int | None = None,
-    device: torch.device | str = "cpu",
-) -> dict:
-    """Mean next-token loss over `ids` (deterministic), with perplexity and bits per character.
-
-    GPT: non-overlapping windows of its context. Recurrent models: parallel contiguous
-    streams with the hidden state carried along.
-    """
-    was_training = model.training
-    model.eval()
-    chars_per_token = n_chars / max(1, len(ids))
-    if max_tokens is not None and len(ids) > max_tokens + 1:
-        ids = ids[: max_tokens + 1]
-    config = model.config
-    total_loss, total_tokens = 0.0, 0
-    if config.kind == "gpt":
-        block = min(config.block_size, len(ids) - 1)
-        batches = eval_windows(ids, block, batch_size=16)
-        for x, y in batches:
-            logits = model(x.to(device))
-            total_loss += F.cross_entropy(
-                logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum"
-            ).item()
-            total_tokens += y.numel()
-    else:
-        n_streams = max(1, min(16, (len(ids) - 1) // (4 * config.block_size)))
-        length = (len(ids) - 1) // n_streams
-        xs = ids[: length * n_streams].view(n_streams, length)
-        ys = ids[1 : length * n_streams + 1].view(n_streams, length)
-        state = None
-        for start in range(0, length, config.block_size):
-            x = xs[:, start : start + config.block_size].to(device)
-            y = ys[:, start : start + config.block_size].to(device)
-            logits, state = model(x, state, return_state=True)
-            total_loss += F.cross_entropy(
-                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
-            ).item()
-            total_tokens += y.numel()
-    model.train(was_training)
-    if total_tokens == 0:
-        raise LMError("validation split is empty: the corpus is too short")
-    loss = total_loss / total_tokens
-    covered_chars = chars_per_token * total_tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "bpc": total_loss / covered_chars / math.log(2),
-        "tokens": total_tokens,
-    }
 
 
 class Trainer:

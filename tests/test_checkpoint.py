@@ -106,6 +106,29 @@ def test_damaged_checkpoint_is_an_lm_error_naming_the_file(damage, saved):
         load_checkpoint(saved)
 
 
+def _edit_tokenizer_kind(directory: Path, kind: str) -> None:
+    path = directory / "config.json"
+    meta = json.loads(path.read_text())
+    meta["tokenizer"]["kind"] = kind
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: _edit_config(d, kind="transformer"),
+         "unknown model 'transformer'; choose one of rnn, gru, lstm, gpt"),
+        (lambda d: _edit_tokenizer_kind(d, "morse"),
+         "unknown tokenizer 'morse'; choose one of char, word, bpe, spm"),
+    ],
+    ids=["model", "tokenizer"],
+)
+def test_unknown_kind_in_config_is_an_error_not_a_fallback(edit, message, saved):
+    edit(saved)
+    with pytest.raises(LMError, match=message):
+        load_checkpoint(saved)
+
+
 # -- train_state.pt: no code runs on load --------------------------------------------------
 
 

@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,44 @@ def assert_one_line_error(code: int, err: str, command: str, *fragments: str) ->
 
 def digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+# -- python -m lm -------------------------------------------------------------------------
+
+
+def test_python_dash_m_lm_runs_the_cli_with_its_exit_codes(tmp_path):
+    """`python -m lm` is the `lm` command (so `torchrun -m lm train` works too)."""
+    missing = tmp_path / "nope.txt"
+    result = subprocess.run([sys.executable, "-m", "lm", "eval", "--checkpoint", str(tmp_path),
+                             "--corpus", str(missing)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lm eval: error: "), result.stderr
+    listed = subprocess.run([sys.executable, "-m", "lm", "checkpoints", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0
+    assert isinstance(json.loads(listed.stdout), list)
+
+
+def test_train_choices_are_the_registries():
+    from lm.cli import build_parser
+    from lm.models import MODELS
+    from lm.tokenizers import TOKENIZERS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: a.choices for a in train._actions if a.choices}
+    assert choices == {"tokenizer": list(TOKENIZERS), "model": list(MODELS)}
+
+
+def test_train_unknown_kind_in_a_recipe_is_one_line(capsys, tmp_path, corpus_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'corpus = "{corpus_path}"\ntokenizer = "morse"\n')
+    code, _, err = run(capsys, "train", "--config", recipe, "--out", tmp_path / "run", *TINY)
+    assert_one_line_error(code, err, "train", "unknown tokenizer 'morse'", "char, word, bpe, spm")
+    recipe.write_text(f'corpus = "{corpus_path}"\nmodel = "transformer"\n')
+    code, _, err = run(capsys, "train", "--config", recipe, "--out", tmp_path / "run", *TINY)
+    assert_one_line_error(code, err, "train", "unknown model 'transformer'", "rnn, gru, lstm, gpt")
 
 
 # -- lm train: user mistakes ---------------------------------------------------------------

@@ -17,7 +17,7 @@ def test_two_processes_train_one_checkpoint(tmp_path, corpus_path, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "lm.cli", "train", "--corpus", str(corpus_path), "--out", str(out),
+         "-m", "lm", "train", "--corpus", str(corpus_path), "--out", str(out),
          "--model", model, "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
          "--block-size", "16", "--batch-size", "4", "--max-steps", "8", "--eval-interval", "4",
          "--no-progress", "--threads", "1"],

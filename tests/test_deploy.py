@@ -15,6 +15,9 @@ import pytest
 import yaml
 
 from lm import cli
+from lm.commands import loadtest as loadtest_command
+from lm.commands._args import run_time
+from lm.loadtest import default_locustfile
 
 ROOT = Path(__file__).resolve().parents[1]
 HEALTH_URL = "http://127.0.0.1:8000/health"
@@ -150,7 +153,7 @@ def locustfile_probe() -> dict:
     if importlib.util.find_spec("locust") is None:
         pytest.skip('locust is not installed (pip install -e ".[load]")')
     # A subprocess: importing locust monkey-patches sockets and threads for good.
-    result = subprocess.run([sys.executable, "-c", _PROBE, str(cli.default_locustfile())],
+    result = subprocess.run([sys.executable, "-c", _PROBE, str(default_locustfile())],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -174,7 +177,7 @@ def test_locustfile_fails_streams_without_done_or_with_errors(locustfile_probe):
 
 
 def test_default_locustfile_is_the_one_in_service():
-    assert cli.default_locustfile() == ROOT / "service" / "locustfile.py"
+    assert default_locustfile() == ROOT / "service" / "locustfile.py"
 
 
 # -- lm loadtest ----------------------------------------------------------------------------
@@ -199,18 +202,18 @@ def test_loadtest_bad_arguments_are_one_line_and_status_2(args, flag, capsys):
 
 @pytest.mark.parametrize("text", ["90", "60s", "5m", "1h30m", "2h"])
 def test_loadtest_accepts_locust_durations(text):
-    assert cli._run_time(text) == text
+    assert run_time(text) == text
 
 
 def test_loadtest_without_locust_says_how_to_install_it(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_locust_available", lambda: False)
+    monkeypatch.setattr(loadtest_command, "_locust_available", lambda: False)
     assert cli.main(["loadtest"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install -e ".[load]"' in err
 
 
 def test_loadtest_without_a_server_is_one_line_and_status_2(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_locust_available", lambda: True)
+    monkeypatch.setattr(loadtest_command, "_locust_available", lambda: True)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -244,8 +247,8 @@ def test_loadtest_runs_locust_headless_and_summarises_its_csv(failures, status, 
                              38, *[50] * 6, 250, 300, 300, 300])
         return subprocess.CompletedProcess(command, 1 if failures else 0)
 
-    monkeypatch.setattr(cli, "_locust_available", lambda: True)
-    monkeypatch.setattr(cli, "_check_server", lambda host: None)
+    monkeypatch.setattr(loadtest_command, "_locust_available", lambda: True)
+    monkeypatch.setattr(loadtest_command, "_check_server", lambda host: None)
     monkeypatch.setattr(subprocess, "run", fake_run)
     out = tmp_path / "load"
     code = cli.main(["loadtest", "--host", "http://h:9/", "--users", "7", "--spawn-rate", "3",
@@ -257,7 +260,7 @@ def test_loadtest_runs_locust_headless_and_summarises_its_csv(failures, status, 
     def value(flag: str) -> str:
         return command[command.index(flag) + 1]
 
-    assert value("-f") == str(cli.default_locustfile())
+    assert value("-f") == str(default_locustfile())
     assert [value(f) for f in ("-u", "-r", "-t", "--host")] == ["7", "3", "2m", "http://h:9"]
     assert value("--csv") == str(out / "locust")
     assert value("--html") == str(out / "report.html")

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from lm.errors import LMError
-from lm.models import KINDS, ModelConfig, build_model
+from lm.models import KINDS, MODELS, ModelConfig, build_model, model_builder
 
 VOCAB = 23
 ATOL = 1e-5
@@ -198,3 +198,15 @@ def test_n_head_is_ignored_by_recurrent_models():
 def test_config_dict_round_trip_ignores_unknown_keys():
     config = ModelConfig(kind="gru", vocab_size=50, n_layer=1, n_embd=8)
     assert ModelConfig.from_dict({**config.to_dict(), "extra": 1}) == config
+
+
+def test_registry_builds_every_kind_and_refuses_the_rest():
+    assert KINDS == tuple(MODELS) == ("rnn", "gru", "lstm", "gpt")
+    for kind in KINDS:
+        model = model_builder(kind)(ModelConfig(kind=kind, vocab_size=11, n_layer=1, n_embd=8,
+                                                n_head=2, block_size=8))
+        assert model.config.kind == kind
+    for kind in ("transformer", "", None, "GPT"):
+        with pytest.raises(LMError, match=f"unknown model {kind!r}; choose one of "
+                                          "rnn, gru, lstm, gpt"):
+            model_builder(kind)

@@ -232,7 +232,7 @@ def test_sigterm_finishes_running_requests_then_exits(tiny_checkpoint_dir: Path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LM_API_KEY", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm.cli", "serve", "--checkpoint", str(tiny_checkpoint_dir),
+        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(tiny_checkpoint_dir),
          "--port", str(port), "--torch-threads", "1", "--log-level", "warning",
          "--max-tokens-limit", "100000", "--shutdown-timeout", "30"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,8 +14,9 @@ from lm.checkpoint import (
     shipped_checkpoints,
     shipped_dir,
 )
-from lm.cli import evaluate_checkpoint, main
+from lm.cli import main
 from lm.data import corpus_hash
+from lm.evaluate import evaluate_checkpoint
 
 SHAKESPEARE = ["shakespeare-char-gpt", "shakespeare-char-lstm", "shakespeare-bpe-gpt",
                "shakespeare-word-lstm"]

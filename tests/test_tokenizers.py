@@ -6,15 +6,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lm.checkpoint import read_config, shipped_checkpoints, shipped_dir
 from lm.errors import LMError
 from lm.tokenizers import (
     KINDS,
+    TOKENIZERS,
     UNK,
     BPETokenizer,
     CharTokenizer,
     IncrementalDecoder,
     WordTokenizer,
     load_tokenizer,
+    tokenizer_class,
     train_tokenizer,
 )
 
@@ -52,6 +55,39 @@ def test_load_names_a_missing_tokenizer_file(tmp_path):
 def test_unknown_tokenizer_kind_is_an_lm_error(corpus_text):
     with pytest.raises(LMError, match="unknown tokenizer"):
         train_tokenizer("morse", corpus_text)
+
+
+def test_registry_maps_each_kind_to_its_class(corpus_text, tmp_path):
+    assert KINDS == tuple(TOKENIZERS) == ("char", "word", "bpe", "spm")
+    for kind, cls in TOKENIZERS.items():
+        assert cls.kind == kind and tokenizer_class(kind) is cls
+    char = TOKENIZERS["char"].train(corpus_text)
+    char.save(tmp_path)
+    assert TOKENIZERS["char"].load(tmp_path).encode(SAMPLE) == char.encode(SAMPLE)
+
+
+@pytest.mark.parametrize("kind", ["morse", "", None, "CHAR"])
+def test_unknown_kind_is_an_error_naming_the_choices(kind, corpus_text, tmp_path):
+    CharTokenizer.train(corpus_text).save(tmp_path)  # a loadable file is no excuse to guess
+    for call in (lambda: tokenizer_class(kind), lambda: load_tokenizer(tmp_path, kind),
+                 lambda: train_tokenizer(kind, corpus_text)):
+        with pytest.raises(LMError, match=f"unknown tokenizer {kind!r}; choose one of "
+                                          "char, word, bpe, spm"):
+            call()
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_checkpoints()
+                                  if read_config(shipped_dir() / n)["tokenizer"]["kind"]
+                                  in ("char", "word")])
+def test_shipped_vocabulary_saves_back_byte_identical(name, tmp_path):
+    directory = shipped_dir() / name
+    kind = read_config(directory)["tokenizer"]["kind"]
+    tokenizer = load_tokenizer(directory, kind)
+    tokenizer.save(tmp_path)
+    saved = (tmp_path / "tokenizer.json").read_bytes()
+    assert saved == (directory / "tokenizer.json").read_bytes()
+    assert tokenizer.decode(tokenizer.encode(SAMPLE)) == load_tokenizer(tmp_path, kind).decode(
+        load_tokenizer(tmp_path, kind).encode(SAMPLE))
 
 
 # -- char ---------------------------------------------------------------------------------

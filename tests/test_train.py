@@ -13,8 +13,9 @@ from torch.testing import assert_close
 
 from lm.checkpoint import load_checkpoint
 from lm.errors import LMError
+from lm.evaluate import evaluate
 from lm.models import ModelConfig, build_model
-from lm.train import TrainConfig, Trainer, evaluate, lr_at
+from lm.train import TrainConfig, Trainer, lr_at
 
 ARTEFACTS = (
     "config.json",

@@ -11,13 +11,12 @@ Every model is an `nn.Module` with:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from lm.errors import LMError
-
-KINDS = ("rnn", "gru", "lstm", "gpt")
 
 State = dict[str, torch.Tensor]
 
@@ -34,8 +33,7 @@ class ModelConfig:
     bias: bool = False  # GPT: biases in Linear and LayerNorm
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise LMError(f"unknown model {self.kind!r}; choose one of {', '.join(KINDS)}")
+        model_builder(self.kind)  # an unknown kind is an error here, not at build time
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
             if getattr(self, name) < 1:
                 raise LMError(f"--{name.replace('_', '-')} must be at least 1")
@@ -55,12 +53,36 @@ class ModelConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def build_model(config: ModelConfig) -> torch.nn.Module:
-    """Build an untrained model of `config.kind`."""
-    if config.kind == "gpt":
-        from lm.models.gpt import GPT
+def _gpt(config: ModelConfig) -> torch.nn.Module:
+    from lm.models.gpt import GPT
 
-        return GPT(config)
+    return GPT(config)
+
+
+def _recurrent(config: ModelConfig) -> torch.nn.Module:
     from lm.models.recurrent import RecurrentLM
 
     return RecurrentLM(config)
+
+
+# The one registry of model kinds: name -> builder of an untrained model from its config.
+MODELS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
+    "rnn": _recurrent,
+    "gru": _recurrent,
+    "lstm": _recurrent,
+    "gpt": _gpt,
+}
+KINDS = tuple(MODELS)
+
+
+def model_builder(kind: str) -> Callable[[ModelConfig], torch.nn.Module]:
+    """The builder registered as `kind`; an unknown kind is an LMError."""
+    try:
+        return MODELS[kind]
+    except (KeyError, TypeError):
+        raise LMError(f"unknown model {kind!r}; choose one of {', '.join(KINDS)}") from None
+
+
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    """Build an untrained model of `config.kind`."""
+    return model_builder(config.kind)(config)

@@ -1,0 +1,92 @@
+"""`lm train`: train a model on a corpus; flags override the keys of a recipe.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm.commands._args import positive_int
+from lm.errors import LMError
+from lm.models import MODELS
+from lm.tokenizers import TOKENIZERS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a language model on a text corpus",
+        description="Train a model; flags override the keys of --config.",
+    )
+    p.add_argument("--config", help="recipe.toml with the same keys as these flags")
+    p.add_argument("--corpus", action="append", help="UTF-8 text file (repeatable)")
+    p.add_argument("--out", help="checkpoint directory to write (default runs/model)")
+    p.add_argument("--tokenizer", choices=list(TOKENIZERS))
+    p.add_argument("--vocab-size", type=positive_int)
+    p.add_argument("--model", choices=list(MODELS))
+    p.add_argument("--n-layer", type=positive_int)
+    p.add_argument("--n-embd", type=positive_int)
+    p.add_argument("--n-head", type=positive_int)
+    p.add_argument("--block-size", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--eval-interval", type=positive_int)
+    p.add_argument("--eval-tokens", type=positive_int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="continue the interrupted run in --out"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lm.train import TrainConfig, run_training
+
+    settings = _load_toml(args.config) if args.config else {}
+    if "corpus" in settings and args.config:  # recipe paths are relative to the recipe
+        base = Path(args.config).parent
+        corpus = (
+            settings["corpus"] if isinstance(settings["corpus"], list) else [settings["corpus"]]
+        )
+        settings["corpus"] = [str(_relative_to(base, c)) for c in corpus]
+    if "out" in settings and args.config:
+        settings["out"] = str(_relative_to(Path(args.config).parent, settings["out"]))
+    skip = {"config", "func", "command", "no_progress"}
+    settings.update({k: v for k, v in vars(args).items() if k not in skip and v is not None})
+    config = TrainConfig.from_dict(settings)
+    summary = run_training(config, progress=not args.no_progress)
+    if "val_loss" in summary:
+        print(
+            f"best validation loss {summary['val_loss']:.4f} "
+            f"(perplexity {summary['val_perplexity']:.2f}, {summary['val_bpc']:.3f} bits/char) "
+            f"saved in {config.out}"
+        )
+    return 0
+
+
+def _load_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise LMError(f"--config {path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise LMError(f"--config {path}: not valid TOML ({exc})") from exc
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _relative_to(base: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path

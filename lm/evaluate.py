@@ -1,0 +1,96 @@
+"""Evaluation: mean next-token loss, perplexity and bits per character of a model.
+
+Used by the trainer (periodic and final validation), `lm eval`, the shipped-checkpoint
+tests and the benchmarks, so every number comes from the same code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lm.data import eval_windows
+from lm.errors import LMError
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    n_chars: int,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Mean next-token loss over `ids` (deterministic), with perplexity and bits per character.
+
+    GPT: non-overlapping windows of its context. Recurrent models: parallel contiguous
+    streams with the hidden state carried along.
+    """
+    was_training = model.training
+    model.eval()
+    chars_per_token = n_chars / max(1, len(ids))
+    if max_tokens is not None and len(ids) > max_tokens + 1:
+        ids = ids[: max_tokens + 1]
+    config = model.config
+    total_loss, total_tokens = 0.0, 0
+    if config.kind == "gpt":
+        block = min(config.block_size, len(ids) - 1)
+        batches = eval_windows(ids, block, batch_size=16)
+        for x, y in batches:
+            logits = model(x.to(device))
+            total_loss += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum"
+            ).item()
+            total_tokens += y.numel()
+    else:
+        n_streams = max(1, min(16, (len(ids) - 1) // (4 * config.block_size)))
+        length = (len(ids) - 1) // n_streams
+        xs = ids[: length * n_streams].view(n_streams, length)
+        ys = ids[1 : length * n_streams + 1].view(n_streams, length)
+        state = None
+        for start in range(0, length, config.block_size):
+            x = xs[:, start : start + config.block_size].to(device)
+            y = ys[:, start : start + config.block_size].to(device)
+            logits, state = model(x, state, return_state=True)
+            total_loss += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+            ).item()
+            total_tokens += y.numel()
+    model.train(was_training)
+    if total_tokens == 0:
+        raise LMError("validation split is empty: the corpus is too short")
+    loss = total_loss / total_tokens
+    covered_chars = chars_per_token * total_tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bpc": total_loss / covered_chars / math.log(2),
+        "tokens": total_tokens,
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    corpus: list[str],
+    split: str = "val",
+    val_fraction: float | None = None,
+    max_tokens: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """The one evaluation used by `lm eval`, the shipped-checkpoint test and the benchmarks."""
+    from lm.checkpoint import load_checkpoint
+    from lm.data import read_corpus, split_text, to_tensor
+    from lm.device import pick_device
+
+    torch_device = pick_device(device)
+    ckpt = load_checkpoint(checkpoint, torch_device)
+    text = read_corpus(corpus)
+    if split == "val":
+        fraction = val_fraction or ckpt.training.get("val_fraction", 0.1)
+        text = split_text(text, fraction)[1]
+    ids = to_tensor(ckpt.tokenizer.encode(text))
+    if len(ids) < 2:
+        raise LMError("the evaluation text is shorter than two tokens")
+    return evaluate(ckpt.model, ids, len(text), max_tokens, torch_device)
