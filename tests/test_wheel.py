@@ -101,6 +101,16 @@ def test_the_wheel_carries_only_the_serving_files(wheel):
     assert "lm/native/attention.c" in names
 
 
+def test_matplotlib_is_only_an_extra(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = [line.split(":", 1)[1].strip() for line in
+                    archive.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
+    matplotlib = [r for r in requires if r.startswith("matplotlib")]
+    assert matplotlib and all("extra ==" in r for r in matplotlib), matplotlib
+    assert any(r.startswith("matplotlib") and 'extra == "plot"' in r for r in requires)
+
+
 def test_the_installed_lm_is_the_wheel_with_its_checkpoints(installed, tmp_path):
     python = _in_env(installed, "python.exe" if os.name == "nt" else "python")
     code = "import importlib.util; print(importlib.util.find_spec('lm').origin)"  # no torch import
@@ -156,3 +166,9 @@ def test_lm_serve_from_any_directory_answers_at_once(installed, tmp_path):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_pip_check_is_clean_with_the_wheel_installed(installed, tmp_path):
+    python = _in_env(installed, "python.exe" if os.name == "nt" else "python")
+    result = _run([python, "-m", "pip", "check"], cwd=tmp_path)
+    assert "No broken requirements found" in result.stdout
