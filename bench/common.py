@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DATA_DIR = Path(os.environ.get("LM_DATA_DIR", ROOT.parent / "shared" / "data"))
+DATA_DIR = Path(os.environ.get("LM_DATA_DIR", ROOT / "data"))
 
 
 def corpus_path() -> Path:

@@ -106,7 +106,7 @@ def write_card(name: str, description: str = "") -> Path:
         f"({'the whole held-out split' if training.get('val_full_split') else 'a subset'}) |",
         "",
         f"Reproduce: `lm train --config checkpoints/{name}/recipe.toml` (see `recipe.toml`).",
-        f"Check: `lm eval --checkpoint {name} --corpus ../shared/data/{corpus}`."
+        f"Check: `lm eval --checkpoint {name} --corpus data/{corpus}`."
         if name.startswith("shakespeare") else "",
         "",
         f"Sample (`temperature 0.8, seed 0`, prompt {prompt!r}):",

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -27,9 +28,15 @@ FORMAT_VERSION = 1
 
 
 def shipped_dir() -> Path:
-    """Where shipped checkpoints live: $LM_CHECKPOINTS_DIR or the repo's `checkpoints/`."""
+    """Where shipped checkpoints live: $LM_CHECKPOINTS_DIR, the package data of a wheel
+    install (`lm/checkpoints/`, see setup.py), else the source tree's `checkpoints/`."""
     env = os.environ.get("LM_CHECKPOINTS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+    if env:
+        return Path(env)
+    packaged = Path(str(resources.files("lm") / "checkpoints"))
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "checkpoints"  # a checkout or editable install
 
 
 DEFAULT_CHECKPOINT = "shakespeare-char-gpt"

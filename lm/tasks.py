@@ -330,11 +330,9 @@ def accuracy_table(result: dict[int, dict]) -> str:
 def plot_accuracy(results: dict[str, dict[int, dict]], path: str | Path) -> None:
     """Save `accuracy vs shots` to an image file: per checkpoint, a solid line for the tasks
     seen in training (held-out words) and a dashed one for all tasks."""
-    import matplotlib
+    from lm.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     all_shots: set[int] = set()
     for name, result in results.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import time
@@ -33,10 +34,12 @@ from lm.device import pick_device
 from lm.errors import LMError
 from lm.evaluate import evaluate
 from lm.models import ModelConfig, build_model
+from lm.plotting import pyplot
 from lm.tokenizers import Tokenizer, load_tokenizer, tokenizer_class, train_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -331,8 +334,9 @@ class Trainer:
         self._plot()
 
     def _summary(self, result: dict, full: bool = False) -> dict:
+        corpus_names = [Path(p).name for p in self.config.corpus]
         return {
-            "corpus": [str(p) for p in self.config.corpus],
+            "corpus": corpus_names,  # portable: names and corpus_hash, never this machine's paths
             "corpus_hash": self.corpus_hash,
             "val_fraction": self.config.val_fraction,
             "step": self.step,
@@ -346,7 +350,8 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.world_size,
             "threads": torch.get_num_threads(),
-            "settings": {k: v for k, v in asdict(self.config).items() if k != "resume"},
+            "settings": {k: v for k, v in asdict(self.config).items() if k != "resume"}
+            | {"corpus": corpus_names},
         }
 
     def finish(self) -> dict:
@@ -374,11 +379,13 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        try:
+            plt = pyplot()
+        except LMError as exc:  # training never fails for want of a picture
+            if not getattr(self, "_plot_skipped", False):
+                logger.warning("%s; %s not written", exc, PLOT_FILE)
+                self._plot_skipped = True
+            return
         train = [(r["step"], r["train_loss"]) for r in self.history if "train_loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
         fig, ax = plt.subplots(figsize=(7, 4))

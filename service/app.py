@@ -27,6 +27,7 @@ from lm.engine import Engine, Output, Sequence
 from service.completions import ServedModel, check_lengths, complete, stream, submit, text_list
 from service.errors import APIError, error_response
 from service.metrics import Metrics
+from service.routes import playground
 from service.schemas import (
     CompletionRequest,
     CompletionResponse,
@@ -142,6 +143,7 @@ def create_app(settings: Settings | None = None, checkpoints: list[Checkpoint] |
     app.state.settings = settings
     app.state.models = models
     app.state.metrics = metrics
+    app.include_router(playground.router)
 
     # -- errors ---------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ def corpus_path(tmp_path: Path, corpus_text: str) -> Path:
 
 @pytest.fixture
 def shakespeare_path() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    default = Path(__file__).resolve().parents[1] / "data"
     path = Path(os.environ.get("LM_DATA_DIR", default)) / "tinyshakespeare.txt"
     if not path.is_file():
         pytest.skip(f"reference corpus not found at {path} (set LM_DATA_DIR)")

@@ -313,3 +313,21 @@ def test_train_from_recipe_then_eval_json(capsys, corpus_path, tmp_path):
         capsys, "eval", "--checkpoint", run_dir, "--corpus", corpus_path, "--split", "all", "--json"
     )
     assert code == 0 and json.loads(out)["tokens"] > result["tokens"]
+
+
+def test_a_recipe_finds_its_corpus_from_any_directory_and_records_only_its_name(
+    capsys, corpus_path, tmp_path, monkeypatch
+):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    recipe = recipes / "tiny.toml"
+    recipe.write_text(f'corpus = ["../{corpus_path.name}"]\nout = "run"\ntokenizer = "char"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run(capsys, "train", "--config", recipe.resolve(), *TINY)
+    assert code == 0, err
+    training = json.loads((recipes / "run" / "config.json").read_text())["training"]
+    assert training["corpus"] == [corpus_path.name]  # no path of this machine
+    assert training["settings"]["corpus"] == [corpus_path.name]
+    assert training["corpus_hash"].startswith("sha256:")

@@ -89,3 +89,21 @@ def test_checkpoints_lists_kind_size_and_loss(capsys):
     for name in SHAKESPEARE:
         line = next(line for line in out.splitlines() if line.startswith(name))
         assert f"{card_loss(name):.4f}" in line
+
+
+@pytest.mark.parametrize("name", shipped_checkpoints())
+def test_recipe_and_config_name_the_corpus_portably(name, shakespeare_path):
+    """The config records file names (plus the hash), the recipe a path relative to itself."""
+    from lm.cli import _load_toml
+
+    directory = shipped_dir() / name
+    training = read_config(directory)["training"]
+    recorded = training["corpus"]
+    assert all("/" not in c and "\\" not in c for c in recorded), recorded
+    assert training["settings"]["corpus"] == recorded
+    recipe = _load_toml(str(directory / "recipe.toml"))
+    corpus = [(directory / c).resolve() for c in recipe["corpus"]]
+    assert [c.name for c in corpus] == recorded
+    if name in SHAKESPEARE:  # ships in the repository's data/; fewshot ones are generated
+        assert corpus == [shakespeare_path.resolve()]
+        assert corpus_hash(corpus[0].read_text(encoding="utf-8")) == training["corpus_hash"]

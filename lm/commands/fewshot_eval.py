@@ -46,6 +46,10 @@ def run(args) -> int:
     from lm.device import pick_device
     from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy
 
+    if args.plot:  # fail before the evaluation, not after it
+        from lm.plotting import pyplot
+
+        pyplot()
     device = pick_device(args.device)
     results = {}
     for name in args.checkpoint:
