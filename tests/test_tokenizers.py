@@ -24,7 +24,6 @@ from lm.tokenizers import (
     train_tokenizer,
 )
 from lm.tasks import make_corpus as make_tasks_corpus
-from tests.conftest import make_corpus
 
 SAMPLE = "My good lord remembers the crown.\nThe king, tired; walks toward the sea!\n"
 
@@ -114,12 +113,11 @@ def test_shipped_vocabulary_rewritten_as_hf_encodes_as_before(name, shakespeare_
 
 
 @pytest.fixture(scope="module")
-def shipped_corpora() -> dict[str, str]:
-    """Every corpus a shipped char/word checkpoint was trained on, by name."""
-    from tests.conftest import shakespeare_text
-
-    return {"tinyshakespeare": shakespeare_text(), "fewshot-tasks": make_tasks_corpus(2000),
-            "synthetic": make_corpus()}
+def shipped_corpora(corpus_text) -> dict[str, str]:
+    """Every corpus a shipped char/word checkpoint was trained on (few-shot: a sample), by name."""
+    shakespeare = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+    return {"tinyshakespeare": shakespeare.read_text(encoding="utf-8"),
+            "fewshot-tasks": make_tasks_corpus(2000, seed=1234), "synthetic": corpus_text}
 
 
 @pytest.mark.parametrize("kind", ["char", "word"])
@@ -129,8 +127,6 @@ def test_vocabulary_file_is_a_hf_tokenizer_that_encodes_as_ours(kind, corpus, sh
     from tokenizers import Tokenizer as HFTokenizer
 
     text = shipped_corpora[corpus]
-    if not text:
-        pytest.skip("reference corpus not found (set LM_DATA_DIR)")
     tokenizer = train_tokenizer(kind, text[: len(text) // 2], vocab_size=3000)  # some <unk>
     tokenizer.save(tmp_path)
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
