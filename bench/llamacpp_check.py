@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 CACHE = Path(os.environ.get("LM_LLAMACPP_CACHE", Path.home() / ".cache" / "lm" / "llama.cpp"))

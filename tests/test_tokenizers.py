@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lm.checkpoint import read_config, shipped_checkpoints, shipped_dir
 from lm.errors import LMError
+from lm.tasks import make_corpus as make_tasks_corpus
 from lm.tokenizers import (
     KINDS,
     TOKENIZERS,
@@ -23,7 +24,6 @@ from lm.tokenizers import (
     tokenizer_class,
     train_tokenizer,
 )
-from lm.tasks import make_corpus as make_tasks_corpus
 
 SAMPLE = "My good lord remembers the crown.\nThe king, tired; walks toward the sea!\n"
 
