@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("LM_LLAMACPP_CACHE", Path.home() / ".cache" / "lm" / "llama.cpp"))
@@ -54,14 +56,93 @@ def build_llama_simple() -> Path:
     return binary
 
 
+def lm_greedy(ckpt, prompt: str, new_tokens: int, kv_cache_dtype: str) -> str:
+    """lm's greedy continuation of `prompt` (temperature 0, through the engine)."""
+    from lm.engine import Engine, SamplingParams
+
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=1, kv_cache_dtype=kv_cache_dtype)
+    seq = engine.submit(ckpt.tokenizer.encode(prompt),
+                        SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
+    engine.run_until_idle()
+    return "".join(output.text for output in seq.outputs)
+
+
+def llamacpp_greedy(binary: Path, gguf: Path, prompt: str, new_tokens: int) -> str:
+    """llama.cpp's greedy continuation (llama-simple prints the prompt, the text and a newline)."""
+    run = subprocess.run([str(binary), "-m", str(gguf), "-n", str(new_tokens), prompt],
+                         capture_output=True, check=False)
+    if run.returncode:
+        raise SystemExit(f"llama-simple failed ({run.returncode}):\n{run.stderr.decode()[-3000:]}")
+    out = run.stdout.decode("utf-8")
+    if not out.startswith(prompt) or not out.endswith("\n"):
+        raise SystemExit(f"unexpected llama-simple output: {out!r}")
+    return out[len(prompt):-1]
+
+
+def near_ties(ckpt, prompt: str, continuation: str) -> list[float]:
+    """Where `continuation` leaves lm's greedy path: lm's best logit minus that of the token
+    taken, at every step whose token is not lm's argmax (teacher-forced, one forward pass)."""
+    import torch
+
+    prompt_ids = ckpt.tokenizer.encode(prompt)
+    ids = prompt_ids + ckpt.tokenizer.encode(continuation)
+    with torch.no_grad():
+        logits = ckpt.model(torch.tensor([ids[:-1]]))[0, len(prompt_ids) - 1 :]
+    taken = torch.tensor(ids[len(prompt_ids) :])
+    gap = logits.max(-1).values - logits.gather(1, taken[:, None])[:, 0]
+    return [float(g) for g in gap if g > 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="shakespeare-char-gpt")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="repeatable (default: three Shakespeare openings)")
+    parser.add_argument("--new-tokens", type=int, default=120,
+                        help="at most; capped so that prompt + new tokens fit the context")
+    parser.add_argument("--tie", type=float, default=0.01,
+                        help="logit gap under which lm and llama.cpp may take either token "
+                             "(llama.cpp's gpt2 uses tanh GELU and a float16 KV cache)")
+    parser.add_argument("--kv-cache-dtype", default="float32",
+                        help="lm's KV cache (serving defaults to bfloat16 on CPUs that have it)")
     parser.add_argument("--build-only", action="store_true")
-    args, _ = parser.parse_known_args()
+    args = parser.parse_args()
     binary = build_llama_simple()
     print(f"llama-simple: {binary}")
     if args.build_only:
         return
+    import torch
+
+    from lm.checkpoint import load_checkpoint
+    from lm.export import export
+
+    torch.set_num_threads(1)
+    prompts = args.prompt or ["ROMEO:\n", "First Citizen:\nBefore we proceed", "KING RICHARD III:"]
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = export(args.checkpoint, Path(tmp) / "model.gguf", "gguf")
+        failures = 0
+        ckpt = load_checkpoint(args.checkpoint)
+        for prompt in prompts:
+            # learned positions: llama.cpp cannot slide past the context as lm does
+            room = ckpt.config.block_size - len(ckpt.tokenizer.encode(prompt))
+            new_tokens = min(args.new_tokens, room)
+            start = time.perf_counter()
+            theirs = llamacpp_greedy(binary, gguf, prompt, new_tokens)
+            ours = lm_greedy(ckpt, prompt, new_tokens, args.kv_cache_dtype)
+            agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                         min(len(ours), len(theirs)))
+            gaps = near_ties(ckpt, prompt, theirs)
+            worst = max(gaps, default=0.0)
+            same = theirs == ours
+            failures += worst > args.tie
+            print(f"{'SAME' if same else 'DIFFERENT'}: {agree}/{len(ours)} characters agree "
+                  f"({time.perf_counter() - start:.1f}s), prompt={prompt!r}; llama.cpp's tokens "
+                  f"are lm's argmax but {len(gaps)}, within {worst:.4f} of lm's best logit")
+            print(f"  lm:        {ours!r}")
+            print(f"  llama.cpp: {theirs!r}")
+    print(f"{len(prompts) - failures}/{len(prompts)} continuations are lm's greedy ones up to "
+          f"ties within {args.tie} logits")
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":
