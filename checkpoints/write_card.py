@@ -81,6 +81,8 @@ def write_card(name: str, description: str = "") -> Path:
     sample = Generator(checkpoint).complete(
         [prompt], SamplingParams(max_new_tokens=300, temperature=0.8, top_k=0, seed=0))[0].text
     minutes = training.get("train_seconds", 0) / 60
+    # A v2 recipe, where there is one, is the one the shipped weights came from.
+    recipe = "recipe-v2.toml" if (directory / "recipe-v2.toml").is_file() else "recipe.toml"
     corpus = ", ".join(Path(c).name for c in training.get("corpus", []))
     lines = [
         f"# {name}",
@@ -106,7 +108,7 @@ def write_card(name: str, description: str = "") -> Path:
         f"| validation tokens | {training['val_tokens']:,} "
         f"({'the whole held-out split' if training.get('val_full_split') else 'a subset'}) |",
         "",
-        f"Reproduce: `lm train --config checkpoints/{name}/recipe.toml` (see `recipe.toml`).",
+        f"Reproduce: `lm train --config checkpoints/{name}/{recipe}` (see `{recipe}`).",
         f"Check: `lm eval --checkpoint {name} --corpus ../shared/data/{corpus}`."
         if name.startswith("shakespeare") else "",
         "",
