@@ -15,7 +15,8 @@ _SERVER = re.compile(r"^(\s*)server\s+replica:8000\b([^;]*);", re.MULTILINE)
 def nginx_binary() -> str | None:
     """Debian's nginx (`.ci/run` installs it), or None."""
     return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None)
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
+    )
 
 
 def loopback_config(prefix: Path, listen_port: int, upstream_ports: list[int]) -> Path:
@@ -30,8 +31,10 @@ def loopback_config(prefix: Path, listen_port: int, upstream_ports: list[int]) -
     assert listens == 1, "deploy/nginx.conf should listen on 8080 exactly once"
     text = re.sub(r"worker_processes\s+\w+;", "worker_processes 1;", text)
     text = text.replace("/dev/stdout", str(prefix / "access.log"))
-    temp_paths = "".join(f"\n    {kind}_temp_path {prefix / kind};"
-                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = "".join(
+        f"\n    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     text = text.replace("http {", "http {" + temp_paths, 1)
     path = prefix / "nginx.conf"
     path.write_text(text, encoding="utf-8")
@@ -40,11 +43,22 @@ def loopback_config(prefix: Path, listen_port: int, upstream_ports: list[int]) -
 
 def nginx_command(binary: str, prefix: Path, config: Path, *extra: str) -> list[str]:
     """Arguments for nginx on that config: foreground, pid and error log in prefix."""
-    return [binary, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log"),
-            "-g", f"daemon off; pid {prefix / 'nginx.pid'};", *extra]
+    return [
+        binary,
+        "-p",
+        str(prefix),
+        "-c",
+        str(config),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        f"daemon off; pid {prefix / 'nginx.pid'};",
+        *extra,
+    ]
 
 
 def check_config(binary: str, prefix: Path, config: Path) -> subprocess.CompletedProcess:
     """`nginx -t` on config: return code 0 and 'syntax is ok' when it parses."""
-    return subprocess.run(nginx_command(binary, prefix, config, "-t"), capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        nginx_command(binary, prefix, config, "-t"), capture_output=True, text=True, timeout=30
+    )

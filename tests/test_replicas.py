@@ -19,14 +19,16 @@ import pytest
 from loopback_nginx import ROOT, loopback_config, nginx_binary, nginx_command
 
 NGINX = nginx_binary()
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed "
-                                "(apt-get install nginx; .ci/run does it)")
+pytestmark = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install nginx; .ci/run does it)"
+)
 
 CLIENTS = 8
 MAX_TOKENS = 96
 PROMPT = "The king speaks of "
-_GENERATED = re.compile(r"^(?:lm_generation_tokens|vllm:generation_tokens)_total\{[^}]*\} (\S+)$",
-                        re.MULTILINE)
+_GENERATED = re.compile(
+    r"^(?:lm_generation_tokens|vllm:generation_tokens)_total\{[^}]*\} (\S+)$", re.MULTILINE
+)
 
 
 def _free_port() -> int:
@@ -68,11 +70,29 @@ def cluster(tiny_checkpoint_dir, tmp_path_factory):
     """Two `lm serve` processes (one model thread each) behind nginx on loopback."""
     ports = [_free_port() for _ in range(2)]
     env = {**os.environ, "LM_API_KEY": ""}
-    replicas = [subprocess.Popen(
-        [sys.executable, "-m", "lm.cli", "serve", "--checkpoint", str(tiny_checkpoint_dir),
-         "--port", str(port), "--torch-threads", "1", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for port in ports]
+    replicas = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lm.cli",
+                "serve",
+                "--checkpoint",
+                str(tiny_checkpoint_dir),
+                "--port",
+                str(port),
+                "--torch-threads",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
     prefix = tmp_path_factory.mktemp("nginx")
     listen = _free_port()
     config = loopback_config(prefix, listen, ports)
@@ -81,8 +101,9 @@ def cluster(tiny_checkpoint_dir, tmp_path_factory):
         urls = [f"http://127.0.0.1:{port}" for port in ports]
         for number, (url, proc) in enumerate(zip(urls, replicas)):
             _wait_healthy(url, proc, f"replica {number}")
-        nginx = subprocess.Popen(nginx_command(NGINX, prefix, config), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE)
+        nginx = subprocess.Popen(
+            nginx_command(NGINX, prefix, config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         _wait_healthy(f"http://127.0.0.1:{listen}", nginx, "nginx", timeout=15.0)
         yield Cluster(f"http://127.0.0.1:{listen}", urls, replicas, prefix)
     finally:
@@ -98,8 +119,14 @@ def cluster(tiny_checkpoint_dir, tmp_path_factory):
 
 
 def _body(stream: bool, seed: int) -> dict:
-    return {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 1.0,
-            "seed": seed, "stream": stream}
+    return {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 1.0,
+        "seed": seed,
+        "stream": stream,
+    }
 
 
 def complete(http: httpx.Client, stream: bool, seed: int) -> str:
@@ -121,8 +148,9 @@ def complete(http: httpx.Client, stream: bool, seed: int) -> str:
                 if response.status_code == 502 and "error" in json.loads(body):
                     return "502"
                 return f"status {response.status_code}: {body[:200]!r}"
-            events = [line[len("data: "):] for line in response.iter_lines()
-                      if line.startswith("data: ")]
+            events = [
+                line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")
+            ]
         if not events or events[-1] != "[DONE]":
             return "truncated"  # the client sees the stream end without [DONE]
         chunks = [json.loads(event) for event in events[:-1]]
@@ -198,5 +226,6 @@ def test_sigkill_fails_only_the_requests_in_flight_on_that_replica(cluster):
     assert {o.stream for o in after} == {True, False}
     assert generated_tokens(survivor_url) - survivor_before >= len(after) * MAX_TOKENS
     with httpx.Client(base_url=cluster.url, timeout=30.0) as http:
-        assert all(complete(http, stream, seed) == "ok"
-                   for seed, stream in enumerate([False, True] * 3))
+        assert all(
+            complete(http, stream, seed) == "ok" for seed, stream in enumerate([False, True] * 3)
+        )
