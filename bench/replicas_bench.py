@@ -4,10 +4,10 @@ The reference GPT of bench/serve_bench.py (4x128 char, block 256, untrained weig
 every replica; 64 aiohttp clients, each sending requests one after another for 256 new
 tokens, without and with streaming. Rows: one replica reached directly (the baseline),
 one behind nginx, two behind nginx. The model threads are split between the replicas
-(cores / replicas each), so every row uses the same cores. Needs nginx (`apt-get install
-nginx`); run from the repository root.
+(cores / replicas each, or --threads). Needs nginx (`apt-get install nginx`); run from
+the repository root.
 
-    python -m bench.replicas_bench [--clients 64] [--requests-per-client 4]
+    python -m bench.replicas_bench [--clients 64] [--requests-per-client 4] [--threads N]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def start_nginx(prefix: Path, upstream_ports: list[int]) -> tuple[subprocess.Pop
 
 def measure(setup: str, replicas: int, via_nginx: bool, checkpoint: str, args) -> list[dict]:
     """One setup: start its replicas (and nginx), run the levels, stop everything."""
-    threads = max(1, (os.cpu_count() or 1) // replicas)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // replicas)
     ports = [free_port() for _ in range(replicas)]
     servers = [start_server(checkpoint, port, ["--torch-threads", str(threads)])
                for port in ports]
@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="model threads per replica (default: cores / replicas); 1 when "
+                             "other work shares the cores, as OpenMP threads then stall")
     args = parser.parse_args()
     text = corpus_path().read_text(encoding="utf-8")
     rows = []
