@@ -198,14 +198,22 @@ def test_sigkill_fails_only_the_requests_in_flight_on_that_replica(cluster):
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(CLIENTS)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
+
+    def wait_for(condition, seconds: float) -> None:
+        """Until condition() holds (the load runs meanwhile), at most seconds long."""
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    # Both replicas busy and some requests already done (slower on a loaded machine).
+    wait_for(lambda: len(results) >= CLIENTS, 30.0)
     victim, survivor_url = cluster.replicas[0], cluster.replica_urls[1]
     survivor_before = generated_tokens(survivor_url)
     kill_start = time.monotonic()
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
     kill_done = time.monotonic()
-    time.sleep(2.5)
+    wait_for(lambda: sum(o.started > kill_done for o in results) >= 2 * CLIENTS, 30.0)
     stop.set()
     for thread in threads:
         thread.join(timeout=30)
