@@ -14,10 +14,11 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from lm.checkpoint import Checkpoint
-from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
+from lm.engine import Engine, EngineStopped, Output, QueueFull, Sequence
 from lm.errors import LMError
 from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
 from lm.generate import encode_prompt
+from lm.sampling import SamplingParams
 from service.errors import APIError
 from service.metrics import Metrics
 from service.schemas import (

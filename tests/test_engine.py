@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
+from lm.engine import Engine, EngineStopped, Output, QueueFull, Sequence
 from lm.errors import LMError
 from lm.models import ModelConfig, build_model
+from lm.sampling import SamplingParams
 from lm.tokenizers import BPETokenizer, CharTokenizer
 
 PROMPTS = ["The king speaks of ", "A young poet", "We defend", "Her sister remembers the "]

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from lm.checkpoint import load_checkpoint
-from lm.engine import Engine, SamplingParams
+from lm.engine import Engine
+from lm.sampling import SamplingParams
 
 PROMPT = "The king speaks of"
 
