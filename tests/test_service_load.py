@@ -22,10 +22,10 @@ def gauges(server) -> tuple[float, float]:
     """(running, waiting) for model "tiny", read from /metrics."""
     values = {}
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        for name in ("lm_requests_running", "lm_requests_waiting"):
-            if line.startswith(f'{name}{{model="tiny"}}'):
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            if line.startswith(f'{name}{{model_name="tiny"}}'):
                 values[name] = float(line.split()[-1])
-    return values["lm_requests_running"], values["lm_requests_waiting"]
+    return values["vllm:num_requests_running"], values["vllm:num_requests_waiting"]
 
 
 def wait_for_gauges(server, running: float, waiting: float = 0.0, timeout: float = 2.0) -> None:
@@ -113,7 +113,7 @@ def test_overload_gets_429_fast_and_admitted_complete(small_server):
     wait_for_gauges(small_server, 0, 0)
     metrics = httpx.get(f"{small_server.url}/metrics", timeout=10).text
     rejected = [line for line in metrics.splitlines()
-                if line.startswith('lm_requests_rejected_total{model="tiny"}')]
+                if line.startswith('lm_requests_rejected_total{model_name="tiny"}')]
     assert float(rejected[0].split()[-1]) == statuses.count(429)
 
 
