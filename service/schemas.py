@@ -37,6 +37,9 @@ class CompletionRequest(BaseModel):
                                description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="0 turns it off (extension)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description=(
+        "drop tokens less likely than min_p times the most likely one; 0 turns it off "
+        "(vLLM's extension)"))
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -57,7 +60,8 @@ class CompletionRequest(BaseModel):
             max_tokens = min(max_tokens, settings.max_tokens_limit)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature,
-                                top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                                top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                                seed=self.seed,
                                 stop=stop, logprobs=self.logprobs)
         try:
             params.validate(settings.sampling_limits())

@@ -24,6 +24,8 @@ MIXED_PARAMS = [
     dict(temperature=0.5, seed=13),
     dict(temperature=1.0, top_k=3, top_p=0.8, seed=14),
     dict(temperature=2.0, seed=15),
+    dict(temperature=1.5, min_p=0.2, seed=16),
+    dict(temperature=1.0, min_p=0.05, top_k=4, seed=17),
 ]
 
 

@@ -202,6 +202,19 @@ def test_health(server):
     assert body["running"] == 0 and body["waiting"] == 0
 
 
+def test_min_p(client):
+    """min_p 1 keeps only the most likely token (greedy, whatever the seed and temperature);
+    0 is the default; a small one changes nothing but the tail."""
+    greedy = greedy_text(client, max_tokens=24)
+    for seed in (1, 2):
+        top_only = complete(client, max_tokens=24, temperature=1.5, seed=seed,
+                            extra_body={"min_p": 1.0})
+        assert top_only.choices[0].text == greedy
+        default = complete(client, max_tokens=24, seed=seed).choices[0].text
+        zero = complete(client, max_tokens=24, seed=seed, extra_body={"min_p": 0.0})
+        assert zero.choices[0].text == default
+
+
 def scrape(server) -> dict[str, float]:
     """/metrics as {series with labels: value}."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
