@@ -226,13 +226,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_sigterm_finishes_running_requests_then_exits(tiny_checkpoint_dir: Path):
+# The start-up that `lm serve` runs, called the way lm/commands/serve.py does: flags from
+# Settings, then service.app.run.
+_RUN = ("import argparse, sys\n"
+        "from service.app import run\n"
+        "from service.settings import add_arguments, settings_from_args\n"
+        "parser = argparse.ArgumentParser()\n"
+        "add_arguments(parser)\n"
+        "sys.exit(run(settings_from_args(parser.parse_args(sys.argv[1:]))))\n")
+
+
+@pytest.mark.parametrize("launcher", [["-m", "lm.cli", "serve"], ["-c", _RUN]],
+                         ids=["lm-serve", "service.app.run"])
+def test_sigterm_finishes_running_requests_then_exits(tiny_checkpoint_dir: Path, launcher):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LM_API_KEY", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm.cli", "serve", "--checkpoint", str(tiny_checkpoint_dir),
+        [sys.executable, *launcher, "--checkpoint", str(tiny_checkpoint_dir),
          "--port", str(port), "--torch-threads", "1", "--log-level", "warning",
          "--max-tokens-limit", "100000", "--shutdown-timeout", "30"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
