@@ -75,7 +75,7 @@ def cluster(tiny_checkpoint_dir, tmp_path_factory):
             [
                 sys.executable,
                 "-m",
-                "lm.cli",
+                "lm",
                 "serve",
                 "--checkpoint",
                 str(tiny_checkpoint_dir),
