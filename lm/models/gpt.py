@@ -236,7 +236,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """`norm(x)` without the module call (decode runs it for every token)."""
     if isinstance(norm, nn.RMSNorm):
-        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+        # The weight in x's dtype: under bfloat16 autocast, q and k come as bfloat16.
+        return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
