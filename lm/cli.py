@@ -79,8 +79,9 @@ def add_train(sub) -> None:
     p.add_argument("--max-time", type=float, metavar="SECONDS",
                    help="stop when this much training time is spent; the lr schedule "
                         "follows the larger of the step and time fractions")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
-                   help="training precision (bfloat16: autocast; auto: bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=["auto", "best", "float32", "bfloat16"],
+                   help="training precision: bfloat16 autocast; auto: bfloat16 on CUDA; "
+                        "best: also on CPUs with bfloat16 hardware (AVX512-BF16, AMX)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for training")
     p.add_argument("--lr", type=float)

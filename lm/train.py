@@ -34,6 +34,8 @@ from lm.data import (
 from lm.device import pick_device
 from lm.errors import LMError
 from lm.models import ModelConfig, build_model
+from lm.native import bf16_matmul_is_fast
+from lm.optim import Muon
 from lm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -70,7 +72,9 @@ class TrainConfig:
     schedule: str = "cosine"  # or "warmdown": constant, then linear to 0 at the end
     warmdown_frac: float = 0.3  # the last fraction of the run that "warmdown" decays over
     max_time: float | None = None  # seconds of training (evaluation included) before stopping
-    dtype: str = "auto"  # "float32", "bfloat16" (autocast) or "auto" (bfloat16 on CUDA only)
+    # "float32", "bfloat16" (autocast), "auto" (bfloat16 on CUDA only) or "best" (bfloat16
+    # on CUDA and on CPUs that multiply it in hardware: AVX512-BF16 or AMX; else float32).
+    dtype: str = "auto"
     compile: bool = False  # torch.compile the model for training
     lr: float = 1e-3
     min_lr: float | None = None  # default lr / 10
@@ -121,7 +125,7 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise LMError("--warmup-steps must not be negative")
         choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "warmdown"),
-                   "dtype": ("auto", "float32", "bfloat16")}
+                   "dtype": ("auto", "best", "float32", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LMError(f"--{name} must be one of {', '.join(allowed)}, "
@@ -313,10 +317,8 @@ class Trainer:
             torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
         ]
         if hidden:
-            optimizers.append(torch.optim.Muon(
-                hidden, lr=config.muon_lr, momentum=config.muon_momentum,
-                weight_decay=config.muon_weight_decay, adjust_lr_fn="original",
-            ))
+            optimizers.append(Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum,
+                                   weight_decay=config.muon_weight_decay))
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["base_lr"] = group["lr"]
@@ -384,8 +386,9 @@ class Trainer:
         return self.streams.next()
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, restart: bool) -> torch.Tensor:
-        bf16 = self.config.dtype == "bfloat16" or (
-            self.config.dtype == "auto" and self.device.type == "cuda")
+        dtype, cuda = self.config.dtype, self.device.type == "cuda"
+        bf16 = (dtype == "bfloat16" or (dtype == "auto" and cuda)
+                or (dtype == "best" and (cuda or bf16_matmul_is_fast())))
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             if self.streams is None:
@@ -447,12 +450,12 @@ class Trainer:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
-            if self.step % 10 == 0 or self.step == end:
+            out_of_time = self._time_spent()
+            if self.step % 10 == 0 or self.step == end or out_of_time:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 self._log({"step": self.step, "train_loss": loss_value, "lr": lr,
                            "tokens_per_s": rate, "elapsed_s": self.elapsed})
                 window_start, window_tokens = time.perf_counter(), 0
-            out_of_time = self._time_spent()
             if (self.step % config.eval_interval == 0 or self.step == config.max_steps
                     or out_of_time):
                 self._evaluate_and_save(bar)
