@@ -147,13 +147,16 @@ GPT_OPTIONS = ("position", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden",
                "tie_embeddings", "zero_init_proj", "logit_softcap")
 
 
-def lr_at(step: float, config: TrainConfig) -> float:
-    """Linear warm-up to `lr`; then cosine decay to `min_lr` at `max_steps`, or ("warmdown")
-    `lr` until the last `warmdown_frac` of the steps and a straight line to 0 at `max_steps`.
+def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up to `lr` over `warmup_steps` steps; then cosine decay to `min_lr` at
+    `max_steps`, or ("warmdown") `lr` until the last `warmdown_frac` and a straight line to 0.
 
-    `step` may be fractional: under a time budget it is `effective_step`."""
+    The decay follows `effective_step`: under a time budget, the clock when it is further
+    along than the step count. The warm-up counts steps only (optimizer stability is a
+    matter of steps, and with a time budget `max_steps` is often just a loose cap)."""
     if step < config.warmup_steps:
-        return config.lr * (int(step) + 1) / config.warmup_steps
+        return config.lr * (step + 1) / config.warmup_steps
+    step = effective_step(step, elapsed, config)
     if config.schedule == "warmdown":
         left = (config.max_steps - step) / (config.warmdown_frac * config.max_steps)
         return config.lr * max(0.0, min(1.0, left))
@@ -428,7 +431,7 @@ class Trainer:
         out_of_time = self._time_spent()
         last_eval = -1
         while self.step < end and not out_of_time:
-            lr = lr_at(effective_step(self.step, self.elapsed, config), config)
+            lr = lr_at(self.step, config, self.elapsed)
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr / config.lr

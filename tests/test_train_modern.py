@@ -90,6 +90,11 @@ def test_schedule_follows_the_larger_of_step_and_time_fractions():
     assert effective_step(700, 30.0, config) == 700
     assert effective_step(10, 120.0, config) == 1000
     assert effective_step(10, 120.0, TrainConfig(max_steps=1000)) == 10  # no budget
+    warmdown = TrainConfig(lr=1.0, warmup_steps=10, max_steps=10**6, max_time=60.0,
+                           schedule="warmdown", warmdown_frac=0.5)
+    assert lr_at(4, warmdown, elapsed=59.0) == 0.5  # warm-up counts steps, even late
+    assert lr_at(100, warmdown, elapsed=15.0) == 1.0
+    assert lr_at(100, warmdown, elapsed=45.0) == pytest.approx(0.5)  # half-way down by time
 
 
 def test_max_time_ends_the_run_and_resume_keeps_the_elapsed_time(corpus_path, tmp_path):
