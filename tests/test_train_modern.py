@@ -151,3 +151,34 @@ def test_orthogonalize_in_float32_pushes_singular_values_near_one():
     matrix = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     singular = torch.linalg.svdvals(orthogonalize(matrix, dtype=torch.float32))
     assert singular.min() > 0.5 and singular.max() < 1.5
+
+
+def test_modern_recipe_is_valid_with_a_long_context_and_an_hour(tmp_path):
+    import tomllib
+
+    recipe = Path(__file__).resolve().parent.parent / "checkpoints" / "shakespeare-char-gpt"
+    settings = tomllib.loads((recipe / "recipe-modern.toml").read_text())
+    config = TrainConfig.from_dict(settings)
+    config.validate()
+    assert config.block_size >= 256 and config.max_time == 3600
+    assert config.optimizer == "muon" and config.position == "rope"
+
+
+def test_cli_flags_reach_the_model_and_optimizer(corpus_path, tmp_path):
+    from lm.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "--corpus", str(corpus_path), "--out", str(out), "--n-layer", "1",
+                 "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+                 "--max-steps", "4", "--eval-interval", "2", "--threads", "1",
+                 "--position", "rope", "--norm", "rmsnorm", "--qk-norm", "--mlp", "relu2",
+                 "--no-tie-embeddings", "--zero-init-proj", "--logit-softcap", "20",
+                 "--optimizer", "muon", "--muon-lr", "0.01", "--schedule", "warmdown",
+                 "--warmdown-frac", "0.5", "--max-time", "600", "--dtype", "float32",
+                 "--no-progress"]) == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert (model["position"], model["norm"], model["qk_norm"], model["mlp"],
+            model["tie_embeddings"], model["zero_init_proj"], model["logit_softcap"]) == (
+        "rope", "rmsnorm", True, "relu2", False, True, 20.0)
+    settings = load_checkpoint(out).training["settings"]
+    assert (settings["optimizer"], settings["muon_lr"], settings["max_time"]) == ("muon", 0.01, 600)
