@@ -93,8 +93,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for row in rows:
         if row["curve"]:
-            style = "-" if row["variant"].startswith(("all", "classic")) else "--"
-            ax.plot(*zip(*row["curve"]), style, label=f"{row['variant']} ({row['val_loss']:.3f})")
+            style = "o-" if row["variant"].startswith(("all", "classic")) else ".--"
+            ax.plot(*zip(*row["curve"]), style, markersize=3,
+                    label=f"{row['variant']} ({row['val_loss']:.3f})")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("char GPT on Tiny Shakespeare, one wall-clock budget per variant")
