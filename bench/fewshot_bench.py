@@ -1,8 +1,8 @@
 """Few-shot accuracy of the shipped few-shot GPT and LSTM on held-out episodes.
 
-Exact match of greedy completions, per number of shots and per task, over episodes built
-only from held-out words (and the held-out shift), with a plot of accuracy against shots.
-Tasks seen in training (on new words) and the task never seen (shift+3) are scored apart.
+Exact match of greedy completions, per number of shots, per category (lm.tasks.CATEGORIES:
+seen tasks on held-out real words, on random strings, on inputs longer than training, and
+task variants never trained on) and per task, with a plot of accuracy against shots.
 
     python -m bench.fewshot_bench [--episodes 200] [--shots 0,1,2,4,8]
 """
@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from bench.common import ROOT, save_result
-from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy
+from lm.tasks import CATEGORIES, accuracy_table, fewshot_accuracy, plot_accuracy
 
 
 def main() -> None:
@@ -34,15 +34,15 @@ def main() -> None:
         tables.append(f"{name}\n{accuracy_table(results[name])}")
         print(tables[-1], flush=True)
     plot_accuracy(results, ROOT / "docs" / "fewshot_accuracy.png")
-    table = ["| checkpoint | tasks | " + " | ".join(f"{s} shots" for s in shots) + " |",
+    table = ["| checkpoint | episodes | " + " | ".join(f"{s} shots" for s in shots) + " |",
              "|---|---|" + "---|" * len(shots)]
     for name, result in results.items():
-        for key, label in (("seen_tasks", "trained tasks, held-out words"),
-                           ("unseen_tasks", "held-out task (shift+3)"), ("overall", "all")):
+        for key, label in (*CATEGORIES.items(), ("overall", "all")):
             table.append(f"| {name} | {label} | "
                          + " | ".join(f"{100 * result[s][key]:.1f}%" for s in shots) + " |")
     save_result("fewshot", {
         "command": f"python -m bench.fewshot_bench --episodes {args.episodes} --shots {args.shots}",
+        "categories": CATEGORIES,
         "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
         "table": "\n".join(table) + "\n\nPer task (exact match, %):\n\n```\n"
                  + "\n\n".join(tables) + "\n```",

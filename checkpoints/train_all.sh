@@ -11,11 +11,14 @@ for name in "${names[@]}"; do
   if [[ -f $dir/config.json ]] && grep -q '"finished": true' "$dir/config.json"; then
     echo "== $name: trained already"; continue
   fi
-  if [[ $name == fewshot-* && ! -f runs/fewshot-tasks.txt ]]; then
-    lm make-tasks --out runs/fewshot-tasks.txt --episodes 60000 --seed 1234
+  recipe=$dir/recipe.toml
+  if [[ $name == fewshot-* ]]; then
+    recipe=$dir/recipe-v2.toml  # the issue-13 corpus: real words, random strings, 1,668 tasks
+    [[ -f runs/fewshot-tasks-v2.txt ]] ||
+      lm make-tasks --out runs/fewshot-tasks-v2.txt --episodes 300000 --seed 1234
   fi
   resume=()
   [[ -f $dir/train_state.pt ]] && resume=(--resume)
   echo "== $name"
-  lm train --config "$dir/recipe.toml" --no-progress "${resume[@]}"
+  lm train --config "$recipe" --no-progress "${resume[@]}"
 done

@@ -42,33 +42,34 @@ def fewshot_section(name: str) -> list[str]:
         return []
     result = json.loads(path.read_text())
     mine = result["results"].get(name)
-    if mine is None:
-        return []
+    if mine is None or "words" not in next(iter(mine.values())):
+        return []  # none, or from before the categories: run the bench again
     shots = list(mine)
-    last = mine[shots[-1]]["per_task"]
-    return [
+    last = mine[shots[-1]]
+    categories = result.get("categories") or {c: c for c in ("words", "random", "long", "unseen")}
+    lines = [
         "## Few-shot accuracy",
         "",
         f"Exact match of greedy completions on held-out episodes (`{result['command']}`):",
         "",
         "| shots | " + " | ".join(shots) + " |",
         "|---|" + "---|" * len(shots),
-        "| trained tasks, held-out words | "
-        + " | ".join(f"{100 * mine[s]['seen_tasks']:.1f}%" for s in shots) + " |",
-        "| held-out task (shift+3) | "
-        + " | ".join(f"{100 * mine[s]['unseen_tasks']:.1f}%" for s in shots) + " |",
-        "| all | " + " | ".join(f"{100 * mine[s]['overall']:.1f}%" for s in shots) + " |",
-        "",
-        f"Per task at {shots[-1]} shots: " + ", ".join(
-            f"{task} {100 * value:.0f}%" for task, value in last.items()) + ".",
-        "",
     ]
+    for key, label in (*categories.items(), ("overall", "all")):
+        lines.append(f"| {label} | "
+                     + " | ".join(f"{100 * mine[s][key]:.1f}%" for s in shots) + " |")
+    lines.append("")
+    for key in categories:
+        lines.append(f"Per task at {shots[-1]} shots, {key}: " + ", ".join(
+            f"{task} {100 * value:.0f}%" for task, value in last["per_task"][key].items()) + ".")
+        lines.append("")
+    return lines
 
 
 def write_card(name: str, description: str = "") -> Path:
     from lm.checkpoint import load_checkpoint
-    from lm.engine import SamplingParams
     from lm.generate import Generator
+    from lm.sampling import SamplingParams
 
     directory = HERE / name
     meta = json.loads((directory / "config.json").read_text())
@@ -80,6 +81,8 @@ def write_card(name: str, description: str = "") -> Path:
     sample = Generator(checkpoint).complete(
         [prompt], SamplingParams(max_new_tokens=300, temperature=0.8, top_k=0, seed=0))[0].text
     minutes = training.get("train_seconds", 0) / 60
+    # A v2 recipe, where there is one, is the one the shipped weights came from.
+    recipe = "recipe-v2.toml" if (directory / "recipe-v2.toml").is_file() else "recipe.toml"
     corpus = ", ".join(Path(c).name for c in training.get("corpus", []))
     lines = [
         f"# {name}",
@@ -105,7 +108,7 @@ def write_card(name: str, description: str = "") -> Path:
         f"| validation tokens | {training['val_tokens']:,} "
         f"({'the whole held-out split' if training.get('val_full_split') else 'a subset'}) |",
         "",
-        f"Reproduce: `lm train --config checkpoints/{name}/recipe.toml` (see `recipe.toml`).",
+        f"Reproduce: `lm train --config checkpoints/{name}/{recipe}` (see `{recipe}`).",
         f"Check: `lm eval --checkpoint {name} --corpus data/{corpus}`."
         if name.startswith("shakespeare") else "",
         "",

@@ -1,19 +1,28 @@
 """In-context learning: a corpus of few-shot episodes to train on, and held-out episodes that
-measure whether a model infers a task from its examples alone.
+measure whether a model infers a task from its examples alone, on what users type.
 
 An episode is a handful of `input => output` lines (lm.fewshot's default template) for one
-string task over random pronounceable words; episodes are separated by a blank line. One
-word in ten (chosen by a hash of the word) and the shift amount 3 never occur in training,
-so evaluation queries are words, and a parameter, the model has never seen.
+string task; episodes are separated by a blank line. Inputs are real English words
+(lm/wordlists, built once by lm/wordlists/build.py), random letter strings and letter-digit
+strings of 1 to 12 characters, in lower, Capitalized, UPPER or mIxEd case. Tasks are
+primitives (reverse, shift by k, first n, ...), their parameters and two-step compositions
+(reverse then upper, ...): half the episodes draw a primitive, half a composition from a
+Zipfian mix over ~1,000 of them, so many tasks occur few times each.
+
+Kept out of training, for evaluation: one input in ten (by a hash of the lowercased text, so
+whole words and strings), inputs longer than 12, and the task variants in UNSEEN_TASKS
+(shift by 3, rotate by 3, three compositions).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
+import string
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,19 +30,24 @@ from lm.errors import LMError
 from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
 
 EPISODE_LINES = (4, 12)  # examples per training episode, inclusive
-WORD_LENGTHS = (3, 7)
-DIGIT_LENGTHS = (1, 4)
-HELDOUT_MODULUS = 10  # one word (or digit string) in ten is kept for evaluation
-TRAIN_SHIFTS = (1, 2, 4, 5)
-HELDOUT_SHIFT = 3
+MAX_TRAIN_LENGTH = 12  # inputs of training are 1 to 12 characters
+MAX_WORD_LENGTH = 16  # the "long" evaluation: 13 to 16, never in training
+LONG_LENGTHS = (MAX_TRAIN_LENGTH + 1, MAX_WORD_LENGTH)
+EVAL_LENGTHS = (3, MAX_TRAIN_LENGTH)  # shorter inputs cannot be held out (too few exist)
+DIGIT_LENGTHS = (1, 6)
+HELDOUT_MODULUS = 10  # one input in ten is kept for evaluation
 EPISODE_SEPARATOR = "\n"  # the blank line between episodes; starts every evaluation prompt
+WORDLISTS = Path(__file__).resolve().parent / "wordlists"
 
-VOWELS = "aeiou"
-CONSONANTS = "bcdfghjklmnprstvz" * 3 + "qwxy"  # rare letters rarely
+VOWELS = "aeiouAEIOU"
+ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of the corpus
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CASE_STYLES = (("lower", 0.55), ("capital", 0.15), ("upper", 0.12), ("mixed", 0.18))
+COMPOSITION_SHARE = 0.5  # of training episodes; the rest draw a primitive
+ZIPF_EXPONENT = 1.0
 
 
-# -- the tasks: small pure functions of one string ----------------------------------------
+# -- the primitives: small pure functions of one string ------------------------------------
 
 
 def reverse(word: str) -> str:
@@ -42,6 +56,14 @@ def reverse(word: str) -> str:
 
 def upper(word: str) -> str:
     return word.upper()
+
+
+def lower(word: str) -> str:
+    return word.lower()
+
+
+def swapcase(word: str) -> str:
+    return word.swapcase()
 
 
 def capitalize(word: str) -> str:
@@ -53,32 +75,50 @@ def sort_letters(word: str) -> str:
 
 
 def shift(word: str, k: int) -> str:
-    """Caesar shift of the letters a-z by `k` places, wrapping z to a."""
-    return "".join(chr((ord(c) - 97 + k) % 26 + 97) if "a" <= c <= "z" else c for c in word)
+    """Caesar shift of the letters by `k` places, wrapping z to a; case and digits stay."""
+    out = []
+    for c in word:
+        base = 97 if "a" <= c <= "z" else 65 if "A" <= c <= "Z" else None
+        out.append(c if base is None else chr((ord(c) - base + k) % 26 + base))
+    return "".join(out)
+
+
+def rotate(word: str, k: int) -> str:
+    """Move the first `k` characters (modulo the length) to the end."""
+    k %= max(len(word), 1)
+    return word[k:] + word[:k]
+
+
+def first(word: str, n: int) -> str:
+    return word[:n]
+
+
+def last(word: str, n: int) -> str:
+    return word[-n:]
+
+
+def drop_vowels(word: str) -> str:
+    return "".join(c for c in word if c not in VOWELS)
+
+
+def double_letters(word: str) -> str:
+    return "".join(c + c for c in word)
 
 
 def repeat(word: str) -> str:
     return f"{word} {word}"
 
 
-def first_letter(word: str) -> str:
-    return word[0]
-
-
-def last_letter(word: str) -> str:
-    return word[-1]
+def dashes(word: str) -> str:
+    return "-".join(word)
 
 
 def swap_pairs(word: str) -> str:
-    """Swap letters 1 and 2, 3 and 4, ...; an odd last letter stays."""
+    """Swap characters 1 and 2, 3 and 4, ...; an odd last one stays."""
     chars = list(word)
     for i in range(0, len(chars) - 1, 2):
         chars[i], chars[i + 1] = chars[i + 1], chars[i]
     return "".join(chars)
-
-
-def double_letters(word: str) -> str:
-    return "".join(c + c for c in word)
 
 
 def digits_to_words(digits: str) -> str:
@@ -89,101 +129,255 @@ def length(word: str) -> str:
     return str(len(word))
 
 
+def _compose(functions: tuple[Callable[[str], str], ...], word: str) -> str:
+    for function in functions:
+        word = function(word)
+    return word
+
+
 @dataclass(frozen=True)
 class Task:
+    """A string task: `apply` maps an input to its output. `kind` says how it composes:
+    two steps of one kind never compose; "grow" steps come last; "end" steps never compose."""
+
     name: str
     apply: Callable[[str], str]
-    inputs: str = "word"  # "word" or "digits"
+    kind: str = "order"
+    inputs: str = "text"  # "text" (words, letter or letter-digit strings) or "digits"
+
+    def then(self, other: Task) -> Task:
+        """This task, then `other`: named `a|b`."""
+        steps = (self.apply, other.apply)
+        return Task(f"{self.name}|{other.name}", partial(_compose, steps), "composed")
 
 
-def _shift_task(k: int) -> Task:
-    return Task(f"shift+{k}", partial(shift, k=k))
+TRAIN_SHIFTS = tuple(k for k in range(1, 26) if k != 3)
+TRAIN_ROTATIONS = (1, 2, 4, 5, 6)
+SLICE_SIZES = (1, 2, 3, 4, 5)
 
 
-_FIXED_TASKS = (
-    Task("reverse", reverse),
-    Task("upper", upper),
-    Task("capital", capitalize),
-    Task("sort", sort_letters),
-    Task("repeat", repeat),
-    Task("first", first_letter),
-    Task("last", last_letter),
-    Task("swap", swap_pairs),
-    Task("double", double_letters),
-    Task("digits", digits_to_words, inputs="digits"),
-    Task("length", length),
+def _shift(k: int) -> Task:
+    return Task(f"shift{k}", partial(shift, k=k), "shift")
+
+
+def _rotate(k: int) -> Task:
+    return Task(f"rotate{k}", partial(rotate, k=k), "rotate")
+
+
+PRIMITIVE_FAMILIES: tuple[tuple[Task, ...], ...] = (
+    (Task("reverse", reverse),),
+    (Task("upper", upper, "case"),),
+    (Task("lower", lower, "case"),),
+    (Task("swapcase", swapcase, "case"),),
+    (Task("capitalize", capitalize, "case"),),
+    (Task("sort", sort_letters),),
+    (Task("swap", swap_pairs),),
+    tuple(_shift(k) for k in TRAIN_SHIFTS),
+    tuple(_rotate(k) for k in TRAIN_ROTATIONS),
+    tuple(Task(f"first{n}", partial(first, n=n), "slice") for n in SLICE_SIZES),
+    tuple(Task(f"last{n}", partial(last, n=n), "slice") for n in SLICE_SIZES),
+    (Task("novowels", drop_vowels, "filter"),),
+    (Task("double", double_letters, "grow"),),
+    (Task("repeat", repeat, "grow"),),
+    (Task("dashes", dashes, "grow"),),
+    (Task("length", length, "end"),),
+    (Task("digits", digits_to_words, "end", inputs="digits"),),
 )
-# Training draws a family, then one of its variants: shifting is one task among the others.
-TRAIN_FAMILIES: tuple[tuple[Task, ...], ...] = (
-    *((task,) for task in _FIXED_TASKS),
-    tuple(_shift_task(k) for k in TRAIN_SHIFTS),
+PRIMITIVES = {task.name: task for family in PRIMITIVE_FAMILIES for task in family}
+# Compositions never trained on, in both orders; swapcase counts as upper (on lowercase
+# input they agree, so "reverse|swapcase" episodes would teach "reverse|upper").
+HELDOUT_PAIRS = (
+    frozenset({"reverse", "upper"}),
+    frozenset({"sort", "double"}),
+    frozenset({"reverse", "novowels"}),
 )
-# Evaluation: one task per family, with the held-out parameter where the family has one.
-EVAL_TASKS: tuple[Task, ...] = (*_FIXED_TASKS, _shift_task(HELDOUT_SHIFT))
-# Tasks that never occur in training (a parameter not seen): scored apart as well.
-UNSEEN_TASKS = frozenset({_shift_task(HELDOUT_SHIFT).name})
+_ALIASES = {"swapcase": "upper"}
 
 
-# -- words --------------------------------------------------------------------------------
+def _composable(a: Task, b: Task) -> bool:
+    if "end" in (a.kind, b.kind) or a.kind == "grow" or a.kind == b.kind:
+        return False
+    if a.kind == "order" and b.kind == "order":  # reverse|sort is sort: keep tasks distinct
+        return False
+    pair = frozenset({_ALIASES.get(a.name, a.name), _ALIASES.get(b.name, b.name)})
+    return pair not in HELDOUT_PAIRS
 
 
-def random_word(rng: random.Random) -> str:
-    """A pronounceable lowercase word: consonants and vowels in turn."""
-    size = rng.randint(*WORD_LENGTHS)
-    consonant = rng.random() < 0.7
-    letters = []
-    for _ in range(size):
-        letters.append(rng.choice(CONSONANTS if consonant else VOWELS))
-        consonant = not consonant
-    return "".join(letters)
+@cache
+def train_compositions() -> tuple[Task, ...]:
+    """Every two-step composition trained on, in a fixed Zipf rank order."""
+    tasks = [a.then(b) for a, b in itertools.permutations(PRIMITIVES.values(), 2)
+             if _composable(a, b)]
+    random.Random("lm-compositions").shuffle(tasks)
+    return tuple(tasks)
 
 
-def random_digits(rng: random.Random) -> str:
-    return "".join(rng.choice("0123456789") for _ in range(rng.randint(*DIGIT_LENGTHS)))
+@cache
+def _zipf_weights(n: int) -> list[float]:
+    return list(itertools.accumulate(1 / (rank + 1) ** ZIPF_EXPONENT for rank in range(n)))
+
+
+def draw_train_task(rng: random.Random) -> Task:
+    """Half primitives (a family, then a parameter), half compositions by Zipf rank."""
+    if rng.random() < COMPOSITION_SHARE:
+        compositions = train_compositions()
+        return rng.choices(compositions, cum_weights=_zipf_weights(len(compositions)))[0]
+    return rng.choice(rng.choice(PRIMITIVE_FAMILIES))
+
+
+# Evaluation. Seen: primitives and compositions that training draws. Unseen: variants
+# never trained on (a parameter value, or a pair of primitives composed in either order).
+SEEN_TASKS: tuple[Task, ...] = (
+    *(PRIMITIVES[name] for name in (
+        "reverse", "upper", "lower", "swapcase", "capitalize", "sort", "swap", "shift1",
+        "shift13", "rotate1", "first2", "last3", "novowels", "double", "repeat", "dashes",
+        "length")),
+    PRIMITIVES["reverse"].then(PRIMITIVES["capitalize"]),
+    PRIMITIVES["first3"].then(PRIMITIVES["upper"]),
+    PRIMITIVES["shift1"].then(PRIMITIVES["reverse"]),
+)
+UNSEEN_TASKS: tuple[Task, ...] = (
+    _shift(3),
+    _rotate(3),
+    PRIMITIVES["reverse"].then(PRIMITIVES["upper"]),
+    PRIMITIVES["sort"].then(PRIMITIVES["double"]),
+    PRIMITIVES["novowels"].then(PRIMITIVES["reverse"]),
+)
+CATEGORIES = {
+    "words": "seen tasks, held-out real words",
+    "random": "seen tasks, random strings",
+    "long": f"seen tasks, {LONG_LENGTHS[0]}-{LONG_LENGTHS[1]} characters (longer than training)",
+    "unseen": "task variants never trained on, held-out words",
+}
+
+
+# -- inputs --------------------------------------------------------------------------------
 
 
 def is_heldout(text: str) -> bool:
-    """Whether a word (3+ letters) or digit string (2+ digits) is kept for evaluation.
+    """Whether an input (3+ letters or digits, any case) is kept for evaluation.
 
-    Decided by a hash of the text alone, so it holds for every seed and corpus size.
+    Decided by a hash of the lowercased text alone, so it holds for every seed, corpus size
+    and case style, and for words and random strings alike.
     """
+    text = text.lower()
     if text in DIGIT_NAMES:
         return False  # the vocabulary of the digits task's outputs
-    if text.isdigit():
-        eligible = len(text) >= 2
-    else:
-        eligible = len(text) >= WORD_LENGTHS[0] and text.isalpha()
-    return eligible and zlib.crc32(b"lm-heldout:" + text.lower().encode()) % HELDOUT_MODULUS == 0
+    eligible = len(text) >= 3 and text.isascii() and text.isalnum()
+    return eligible and zlib.crc32(b"lm-heldout:" + text.encode()) % HELDOUT_MODULUS == 0
 
 
 def _mentions_heldout(text: str) -> bool:
-    return any(is_heldout(part) for part in text.lower().split())
+    return any(is_heldout(part) for part in text.split())
 
 
-def _draw_input(rng: random.Random, task: Task, heldout: bool) -> str:
-    """A random input for `task`: a held-out one, or one whose input and output are not."""
-    draw = random_digits if task.inputs == "digits" else random_word
-    while True:
-        text = draw(rng)
-        if heldout:
-            if is_heldout(text):
-                return text
-        elif not is_heldout(text) and not _mentions_heldout(task.apply(text)):
-            return text
+@cache
+def word_list(name: str) -> dict[int, tuple[str, ...]]:
+    """The committed word list `name` ("train" or "heldout"), by length."""
+    path = WORDLISTS / f"{name}.txt"
+    try:
+        words = path.read_text(encoding="utf-8").split()
+    except OSError as exc:
+        raise LMError(f"{path}: cannot read the word list ({exc.strerror or exc}); "
+                      "rebuild it with `python lm/wordlists/build.py`") from exc
+    by_length: dict[int, list[str]] = {}
+    for word in words:
+        by_length.setdefault(len(word), []).append(word)
+    return {size: tuple(items) for size, items in sorted(by_length.items())}
+
+
+def random_word(rng: random.Random, name: str, lengths: tuple[int, int]) -> str:
+    """A word of the list within `lengths`: half the time of a uniformly drawn length (so
+    short words, rare in a dictionary, come up too), else uniform over the words."""
+    by_length = word_list(name)
+    sizes = [size for size in by_length if lengths[0] <= size <= lengths[1]]
+    if rng.random() < 0.5:
+        size = rng.choice(sizes)
+    else:
+        size = rng.choices(sizes, weights=[len(by_length[s]) for s in sizes])[0]
+    return rng.choice(by_length[size])
+
+
+def random_string(rng: random.Random, lengths: tuple[int, int], digits: bool = False) -> str:
+    """Random lowercase letters (a quarter of them digits when `digits`)."""
+    size = rng.randint(*lengths)
+    return "".join(rng.choice(string.digits) if digits and rng.random() < 0.25
+                   else rng.choice(string.ascii_lowercase) for _ in range(size))
+
+
+def random_digits(rng: random.Random) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(rng.randint(*DIGIT_LENGTHS)))
+
+
+def styled(text: str, style: str, rng: random.Random) -> str:
+    """`text` in a case style: lower, capital, upper, or mixed (each letter at random)."""
+    if style == "capital":
+        return text.capitalize()
+    if style == "upper":
+        return text.upper()
+    if style == "mixed":
+        return "".join(c.upper() if rng.random() < 0.5 else c for c in text)
+    return text
+
+
+def _draw_style(rng: random.Random) -> str:
+    names, weights = zip(*CASE_STYLES)
+    return rng.choices(names, weights)[0]
+
+
+Source = Callable[[random.Random], str]
+
+
+def _train_source(rng: random.Random, task: Task) -> Source:
+    """How one training episode draws its inputs: a kind of string and a case style."""
+    if task.inputs == "digits":
+        return random_digits
+    style = _draw_style(rng)
+    lengths = (1, MAX_TRAIN_LENGTH)
+    kind = rng.choices(("word", "letters", "alnum"), (0.55, 0.3, 0.15))[0]
+    if kind == "word":
+        return lambda r: styled(random_word(r, "train", lengths), style, r)
+    return lambda r: styled(random_string(r, lengths, digits=kind == "alnum"), style, r)
+
+
+def _eval_source(rng: random.Random, category: str) -> Source:
+    """How an evaluation episode of `category` draws its inputs (all held out)."""
+    if category == "unseen":
+        return lambda r: random_word(r, "heldout", (4, MAX_TRAIN_LENGTH))
+    style = _draw_style(rng)
+    if category == "words":
+        return lambda r: styled(random_word(r, "heldout", EVAL_LENGTHS), style, r)
+    if category == "random":
+        digits = rng.random() < 0.3
+        return lambda r: styled(random_string(r, EVAL_LENGTHS, digits), style, r)
+    if category == "long":
+        if rng.random() < 0.5:
+            return lambda r: styled(random_word(r, "heldout", LONG_LENGTHS), style, r)
+        return lambda r: styled(random_string(r, LONG_LENGTHS), style, r)
+    raise LMError(f"unknown evaluation category {category!r}; expected one of {', '.join(CATEGORIES)}")
+
+
+def _valid(output: str) -> bool:
+    return bool(output) and "\n" not in output and "=>" not in output
 
 
 def _draw_examples(
-    rng: random.Random, task: Task, count: int, heldout: bool, exclude: Iterable[str] = ()
+    rng: random.Random, task: Task, source: Source, count: int, heldout: bool,
+    exclude: Iterable[str] = (),
 ) -> list[Example]:
     """`count` examples with distinct inputs, drawn one after another (so the first k of a
     longer draw from the same state are the k-example draw)."""
     seen = set(exclude)
     examples = []
     while len(examples) < count:
-        text = _draw_input(rng, task, heldout)
-        if text not in seen:
-            seen.add(text)
-            examples.append(Example(text, task.apply(text)))
+        text = source(rng)
+        output = task.apply(text)
+        if text in seen or not _valid(output):
+            continue
+        if heldout != is_heldout(text) or (not heldout and _mentions_heldout(output)):
+            continue
+        seen.add(text)
+        examples.append(Example(text, output))
     return examples
 
 
@@ -201,9 +395,10 @@ def make_corpus(n_episodes: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     episodes = []
     for _ in range(n_episodes):
-        task = rng.choice(rng.choice(TRAIN_FAMILIES))
+        task = draw_train_task(rng)
+        source = _train_source(rng, task)
         count = rng.randint(*EPISODE_LINES)
-        episodes.append(format_episode(_draw_examples(rng, task, count, heldout=False)))
+        episodes.append(format_episode(_draw_examples(rng, task, source, count, heldout=False)))
     return EPISODE_SEPARATOR.join(episodes)
 
 
@@ -226,25 +421,39 @@ class Episode(NamedTuple):
     answer: str
 
 
-def heldout_episodes(n: int, seed: int = 0, shots: int = 4) -> Iterator[Episode]:
-    """`n` evaluation episodes over held-out words only (and the held-out shift).
+def eval_tasks(category: str) -> tuple[Task, ...]:
+    """The tasks an evaluation category draws ("length" is left out of "long": its answers
+    13-16 are numbers no training output holds)."""
+    if category == "unseen":
+        return UNSEEN_TASKS
+    if category == "long":
+        return tuple(task for task in SEEN_TASKS if task.name != "length")
+    return SEEN_TASKS
+
+
+def eval_episodes(category: str, n: int, seed: int = 0, shots: int = 4) -> Iterator[Episode]:
+    """`n` evaluation episodes of `category` (see CATEGORIES), over held-out inputs only.
 
     Tasks take turns in a seeded order, so every task is equally represented. Episode i is
     the same query for every `shots`, and its examples for k shots are the first k of its
     examples for more shots: accuracies at different shot counts compare like with like.
     """
+    if category not in CATEGORIES:
+        raise LMError(f"unknown evaluation category {category!r}; "
+                      f"expected one of {', '.join(CATEGORIES)}")
     if n < 1:
         raise LMError(f"the number of episodes must be at least 1, got {n}")
     if shots < 0:
         raise LMError(f"shots must be >= 0, got {shots}")
-    order = list(EVAL_TASKS)
-    random.Random(f"tasks:{seed}").shuffle(order)
+    order = list(eval_tasks(category))
+    random.Random(f"tasks:{category}:{seed}").shuffle(order)
     for i in range(n):
         task = order[i % len(order)]
-        rng = random.Random(f"heldout:{seed}:{i}")
-        query = _draw_input(rng, task, heldout=True)
-        examples = _draw_examples(rng, task, shots, heldout=True, exclude=[query])
-        yield Episode(task.name, examples, query, task.apply(query))
+        rng = random.Random(f"heldout:{category}:{seed}:{i}")
+        source = _eval_source(rng, category)
+        (query,) = _draw_examples(rng, task, source, 1, heldout=True)
+        examples = _draw_examples(rng, task, source, shots, heldout=True, exclude=[query.input])
+        yield Episode(task.name, examples, query.input, query.output)
 
 
 def episode_prompt(examples: list[Example], query: str) -> tuple[str, list[str]]:
@@ -254,22 +463,23 @@ def episode_prompt(examples: list[Example], query: str) -> tuple[str, list[str]]
     return EPISODE_SEPARATOR + prompt, stop
 
 
+def _mean(scores: list[int]) -> float | None:
+    return sum(scores) / len(scores) if scores else None
+
+
 def fewshot_accuracy(
     checkpoint, shots_list: Iterable[int], episodes: int = 200, seed: int = 0, max_batch: int = 64
 ) -> dict[int, dict]:
     """Exact-match accuracy of greedy completions on held-out episodes, per shot count:
-    {shots: {"overall": ..., "seen_tasks": ..., "unseen_tasks": ..., "per_task": {task: ...}}}.
+    {shots: {"words", "random", "long", "unseen", "overall", "per_task": {category: {task}}}}.
 
-    Every episode uses held-out words. "seen_tasks" scores the tasks trained on (new words
-    only), "unseen_tasks" those whose parameter never occurs in training (shift+3), and
-    "overall" all of them.
-
+    `episodes` per category (CATEGORIES says what each measures); "overall" pools them all.
     `checkpoint` is a loaded lm.checkpoint.Checkpoint, a shipped name or a directory. All
     prompts (every shot count) go to the engine at once, batched `max_batch` at a time.
     """
     from lm.checkpoint import Checkpoint, load_checkpoint
-    from lm.engine import SamplingParams
     from lm.generate import Generator
+    from lm.sampling import SamplingParams
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
@@ -278,79 +488,85 @@ def fewshot_accuracy(
         raise LMError("give at least one number of shots")
     prompts, keys, answers, stop = [], [], [], []
     for shots in shots_list:
-        for episode in heldout_episodes(episodes, seed, shots):
-            prompt, stop = episode_prompt(episode.examples, episode.query)
-            prompts.append(prompt)
-            keys.append((shots, episode.task))
-            answers.append(episode.answer)
+        for category in CATEGORIES:
+            for episode in eval_episodes(category, episodes, seed, shots):
+                prompt, stop = episode_prompt(episode.examples, episode.query)
+                prompts.append(prompt)
+                keys.append((shots, category, episode.task))
+                answers.append(episode.answer)
     # Room for the longest answer and the line end: a longer completion is wrong anyway.
     params = SamplingParams(
         max_new_tokens=max(len(a) for a in answers) + 2, temperature=0.0, seed=seed, stop=stop
     )
     completions = Generator(checkpoint, max_batch=max_batch).complete(prompts, params)
-    tally: dict[int, dict[str, list[int]]] = {shots: {} for shots in shots_list}
-    for (shots, task), answer, completion in zip(keys, answers, completions):
+    tally: dict[int, dict[str, dict[str, list[int]]]] = {
+        shots: {category: {} for category in CATEGORIES} for shots in shots_list}
+    for (shots, category, task), answer, completion in zip(keys, answers, completions):
         correct = completion.finish_reason == "stop" and completion.text == answer
-        tally[shots].setdefault(task, []).append(int(correct))
-    order = [task.name for task in EVAL_TASKS]
+        tally[shots][category].setdefault(task, []).append(int(correct))
     result = {}
-    for shots, per_task in tally.items():
-        scores = [s for task_scores in per_task.values() for s in task_scores]
-        seen = [s for name, task_scores in per_task.items() if name not in UNSEEN_TASKS
-                for s in task_scores]
-        unseen = [s for name, task_scores in per_task.items() if name in UNSEEN_TASKS
-                  for s in task_scores]
-        result[shots] = {
-            "overall": sum(scores) / len(scores),
-            "seen_tasks": sum(seen) / len(seen) if seen else None,
-            "unseen_tasks": sum(unseen) / len(unseen) if unseen else None,
-            "per_task": {
-                name: sum(per_task[name]) / len(per_task[name])
-                for name in order
-                if name in per_task
-            },
-        }
+    for shots, per_category in tally.items():
+        row: dict = {}
+        for category, per_task in per_category.items():
+            row[category] = _mean([s for scores in per_task.values() for s in scores])
+        row["overall"] = _mean([s for per_task in per_category.values()
+                                for scores in per_task.values() for s in scores])
+        row["per_task"] = {
+            category: {task.name: _mean(per_task[task.name])
+                       for task in eval_tasks(category) if task.name in per_task}
+            for category, per_task in per_category.items()}
+        result[shots] = row
     return result
 
 
+def _percent(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{100 * value:>{width - 1}.1f}%"
+
+
 def accuracy_table(result: dict[int, dict]) -> str:
-    """`fewshot_accuracy`'s result as text: a row per shot count, overall then each task."""
-    tasks = list(next(iter(result.values()))["per_task"])
-    columns = ["overall", "seen", "unseen", *tasks]
-    width = max(8, *(len(c) + 1 for c in columns))
-    lines = ["shots" + "".join(f"{c:>{width}}" for c in columns)]
+    """`fewshot_accuracy`'s result as text: a row per shot count and a column per category;
+    then, at the largest shot count, a row per task."""
+    columns = [*CATEGORIES, "overall"]
+    lines = ["shots" + "".join(f"{c:>9}" for c in columns)]
     for shots, row in result.items():
-        values = [row["overall"], row.get("seen_tasks"), row.get("unseen_tasks"),
-                  *(row["per_task"].get(t) for t in tasks)]
-        lines.append(f"{shots:>5}" + "".join(
-            f"{'-':>{width}}" if v is None else f"{100 * v:>{width - 1}.1f}%" for v in values))
+        lines.append(f"{shots:>5}" + "".join(_percent(row[c], 9) for c in columns))
+    most = max(result)
+    per_task = result[most]["per_task"]
+    names = list(dict.fromkeys(name for tasks in per_task.values() for name in tasks))
+    width = max(len(name) for name in names) + 1
+    lines += ["", f"per task at {most} shots:",
+              f"{'task':<{width}}" + "".join(f"{c:>9}" for c in CATEGORIES)]
+    for name in names:
+        lines.append(f"{name:<{width}}"
+                     + "".join(_percent(per_task[c].get(name), 9) for c in CATEGORIES))
     return "\n".join(lines)
 
 
 def plot_accuracy(results: dict[str, dict[int, dict]], path: str | Path) -> None:
-    """Save `accuracy vs shots` to an image file: per checkpoint, a solid line for the tasks
-    seen in training (held-out words) and a dashed one for all tasks."""
+    """Save `accuracy vs shots` to an image file: a colour per category, a line style per
+    checkpoint."""
     from lm.plotting import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = ("o-", "s--", "^:", "d-.")
+    colors = dict(zip(CATEGORIES, ("tab:blue", "tab:green", "tab:orange", "tab:red")))
     all_shots: set[int] = set()
-    for name, result in results.items():
+    for i, (name, result) in enumerate(results.items()):
         shots = sorted(result)
         all_shots.update(shots)
-        seen = [result[s].get("seen_tasks") for s in shots]
-        if None in seen:  # only the tasks never trained on were drawn
-            seen = [result[s]["overall"] for s in shots]
-        (line,) = ax.plot(shots, [100 * v for v in seen], "o-", label=f"{name}, trained tasks")
-        ax.plot(shots, [100 * result[s]["overall"] for s in shots], "o--", alpha=0.5,
-                color=line.get_color(), label=f"{name}, all (with held-out shift+3)")
+        for category, color in colors.items():
+            values = [result[s][category] for s in shots]
+            ax.plot(shots, [100 * (v or 0) for v in values], styles[i % len(styles)],
+                    color=color, label=f"{name}: {category}")
     ax.set_xticks(sorted(all_shots))
     ax.set_xlabel("examples in the prompt (shots)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(-2, 102)  # lines at 0% or 100% stay visible
-    ax.set_title("few-shot accuracy vs shots (held-out words)")
+    ax.set_title("few-shot accuracy vs shots: " + "; ".join(
+        f"{c} = {d}" for c, d in list(CATEGORIES.items())[:2]) + "; ...", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=100)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from lm.checkpoint import load_checkpoint, shipped_checkpoints
-from lm.tasks import heldout_episodes, is_heldout
+from lm.tasks import eval_episodes, is_heldout
 from service.app import create_app
 from service.settings import Settings
 
@@ -17,13 +19,16 @@ pytestmark = pytest.mark.skipif("fewshot-char-gpt" not in shipped_checkpoints(),
 @pytest.fixture(scope="module")
 def server(launch):
     checkpoint = load_checkpoint("fewshot-char-gpt")
+    if Path(checkpoint.training.get("corpus", [""])[0]).name == "fewshot-tasks.txt":
+        pytest.skip("fewshot-char-gpt is still v1 (pseudo-words only; issue 13): "
+                    "retrain it with recipe-v2.toml")
     return launch(create_app(Settings(checkpoints=["fewshot-char-gpt"]), [checkpoint]))
 
 
-# Tasks the shipped model does reliably (see its card); held-out words only.
+# Tasks the shipped model does reliably (see its card); held-out real words only.
 @pytest.mark.parametrize("task", ["upper", "repeat", "length"])
 def test_examples_and_a_heldout_query_give_the_answer(server, task):
-    episodes = [e for e in heldout_episodes(60, seed=0, shots=4) if e.task == task][:3]
+    episodes = [e for e in eval_episodes("words", 60, seed=0, shots=4) if e.task == task][:3]
     assert episodes
     for episode in episodes:
         assert is_heldout(episode.query)

@@ -21,7 +21,15 @@ from lm.evaluate import evaluate_checkpoint
 SHAKESPEARE = ["shakespeare-char-gpt", "shakespeare-char-lstm", "shakespeare-bpe-gpt",
                "shakespeare-word-lstm"]
 # The corpus the few-shot checkpoints were trained on: `lm make-tasks` in train_all.sh.
-FEWSHOT_EPISODES, FEWSHOT_SEED = 60000, 1234
+FEWSHOT_EPISODES, FEWSHOT_SEED = 300000, 1234
+FEWSHOT_V1_CORPUS = "fewshot-tasks.txt"  # made by lm/tasks.py before issue 13; gone
+
+
+def skip_fewshot_v1(meta: dict) -> None:
+    corpus = meta["training"].get("corpus", [""])[0]
+    if corpus.replace("\\", "/").rsplit("/", 1)[-1] == FEWSHOT_V1_CORPUS:
+        pytest.skip("trained on the v1 task corpus, which lm make-tasks no longer makes: "
+                    "retrain with recipe-v2.toml (checkpoints/train_all.sh)")
 
 
 def card_loss(name: str) -> float:
@@ -52,6 +60,7 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
     if name.startswith("fewshot"):
         from lm.tasks import make_corpus
 
+        skip_fewshot_v1(meta)
         text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED)
         corpus = tmp_path / "tasks.txt"
         corpus.write_text(text, encoding="utf-8")
@@ -65,8 +74,8 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
 
 @pytest.mark.parametrize("name", shipped_checkpoints())
 def test_every_shipped_checkpoint_is_finished_and_generates(name):
-    from lm.engine import SamplingParams
     from lm.generate import Generator
+    from lm.sampling import SamplingParams
 
     checkpoint = load_checkpoint(name)
     assert checkpoint.training.get("finished"), f"{name} did not finish training"

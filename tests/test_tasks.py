@@ -17,20 +17,25 @@ from lm.fewshot import Example, build_prompt
 from lm.generate import Completion, Generator
 from lm.models import ModelConfig, build_model
 from lm.tasks import (
-    EVAL_TASKS,
-    HELDOUT_SHIFT,
-    TRAIN_FAMILIES,
-    TRAIN_SHIFTS,
+    ALPHABET,
+    CATEGORIES,
+    HELDOUT_PAIRS,
+    MAX_TRAIN_LENGTH,
+    PRIMITIVE_FAMILIES,
+    SEEN_TASKS,
     UNSEEN_TASKS,
     accuracy_table,
     episode_prompt,
+    eval_episodes,
     fewshot_accuracy,
-    heldout_episodes,
     is_heldout,
     make_corpus,
+    train_compositions,
+    word_list,
 )
 
-TRAIN_TASKS = [task for family in TRAIN_FAMILIES for task in family]
+TRAIN_TASKS = [task for family in PRIMITIVE_FAMILIES for task in family] + list(
+    train_compositions())
 
 
 def parse_corpus(text: str) -> list[list[tuple[str, str]]]:
@@ -48,79 +53,145 @@ def parse_corpus(text: str) -> list[list[tuple[str, str]]]:
     return episodes
 
 
+def consistent(task, pairs) -> bool:
+    if task.inputs == "digits" and not all(left.isdigit() for left, _ in pairs):
+        return False
+    return all(task.apply(left) == right for left, right in pairs)
+
+
 @pytest.fixture(scope="module")
 def corpus() -> str:
-    return make_corpus(300, seed=0)
+    return make_corpus(1500, seed=0)
+
+
+@pytest.fixture(scope="module")
+def episodes(corpus) -> list[list[tuple[str, str]]]:
+    return parse_corpus(corpus)
 
 
 @pytest.mark.parametrize(
     "function, text, expected",
     [
-        (tasks.reverse, "kotab", "batok"),
-        (tasks.upper, "kotab", "KOTAB"),
-        (tasks.capitalize, "kotab", "Kotab"),
-        (tasks.sort_letters, "kotab", "abkot"),
-        (tasks.repeat, "kotab", "kotab kotab"),
-        (tasks.first_letter, "kotab", "k"),
-        (tasks.last_letter, "kotab", "b"),
-        (tasks.swap_pairs, "kotab", "okatb"),
-        (tasks.swap_pairs, "kota", "okat"),
-        (tasks.double_letters, "kot", "kkoott"),
-        (tasks.digits_to_words, "42", "four two"),
+        (tasks.reverse, "garden", "nedrag"),
+        (tasks.upper, "Castle", "CASTLE"),
+        (tasks.lower, "CaStLe", "castle"),
+        (tasks.swapcase, "CaStLe", "cAsTlE"),
+        (tasks.capitalize, "cASTLE", "Castle"),
+        (tasks.sort_letters, "garden", "adegnr"),
+        (tasks.repeat, "zorta", "zorta zorta"),
+        (tasks.swap_pairs, "garden", "agdrne"),
+        (tasks.swap_pairs, "apple", "palpe"),
+        (tasks.double_letters, "cat", "ccaatt"),
+        (tasks.drop_vowels, "Apple pie", "ppl p"),
+        (tasks.dashes, "cat", "c-a-t"),
         (tasks.digits_to_words, "907", "nine zero seven"),
-        (tasks.length, "kotab", "5"),
+        (tasks.length, "garden", "6"),
     ],
 )
 def test_task_functions(function, text, expected):
     assert function(text) == expected
 
 
-def test_shift_wraps_around():
+def test_parametrised_primitives():
     assert tasks.shift("abc", 3) == "def"
     assert tasks.shift("xyz", 3) == "abc"
-    assert tasks.shift("kotab", 1) == "lpubc"
+    assert tasks.shift("Zoo42", 1) == "App42"  # case kept, digits stay
+    assert tasks.rotate("garden", 2) == "rdenga"
+    assert tasks.rotate("ab", 3) == "ba"  # modulo the length
+    assert tasks.first("garden", 3) == "gar" and tasks.last("garden", 3) == "den"
+    assert tasks.first("ox", 3) == "ox"
+    composed = tasks.PRIMITIVES["reverse"].then(tasks.PRIMITIVES["capitalize"])
+    assert composed.name == "reverse|capitalize" and composed.apply("apple") == "Elppa"
+
+
+def test_task_space_is_large_and_names_are_unique():
+    names = [task.name for task in TRAIN_TASKS]
+    assert len(names) == len(set(names)) and len(names) > 1000
+    assert {t.name for t in SEEN_TASKS} <= set(names)
+    assert not {t.name for t in UNSEEN_TASKS} & set(names)
 
 
 def test_corpus_is_deterministic_by_seed():
     assert make_corpus(40, seed=5) == make_corpus(40, seed=5)
     assert make_corpus(40, seed=5) != make_corpus(40, seed=6)
-    first = list(heldout_episodes(20, seed=1, shots=3))
-    assert first == list(heldout_episodes(20, seed=1, shots=3))
-    assert first != list(heldout_episodes(20, seed=2, shots=3))
+    for category in CATEGORIES:
+        first = list(eval_episodes(category, 20, seed=1, shots=3))
+        assert first == list(eval_episodes(category, 20, seed=1, shots=3))
+        assert first != list(eval_episodes(category, 20, seed=2, shots=3))
 
 
-def test_corpus_episodes_parse_and_each_is_one_training_task(corpus):
-    episodes = parse_corpus(corpus)
-    assert len(episodes) == 300
+def test_corpus_episodes_parse_and_each_is_one_training_task(episodes, corpus):
+    assert len(episodes) == 1500
     assert corpus.endswith("\n") and not corpus.endswith("\n\n")
-    for pairs in episodes:
+    for pairs in episodes[:300]:
         assert tasks.EPISODE_LINES[0] <= len(pairs) <= tasks.EPISODE_LINES[1]
         assert len({left for left, _ in pairs}) == len(pairs)  # distinct inputs
-        kind = "digits" if pairs[0][0].isdigit() else "word"
-        assert any(
-            all(task.apply(left) == right for left, right in pairs)
-            for task in TRAIN_TASKS
-            if task.inputs == kind
-        ), pairs
+        assert any(consistent(task, pairs) for task in TRAIN_TASKS), pairs
 
 
-def test_heldout_words_never_appear_in_training(corpus):
-    tokens = corpus.replace("=>", " ").lower().split()
+def test_task_mix_many_tasks_few_times_each():
+    """A Zipfian mix: hundreds of distinct tasks in 1,500 episodes, most of them rare."""
+    import random
+
+    rng = random.Random(0)
+    names = [tasks.draw_train_task(rng).name for _ in range(1500)]
+    counts = {name: names.count(name) for name in set(names)}
+    assert len(counts) > 300
+    assert sum(1 for n in counts.values() if n <= 3) > len(counts) / 2
+    assert 0.4 < sum(1 for name in names if "|" in name) / len(names) < 0.6  # compositions
+    assert max(counts.values()) < 0.1 * len(names)
+
+
+def test_corpus_covers_lengths_case_digits_and_real_words(episodes, corpus):
+    inputs = [left for pairs in episodes for left, _ in pairs]
+    assert {len(x) for x in inputs} >= set(range(1, MAX_TRAIN_LENGTH + 1))
+    assert max(len(x) for x in inputs) == MAX_TRAIN_LENGTH
+    assert any(x.islower() and x.isalpha() for x in inputs)
+    assert any(x.isupper() for x in inputs)
+    assert any(x[0].isupper() and x[1:].islower() and len(x) > 2 for x in inputs)
+    assert any(not x.isupper() and not x.islower() and not x.istitle() for x in inputs)
+    assert any(x.isalnum() and not x.isalpha() and not x.isdigit() for x in inputs)
+    assert any(x.isdigit() for x in inputs)
+    words = {w for ws in word_list("train").values() for w in ws}
+    real = [x for x in inputs if x.lower() in words and len(x) > 3]
+    assert len(real) > len(inputs) / 3
+    assert set(corpus) == set(ALPHABET)  # the char tokenizer covers every evaluation prompt
+
+
+def test_wordlists_are_disjoint_and_split_by_the_hash():
+    train = {w for ws in word_list("train").values() for w in ws}
+    heldout = {w for ws in word_list("heldout").values() for w in ws}
+    assert len(train) > 20_000 and len(heldout) > 2_000
+    assert not train & heldout
+    assert all(is_heldout(w) for w in heldout) and not any(is_heldout(w) for w in train)
+    assert max(map(len, train)) == MAX_TRAIN_LENGTH
+    assert max(map(len, heldout)) > MAX_TRAIN_LENGTH
+    assert {"garden", "castle", "apple"} <= train | heldout
+
+
+def test_heldout_inputs_never_appear_in_training(corpus):
+    tokens = corpus.replace("=>", " ").split()
     assert not [t for t in tokens if is_heldout(t)]
-    queries = {e.query for e in heldout_episodes(100, seed=0, shots=2)}
-    assert all(is_heldout(q) for q in queries)
-    assert not queries & set(tokens)
+    seen = {t.lower() for t in tokens}
+    for category in CATEGORIES:
+        episodes = list(eval_episodes(category, 60, seed=0, shots=2))
+        inputs = {e.query for e in episodes} | {x.input for e in episodes for x in e.examples}
+        assert all(is_heldout(x) for x in inputs)
+        assert not {x.lower() for x in inputs} & seen
 
 
-def test_heldout_shift_never_in_training(corpus):
-    episodes = parse_corpus(corpus)
-
-    def is_shift(pairs, k):
-        return all(tasks.shift(left, k) == right for left, right in pairs)
-
-    assert HELDOUT_SHIFT not in TRAIN_SHIFTS
-    assert not any(is_shift(pairs, HELDOUT_SHIFT) for pairs in episodes)
-    assert any(is_shift(pairs, TRAIN_SHIFTS[0]) for pairs in episodes)  # the check can fire
+def test_unseen_task_variants_never_in_training(episodes):
+    """No training episode (of lowercase words, the inputs "unseen" is scored on) is an
+    episode of a held-out variant: not shift by 3, rotate by 3, nor a held-out pair."""
+    for task in UNSEEN_TASKS:
+        hits = [pairs for pairs in episodes if consistent(task, pairs)
+                and any(left.islower() and left.isalpha() and len(left) >= 4 for left, _ in pairs)]
+        assert not hits, (task.name, hits[:1])
+    names = {task.name for task in TRAIN_TASKS}
+    for pair in HELDOUT_PAIRS:
+        a, b = sorted(pair)
+        assert f"{a}|{b}" not in names and f"{b}|{a}" not in names
+    assert "shift1" in names and "shift3" not in names and "rotate3" not in names
 
 
 def test_build_prompt_of_an_episode_is_the_training_text(corpus):
@@ -131,34 +202,51 @@ def test_build_prompt_of_an_episode_is_the_training_text(corpus):
     assert tasks.format_episode(examples) == first
 
 
-def test_heldout_episodes_are_consistent_across_shots():
-    few = list(heldout_episodes(12, seed=3, shots=2))
-    many = list(heldout_episodes(12, seed=3, shots=6))
-    assert {e.task for e in few} == {t.name for t in EVAL_TASKS}  # every task, once each
-    assert f"shift+{HELDOUT_SHIFT}" in {e.task for e in few}
-    by_name = {t.name: t for t in EVAL_TASKS}
+@pytest.mark.parametrize("category", list(CATEGORIES))
+def test_eval_episodes_are_consistent_across_shots(category):
+    few = list(eval_episodes(category, 40, seed=3, shots=2))
+    many = list(eval_episodes(category, 40, seed=3, shots=8))
+    by_name = {t.name: t for t in tasks.eval_tasks(category)}
+    assert {e.task for e in few} == set(by_name)  # every task, equally often
     for a, b in zip(few, many):
         assert (a.task, a.query, a.answer) == (b.task, b.query, b.answer)
-        assert a.examples == b.examples[:2] and len(b.examples) == 6
+        assert a.examples == b.examples[:2] and len(b.examples) == 8
         assert a.answer == by_name[a.task].apply(a.query)
-        assert all(is_heldout(ex.input) and ex.input != a.query for ex in b.examples)
+        assert all(ex.input != a.query for ex in b.examples)
         assert all(ex.output == by_name[a.task].apply(ex.input) for ex in b.examples)
     prompt, stop = episode_prompt(few[0].examples, few[0].query)
     assert prompt == "\n" + tasks.format_episode(few[0].examples) + few[0].query + " => "
     assert stop == ["\n"]
 
 
-def test_bad_counts_are_errors():
+def test_eval_categories_draw_what_they_say():
+    heldout = {w for ws in word_list("heldout").values() for w in ws}
+    words = list(eval_episodes("words", 100, shots=1))
+    assert all(e.query.lower() in heldout and len(e.query) <= MAX_TRAIN_LENGTH for e in words)
+    assert any(not e.query.islower() for e in words)  # case styles as in training
+    random_strings = [e.query for e in eval_episodes("random", 100, shots=1)]
+    assert sum(s.lower() in heldout for s in random_strings) < 5
+    assert any(any(c.isdigit() for c in s) for s in random_strings)
+    long = [e.query for e in eval_episodes("long", 100, shots=1)]
+    assert all(MAX_TRAIN_LENGTH < len(s) <= tasks.MAX_WORD_LENGTH for s in long)
+    unseen = list(eval_episodes("unseen", 100, shots=1))
+    assert all(e.query in heldout and e.query.islower() for e in unseen)
+    assert {e.task for e in unseen} == {t.name for t in UNSEEN_TASKS}
+
+
+def test_bad_counts_and_categories_are_errors():
     with pytest.raises(LMError):
         make_corpus(0)
     with pytest.raises(LMError):
-        next(heldout_episodes(5, shots=-1))
+        next(eval_episodes("words", 5, shots=-1))
+    with pytest.raises(LMError, match="category"):
+        next(eval_episodes("nope", 5))
 
 
 def tiny_checkpoint(directory: Path, kind: str) -> Path:
     from lm.tokenizers import CharTokenizer
 
-    tokenizer = CharTokenizer.train(make_corpus(40, seed=0))
+    tokenizer = CharTokenizer.train(ALPHABET)
     torch.manual_seed(0)
     model = build_model(
         ModelConfig(
@@ -174,10 +262,15 @@ def tiny_checkpoint(directory: Path, kind: str) -> Path:
     return directory
 
 
+def all_episodes(shots_list, n, seed=0):
+    return [e for shots in shots_list for category in CATEGORIES
+            for e in eval_episodes(category, n, seed=seed, shots=shots)]
+
+
 def test_fewshot_accuracy_scores_exact_matches(tmp_path, monkeypatch):
     """Right answers that stopped score 1; extra text or no stop scores 0."""
     checkpoint = tiny_checkpoint(tmp_path / "gpt", "gpt")
-    answers = [e.answer for shots in (0, 2) for e in heldout_episodes(6, seed=0, shots=shots)]
+    answers = [e.answer for e in all_episodes([0, 2], 6)]
     replies = [(a, "stop") for a in answers]
 
     def fake_complete(self, prompts, params, n=1):
@@ -189,27 +282,42 @@ def test_fewshot_accuracy_scores_exact_matches(tmp_path, monkeypatch):
     monkeypatch.setattr(Generator, "complete", fake_complete)
     result = fewshot_accuracy(checkpoint, [2, 0], episodes=6, seed=0)
     assert list(result) == [0, 2]
-    assert result[0]["overall"] == 1.0 and set(result[2]["per_task"].values()) == {1.0}
+    for row in result.values():
+        assert set(row) == {*CATEGORIES, "overall", "per_task"}
+        assert all(row[c] == 1.0 for c in (*CATEGORIES, "overall"))
+        assert set(row["per_task"]) == set(CATEGORIES)
+        assert all(set(v.values()) == {1.0} for v in row["per_task"].values())
     replies[:] = [(a + " x", "stop") if i % 2 else (a, "length") for i, a in enumerate(answers)]
     assert fewshot_accuracy(checkpoint, [0, 2], episodes=6)[2]["overall"] == 0.0
 
 
-def test_fewshot_accuracy_scores_unseen_tasks_apart(tmp_path, monkeypatch):
-    """shift+3 never occurs in training: it counts in "overall" and "unseen_tasks" only."""
+def test_fewshot_accuracy_scores_each_category_apart(tmp_path, monkeypatch):
+    """Each category has its own score; "overall" pools them."""
     checkpoint = tiny_checkpoint(tmp_path / "gpt", "gpt")
-    episodes = list(heldout_episodes(24, seed=0, shots=1))  # every task twice
-    assert {e.task for e in episodes} == {t.name for t in EVAL_TASKS}
+    n = 20
+    categories = [c for c in CATEGORIES for _ in range(n)]
+    episodes = all_episodes([1], n)
+    right = {"words": n, "random": n // 2, "long": 0, "unseen": n // 4}
 
-    def fake_complete(self, prompts, params, n=1):
-        return [Completion(i, "wrong" if e.task in UNSEEN_TASKS else e.answer, "stop", [], None, 0)
-                for i, e in enumerate(episodes)]
+    def fake_complete(self, prompts, params, n_=1):
+        counts: dict[str, int] = {}
+        replies = []
+        for i, (category, e) in enumerate(zip(categories, episodes)):
+            counts[category] = counts.get(category, 0) + 1
+            ok = counts[category] <= right[category]
+            replies.append(Completion(i, e.answer if ok else "wrong", "stop", [], None, 0))
+        return replies
 
     monkeypatch.setattr(Generator, "complete", fake_complete)
-    row = fewshot_accuracy(checkpoint, [1], episodes=24, seed=0)[1]
-    assert row["seen_tasks"] == 1.0 and row["unseen_tasks"] == 0.0
-    assert row["overall"] == pytest.approx(1 - 2 / 24)
-    assert row["per_task"]["shift+3"] == 0.0
-    assert "unseen" in accuracy_table({1: row}).splitlines()[0]
+    row = fewshot_accuracy(checkpoint, [1], episodes=n, seed=0)[1]
+    assert row["words"] == 1.0 and row["random"] == 0.5
+    assert row["long"] == 0.0 and row["unseen"] == 0.25
+    assert row["overall"] == pytest.approx(sum(right.values()) / (4 * n))
+    assert set(row["per_task"]["unseen"]) == {t.name for t in UNSEEN_TASKS}
+    assert "length" not in row["per_task"]["long"]
+    table = accuracy_table({1: row})
+    assert table.splitlines()[0].split() == ["shots", *CATEGORIES, "overall"]
+    assert "shift3" in table and "per task at 1 shots" in table
 
 
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
@@ -245,9 +353,10 @@ def test_cli_fewshot_eval_json_and_plot(tmp_path, capsys):
     for per_shots in result.values():
         assert set(per_shots) == {"0", "1"}
         for row in per_shots.values():
-            assert 0.0 <= row["overall"] <= 1.0
-            assert len(row["per_task"]) == 4
-            assert all(0.0 <= v <= 1.0 for v in row["per_task"].values())
+            for key in (*CATEGORIES, "overall"):
+                assert 0.0 <= row[key] <= 1.0
+            assert set(row["per_task"]) == set(CATEGORIES)
+            assert all(0.0 <= v <= 1.0 for v in row["per_task"]["words"].values())
     assert plot.stat().st_size > 0
 
 
@@ -255,7 +364,7 @@ def test_cli_fewshot_eval_table(tmp_path, capsys):
     gpt = tiny_checkpoint(tmp_path / "gpt", "gpt")
     assert main(["fewshot-eval", "--checkpoint", str(gpt), "--shots", "1", "--episodes", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:2] == ["shots", "overall"]
+    assert lines[1].split() == ["shots", *CATEGORIES, "overall"]
     assert lines[2].split()[0] == "1" and lines[2].endswith("%")
 
 

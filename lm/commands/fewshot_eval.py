@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
         "fewshot-eval",
         help="exact-match accuracy on held-out few-shot episodes",
         description="Greedy completions of held-out `lm make-tasks` "
-        "episodes, scored by exact match, per number of shots "
+        "episodes, scored by exact match, per number of shots, per category "
+        "(held-out words, random strings, longer inputs, unseen task variants) "
         "and per task.",
     )
     p.add_argument(
@@ -27,13 +28,14 @@ def add_parser(subparsers) -> None:
         default=[0, 1, 2, 4, 8],
         help="comma-separated numbers of examples (default 0,1,2,4,8)",
     )
-    p.add_argument("--episodes", type=positive_int, default=200, help="per number of shots")
+    p.add_argument("--episodes", type=positive_int, default=200, help="per category and number of shots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--json",
         action="store_true",
-        help='print {checkpoint: {shots: {"overall", "seen_tasks", "unseen_tasks", "per_task"}}}',
+        help='print {checkpoint: {shots: {"words", "random", "long", "unseen", "overall", '
+        '"per_task"}}}',
     )
     p.add_argument(
         "--plot", metavar="FILE.png", help="save accuracy vs shots, a line per checkpoint"
