@@ -19,6 +19,7 @@ import torch
 from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.errors import LMError
 from lm.models import ModelConfig
+from lm.models.gpt import RMS_NORM_EPS, mlp_width
 from lm.tokenizers import TOKENIZER_FILE, BPETokenizer, Tokenizer, VocabTokenizer
 
 FORMATS = ("hf", "gguf")
@@ -113,20 +114,45 @@ def hf_config(config: ModelConfig, arch: Architecture) -> dict:
     if arch is GPT2:
         return {**common, "n_positions": config.block_size, "n_ctx": config.block_size,
                 "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-                "n_inner": 4 * config.n_embd, "activation_function": "gelu",  # exact erf GELU
+                "n_inner": mlp_width(config), "activation_function": "gelu",  # exact erf GELU
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False}
-    raise LMError(f"no transformers config for {arch.hf_class} yet")
+    head_dim = config.n_embd // config.n_head
+    return {**common, "hidden_size": config.n_embd, "intermediate_size": mlp_width(config),
+            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.n_head, "head_dim": head_dim,
+            "max_position_embeddings": config.block_size, "rms_norm_eps": RMS_NORM_EPS,
+            "rope_theta": config.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+            "attention_dropout": 0.0, "mlp_bias": False, "use_sliding_window": False,
+            "sliding_window": None, "initializer_range": 0.02}
 
 
 def hf_state_dict(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
     """lm's weights under transformers' names (and layouts) for `arch`."""
-    config = model.config
     if arch is GPT2:
         return _gpt2_weights(model, transpose=True, prefix="transformer.")
-    raise LMError(f"no transformers weights for {arch.hf_class} yet ({config.kind})")
+    out = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.ln_f.weight}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.c_attn.weight.chunk(3, dim=0)
+        gate, up = block.mlp.c_fc.weight.chunk(2, dim=0)
+        out |= {f"{prefix}input_layernorm.weight": block.ln_1.weight,
+                f"{prefix}self_attn.q_proj.weight": q, f"{prefix}self_attn.k_proj.weight": k,
+                f"{prefix}self_attn.v_proj.weight": v,
+                f"{prefix}self_attn.o_proj.weight": block.attn.c_proj.weight,
+                f"{prefix}post_attention_layernorm.weight": block.ln_2.weight,
+                f"{prefix}mlp.gate_proj.weight": gate, f"{prefix}mlp.up_proj.weight": up,
+                f"{prefix}mlp.down_proj.weight": block.mlp.c_proj.weight}
+        if arch is QWEN3:
+            out[f"{prefix}self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            out[f"{prefix}self_attn.k_norm.weight"] = block.attn.k_norm.weight
+    if model.lm_head.weight is not model.wte.weight:
+        out["lm_head.weight"] = model.lm_head.weight
+    return out
 
 
 def _gpt2_weights(model, transpose: bool, prefix: str) -> dict[str, torch.Tensor]:
@@ -193,11 +219,17 @@ def export_gguf(ckpt: Checkpoint, path: Path) -> Path:
     writer.add_embedding_length(config.n_embd)
     writer.add_block_count(config.n_layer)
     writer.add_head_count(config.n_head)
+    writer.add_feed_forward_length(mlp_width(config))
     if arch is GPT2:
-        writer.add_feed_forward_length(4 * config.n_embd)
         writer.add_layer_norm_eps(LAYER_NORM_EPS)
     else:
-        raise LMError(f"no GGUF writer for {arch.gguf_arch} yet")
+        head_dim = config.n_embd // config.n_head
+        writer.add_head_count_kv(config.n_head)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
     add_gguf_vocabulary(writer, ckpt.tokenizer)
     for name, tensor in gguf_tensors(ckpt.model, arch).items():
         writer.add_tensor(name, tensor.detach().to("cpu", torch.float32).contiguous().numpy())
@@ -223,7 +255,31 @@ def gguf_tensors(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.
         if "lm_head.weight" in hf:
             out["output.weight"] = hf["lm_head.weight"]
         return out
-    raise LMError(f"no GGUF tensors for {arch.gguf_arch} yet")
+    hf = hf_state_dict(model, arch)
+    out = {"token_embd.weight": hf.pop("model.embed_tokens.weight"),
+           "output_norm.weight": hf.pop("model.norm.weight")}
+    if "lm_head.weight" in hf:
+        out["output.weight"] = hf.pop("lm_head.weight")
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    n_head = model.config.n_head
+    for name, tensor in hf.items():
+        _, _, layer, rest = name.split(".", 3)
+        theirs = names[rest.removesuffix(".weight")]
+        if arch is LLAMA and theirs in ("attn_q", "attn_k"):
+            tensor = _interleave_rotary(tensor, n_head)
+        out[f"blk.{layer}.{theirs}.weight"] = tensor
+    return out
+
+
+def _interleave_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q/k projection reordered from rotate-half pairs (i, i + D/2) to adjacent
+    pairs (2i, 2i + 1): llama.cpp's llama rotates adjacent pairs (as convert_hf_to_gguf)."""
+    rows, cols = weight.shape
+    return weight.reshape(n_head, 2, rows // n_head // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:

@@ -30,18 +30,28 @@ def _tiny(directory, corpus_text, kind="char", seed=0, **options):
     return directory
 
 
-CLASSIC = {"classic": {}, "classic-bias": {"bias": True}}
+MODERN = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "rope_theta": 5000.0}
+BLOCKS = {  # options -> the transformers class they are
+    "classic": ({}, "GPT2LMHeadModel"),
+    "classic-bias-untied": ({"bias": True, "tie_embeddings": False}, "GPT2LMHeadModel"),
+    "llama": (MODERN, "LlamaForCausalLM"),
+    "llama-untied": ({**MODERN, "tie_embeddings": False}, "LlamaForCausalLM"),
+    "qwen3": ({**MODERN, "qk_norm": True, "tie_embeddings": False}, "Qwen3ForCausalLM"),
+    "qwen3-tied": ({**MODERN, "qk_norm": True, "mlp_hidden": 48}, "Qwen3ForCausalLM"),
+}
+KIND_BLOCKS = [("char", name) for name in BLOCKS] + [("word", "classic"), ("bpe", "classic"),
+                                                     ("bpe", "qwen3")]
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
-@pytest.mark.parametrize("options", CLASSIC.values(), ids=CLASSIC.keys())
-def test_hf_export_loads_in_transformers_with_equal_logits(kind, options, corpus_text, tmp_path):
+@pytest.mark.parametrize(("kind", "block"), KIND_BLOCKS)
+def test_hf_export_loads_in_transformers_with_equal_logits(kind, block, corpus_text, tmp_path):
     transformers = pytest.importorskip("transformers")
+    options, hf_class = BLOCKS[block]
     ckpt_dir = _tiny(tmp_path / "ckpt", corpus_text, kind, **options)
     out = export(ckpt_dir, tmp_path / "hf", "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert type(model).__name__ == hf_class
     assert isinstance(tokenizer, transformers.PreTrainedTokenizerFast)
     ours = load_checkpoint(ckpt_dir)
     text = corpus_text[:300] + TEXT
@@ -126,6 +136,59 @@ def _gpt2():
     from lm.export import GPT2
 
     return GPT2
+
+
+@pytest.mark.parametrize("block", ["llama", "qwen3"])
+def test_gguf_of_modern_blocks_reads_back(block, corpus_text, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from lm.export import LLAMA, QWEN3
+
+    options = BLOCKS[block][0]
+    ckpt_dir = _tiny(tmp_path / "ckpt", corpus_text, **options)
+    reader = gguf.GGUFReader(str(export(ckpt_dir, tmp_path / "m.gguf", "gguf")))
+    ours = load_checkpoint(ckpt_dir)
+    config = ours.config
+    head_dim = config.n_embd // config.n_head
+    assert reader.fields["general.architecture"].contents() == block
+    assert reader.fields[f"{block}.rope.freq_base"].contents() == pytest.approx(5000.0)
+    assert reader.fields[f"{block}.rope.dimension_count"].contents() == head_dim
+    assert reader.fields[f"{block}.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-6)
+    assert reader.fields[f"{block}.feed_forward_length"].contents() == ours.model.blocks[0].mlp.c_proj.in_features
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert ("blk.0.attn_q_norm.weight" in tensors) == (block == "qwen3")
+    assert ("output.weight" in tensors) == (not config.tie_embeddings)
+    attn = ours.model.blocks[1].attn
+    q = attn.c_attn.weight[: config.n_embd].detach().numpy()
+    stored = tensors["blk.1.attn_q.weight"].reshape(q.shape)
+    if block == "qwen3":  # rotate-half, as lm
+        assert np.array_equal(stored, q)
+    else:  # llama.cpp's llama rotates adjacent pairs: within each head, rows (i, i + D/2) -> (2i, 2i + 1)
+        heads = q.reshape(config.n_head, head_dim, -1)
+        half = head_dim // 2
+        assert np.array_equal(stored.reshape(heads.shape)[:, 0::2], heads[:, :half])
+        assert np.array_equal(stored.reshape(heads.shape)[:, 1::2], heads[:, half:])
+    gate = ours.model.blocks[0].mlp.c_fc.weight.chunk(2)[0].detach().numpy()
+    assert np.array_equal(tensors["blk.0.ffn_gate.weight"].reshape(gate.shape), gate)
+    assert set(tensors) == set(gguf_tensors(ours.model, QWEN3 if block == "qwen3" else LLAMA))
+
+
+REFUSED = {
+    "logit_softcap": ({"logit_softcap": 30.0}, "soft-capping"),
+    "relu2": ({"mlp": "relu2"}, "ReLU-squared"),
+    "rope-with-layernorm": ({"position": "rope"}, "mixes classic and modern"),
+    "modern-with-gelu": ({**MODERN, "mlp": "gelu"}, "mixes classic and modern"),
+    "modern-with-bias": ({**MODERN, "bias": True}, "mixes classic and modern"),
+}
+
+
+@pytest.mark.parametrize("options,message", REFUSED.values(), ids=REFUSED.keys())
+def test_options_outside_the_exportable_blocks_are_refused(options, message, corpus_text,
+                                                           tmp_path):
+    ckpt_dir = _tiny(tmp_path / "ckpt", corpus_text, **options)
+    for fmt in ("hf", "gguf"):
+        with pytest.raises(LMError, match=message):
+            export(ckpt_dir, tmp_path / f"out-{fmt}", fmt)
+        assert not (tmp_path / f"out-{fmt}").exists()
 
 
 def _unescape(text: str) -> bytes:
