@@ -53,16 +53,19 @@ def architecture(config: ModelConfig) -> Architecture:
             "llama.cpp architecture (recurrent models stay in lm: serve them with `lm serve`)"
         )
     if _option(config, "logit_softcap", 0.0):
-        raise LMError("logit soft-capping (logit_softcap) has no counterpart in GPT-2, Llama "
-                      "or Qwen3; retrain without it to export")
+        raise LMError(
+            "logit soft-capping (logit_softcap) has no counterpart in GPT-2, Llama "
+            "or Qwen3; retrain without it to export"
+        )
     mlp = _option(config, "mlp", "gelu")
     if mlp == "relu2":
-        raise LMError("ReLU-squared MLPs (mlp=relu2) have no counterpart in GPT-2, Llama or "
-                      "Qwen3; retrain with mlp=gelu (classic) or swiglu (modern) to export")
+        raise LMError(
+            "ReLU-squared MLPs (mlp=relu2) have no counterpart in GPT-2, Llama or "
+            "Qwen3; retrain with mlp=gelu (classic) or swiglu (modern) to export"
+        )
     classic = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
     modern = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
-    actual = {name: _option(config, name, classic.get(name, False))
-              for name in {*classic, *modern}}
+    actual = {name: _option(config, name, classic.get(name, False)) for name in {*classic, *modern}}
     if all(actual[name] == value for name, value in classic.items()):
         return GPT2
     if all(actual[name] == value for name, value in modern.items()):
@@ -96,8 +99,10 @@ def export_hf(ckpt: Checkpoint, directory: Path) -> Path:
     if directory.exists() and any(directory.iterdir()):
         raise LMError(f"{directory}: exists and is not empty; choose a new directory")
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {name: t.detach().to("cpu", torch.float32).contiguous().clone()
-               for name, t in hf_state_dict(ckpt.model, arch).items()}
+    weights = {
+        name: t.detach().to("cpu", torch.float32).contiguous().clone()
+        for name, t in hf_state_dict(ckpt.model, arch).items()
+    }
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     _write_json(directory / "config.json", hf_config(ckpt.config, arch))
     save_hf_tokenizer(ckpt.tokenizer, ckpt.path, directory, ckpt.config.block_size)
@@ -107,28 +112,58 @@ def export_hf(ckpt: Checkpoint, directory: Path) -> Path:
 def hf_config(config: ModelConfig, arch: Architecture) -> dict:
     """transformers' config.json for `config` as `arch`."""
     tied = _option(config, "tie_embeddings", True)
-    common = {"architectures": [arch.hf_class], "model_type": arch.hf_model_type,
-              "vocab_size": config.vocab_size, "tie_word_embeddings": tied,
-              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-              "torch_dtype": "float32", "use_cache": True}
+    common = {
+        "architectures": [arch.hf_class],
+        "model_type": arch.hf_model_type,
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": tied,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
     if arch is GPT2:
-        return {**common, "n_positions": config.block_size, "n_ctx": config.block_size,
-                "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-                "n_inner": mlp_width(config), "activation_function": "gelu",  # exact erf GELU
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False}
+        return {
+            **common,
+            "n_positions": config.block_size,
+            "n_ctx": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": mlp_width(config),
+            "activation_function": "gelu",  # exact erf GELU
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "layer_norm_epsilon": LAYER_NORM_EPS,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+        }
     head_dim = config.n_embd // config.n_head
-    return {**common, "hidden_size": config.n_embd, "intermediate_size": mlp_width(config),
-            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.n_head, "head_dim": head_dim,
-            "max_position_embeddings": config.block_size, "rms_norm_eps": RMS_NORM_EPS,
-            "rope_theta": config.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-            "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
-            "attention_dropout": 0.0, "mlp_bias": False, "use_sliding_window": False,
-            "sliding_window": None, "initializer_range": 0.02}
+    return {
+        **common,
+        "hidden_size": config.n_embd,
+        "intermediate_size": mlp_width(config),
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head,
+        "head_dim": head_dim,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "initializer_range": 0.02,
+    }
 
 
 def hf_state_dict(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
@@ -140,13 +175,17 @@ def hf_state_dict(model: torch.nn.Module, arch: Architecture) -> dict[str, torch
         prefix = f"model.layers.{i}."
         q, k, v = block.attn.c_attn.weight.chunk(3, dim=0)
         gate, up = block.mlp.c_fc.weight.chunk(2, dim=0)
-        out |= {f"{prefix}input_layernorm.weight": block.ln_1.weight,
-                f"{prefix}self_attn.q_proj.weight": q, f"{prefix}self_attn.k_proj.weight": k,
-                f"{prefix}self_attn.v_proj.weight": v,
-                f"{prefix}self_attn.o_proj.weight": block.attn.c_proj.weight,
-                f"{prefix}post_attention_layernorm.weight": block.ln_2.weight,
-                f"{prefix}mlp.gate_proj.weight": gate, f"{prefix}mlp.up_proj.weight": up,
-                f"{prefix}mlp.down_proj.weight": block.mlp.c_proj.weight}
+        out |= {
+            f"{prefix}input_layernorm.weight": block.ln_1.weight,
+            f"{prefix}self_attn.q_proj.weight": q,
+            f"{prefix}self_attn.k_proj.weight": k,
+            f"{prefix}self_attn.v_proj.weight": v,
+            f"{prefix}self_attn.o_proj.weight": block.attn.c_proj.weight,
+            f"{prefix}post_attention_layernorm.weight": block.ln_2.weight,
+            f"{prefix}mlp.gate_proj.weight": gate,
+            f"{prefix}mlp.up_proj.weight": up,
+            f"{prefix}mlp.down_proj.weight": block.mlp.c_proj.weight,
+        }
         if arch is QWEN3:
             out[f"{prefix}self_attn.q_norm.weight"] = block.attn.q_norm.weight
             out[f"{prefix}self_attn.k_norm.weight"] = block.attn.k_norm.weight
@@ -160,6 +199,7 @@ def _gpt2_weights(model, transpose: bool, prefix: str) -> dict[str, torch.Tensor
 
     transformers' GPT-2 uses Conv1D, whose weights are the transpose of nn.Linear's.
     """
+
     def linear(layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
         return (layer.weight.T if transpose else layer.weight), bias
@@ -170,9 +210,14 @@ def _gpt2_weights(model, transpose: bool, prefix: str) -> dict[str, torch.Tensor
 
     out = {f"{prefix}wte.weight": model.wte.weight, f"{prefix}wpe.weight": model.wpe.weight}
     for i, block in enumerate(model.blocks):
-        parts = {"ln_1": norm(block.ln_1), "attn.c_attn": linear(block.attn.c_attn),
-                 "attn.c_proj": linear(block.attn.c_proj), "ln_2": norm(block.ln_2),
-                 "mlp.c_fc": linear(block.mlp.c_fc), "mlp.c_proj": linear(block.mlp.c_proj)}
+        parts = {
+            "ln_1": norm(block.ln_1),
+            "attn.c_attn": linear(block.attn.c_attn),
+            "attn.c_proj": linear(block.attn.c_proj),
+            "ln_2": norm(block.ln_2),
+            "mlp.c_fc": linear(block.mlp.c_fc),
+            "mlp.c_proj": linear(block.mlp.c_proj),
+        }
         for name, (weight, bias) in parts.items():
             out[f"{prefix}h.{i}.{name}.weight"] = weight
             out[f"{prefix}h.{i}.{name}.bias"] = bias
@@ -182,20 +227,27 @@ def _gpt2_weights(model, transpose: bool, prefix: str) -> dict[str, torch.Tensor
     return out
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, source: Path, directory: Path,
-                      max_length: int) -> None:
+def save_hf_tokenizer(tokenizer: Tokenizer, source: Path, directory: Path, max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json: AutoTokenizer gives a PreTrainedTokenizerFast."""
     if isinstance(tokenizer, VocabTokenizer):
         tokenizer.to_hf().save(str(directory / TOKENIZER_FILE))
     elif isinstance(tokenizer, BPETokenizer):
         shutil.copyfile(source / TOKENIZER_FILE, directory / TOKENIZER_FILE)
     else:
-        raise LMError(f"exporting a {tokenizer.kind} tokenizer to transformers is not supported "
-                      "(char, word and bpe are)")
-    _write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
-    })
+        raise LMError(
+            f"exporting a {tokenizer.kind} tokenizer to transformers is not supported "
+            "(char, word and bpe are)"
+        )
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        },
+    )
 
 
 # -- GGUF (llama.cpp) ---------------------------------------------------------------------
@@ -244,10 +296,20 @@ def gguf_tensors(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.
     """lm's weights under llama.cpp's tensor names for `arch` (nn.Linear layouts)."""
     if arch is GPT2:
         hf = _gpt2_weights(model, transpose=False, prefix="")
-        out = {"token_embd.weight": hf["wte.weight"], "position_embd.weight": hf["wpe.weight"],
-               "output_norm.weight": hf["ln_f.weight"], "output_norm.bias": hf["ln_f.bias"]}
-        names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                 "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        out = {
+            "token_embd.weight": hf["wte.weight"],
+            "position_embd.weight": hf["wpe.weight"],
+            "output_norm.weight": hf["ln_f.weight"],
+            "output_norm.bias": hf["ln_f.bias"],
+        }
+        names = {
+            "ln_1": "attn_norm",
+            "attn.c_attn": "attn_qkv",
+            "attn.c_proj": "attn_output",
+            "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up",
+            "mlp.c_proj": "ffn_down",
+        }
         for i in range(model.config.n_layer):
             for ours, theirs in names.items():
                 for part in ("weight", "bias"):
@@ -256,15 +318,25 @@ def gguf_tensors(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.
             out["output.weight"] = hf["lm_head.weight"]
         return out
     hf = hf_state_dict(model, arch)
-    out = {"token_embd.weight": hf.pop("model.embed_tokens.weight"),
-           "output_norm.weight": hf.pop("model.norm.weight")}
+    out = {
+        "token_embd.weight": hf.pop("model.embed_tokens.weight"),
+        "output_norm.weight": hf.pop("model.norm.weight"),
+    }
     if "lm_head.weight" in hf:
         out["output.weight"] = hf.pop("lm_head.weight")
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     n_head = model.config.n_head
     for name, tensor in hf.items():
         _, _, layer, rest = name.split(".", 3)
@@ -291,8 +363,9 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
         pieces = sorted(vocab, key=vocab.__getitem__)
         decode = {char: byte for byte, char in _byte_level_alphabet().items()}
         return [bytes(decode[char] for char in piece) for piece in pieces]
-    raise LMError(f"exporting a {tokenizer.kind} tokenizer to GGUF is not supported "
-                  "(char, word and bpe are)")
+    raise LMError(
+        f"exporting a {tokenizer.kind} tokenizer to GGUF is not supported (char, word and bpe are)"
+    )
 
 
 def add_gguf_vocabulary(writer, tokenizer: Tokenizer) -> None:
@@ -337,8 +410,11 @@ def _escape_rwkv(piece: bytes) -> str:
 
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map (the ByteLevel pre-tokenizer's alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for byte in range(256):

@@ -20,8 +20,15 @@ def _tiny(directory, corpus_text, kind="char", seed=0, **options):
     """A 2-layer GPT with random weights (biases and norms too, so each one counts)."""
     tokenizer = train_tokenizer(kind, corpus_text, vocab_size=None if kind == "char" else 300)
     torch.manual_seed(seed)
-    config = ModelConfig(kind=options.pop("model", "gpt"), vocab_size=tokenizer.vocab_size,
-                         n_layer=2, n_embd=32, n_head=4, block_size=64, **options)
+    config = ModelConfig(
+        kind=options.pop("model", "gpt"),
+        vocab_size=tokenizer.vocab_size,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        block_size=64,
+        **options,
+    )
     model = build_model(config).eval()
     with torch.no_grad():
         for param in model.parameters():
@@ -39,8 +46,11 @@ BLOCKS = {  # options -> the transformers class they are
     "qwen3": ({**MODERN, "qk_norm": True, "tie_embeddings": False}, "Qwen3ForCausalLM"),
     "qwen3-tied": ({**MODERN, "qk_norm": True, "mlp_hidden": 48}, "Qwen3ForCausalLM"),
 }
-KIND_BLOCKS = [("char", name) for name in BLOCKS] + [("word", "classic"), ("bpe", "classic"),
-                                                     ("bpe", "qwen3")]
+KIND_BLOCKS = [("char", name) for name in BLOCKS] + [
+    ("word", "classic"),
+    ("bpe", "classic"),
+    ("bpe", "qwen3"),
+]
 
 
 @pytest.mark.parametrize(("kind", "block"), KIND_BLOCKS)
@@ -152,8 +162,13 @@ def test_gguf_of_modern_blocks_reads_back(block, corpus_text, tmp_path):
     assert reader.fields["general.architecture"].contents() == block
     assert reader.fields[f"{block}.rope.freq_base"].contents() == pytest.approx(5000.0)
     assert reader.fields[f"{block}.rope.dimension_count"].contents() == head_dim
-    assert reader.fields[f"{block}.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-6)
-    assert reader.fields[f"{block}.feed_forward_length"].contents() == ours.model.blocks[0].mlp.c_proj.in_features
+    assert reader.fields[f"{block}.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(
+        1e-6
+    )
+    assert (
+        reader.fields[f"{block}.feed_forward_length"].contents()
+        == ours.model.blocks[0].mlp.c_proj.in_features
+    )
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
     assert ("blk.0.attn_q_norm.weight" in tensors) == (block == "qwen3")
     assert ("output.weight" in tensors) == (not config.tie_embeddings)
@@ -182,8 +197,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("options,message", REFUSED.values(), ids=REFUSED.keys())
-def test_options_outside_the_exportable_blocks_are_refused(options, message, corpus_text,
-                                                           tmp_path):
+def test_options_outside_the_exportable_blocks_are_refused(options, message, corpus_text, tmp_path):
     ckpt_dir = _tiny(tmp_path / "ckpt", corpus_text, **options)
     for fmt in ("hf", "gguf"):
         with pytest.raises(LMError, match=message):
@@ -226,6 +240,10 @@ def test_cli_export_writes_both_formats(corpus_text, tmp_path, capsys):
     assert main(["export", "--format", "hf", str(ckpt_dir), str(tmp_path / "hf")]) == 0
     assert main(["export", "--format", "gguf", str(ckpt_dir), str(tmp_path / "m.gguf")]) == 0
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert (tmp_path / "m.gguf").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
