@@ -20,7 +20,13 @@ from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.errors import LMError
 from lm.models import ModelConfig
 from lm.models.gpt import RMS_NORM_EPS, mlp_width
-from lm.tokenizers import TOKENIZER_FILE, BPETokenizer, Tokenizer, VocabTokenizer
+from lm.tokenizers import (
+    TOKENIZER_FILE,
+    UNK,
+    BPETokenizer,
+    Tokenizer,
+    VocabTokenizer,
+)
 
 FORMATS = ("hf", "gguf")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which lm's classic blocks use
@@ -96,6 +102,7 @@ def export_hf(ckpt: Checkpoint, directory: Path) -> Path:
     from safetensors.torch import save_file
 
     arch = architecture(ckpt.config)
+    _check_tokenizer(ckpt.tokenizer, "transformers")
     if directory.exists() and any(directory.iterdir()):
         raise LMError(f"{directory}: exists and is not empty; choose a new directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -229,15 +236,12 @@ def _gpt2_weights(model, transpose: bool, prefix: str) -> dict[str, torch.Tensor
 
 def save_hf_tokenizer(tokenizer: Tokenizer, source: Path, directory: Path, max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json: AutoTokenizer gives a PreTrainedTokenizerFast."""
-    if isinstance(tokenizer, VocabTokenizer):
-        tokenizer.to_hf().save(str(directory / TOKENIZER_FILE))
-    elif isinstance(tokenizer, BPETokenizer):
+    if isinstance(tokenizer, BPETokenizer):
         shutil.copyfile(source / TOKENIZER_FILE, directory / TOKENIZER_FILE)
+    elif isinstance(tokenizer, VocabTokenizer):
+        tokenizer.to_hf().save(str(directory / TOKENIZER_FILE))
     else:
-        raise LMError(
-            f"exporting a {tokenizer.kind} tokenizer to transformers is not supported "
-            "(char, word and bpe are)"
-        )
+        raise LMError(_UNSUPPORTED_TOKENIZER.format(kind=tokenizer.kind, target="transformers"))
     _write_json(
         directory / "tokenizer_config.json",
         {
@@ -260,6 +264,7 @@ def export_gguf(ckpt: Checkpoint, path: Path) -> Path:
     except ImportError:
         raise LMError("GGUF export needs the gguf package: pip install 'lm[export]'") from None
     arch = architecture(ckpt.config)
+    _check_tokenizer(ckpt.tokenizer, "GGUF")
     config = ckpt.config
     if path.is_dir():
         raise LMError(f"{path}: is a directory; give a file name such as model.gguf")
@@ -363,33 +368,53 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
         pieces = sorted(vocab, key=vocab.__getitem__)
         decode = {char: byte for byte, char in _byte_level_alphabet().items()}
         return [bytes(decode[char] for char in piece) for piece in pieces]
-    raise LMError(
-        f"exporting a {tokenizer.kind} tokenizer to GGUF is not supported (char, word and bpe are)"
-    )
+    raise LMError(_UNSUPPORTED_TOKENIZER.format(kind=tokenizer.kind, target="GGUF"))
+
+
+_UNSUPPORTED_TOKENIZER = (
+    "exporting a {kind} tokenizer to {target} is not supported (char, word and bpe are): "
+    "SentencePiece's encoder and the tokenizers library's Unigram split some texts differently"
+)
+
+
+def _check_tokenizer(tokenizer: Tokenizer, target: str) -> None:
+    """Refuse, before writing anything, a tokenizer kind the export cannot carry exactly."""
+    if not isinstance(tokenizer, (VocabTokenizer, BPETokenizer)):
+        raise LMError(_UNSUPPORTED_TOKENIZER.format(kind=tokenizer.kind, target=target))
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[int, str]:
+    """Ids that stand for no text (unknown, control), by name: control tokens in the GGUF."""
+    if isinstance(tokenizer, VocabTokenizer):
+        return {0: UNK}
+    return {}
 
 
 def add_gguf_vocabulary(writer, tokenizer: Tokenizer) -> None:
     """The vocabulary as llama.cpp's byte-trie tokenizer ("rwkv"): id i is exactly our token i.
 
-    Each token's text is its bytes, escaped as llama.cpp unescapes them; there are no BOS,
-    EOS or other special tokens (none of lm's models has them), so llama.cpp never stops at
-    a token lm would continue after. llama.cpp splits text by longest match over the
-    vocabulary: exactly lm's ids for char vocabularies; for word and BPE vocabularies
-    prompts may split differently (pass token ids for an exact match). Id 0 of a char or
-    word vocabulary is <unk>: a control token that prints as nothing.
+    Each token's text is its bytes, escaped as llama.cpp unescapes them; no BOS or EOS is
+    declared (lm's models have none; llama.cpp's BPE tokenizer would assume id 11 ends the
+    text). llama.cpp splits text by longest match over the vocabulary: exactly lm's ids for
+    char vocabularies; for word and BPE vocabularies prompts may split
+    differently (pass token ids for an exact match). <unk> (id 0 of char and word
+    vocabularies) stands for no text: a control token under its name, which llama.cpp
+    prints only when asked for special tokens.
     """
     import gguf
 
     pieces = token_bytes(tokenizer)
     texts = [_escape_rwkv(piece) for piece in pieces]
     types = [gguf.TokenType.NORMAL] * len(pieces)
-    if isinstance(tokenizer, VocabTokenizer):
-        texts[0], types[0] = "<unk>", gguf.TokenType.CONTROL
+    specials = special_tokens(tokenizer)
+    for token_id, name in specials.items():
+        texts[token_id], types[token_id] = name, gguf.TokenType.CONTROL
     writer.add_tokenizer_model("rwkv")
     writer.add_token_list(texts)
     writer.add_token_types(types)
-    if isinstance(tokenizer, VocabTokenizer):
-        writer.add_unk_token_id(0)
+    unknown = [i for i, name in specials.items() if name == UNK]
+    if unknown:
+        writer.add_unk_token_id(unknown[0])
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
 

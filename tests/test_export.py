@@ -247,3 +247,15 @@ def test_cli_export_writes_both_formats(corpus_text, tmp_path, capsys):
     }
     assert (tmp_path / "m.gguf").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_sentencepiece_tokenizers_are_refused(fmt, corpus_text, tmp_path):
+    tokenizer = train_tokenizer("spm", corpus_text, vocab_size=300)
+    model = build_model(
+        ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    )
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    with pytest.raises(LMError, match="spm tokenizer .* not supported"):
+        export(tmp_path / "ckpt", tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
