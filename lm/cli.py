@@ -11,6 +11,7 @@ import sys
 
 from lm.commands import (
     checkpoints,
+    export,
     fewshot_eval,
     generate,
     loadtest,
@@ -32,6 +33,7 @@ COMMANDS = (
     make_tasks,
     fewshot_eval,
     neighbors,
+    export,
 )
 
 
