@@ -19,8 +19,17 @@ from lm.checkpoint import Checkpoint
 from service.errors import add_error_handlers
 from service.loader import load_checkpoints, start_engines
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit
-from service.routes import completions, embeddings, health, metrics, models, playground
+from service.middleware import BodySizeLimit, RequestId
+from service.routes import (
+    chat,
+    completions,
+    embeddings,
+    health,
+    metrics,
+    models,
+    playground,
+    tokenize,
+)
 from service.settings import Settings
 
 
@@ -67,8 +76,9 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outermost: every response carries the id, errors too
     add_error_handlers(app)
-    for group in (health, metrics, models, completions, embeddings, playground):
+    for group in (health, metrics, models, completions, chat, tokenize, embeddings, playground):
         app.include_router(group.router)
     return app
 
