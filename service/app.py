@@ -106,14 +106,28 @@ def run(settings: Settings) -> int:
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found:
     # with the default one the process would die by the signal (exit -15) after a clean drain.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout or None,
     )
+    draining_server(config).run()
     return 0
+
+
+def draining_server(config):
+    """A uvicorn server whose app reports "draining" (/health: 503) from the moment a
+    SIGINT or SIGTERM arrives, while running requests finish."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            self.config.app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def _exit_cleanly(signum, frame) -> None:
