@@ -116,6 +116,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None = None  # float; 0 means off
     frequency_penalty: torch.Tensor | None = None  # float; 0 means off
     repetition_penalty: torch.Tensor | None = None  # float > 0; 1 means off
+    extras: torch.Tensor | None = None  # bool: the row has a logit bias or a penalty
     biased: torch.Tensor | None = None  # bool: the row has a logit bias
     logit_bias: torch.Tensor | None = None  # [B, V] float: added to the logits
     counts: torch.Tensor | None = None  # [B, V] int: each token's count in the generated ids
@@ -126,7 +127,7 @@ class SamplingBatch:
 CONTROLS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
             "repetition_penalty")
 # Per-row state of shape [B, V] (and the flag saying a row's bias is not all zeros).
-ROW_STATE = ("biased", "logit_bias", "counts", "in_prompt")
+ROW_STATE = ("extras", "biased", "logit_bias", "counts", "in_prompt")
 
 
 class SamplingSlots:
@@ -144,6 +145,7 @@ class SamplingSlots:
         }
         self.vocab_size = vocab_size
         if vocab_size:
+            self.tensors["extras"] = torch.zeros(max_batch, dtype=torch.bool, device=device)
             self.tensors["biased"] = torch.zeros(max_batch, dtype=torch.bool, device=device)
             self.tensors["logit_bias"] = torch.zeros(max_batch, vocab_size, device=device)
             self.tensors["counts"] = torch.zeros(max_batch, vocab_size, dtype=torch.int32,
@@ -161,6 +163,7 @@ class SamplingSlots:
             if params.penalized or params.logit_bias:
                 raise LMError("penalties and logit_bias need the vocabulary size")
             return
+        self.tensors["extras"][row] = bool(params.logit_bias) or params.penalized
         self.tensors["biased"][row] = bool(params.logit_bias)
         bias = self.tensors["logit_bias"][row]
         bias.zero_()
@@ -177,8 +180,9 @@ class SamplingSlots:
                                   torch.ones(len(generated), dtype=counts.dtype, device=device))
 
     def record(self, tokens: torch.Tensor) -> None:
-        """Count each row's newly sampled token (rows 0..len(tokens)-1)."""
-        if self.vocab_size:
+        """Count each row's newly sampled token (rows 0..len(tokens)-1), when any row has
+        a penalty (the others never read their counts)."""
+        if self.vocab_size and bool(self.tensors["extras"][: len(tokens)].any()):
             counts = self.tensors["counts"]
             rows = torch.arange(len(tokens), device=counts.device)
             counts[rows, tokens.to(counts.device)] += 1
@@ -193,6 +197,8 @@ def process(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Logit biases, then penalties (vLLM's meanings), on float logits [B, V]: repetition
     divides positive (multiplies negative) logits of tokens in the prompt or the generated
     ids; frequency subtracts per generated occurrence; presence once per generated token."""
+    if params.extras is None or not bool(params.extras.any()):  # the common case: one check
+        return logits
     if params.biased is not None and bool(params.biased.any()):
         logits = logits + params.logit_bias
     penalties = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
