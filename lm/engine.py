@@ -276,7 +276,12 @@ class Engine:
                 events.append((seq, seq.finish("cancelled", time.perf_counter())))
                 continue
             if seq.params.prompt_logprobs is not None:
-                seq.prompt_scores = self._score_prompt(seq)
+                try:
+                    seq.prompt_scores = self._score_prompt(seq)
+                except Exception:  # the request is no longer queued: fail it, not the loop
+                    logger.exception("scoring a prompt failed; failing its request")
+                    events.append((seq, seq.finish("error", time.perf_counter())))
+                    continue
             if seq.params.max_new_tokens == 0:  # only scoring: done without taking a row
                 seq.admitted_at = time.perf_counter()
                 events.append((seq, seq.finish("length", seq.admitted_at)))

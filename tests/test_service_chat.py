@@ -173,3 +173,18 @@ def test_engine_failure_is_a_500_or_an_error_event(failing_server):
         finishes = [c.get("finish_reason") for e in events for c in e.get("choices", [])]
         assert not any(finishes), events  # never a normal finish
     assert httpx.get(f"{url}/health").status_code == 200  # the server itself keeps serving
+
+
+def test_a_failing_prompt_scoring_is_a_500(tiny_checkpoint_dir, launch):
+    checkpoint = load_checkpoint(tiny_checkpoint_dir)
+
+    def forward(ids):
+        raise Failing("the model broke")
+
+    checkpoint.model.forward = forward
+    server = launch(create_app(Settings(checkpoints=[str(tiny_checkpoint_dir)]), [checkpoint]))
+    body = {"prompt": "The king", "echo": True, "logprobs": 1, "max_tokens": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 2},  # still serving
+                      timeout=30).status_code == 200
