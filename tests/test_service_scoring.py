@@ -150,3 +150,18 @@ def test_request_id_echoed_or_made(server):
     assert r.json()["id"] == "cmpl-abc-123"
     made = httpx.get(f"{server.url}/v1/nothing", timeout=30).headers["x-request-id"]
     assert len(made) == 32
+
+
+def test_request_id_is_logged_with_the_request(server, caplog):
+    import time
+
+    with caplog.at_level("INFO", logger="service.requests"):
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 1},
+                   headers={"X-Request-Id": "log-me-7"}, timeout=30)
+        deadline = time.monotonic() + 5  # logged just after the response's last byte
+        while time.monotonic() < deadline:
+            lines = [r.getMessage() for r in caplog.records if "log-me-7" in r.getMessage()]
+            if lines:
+                break
+            time.sleep(0.01)
+    assert len(lines) == 1 and "POST /v1/completions -> 200" in lines[0]
