@@ -97,7 +97,7 @@ async def stream(job: Job, body: ChatRequest, metrics: Metrics) -> AsyncIterator
             if out.finish_reason == "error":
                 chunks.append(f"data: {json.dumps(jobs.error_event())}\n\n")
                 continue
-            if out.text or out.token_ids:
+            if out.text or (out.logprobs and out.token_ids):
                 logprobs = _logprobs(job, choice, out)
                 chunks.append(_chunk(job, [{
                     "index": choice, "delta": {"content": out.text},

@@ -207,7 +207,7 @@ async def stream(job: Job, body: CompletionRequest, prompts: list[str],
                 chunks.append(f"data: {json.dumps(jobs.error_event())}\n\n")
                 continue
             finish = jobs.finish_reason(out) if out.finish_reason is not None else None
-            if out.text or out.token_ids or finish is not None:
+            if out.text or finish is not None or (out.logprobs and out.token_ids):
                 logprobs = _logprobs(job, body, choice, out, offsets[choice])
                 chunks.append(_sse(job, choice, out.text, logprobs, finish))
             offsets[choice] += len(out.text)
