@@ -126,8 +126,6 @@ class SamplingBatch:
 # The per-row scalar controls: the SamplingBatch fields that come from SamplingParams.
 CONTROLS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
             "repetition_penalty")
-# Per-row state of shape [B, V] (and the flag saying a row's bias is not all zeros).
-ROW_STATE = ("extras", "biased", "logit_bias", "counts", "in_prompt")
 
 
 class SamplingSlots:
