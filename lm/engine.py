@@ -46,6 +46,10 @@ class Output:
     finish_reason: str | None = None  # on the last output: "stop", "length", "cancelled", "error"
     top_logprobs: list[list[tuple[int, float]]] | None = None
     timings: dict | None = None  # on the last output: queue, ttft, e2e seconds, tokens
+    # On the first output of a request that asked for prompt_logprobs: one entry per prompt
+    # token, None for the first (nothing predicts it).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 class QueueFull(LMError):
@@ -87,6 +91,7 @@ class Sequence:
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.outputs: list[Output] = []  # collected here when there is no sink
+        self.prompt_scores: tuple[list, list] | None = None  # set by the engine, sent once
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -143,6 +148,8 @@ class Sequence:
         logprobs = self.logprobs[self.sent_tokens :] if wants else None
         top = self.top_logprobs[self.sent_tokens :] if wants else None
         self.sent_chars, self.sent_tokens = upto, len(self.generated)
+        prompt_logprobs, prompt_top = self.prompt_scores or (None, None)
+        self.prompt_scores = None
         timings = None
         if self.finish_reason is not None:
             admitted = self.admitted_at or now
@@ -155,7 +162,8 @@ class Sequence:
                 "prompt_tokens": len(self.prompt_ids),
                 "completion_tokens": len(self.generated),
             }
-        return Output(text, tokens, logprobs, self.finish_reason, top_logprobs=top, timings=timings)
+        return Output(text, tokens, logprobs, self.finish_reason, top_logprobs=top, timings=timings,
+                      prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top)
 
 
 class Engine:
@@ -190,7 +198,9 @@ class Engine:
         self.kv_cache_dtype = resolve_kv_cache_dtype(model, self.device, kv_cache_dtype)
         self._cache_dtype = {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
         self.state = model.init_state(max_batch, self.device, **self._cache_dtype)
-        self.sampling = SamplingSlots(max_batch)
+        config = getattr(model, "config", None)
+        self.vocab_size: int = getattr(config, "vocab_size", None) or tokenizer.vocab_size
+        self.sampling = SamplingSlots(max_batch, self.vocab_size, self.device)
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.accepting = True
@@ -205,6 +215,15 @@ class Engine:
                sink: Callable[[Output], None] | None = None, stream: bool = False) -> Sequence:
         """Queue a request. Raises QueueFull when `max_queue` requests already wait."""
         params.validate()
+        if any(not 0 <= i < self.vocab_size for i in prompt_ids):
+            raise LMError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        if any(i >= self.vocab_size for i in params.logit_bias):
+            raise LMError(f"logit_bias token ids must be below {self.vocab_size}",
+                          param="logit_bias")
+        if (params.prompt_logprobs is not None and self.context_size is not None
+                and len(prompt_ids) > self.context_size):
+            raise LMError(f"prompt log-probabilities need the prompt within the model's context "
+                          f"({self.context_size} tokens), got {len(prompt_ids)}", param="prompt")
         seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream, self.stream_interval)
         with self._lock:
             if not self.accepting:
@@ -256,13 +275,36 @@ class Engine:
             if seq.cancelled:
                 events.append((seq, seq.finish("cancelled", time.perf_counter())))
                 continue
+            if seq.params.prompt_logprobs is not None:
+                try:
+                    seq.prompt_scores = self._score_prompt(seq)
+                except Exception:  # the request is no longer queued: fail it, not the loop
+                    logger.exception("scoring a prompt failed; failing its request")
+                    events.append((seq, seq.finish("error", time.perf_counter())))
+                    continue
+            if seq.params.max_new_tokens == 0:  # only scoring: done without taking a row
+                seq.admitted_at = time.perf_counter()
+                events.append((seq, seq.finish("length", seq.admitted_at)))
+                continue
             budget -= cost
             row = len(self.active)
             self.active.append(seq)
             seq.admitted_at = time.perf_counter()
-            self.sampling.set(row, seq.params)
+            self.sampling.set(row, seq.params, seq.prompt_ids, seq.generated)
             admitted.append(row)
         self._fill_rows(admitted)
+
+    def _score_prompt(self, seq: Sequence) -> tuple[list, list]:
+        """Each prompt token's log-probability given the tokens before it (None for the
+        first), and the `prompt_logprobs` most likely tokens at each position."""
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        k = seq.params.prompt_logprobs
+        if ids.shape[1] < 2:
+            return [None], [None]
+        logits = self.model(ids)[0, :-1]
+        chosen, values, top_ids = token_logprobs(logits, ids[0, 1:], k)
+        top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+        return [None, *chosen.tolist()], [None, *top]
 
     def _context(self, seq: Sequence) -> list[int]:
         """What a prefill puts in `seq`'s row: all but its newest token (which goes through
@@ -326,6 +368,7 @@ class Engine:
         _write_back(view, new_state)
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
         tokens = sample(logits, self.sampling.batch(n, uniform))
+        self.sampling.record(tokens)
         top_k = max((s.params.logprobs for s in active if s.params.logprobs is not None),
                     default=None)
         chosen, top = None, None

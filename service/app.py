@@ -19,8 +19,17 @@ from lm.checkpoint import Checkpoint
 from service.errors import add_error_handlers
 from service.loader import load_checkpoints, start_engines
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit
-from service.routes import completions, embeddings, health, metrics, models, playground
+from service.middleware import BodySizeLimit, RequestId
+from service.routes import (
+    chat,
+    completions,
+    embeddings,
+    health,
+    metrics,
+    models,
+    playground,
+    tokenize,
+)
 from service.settings import Settings
 
 
@@ -67,8 +76,9 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outermost: every response carries the id, errors too
     add_error_handlers(app)
-    for group in (health, metrics, models, completions, embeddings, playground):
+    for group in (health, metrics, models, completions, chat, tokenize, embeddings, playground):
         app.include_router(group.router)
     return app
 
@@ -96,14 +106,28 @@ def run(settings: Settings) -> int:
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found:
     # with the default one the process would die by the signal (exit -15) after a clean drain.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout or None,
     )
+    draining_server(config).run()
     return 0
+
+
+def draining_server(config):
+    """A uvicorn server whose app reports "draining" (/health: 503) from the moment a
+    SIGINT or SIGTERM arrives, while running requests finish."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            self.config.app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def _exit_cleanly(signum, frame) -> None:

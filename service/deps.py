@@ -9,7 +9,13 @@ from fastapi import Request
 from service.errors import APIError
 from service.loader import ServedModel
 from service.metrics import Metrics
-from service.schemas import CompletionRequest, EmbeddingRequest
+from service.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from service.settings import Settings
 
 
@@ -57,4 +63,16 @@ def completion_model(body: CompletionRequest, request: Request) -> ServedModel:
 
 
 def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
+    return find_model(request, body.model)
+
+
+def chat_model(body: ChatRequest, request: Request) -> ServedModel:
+    return find_model(request, body.model)
+
+
+def tokenize_model(body: TokenizeRequest, request: Request) -> ServedModel:
+    return find_model(request, body.model)
+
+
+def detokenize_model(body: DetokenizeRequest, request: Request) -> ServedModel:
     return find_model(request, body.model)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from lm.chat import ChatTemplate, load_chat_template
 from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.device import pick_device, serving_threads
 from lm.engine import Engine, Output, Sequence
@@ -22,6 +23,7 @@ class ServedModel:
     checkpoint: Checkpoint
     engine: Engine
     created: int
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
 
 def load_checkpoints(settings: Settings) -> list[Checkpoint]:
@@ -64,7 +66,8 @@ def start_engines(
             kv_cache_dtype=settings.kv_cache_dtype if is_gpt else "auto",
         )
         engine.start()
-        served[ckpt.name] = ServedModel(ckpt.name, ckpt, engine, int(time.time()))
+        template = load_chat_template(ckpt.path, ckpt.meta)
+        served[ckpt.name] = ServedModel(ckpt.name, ckpt, engine, int(time.time()), template)
     return served
 
 

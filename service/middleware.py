@@ -1,10 +1,55 @@
-"""ASGI middleware of the app's own: the request body size limit."""
+"""ASGI middleware of the app's own: request ids and the request body size limit."""
 
 from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import error_response
+
+logger = logging.getLogger("service.requests")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestId:
+    """Echo the client's X-Request-Id (or make one) on every response, keep it in the
+    request's state (`request.state.request_id`) and log it with the request's outcome."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started, status = time.perf_counter(), None
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logger.info("request %s %s %s -> %s in %.1f ms", request_id, scope["method"],
+                        scope["path"], status, 1000 * (time.perf_counter() - started))
+
+
+def request_id(request) -> str:
+    """The id RequestId gave this request (a fresh one outside the middleware)."""
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 
 class BodySizeLimit:

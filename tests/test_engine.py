@@ -26,6 +26,9 @@ MIXED_PARAMS = [
     dict(temperature=2.0, seed=15),
     dict(temperature=1.5, min_p=0.2, seed=16),
     dict(temperature=1.0, min_p=0.05, top_k=4, seed=17),
+    dict(temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5),
+    dict(temperature=0.9, repetition_penalty=1.8, seed=18),
+    dict(temperature=0.7, logit_bias={3: 4.0, 5: -100.0}, presence_penalty=-1.0, seed=19),
 ]
 
 
@@ -595,3 +598,14 @@ def test_context_shifts_beyond_the_budget_wait_a_step(monkeypatch, char_tokenize
     got, budgeted = _generate_all(model, char_tokenizer, prompts, max_new_tokens=30)
     assert got == expected
     assert budgeted.steps > free.steps
+
+
+def test_penalties_and_bias_change_only_their_own_rows(gpt, char_tokenizer):
+    plain = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0)
+    banned = plain.generated[0]
+    biased = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0,
+                     logit_bias={banned: -100.0})
+    assert banned not in biased.generated
+    repeated = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0,
+                       frequency_penalty=2.0)
+    assert repeated.generated != plain.generated

@@ -13,6 +13,7 @@ from lm.sampling import (
     SamplingBatch,
     SamplingParams,
     SamplingSlots,
+    process,
     sample,
     token_logprobs,
 )
@@ -254,6 +255,12 @@ def test_slots_build_the_batch_from_the_parameters():
     (dict(stop=[""]), "stop"),
     (dict(stop=["x"] * (MAX_STOP_SEQUENCES + 1)), "stop"),
     (dict(logprobs=6), "logprobs"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(logit_bias={3: 101.0}), "logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(prompt_logprobs=6), "prompt_logprobs"),
 ])
 def test_bad_parameters_name_the_parameter(bad, param):
     with pytest.raises(LMError) as info:
@@ -273,3 +280,53 @@ def test_limits_are_checked_in_the_same_place():
     # A server cannot raise the library's own ceiling.
     with pytest.raises(LMError):
         SamplingParams(stop=["x"] * (MAX_STOP_SEQUENCES + 1)).validate(Limits(max_stop=99))
+
+
+def _slots_batch(params: list[SamplingParams], prompts: list[list[int]],
+                 generated: list[list[int]]) -> SamplingBatch:
+    slots = SamplingSlots(len(params), vocab_size=V)
+    for row, (p, prompt, done) in enumerate(zip(params, prompts, generated)):
+        slots.set(row, p, prompt, done)
+    return slots.batch(len(params), torch.full((len(params),), 0.5, dtype=torch.float64))
+
+
+def test_penalties_follow_vllm_per_row():
+    logits = torch.linspace(-2.0, 3.0, V).expand(4, -1).clone()
+    params = [SamplingParams(), SamplingParams(presence_penalty=0.5),
+              SamplingParams(frequency_penalty=0.25), SamplingParams(repetition_penalty=2.0)]
+    prompts, generated = [[1]] * 4, [[11, 11, 0]] * 4
+    got = process(logits, _slots_batch(params, prompts, generated))
+    assert_close(got[0], logits[0])  # no penalty: untouched, whatever the others ask
+    expected = logits[0].clone()
+    expected[[0, 11]] -= 0.5  # presence: once per generated token
+    assert_close(got[1], expected)
+    expected = logits[0].clone()
+    expected[11] -= 0.5  # frequency: per occurrence (twice)
+    expected[0] -= 0.25
+    assert_close(got[2], expected)
+    expected = logits[0].clone()
+    for token in (0, 1, 11):  # repetition: prompt and generated tokens, by sign
+        value = logits[0, token]
+        expected[token] = value / 2 if value > 0 else value * 2
+    assert_close(got[3], expected)
+
+
+def test_logit_bias_and_counts_follow_their_rows():
+    slots = SamplingSlots(3, vocab_size=V)
+    slots.set(0, SamplingParams(logit_bias={4: 100.0}))
+    slots.set(1, SamplingParams(frequency_penalty=1.0), [2], [])
+    slots.set(2, SamplingParams())
+    logits = torch.zeros(3, V)
+    logits[:, 7] = 1.0
+    greedy = torch.zeros(3, dtype=torch.float64)
+    tokens = sample(logits, replace_temperature(slots.batch(3, greedy), 0.0))
+    assert tokens.tolist() == [4, 7, 7]
+    slots.record(tokens)  # row 1 now has seen 7 once: 1 - 1 = 0, ties go to token 0
+    tokens = sample(logits, replace_temperature(slots.batch(3, greedy), 0.0))
+    assert tokens.tolist() == [4, 0, 7]
+    assert slots.tensors["counts"][1, 7].item() == 1
+
+
+def replace_temperature(batch_: SamplingBatch, value: float) -> SamplingBatch:
+    batch_.temperature = torch.full_like(batch_.temperature, value)
+    return batch_

@@ -362,3 +362,28 @@ def test_kv_cache_dtype_setting_is_checked():
 
     with pytest.raises(ValidationError, match="kv_cache_dtype"):
         Settings(kv_cache_dtype="int8")
+
+
+def test_health_is_503_from_the_signal_on(tiny_checkpoint_dir):
+    """`lm serve`'s server marks the app draining when SIGTERM arrives (uvicorn then lets
+    running requests finish), so /health answers 503 from that moment."""
+    import signal
+
+    import uvicorn
+
+    from service.app import create_app, draining_server
+    from service.settings import Settings
+
+    app = create_app(Settings(checkpoints=[str(tiny_checkpoint_dir)]),
+                     [load_checkpoint(tiny_checkpoint_dir)])
+
+    async def health() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lm") as client:
+            return (await client.get("/health")).status_code
+
+    assert asyncio.run(health()) == 200
+    server = draining_server(uvicorn.Config(app))
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
+    assert asyncio.run(health()) == 503

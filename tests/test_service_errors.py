@@ -92,7 +92,13 @@ def test_invalid_utf8_is_a_client_error(server):
     ({"prompt": []}, "prompt"),
     ({"prompt": ["a", ""]}, "prompt"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [1, 2.5]}, "prompt"),
+    ({"prompt": [-1, 2]}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": [True]}, "prompt"),
+    ({"prompt": "a", "echo": True, "max_tokens": 0}, "max_tokens"),  # 0 only with logprobs
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "a", "max_tokens": -3}, "max_tokens"),
     ({"prompt": "a", "max_tokens": 65}, "max_tokens"),  # over max_tokens_limit
@@ -116,6 +122,22 @@ def test_invalid_utf8_is_a_client_error(server):
     ({"prompt": "a", "seed": "abc"}, "seed"),
     ({"prompt": "a", "seed": 1.5}, "seed"),
     ({"prompt": "a", "stream": "maybe"}, "stream"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": "a", "stream": 1}, "stream"),
+    ({"prompt": "a", "echo": "true"}, "echo"),
+    ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 5.0}, "max_tokens"),
+    ({"prompt": "a", "n": "2"}, "n"),
+    ({"prompt": "a", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "a", "logprobs": True}, "logprobs"),
+    ({"prompt": "a", "best_of": 2}, "best_of"),
+    ({"prompt": "a", "suffix": "end"}, "suffix"),
+    ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "a", "frequency_penalty": "x"}, "frequency_penalty"),
+    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias"),
     ({"prompt": "a", "echo": [1]}, "echo"),
     ({"prompt": "a", "stream_options": 1}, "stream_options"),
     ({"prompt": "a", "stream_options": {"include_usage": "often"}}, "stream_options"),
@@ -214,8 +236,9 @@ def test_unseen_characters_are_served(server):
 
 
 def test_unknown_fields_ignored(server):
-    body = {**OK, "user": "me", "presence_penalty": 0.5, "frequency_penalty": 0.1,
-            "logit_bias": {"50256": -100}, "best_of": 1, "suffix": None, "whatever": [1, {}]}
+    body = {**OK, "user": "me", "metadata": {"team": "x"}, "presence_penalty": 0.5,
+            "frequency_penalty": 0.1, "logit_bias": {"5": -100}, "best_of": 1, "suffix": None,
+            "whatever": [1, {}]}
     r = post(server, body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
@@ -224,12 +247,20 @@ def test_unknown_fields_ignored(server):
 @pytest.mark.parametrize("extra", [
     {"top_k": 2**70}, {"top_k": 2**63}, {"seed": 2**70}, {"seed": -(2**70)}, {"seed": -1},
     {"model": None, "stop": None, "stream_options": None, "logprobs": None},
+    {"temperature": None, "n": None, "stream": None, "echo": None, "top_p": None,
+     "seed": None, "presence_penalty": None, "stream_options": {"include_usage": None}},
     {"temperature": 100, "top_p": 1e-9}, {"logprobs": 5, "n": 2, "echo": True},
 ])
 def test_extreme_but_valid_values(server, extra):
     r = post(server, {**OK, **extra})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 3 * extra.get("n", 1)
+    assert r.json()["usage"]["completion_tokens"] == 3 * (extra.get("n") or 1)
+
+
+def test_null_max_tokens_is_the_default(server):
+    r = post(server, {"prompt": "The king", "max_tokens": None, "temperature": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 16
 
 
 def test_huge_seed_is_reproducible(server):

@@ -9,13 +9,14 @@ from service import completions as serving
 from service.deps import check_key, completion_model, get_metrics, get_settings
 from service.loader import ServedModel
 from service.metrics import Metrics
+from service.middleware import request_id
 from service.schemas import CompletionRequest, CompletionResponse, ErrorResponse
 from service.settings import Settings
 
 router = APIRouter(dependencies=[Depends(check_key)])
 
 # One server-sent event of a streamed completion (FastAPI's own notation for event streams).
-_SSE_EVENT = {
+SSE_EVENT = {
     "type": "object",
     "required": ["data"],
     "properties": {
@@ -27,10 +28,10 @@ _SSE_EVENT = {
 }
 _RESPONSES = {
     200: {
-        "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}},
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
         "description": "a completion; with `stream`, server-sent events instead",
     },
-    **{code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)},
+    **{code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)},
 }
 
 
@@ -42,11 +43,11 @@ async def completions(
     settings: Settings = Depends(get_settings),
     metrics: Metrics = Depends(get_metrics),
 ):
-    job = serving.submit(body, served, settings, metrics)
+    job, prompts = serving.submit(body, served, settings, metrics, request_id(request))
     if body.stream:
         return StreamingResponse(
-            serving.stream(job, metrics),
+            serving.stream(job, body, prompts, metrics),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await serving.complete(job, request, metrics)
+    return await serving.complete(job, body, prompts, request, metrics)
