@@ -164,11 +164,21 @@ def write_tokens(tokenizer, text: str, path: Path, chunk_chars: int = 1 << 20) -
 
 
 def _pieces(text: str, size: int) -> Iterator[str]:
+    """Pieces of about `size` characters, each ending at a newline that a non-space follows
+    (or at the end of the text)."""
     start = 0
     while start < len(text):
         end = start + size
-        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()):
-            end += 1
+        while end < len(text):
+            newline = text.find("\n", end - 1)
+            if newline == -1:
+                end = len(text)
+            elif newline + 1 < len(text) and text[newline + 1].isspace():
+                end = newline + 2  # look further
+                continue
+            else:
+                end = newline + 1
+            break
         yield text[start:end]
         start = end
 
