@@ -2,10 +2,11 @@
 
 Each run is `torchrun --standalone --nproc-per-node N -m lm train` on the reference corpus
 with a 4-layer x 128 char GPT, the same batch per process (so 2 processes step through twice
-the tokens), the machine's cores shared out (`--threads cores/N`), and the tokens/s the
-trainer logs (every process's tokens, after the first 10 steps, which hold start-up costs).
+the tokens), PROCESSESxTHREADS runs (default: the machine's cores in one process, then
+shared out over two), and the tokens/s the trainer logs (every process's tokens, after the
+first 10 steps, which hold start-up costs).
 
-    python -m bench.ddp_bench [--steps 40] [--processes 1,2] [--cores 2]
+    python -m bench.ddp_bench [--steps 40] [--runs 1x2,2x1,1x1]
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ SHAPE = ["--model", "gpt", "--tokenizer", "char", "--n-layer", "4", "--n-embd", 
          "--n-head", "4", "--block-size", "64", "--batch-size", "12"]
 
 
-def run(processes: int, steps: int, cores: int, tmp: Path) -> dict:
-    out = tmp / f"run-{processes}"
-    threads = max(1, cores // processes)
+def run(processes: int, threads: int, steps: int, tmp: Path) -> dict:
+    out = tmp / f"run-{processes}x{threads}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(processes), "-m", "lm", "train",
                "--corpus", str(corpus_path()), "--out", str(out), *SHAPE,
@@ -49,15 +49,18 @@ def run(processes: int, steps: int, cores: int, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--processes", default="1,2")
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    parser.add_argument("--runs", default=f"1x{cores},2x{max(1, cores // 2)}",
+                        help="comma-separated PROCESSESxTHREADS")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for processes in map(int, args.processes.split(",")):
-            rows.append(run(processes, args.steps, args.cores, Path(tmp)))
+        for spec in args.runs.split(","):
+            processes, threads = map(int, spec.split("x"))
+            rows.append(run(processes, threads, args.steps, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    result = {"steps": args.steps, "cores": args.cores, "rows": rows}
+    result = {"command": f"python -m bench.ddp_bench --steps {args.steps} --runs {args.runs}",
+              "steps": args.steps, "cores": cores, "rows": rows}
     print(f"written {save_result('ddp', result)}")
 
 
