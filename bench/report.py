@@ -67,6 +67,18 @@ def train_section(r: dict) -> list[str]:
     return lines
 
 
+def ddp_section(r: dict) -> list[str]:
+    lines = ["## Training with torchrun (data parallel, gloo)", ""] + header(r)
+    lines += ["Char GPT, 4 layers x 128, block 64, batch 12 per process, on Tiny Shakespeare; "
+              "tokens/s counts every process's tokens.", "",
+              "| processes | threads each | global batch | tokens/s | train loss at the end |",
+              "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['processes']} | {row['threads_each']} | {row['global_batch']} | "
+                     f"{fmt(row['tokens_per_s'])} | {fmt(row['train_loss'], 4)} |")
+    return lines + [""]
+
+
 def decode_section(r: dict) -> list[str]:
     lines = ["## Decoding", ""] + header(r)
     lines += [f"Tokens/s generated ({r['new_tokens']} new tokens per stream, sampling, "
@@ -164,7 +176,8 @@ def main() -> None:
              "Every number here was written by the command shown above its table; the JSON "
              "behind it is in `bench/results/`. Rebuild this page with `python -m bench.report`. "
              "Machines are noisy: compare numbers within one run (the ratios), not across runs.", ""]
-    for name, section in (("train", train_section), ("decode", decode_section),
+    for name, section in (("train", train_section), ("ddp", ddp_section),
+                          ("decode", decode_section),
                           ("engine", engine_section), ("precision", precision_section),
                           ("serve", serve_section), ("fewshot", fewshot_section)):
         result = load(name)

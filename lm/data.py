@@ -1,11 +1,17 @@
-"""Corpus -> token ids, the train/validation split, and batches for training and evaluation."""
+"""Corpus -> token ids, the train/validation split, and batches for training and evaluation.
+
+Training reads its token stream from a memory-mapped file of the smallest unsigned integer
+type that holds the vocabulary (`token_file`), so a corpus larger than memory trains."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm.errors import LMError
@@ -45,15 +51,144 @@ def to_tensor(ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+TokenArray = torch.Tensor | np.ndarray  # in memory, or a np.memmap of a token file
+
+
+def as_long(ids: TokenArray) -> torch.Tensor:
+    """Token ids (a tensor, or a slice of a token file) as an int64 tensor for the model."""
+    if isinstance(ids, torch.Tensor):
+        return ids.long()
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
+def windows_at(
+    data: TokenArray, starts: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows beginning at `starts`: inputs and next-token targets, each [batch, block].
+    Reads only those windows, so `data` may be a memory-mapped file."""
+    if isinstance(data, torch.Tensor):
+        rows = data[starts[:, None] + torch.arange(block_size + 1)]
+    else:
+        rows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
+    rows = as_long(rows)
+    return rows[:, :-1], rows[:, 1:]
+
+
 def random_windows(
-    data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator
+    data: TokenArray, block_size: int, batch_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random windows: inputs and next-token targets, each [batch, block]."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    offsets = torch.arange(block_size)
-    x = data[starts[:, None] + offsets]
-    y = data[starts[:, None] + offsets + 1]
-    return x, y
+    return windows_at(data, starts, block_size)
+
+
+class WindowSampler:
+    """Random windows for (data-parallel, gradient-accumulating) training.
+
+    Every optimizer step draws the starts of the whole global batch, `accum_steps x
+    world_size x batch_size` windows, from a generator seeded alike on every rank; micro-step
+    i of rank r reads its own slice of that draw. So no two ranks read the same draw, and
+    together they read exactly the windows one process with the global batch would.
+    """
+
+    def __init__(self, data: TokenArray, block_size: int, batch_size: int,
+                 generator: torch.Generator, rank: int = 0, world_size: int = 1,
+                 accum_steps: int = 1):
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+        self.accum_steps = accum_steps
+        self.micro_step = 0  # 0 between optimizer steps, when resume state is saved
+        self.starts = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch."""
+        if self.micro_step == 0:
+            count = self.accum_steps * self.world_size * self.batch_size
+            self.starts = torch.randint(
+                len(self.data) - self.block_size, (count,), generator=self.generator
+            ).view(self.accum_steps, self.world_size, self.batch_size)
+        starts = self.starts[self.micro_step, self.rank]
+        self.micro_step = (self.micro_step + 1) % self.accum_steps
+        return windows_at(self.data, starts, self.block_size)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every id of the vocabulary."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise LMError(f"a vocabulary of {vocab_size} tokens does not fit 32-bit token ids")
+
+
+def cache_dir() -> Path:
+    """Where token files are kept: $LM_CACHE_DIR, else $XDG_CACHE_HOME/lm, else ~/.cache/lm."""
+    env = os.environ.get("LM_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lm"
+
+
+def token_file(tokenizer, text: str, key: str, directory: Path | None = None) -> Path:
+    """The path of `text` encoded by `tokenizer` as a token file (see `write_tokens`), named by
+    `key` (say the corpus hash and split) plus a hash of the tokenizer, so that another
+    tokenizer never reads it. Written only if it is not there yet."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp))
+        digest = hashlib.sha256()
+        for path in sorted(Path(tmp).iterdir()):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    dtype = token_dtype(tokenizer.vocab_size)
+    name = f"{key}-{tokenizer.kind}-{digest.hexdigest()[:16]}.{dtype.name}"
+    path = (directory or cache_dir() / "tokens") / name
+    if not path.is_file():
+        write_tokens(tokenizer, text, path)
+    return path
+
+
+def write_tokens(tokenizer, text: str, path: Path, chunk_chars: int = 1 << 20) -> None:
+    """Encode `text` piece by piece into a flat file of `token_dtype` ids, written to a
+    temporary file and renamed into place, so that a reader never sees half a file and no
+    int64 copy of the corpus is ever made. Pieces end at a newline followed by a
+    non-space character, where every tokenizer here splits alike."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-" + path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in _pieces(text, chunk_chars):
+                np.asarray(tokenizer.encode(piece), dtype=dtype).tofile(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """Pieces of about `size` characters, each ending at a newline that a non-space follows
+    (or at the end of the text)."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        while end < len(text):
+            newline = text.find("\n", end - 1)
+            if newline == -1:
+                end = len(text)
+            elif newline + 1 < len(text) and text[newline + 1].isspace():
+                end = newline + 2  # look further
+                continue
+            else:
+                end = newline + 1
+            break
+        yield text[start:end]
+        start = end
+
+
+def open_tokens(path: Path) -> np.ndarray:
+    """A token file as a read-only memory map (its dtype from the file name)."""
+    dtype = np.dtype(path.suffix.lstrip("."))
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class Streams:
@@ -63,14 +198,14 @@ class Streams:
     so the hidden state of row i carries over from one batch to the next.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int):
+    def __init__(self, data: TokenArray, block_size: int, batch_size: int):
         length = (len(data) - 1) // batch_size
         if length <= block_size:
             raise LMError(
                 f"corpus too short: {len(data)} tokens for {batch_size} streams of {block_size}"
             )
-        self.x = data[: length * batch_size].view(batch_size, length)
-        self.y = data[1 : length * batch_size + 1].view(batch_size, length)
+        self.x = data[: length * batch_size].reshape(batch_size, length)
+        self.y = data[1 : length * batch_size + 1].reshape(batch_size, length)
         self.block_size = block_size
         self.position = 0
 
@@ -81,13 +216,17 @@ class Streams:
             self.position = 0
         start, end = self.position, self.position + self.block_size
         self.position = end
-        return self.x[:, start:end], self.y[:, start:end], restart or start == 0
+        x, y = as_long(self.x[:, start:end]), as_long(self.y[:, start:end])
+        return x, y, restart or start == 0
 
 
-def eval_windows(data: torch.Tensor, block_size: int, batch_size: int) -> Iterator[tuple]:
-    """Non-overlapping windows covering `data`, for a deterministic GPT evaluation."""
+def eval_windows(data: TokenArray, block_size: int, batch_size: int) -> Iterator[tuple]:
+    """Non-overlapping windows covering `data`, for a deterministic GPT evaluation; reads
+    one batch of windows at a time, so `data` may be a memory-mapped file."""
     n_windows = (len(data) - 1) // block_size
-    xs = data[: n_windows * block_size].view(n_windows, block_size)
-    ys = data[1 : n_windows * block_size + 1].view(n_windows, block_size)
     for start in range(0, n_windows, batch_size):
-        yield xs[start : start + batch_size], ys[start : start + batch_size]
+        rows = min(batch_size, n_windows - start)
+        first = start * block_size
+        x = as_long(data[first : first + rows * block_size]).reshape(rows, block_size)
+        y = as_long(data[first + 1 : first + rows * block_size + 1]).reshape(rows, block_size)
+        yield x, y

@@ -11,14 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lm.data import eval_windows
+from lm.data import TokenArray, as_long, eval_windows
 from lm.errors import LMError
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    ids: torch.Tensor,
+    ids: TokenArray,
     n_chars: int,
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
@@ -47,12 +47,12 @@ def evaluate(
     else:
         n_streams = max(1, min(16, (len(ids) - 1) // (4 * config.block_size)))
         length = (len(ids) - 1) // n_streams
-        xs = ids[: length * n_streams].view(n_streams, length)
-        ys = ids[1 : length * n_streams + 1].view(n_streams, length)
+        xs = ids[: length * n_streams].reshape(n_streams, length)  # views, also of a token file
+        ys = ids[1 : length * n_streams + 1].reshape(n_streams, length)
         state = None
         for start in range(0, length, config.block_size):
-            x = xs[:, start : start + config.block_size].to(device)
-            y = ys[:, start : start + config.block_size].to(device)
+            x = as_long(xs[:, start : start + config.block_size]).to(device)
+            y = as_long(ys[:, start : start + config.block_size]).to(device)
             logits, state = model(x, state, return_state=True)
             total_loss += F.cross_entropy(
                 logits.flatten(0, 1).float(), y.flatten(), reduction="sum"

@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -25,11 +27,12 @@ from lm.checkpoint import (
 )
 from lm.data import (
     Streams,
+    WindowSampler,
     corpus_hash,
-    random_windows,
+    open_tokens,
     read_corpus,
     split_text,
-    to_tensor,
+    token_file,
 )
 from lm.device import pick_device
 from lm.errors import LMError
@@ -72,7 +75,8 @@ class TrainConfig:
     n_embd: int = 128
     n_head: int = 4
     block_size: int = 64
-    batch_size: int = 12
+    batch_size: int = 12  # per process and micro-step
+    grad_accum_steps: int = 1  # micro-batches summed into each optimizer step
     dropout: float = 0.0
     bias: bool = False
     position: str = "learned"  # GPT block options: see lm.models.ModelConfig
@@ -136,7 +140,7 @@ class TrainConfig:
         )
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_interval"):
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval"):
             if getattr(self, name) < 1:
                 raise LMError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
@@ -207,6 +211,7 @@ class Trainer:
         self.device = pick_device(config.device)
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
 
         resuming = config.resume and (self.out / TRAIN_STATE_FILE).is_file()
         if not resuming and (self.out / CONFIG_FILE).exists():
@@ -224,9 +229,9 @@ class Trainer:
             self.tokenizer: Tokenizer = load_tokenizer(self.out, config.tokenizer)
         else:
             self.tokenizer = train_tokenizer(config.tokenizer, train_text, config.vocab_size)
-        self.train_ids = to_tensor(self.tokenizer.encode(train_text))
-        self.val_ids = to_tensor(self.tokenizer.encode(val_text))
+        self.train_ids, self.val_ids = self._token_files(train_text, val_text)
         self.val_chars = len(val_text)
+        del text, train_text, val_text
         need = config.block_size + 2
         if len(self.train_ids) < need or len(self.val_ids) < 2:
             raise LMError(
@@ -237,8 +242,13 @@ class Trainer:
         self.model_config = config.model_config(self.tokenizer.vocab_size)
         torch.manual_seed(config.seed)
         self.model = build_model(self.model_config).to(self.device)
+        if self.world_size > 1:
+            torch.manual_seed(config.seed + self.rank)  # each rank its own dropout
         self.optimizers = self._make_optimizers()
-        self.generator = torch.Generator().manual_seed(config.seed + self.rank)
+        self.generator = torch.Generator().manual_seed(config.seed)  # alike on every rank
+        self.sampler = WindowSampler(self.train_ids, config.block_size, config.batch_size,
+                                     self.generator, self.rank, self.world_size,
+                                     config.grad_accum_steps)
         self.streams = None
         if self.model_config.kind != "gpt":
             shard = len(self.train_ids) // self.world_size  # each rank reads its own part
@@ -255,14 +265,30 @@ class Trainer:
             self._restore(load_train_state(self.out / TRAIN_STATE_FILE))
 
         self.ddp_model = self.model
+        self.ddp = None
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp_model = DistributedDataParallel(
+            self.ddp = self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if config.compile:
             self.ddp_model = torch.compile(self.ddp_model)
+
+    def _token_files(self, train_text: str, val_text: str) -> tuple:
+        """Both splits as memory-mapped token files (`lm.data.token_file`), keyed by corpus
+        hash, split and tokenizer; under DDP each machine's first process writes them."""
+        key = f"{self.corpus_hash.split(':')[-1]}-val{self.config.val_fraction:g}"
+        local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        paths = None
+        if local_main:
+            paths = [token_file(self.tokenizer, text, f"{key}-{split}")
+                     for split, text in (("train", train_text), ("val", val_text))]
+        barrier()
+        if paths is None:
+            paths = [token_file(self.tokenizer, text, f"{key}-{split}")  # there by now
+                     for split, text in (("train", train_text), ("val", val_text))]
+        return open_tokens(paths[0]), open_tokens(paths[1])
 
     def _make_optimizers(self) -> list[torch.optim.Optimizer]:
         """AdamW for everything; or Muon for the blocks' 2-D matrices and AdamW for the
@@ -291,23 +317,60 @@ class Trainer:
 
     # -- resume ---------------------------------------------------------------------------
 
-    def _train_state(self) -> dict:
-        state = {
-            "step": self.step,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "elapsed": self.elapsed,
-            "model_config": json.dumps(self.model_config.to_dict()),
-        }
+    def _rank_state(self) -> dict:
+        """This process's own random state and data position."""
+        state = {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.streams is not None:
             state["stream_position"] = self.streams.position
         if self.rnn_state is not None:
             state["rnn_state"] = {k: v.detach().cpu() for k, v in self.rnn_state.items()}
         return state
+
+    def _gather_rank_states(self) -> list[dict] | None:
+        """Every rank's `_rank_state`, in rank order, on rank 0 (None elsewhere); under DDP a
+        collective, so every rank calls it at the same step."""
+        if self.world_size == 1:
+            return [self._rank_state()]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(self._rank_state(), gathered, dst=0)
+        return gathered
+
+    def _train_state(self, ranks: list[dict] | None = None) -> dict:
+        return {
+            "step": self.step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "world_size": self.world_size,
+            "ranks": ranks or [self._rank_state()],  # each rank's RNG and data position
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "elapsed": self.elapsed,
+            "model_config": json.dumps(self.model_config.to_dict()),
+        }
+
+    def _restore_rank(self, state: dict) -> None:
+        """Restore this rank's own entry of `state["ranks"]` (older files: one, at the top)."""
+        ranks = state.get("ranks", [state])
+        saved_world = state.get("world_size", len(ranks))
+        if saved_world != self.world_size:
+            raise LMError(
+                f"--resume: {self.out} was trained by {saved_world} process(es), this run has "
+                f"{self.world_size}; resume with the same number of processes in all "
+                "(torchrun's --nnodes x --nproc-per-node)"
+            )
+        own = ranks[self.rank]
+        self.generator.set_state(own["generator"])
+        torch.set_rng_state(own["torch_rng"])
+        if "cuda_rng" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"], self.device)
+        if self.streams is not None:
+            self.streams.position = int(own["stream_position"])
+        if "rnn_state" in own:
+            self.rnn_state = {k: v.to(self.device) for k, v in own["rnn_state"].items()}
 
     def _restore(self, state: dict) -> None:
         saved = json.loads(state["model_config"])
@@ -323,19 +386,14 @@ class Trainer:
                           "use the same settings or another --out")
         for optimizer, saved_state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(saved_state)
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        self._restore_rank(state)
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         self.best_step = int(state["best_step"])
         self.elapsed = float(state["elapsed"])
-        if self.streams is not None:
-            self.streams.position = int(state["stream_position"])
-        if "rnn_state" in state:
-            self.rnn_state = {k: v.to(self.device) for k, v in state["rnn_state"].items()}
         # Steps after the saved one will be run again: drop their records.
         metrics = self.out / METRICS_FILE
-        if metrics.is_file():
+        if metrics.is_file() and self.is_main:
             kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= self.step]
             self.history = kept
             _write_jsonl(metrics, kept)
@@ -344,11 +402,28 @@ class Trainer:
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if self.streams is None:
-            x, y = random_windows(
-                self.train_ids, self.config.block_size, self.config.batch_size, self.generator
-            )
+            x, y = self.sampler.next()
             return x, y, False
         return self.streams.next()
+
+    def _accumulate_gradients(self) -> torch.Tensor:
+        """Forward and backward over `grad_accum_steps` micro-batches (DDP synchronises the
+        gradients on the last one only); the mean loss over every rank's micro-batches."""
+        steps = self.config.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(steps):
+            last = micro == steps - 1
+            with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                x, y, restart = self._batch()
+                loss = self._loss(x.to(self.device), y.to(self.device), restart) / steps
+                loss.backward()
+            total += loss.detach()
+        if self.world_size > 1:  # every rank logs (and stops on) the global batch's loss
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+            total /= self.world_size
+        return total
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, restart: bool) -> torch.Tensor:
         dtype, cuda = self.config.dtype, self.device.type == "cuda"
@@ -382,7 +457,8 @@ class Trainer:
         the summary."""
         config = self.config
         end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
-        tokens_per_step = config.batch_size * config.block_size * self.world_size
+        tokens_per_step = (config.batch_size * config.block_size * self.world_size
+                           * config.grad_accum_steps)
         bar = None
         if self.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -398,11 +474,9 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr / config.lr
             step_start = time.perf_counter()
-            x, y, restart = self._batch()
-            loss = self._loss(x.to(self.device), y.to(self.device), restart)
             for optimizer in self.optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._accumulate_gradients()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             for optimizer in self.optimizers:
@@ -434,6 +508,7 @@ class Trainer:
         return {"step": self.step, "best_val_loss": self.best_val}
 
     def _evaluate_and_save(self, bar) -> None:
+        ranks = self._gather_rank_states()  # a collective: before the other ranks leave
         if not self.is_main:
             return
         t0 = time.perf_counter()
@@ -453,7 +528,7 @@ class Trainer:
         if result["loss"] < self.best_val:
             self.best_val, self.best_step = result["loss"], self.step
             save_checkpoint(self.out, self.model, self.tokenizer, self._summary(result))
-        atomic_torch_save(self._train_state(), self.out / TRAIN_STATE_FILE)
+        atomic_torch_save(self._train_state(ranks), self.out / TRAIN_STATE_FILE)
         self._plot()
 
     def _summary(self, result: dict, full: bool = False) -> dict:
@@ -545,24 +620,42 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def run_training(config: TrainConfig, progress: bool = True) -> dict:
-    """Train, under torchrun if WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        import torch.distributed as dist
+@contextmanager
+def process_group(config: TrainConfig) -> Iterator[None]:
+    """The torch.distributed process group when run under torchrun (WORLD_SIZE > 1): gloo on
+    CPU, NCCL on CUDA; nothing otherwise. Drop the Trainer inside the block: on leaving, the
+    group is destroyed after a garbage collection."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield
+        return
+    import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-        try:
-            trainer = Trainer(config, progress=progress)
-            summary = trainer.train()
-            dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
-            # Drop DDP and its pending work before the process group goes: gloo threads
-            # still holding tensors at interpreter exit abort the process.
-            del trainer
-            gc.collect()
-            return summary
-        finally:
-            dist.destroy_process_group()
-    return Trainer(config, progress=progress).train()
+    backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        # DDP and its pending work go before the process group: gloo threads still
+        # holding tensors at interpreter exit abort the process.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def run_training(config: TrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Train, under torchrun if WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); `stop_at` stops
+    early, as an interruption would (for tests of resume)."""
+    with process_group(config):
+        trainer = Trainer(config, progress=progress)
+        summary = trainer.train(stop_at)
+        barrier()  # the other ranks wait while rank 0 evaluates and saves
+        del trainer
+    return summary
+
+
+def barrier() -> None:
+    """Wait for every rank, under torchrun; nothing in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 

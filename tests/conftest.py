@@ -49,6 +49,18 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Token files go to a temporary cache, never the user's (subprocesses inherit it)."""
+    previous = os.environ.get("LM_CACHE_DIR")
+    os.environ["LM_CACHE_DIR"] = str(tmp_path_factory.mktemp("lm-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LM_CACHE_DIR", None)
+    else:
+        os.environ["LM_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
     return make_corpus()

@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-head", type=positive_int)
     p.add_argument("--block-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--grad-accum-steps", type=positive_int,
+                   help="micro-batches of --batch-size per optimizer step (1)")
     p.add_argument("--dropout", type=float)
     p.add_argument("--position", choices=["learned", "rope"], help="GPT positions (learned)")
     p.add_argument("--rope-theta", type=float, help="rotary base (10000)")
