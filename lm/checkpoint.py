@@ -115,11 +115,85 @@ def describe_shipped() -> list[dict]:
     return [describe_checkpoint(shipped_dir() / name) for name in shipped_checkpoints()]
 
 
-def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a model and its tokenizer for inference (eval mode), without pickle."""
+def validate_weights(weights: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Read a weights file and check it against `model` (built from config.json): every
+    tensor present and none extra, each with the model's shape, a compatible dtype and
+    only finite values. Returns the tensors; a bad one is an LMError naming the tensor."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
+    if not weights.is_file():
+        raise LMError(f"{weights}: missing")
+    try:
+        state = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LMError(f"{weights}: damaged ({_first_line(exc)})") from exc
+    check_weights(state, model, weights)
+    return state
+
+
+def check_weights(state: dict[str, torch.Tensor], model: torch.nn.Module, weights: Path) -> None:
+    """The checks of `validate_weights` on tensors already read from `weights`."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise LMError(f"{weights}: does not match config.json: unexpected tensor "
+                      f"{unexpected[0]!r} (the model has no such weight)")
+    for group in _tied_groups(expected):  # safetensors keeps one name of tied weights
+        if not any(name in state for name in group):
+            raise LMError(f"{weights}: does not match config.json: missing tensor {group[0]!r}")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tensor.shape != want.shape:
+            raise LMError(f"{weights}: does not match config.json: tensor {name!r} has shape "
+                          f"{list(tensor.shape)}, the model built from config.json has "
+                          f"{list(want.shape)}")
+        if want.is_floating_point() != tensor.is_floating_point() or (
+                not want.is_floating_point() and tensor.dtype != want.dtype):
+            raise LMError(f"{weights}: tensor {name!r} has dtype {_dtype(tensor)}, "
+                          f"expected {_dtype(want)}")
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise LMError(f"{weights}: tensor {name!r} {_describe_nonfinite(tensor)}; the "
+                          "weights are corrupt (retrain, or restore a good copy)")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """True when no value is NaN or infinite: one sum (NaN and inf propagate), and the
+    exact test only when the sum is not finite (it may also overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of `state`, grouped by the storage they share (tied weights together)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.numel() else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _describe_nonfinite(tensor: torch.Tensor) -> str:
+    """E.g. "holds 1 non-finite value (nan at [3, 7])"."""
+    bad = ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    where = [int(i) for i in bad.nonzero()[0]]
+    value = tensor[tuple(where)].item()
+    plural = "" if count == 1 else "s"
+    return f"holds {count:,} non-finite value{plural} ({value} at {where})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a model and its tokenizer for inference (eval mode), without pickle; the
+    weights are validated first (`validate_weights`)."""
     directory = resolve(name_or_dir)
     meta = read_config(directory)
     try:
@@ -133,15 +207,19 @@ def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu")
         )
     model = build_model(config)
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise LMError(f"{weights}: missing")
-    try:
-        load_model(model, str(weights), strict=True, device="cpu")
-    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LMError(f"{weights}: damaged or does not match config.json ({first_line})") from exc
+    state = validate_weights(weights, model)
+    model.load_state_dict(state, strict=False)  # validated: only tied copies are absent
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=directory, meta=meta)
+
+
+def check_checkpoint(name_or_dir: str | Path) -> str | None:
+    """What is wrong with a checkpoint (as `load_checkpoint` would say it), or None."""
+    try:
+        load_checkpoint(name_or_dir)
+    except LMError as exc:
+        return str(exc)
+    return None
 
 
 def save_checkpoint(
@@ -190,5 +268,4 @@ def load_train_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LMError(f"{path}: cannot be read safely ({first_line})") from exc
+        raise LMError(f"{path}: cannot be read safely ({_first_line(exc)})") from exc

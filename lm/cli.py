@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from lm.commands import (
+    check,
     checkpoints,
     fewshot_eval,
     generate,
@@ -27,6 +28,7 @@ COMMANDS = (
     eval_,
     generate,
     checkpoints,
+    check,
     serve,
     loadtest,
     make_tasks,
