@@ -1,12 +1,15 @@
 """Save and load checkpoint directories: config.json, model.safetensors, tokenizer files.
 
-Loading uses JSON and safetensors only (no pickle). Saving writes every file to a
-temporary directory first and then moves each into place, weights before config, so a
-crash at any moment leaves a loadable checkpoint.
+Loading uses JSON and safetensors only (no pickle) and validates every tensor against
+config.json. Saving writes every file to a temporary directory first and then moves each
+into place, weights before config, so a crash at any moment leaves a loadable checkpoint;
+a full disk is one `DiskFull` error, with the temporary files removed.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -228,16 +231,17 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     training: dict | None = None,
 ) -> None:
-    """Write a servable checkpoint into `directory`, each file replaced atomically."""
+    """Write a servable checkpoint into `directory`, each file replaced atomically; on a
+    full disk, `DiskFull` and the previous files untouched."""
     from safetensors.torch import save_model
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(".tmp-*"):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = directory / f".tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".tmp-*"):  # left by a process killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
         raw_model = getattr(model, "module", model)  # unwrap DistributedDataParallel
         tokenizer.save(tmp)
         save_model(raw_model, str(tmp / WEIGHTS_FILE))
@@ -253,14 +257,84 @@ def save_checkpoint(
         names = [p.name for p in tmp.iterdir() if p.name != CONFIG_FILE] + [CONFIG_FILE]
         for name in names:
             os.replace(tmp / name, directory / name)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFull(directory) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """`torch.save` to `path` through a temporary file; a full disk is `DiskFull`, and the
+    temporary file is removed on any failure."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # serialised first: then a failed write is a plain OSError
+    torch.save(obj, buffer)
+    try:
+        _write_file(tmp, buffer.getbuffer())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        full = DiskFull(path) if is_disk_full(exc) else None  # free space before cleaning up
+        tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from exc
+        raise
+
+
+def _write_file(path: Path, data) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# -- a full disk ----------------------------------------------------------------------------
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# Libraries that wrap the OSError keep only its text (safetensors: "... (os error 28)").
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28",
+                    "os error 122")
+
+
+class DiskFull(LMError):
+    """No space left to write `path`: says where (the file system) and how much is free."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        mount = mount_point(self.path)
+        try:
+            usage = shutil.disk_usage(mount)
+            room = f"{_size(usage.free)} free of {_size(usage.total)}"
+        except OSError:
+            room = "free space unknown"
+        super().__init__(f"disk full: no space left on {mount} to write {self.path} ({room})")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it came from, is a full disk or quota."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _DISK_FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system that holds (or would hold) `path`."""
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def load_train_state(path: Path) -> dict:
