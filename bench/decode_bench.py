@@ -17,8 +17,9 @@ import torch
 
 from bench.common import corpus_path, save_result
 from lm.checkpoint import load_checkpoint
-from lm.engine import Engine, SamplingParams
+from lm.engine import Engine
 from lm.models import ModelConfig, build_model
+from lm.sampling import SamplingParams
 from lm.tokenizers import CharTokenizer
 
 

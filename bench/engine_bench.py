@@ -56,7 +56,8 @@ def run_config(config: dict, streams: int, new_tokens: int) -> dict:
     import torch
 
     from lm.device import serving_threads
-    from lm.engine import Engine, SamplingParams
+    from lm.engine import Engine
+    from lm.sampling import SamplingParams
 
     if config.get("serving_threads"):
         serving_threads(config["threads"])

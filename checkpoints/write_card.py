@@ -68,8 +68,8 @@ def fewshot_section(name: str) -> list[str]:
 
 def write_card(name: str, description: str = "") -> Path:
     from lm.checkpoint import load_checkpoint
-    from lm.engine import SamplingParams
     from lm.generate import Generator
+    from lm.sampling import SamplingParams
 
     directory = HERE / name
     meta = json.loads((directory / "config.json").read_text())

@@ -18,52 +18,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from lm import native
+from lm.detokenize import TextTracker
 from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
-from lm.sampling import SamplingBatch, sample, token_logprobs
-from lm.tokenizers import IncrementalDecoder, Tokenizer
+from lm.sampling import SamplingParams, SamplingSlots, sample, token_logprobs
+from lm.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP_SEQUENCES = 16
-MAX_TOP_LOGPROBS = 5
-_INT64_MAX = (1 << 63) - 1  # a larger top_k (no limit anyway) would not fit its tensor slot
 # Most tokens prefilled in one step: bounds the pause that running sequences see when
 # requests arrive or reach the end of their context (and the prefill's scratch memory).
 PREFILL_TOKENS = 4096
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k's
-
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise LMError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.temperature < float("inf"):  # also rejects NaN
-            raise LMError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise LMError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LMError(f"top_p must be in (0, 1], got {self.top_p}")
-        if len(self.stop) > MAX_STOP_SEQUENCES:
-            raise LMError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
-        if any(not s for s in self.stop):
-            raise LMError("stop sequences must not be empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise LMError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
 
 @dataclass
@@ -107,8 +77,7 @@ class Sequence:
         self.generated: list[int] = []
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
-        self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
-        self.text = ""  # all generated text so far
+        self.tracker = TextTracker(tokenizer, self.prompt_ids, params.stop)
         self.sent_chars = 0  # how much of it has been handed out
         self.sent_tokens = 0
         self.finish_reason: str | None = None
@@ -126,6 +95,11 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text(self) -> str:
+        """All generated text so far (up to a stop sequence)."""
+        return self.tracker.text
+
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
@@ -138,26 +112,15 @@ class Sequence:
         if logprob is not None:
             self.logprobs.append(logprob)
             self.top_logprobs.append(top or [])
-        stops = self.params.stop
-        if not (self.stream or stops):  # nobody reads the text before the end: decode then
+        if not (self.stream or self.params.stop):  # nobody reads the text before the end
             if len(self.generated) >= self.params.max_new_tokens:
-                self.text = self._decode_all()
+                self.tracker.decode_all(self.generated)
                 self.finish_reason = "length"
                 return self._output(len(self.text), now)
             return None
-        before = len(self.text)
-        self.text += self.decoder.push(token_id)
-        hold = 0
-        if stops:
-            # The earliest occurrence of any stop, not the first stop in list order: a token
-            # may complete several at once ("xabc" with stops "bc" and "a" must give "x").
-            found = [self.text.find(stop, max(0, before - len(stop) + 1)) for stop in stops]
-            found = [index for index in found if index != -1]
-            if found:
-                self.text = self.text[: min(found)]
-                self.finish_reason = "stop"
-            else:
-                hold = _partial_stop(self.text, stops)
+        stopped, hold = self.tracker.push(token_id)
+        if stopped:
+            self.finish_reason = "stop"
         if self.finish_reason is None and len(self.generated) >= self.params.max_new_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None:
@@ -167,18 +130,9 @@ class Sequence:
             return self._output(len(self.text) - hold, now)
         return None
 
-    def _decode_all(self) -> str:
-        """The generated text in one decode, in the context of the prompt's last tokens."""
-        context = self.prompt_ids[-4:]
-        decode = self.decoder.tokenizer.decode
-        prefix, full = decode(context), decode(context + self.generated)
-        if full.startswith(prefix) and not prefix.endswith("\ufffd"):
-            return full[len(prefix) :]
-        return "".join(self.decoder.push(t) for t in self.generated)
-
     def finish(self, reason: str, now: float) -> Output:
         if not (self.stream or self.params.stop):
-            self.text = self._decode_all()
+            self.tracker.decode_all(self.generated)
         self.finish_reason = reason
         return self._output(len(self.text), now)
 
@@ -202,17 +156,6 @@ class Sequence:
                 "completion_tokens": len(self.generated),
             }
         return Output(text, tokens, logprobs, self.finish_reason, top_logprobs=top, timings=timings)
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could begin a stop sequence."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
 
 
 class Engine:
@@ -247,11 +190,7 @@ class Engine:
         self.kv_cache_dtype = resolve_kv_cache_dtype(model, self.device, kv_cache_dtype)
         self._cache_dtype = {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
         self.state = model.init_state(max_batch, self.device, **self._cache_dtype)
-        self.params = {
-            "temperature": torch.ones(max_batch),
-            "top_k": torch.zeros(max_batch, dtype=torch.long),
-            "top_p": torch.ones(max_batch),
-        }
+        self.sampling = SamplingSlots(max_batch)
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.accepting = True
@@ -321,10 +260,7 @@ class Engine:
             row = len(self.active)
             self.active.append(seq)
             seq.admitted_at = time.perf_counter()
-            for name, value in (("temperature", seq.params.temperature),
-                                ("top_k", min(seq.params.top_k, _INT64_MAX)),
-                                ("top_p", seq.params.top_p)):
-                self.params[name][row] = value
+            self.sampling.set(row, seq.params)
             admitted.append(row)
         self._fill_rows(admitted)
 
@@ -389,9 +325,7 @@ class Engine:
         logits, new_state = self.model.step(ids, view)
         _write_back(view, new_state)
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
-        params = SamplingBatch(**{name: tensor[:n] for name, tensor in self.params.items()},
-                               uniform=uniform)
-        tokens = sample(logits, params)
+        tokens = sample(logits, self.sampling.batch(n, uniform))
         top_k = max((s.params.logprobs for s in active if s.params.logprobs is not None),
                     default=None)
         chosen, top = None, None
@@ -428,7 +362,7 @@ class Engine:
         n, leaving = len(self.active), set(rows)
         order = [row for row in range(n) if row not in leaving] + sorted(leaving)
         index = torch.tensor(order, device=self.device)
-        for tensor in (*self.state.values(), *self.params.values()):
+        for tensor in (*self.state.values(), *self.sampling.tensors.values()):
             tensor[:n] = tensor[:n].index_select(0, index.to(tensor.device))
         self.active = [self.active[row] for row in order]
         return n - len(leaving)
@@ -437,7 +371,7 @@ class Engine:
         """Drop row `row`, moving the last row into its slot."""
         last = len(self.active) - 1
         if row != last:
-            for tensor in (*self.state.values(), *self.params.values()):
+            for tensor in (*self.state.values(), *self.sampling.tensors.values()):
                 tensor[row] = tensor[last]
             self.active[row] = self.active[last]
         self.active.pop()

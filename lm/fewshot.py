@@ -20,13 +20,15 @@ class Example:
 def _split_template(template: str) -> tuple[str, str, str]:
     """The template's text before {input}, between {input} and {output}, and after {output}."""
     if template.count("{input}") != 1 or template.count("{output}") != 1:
-        raise LMError("a few-shot template must hold {input} and {output} once each")
+        raise LMError("a few-shot template must hold {input} and {output} once each",
+                      param="template")
     head, rest = template.split("{input}")
     if "{output}" not in rest:
-        raise LMError("a few-shot template must put {input} before {output}")
+        raise LMError("a few-shot template must put {input} before {output}", param="template")
     middle, tail = rest.split("{output}")
     if not middle:
-        raise LMError("a few-shot template needs a separator between {input} and {output}")
+        raise LMError("a few-shot template needs a separator between {input} and {output}",
+                      param="template")
     return head, middle, tail
 
 
@@ -39,10 +41,11 @@ def build_prompt(examples: list[Example], query: str, template: str = DEFAULT_TE
         for field_name, text in (("input", ex.input), ("output", ex.output)):
             if any(s in text for s in separators):
                 raise LMError(
-                    f"example {i + 1}: its {field_name} {text!r} contains the template's separator"
+                    f"example {i + 1}: its {field_name} {text!r} contains the template's separator",
+                    param="examples",
                 )
     if any(s in query for s in separators):
-        raise LMError(f"the query {query!r} contains the template's separator")
+        raise LMError(f"the query {query!r} contains the template's separator", param="prompt")
     shots = "".join(f"{head}{ex.input}{middle}{ex.output}{tail}" for ex in examples)
     stop = [tail] if tail else []
     return f"{shots}{head}{query}{middle}", stop

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lm.checkpoint import Checkpoint
-from lm.engine import Engine, Output, SamplingParams
+from lm.engine import Engine, Output
 from lm.errors import LMError
+from lm.sampling import SamplingParams
 
 
 @dataclass

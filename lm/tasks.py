@@ -478,8 +478,8 @@ def fewshot_accuracy(
     prompts (every shot count) go to the engine at once, batched `max_batch` at a time.
     """
     from lm.checkpoint import Checkpoint, load_checkpoint
-    from lm.engine import SamplingParams
     from lm.generate import Generator
+    from lm.sampling import SamplingParams
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)

@@ -1,4 +1,5 @@
-"""Training: next-token cross-entropy, AdamW, clipping, warm-up + cosine decay, evaluation,
+"""Training: next-token cross-entropy, AdamW (or Muon for the hidden matrices), clipping,
+warm-up + cosine decay or warm-down, a step and a wall-clock budget, evaluation,
 best-checkpoint keeping, exact resume, and data parallel under `torchrun`."""
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from lm.device import pick_device
 from lm.errors import LMError
 from lm.evaluate import evaluate
 from lm.models import ModelConfig, build_model
+from lm.native import bf16_matmul_is_fast
+from lm.optim import Muon
 from lm.plotting import pyplot
 from lm.tokenizers import Tokenizer, load_tokenizer, tokenizer_class, train_tokenizer
 
@@ -59,6 +62,26 @@ class TrainConfig:
     batch_size: int = 12
     dropout: float = 0.0
     bias: bool = False
+    position: str = "learned"  # GPT block options: see lm.models.ModelConfig
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    mlp_hidden: int | None = None
+    tie_embeddings: bool = True
+    zero_init_proj: bool = False
+    logit_softcap: float = 0.0
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak lr (scaled per matrix by sqrt(max(1, rows/cols)))
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    schedule: str = "cosine"  # or "warmdown": constant, then linear to 0 at the end
+    warmdown_frac: float = 0.3  # the last fraction of the run that "warmdown" decays over
+    max_time: float | None = None  # seconds of training (evaluation included) before stopping
+    # "float32", "bfloat16" (autocast), "auto" (bfloat16 on CUDA only) or "best" (bfloat16
+    # on CUDA and on CPUs that multiply it in hardware: AVX512-BF16 or AMX; else float32).
+    dtype: str = "auto"
+    compile: bool = False  # torch.compile the model for training
     lr: float = 1e-3
     min_lr: float | None = None  # default lr / 10
     weight_decay: float = 0.1
@@ -97,6 +120,7 @@ class TrainConfig:
             block_size=self.block_size,
             dropout=self.dropout,
             bias=self.bias,
+            **{name: getattr(self, name) for name in GPT_OPTIONS},
         )
 
     def validate(self) -> None:
@@ -107,17 +131,52 @@ class TrainConfig:
             raise LMError("--lr must be positive")
         if self.warmup_steps < 0:
             raise LMError("--warmup-steps must not be negative")
+        choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "warmdown"),
+                   "dtype": ("auto", "best", "float32", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise LMError(f"--{name} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(self, name)!r}")
+        if self.optimizer == "muon" and self.model != "gpt":
+            raise LMError("--optimizer muon is for GPT models; use adamw for recurrent ones")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise LMError("--muon-lr must be positive and --muon-momentum in [0, 1)")
+        if not 0 < self.warmdown_frac <= 1:
+            raise LMError(f"--warmdown-frac must be in (0, 1], got {self.warmdown_frac}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise LMError("--max-time must be a positive number of seconds")
         tokenizer_class(self.tokenizer)  # an unknown kind is an LMError naming the choices
         self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`."""
-    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+GPT_OPTIONS = ("position", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden",
+               "tie_embeddings", "zero_init_proj", "logit_softcap")
+
+
+def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up to `lr` over `warmup_steps` steps; then cosine decay to `min_lr` at
+    `max_steps`, or ("warmdown") `lr` until the last `warmdown_frac` and a straight line to 0.
+
+    The decay follows `effective_step`: under a time budget, the clock when it is further
+    along than the step count. The warm-up counts steps only (optimizer stability is a
+    matter of steps, and with a time budget `max_steps` is often just a loose cap)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    step = effective_step(step, elapsed, config)
+    if config.schedule == "warmdown":
+        left = (config.max_steps - step) / (config.warmdown_frac * config.max_steps)
+        return config.lr * max(0.0, min(1.0, left))
+    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
+
+
+def effective_step(step: int, elapsed: float, config: TrainConfig) -> float:
+    """Where the run is in its schedule: `max_steps` times the larger of the fraction of
+    steps and (with `max_time`) the fraction of the time budget spent."""
+    if config.max_time is None:
+        return step
+    return max(step, config.max_steps * min(1.0, elapsed / config.max_time))
 
 
 class Trainer:
@@ -166,7 +225,7 @@ class Trainer:
         self.model_config = config.model_config(self.tokenizer.vocab_size)
         torch.manual_seed(config.seed)
         self.model = build_model(self.model_config).to(self.device)
-        self.optimizer = self._make_optimizer()
+        self.optimizers = self._make_optimizers()
         self.generator = torch.Generator().manual_seed(config.seed + self.rank)
         self.streams = None
         if self.model_config.kind != "gpt":
@@ -191,17 +250,33 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if config.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+    def _make_optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW for everything; or Muon for the blocks' 2-D matrices and AdamW for the
+        embeddings, the output layer, norms and biases. Each group keeps its peak lr as
+        `base_lr`; the schedule scales all of them alike."""
+        config = self.config
+        named = list(self.model.named_parameters())
+        hidden = []
+        if config.optimizer == "muon":
+            hidden = [p for name, p in named if p.dim() == 2 and name.startswith("blocks.")]
+        rest = [p for _, p in named if all(p is not h for h in hidden)]
         groups = [
-            {"params": decay, "weight_decay": self.config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(
-            groups, lr=self.config.lr, betas=(self.config.beta1, self.config.beta2)
-        )
+        optimizers: list[torch.optim.Optimizer] = [
+            torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+        ]
+        if hidden:
+            optimizers.append(Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum,
+                                   weight_decay=config.muon_weight_decay))
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["base_lr"] = group["lr"]
+        return optimizers
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -209,7 +284,7 @@ class Trainer:
         state = {
             "step": self.step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "best_val": self.best_val,
@@ -231,7 +306,12 @@ class Trainer:
                 "use the same settings or another --out"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_optimizers = state.get("optimizers") or [state["optimizer"]]  # older files: one
+        if len(saved_optimizers) != len(self.optimizers):
+            raise LMError(f"--resume: {self.out} was trained with another --optimizer; "
+                          "use the same settings or another --out")
+        for optimizer, saved_state in zip(self.optimizers, saved_optimizers):
+            optimizer.load_state_dict(saved_state)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
@@ -260,7 +340,10 @@ class Trainer:
         return self.streams.next()
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, restart: bool) -> torch.Tensor:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        dtype, cuda = self.config.dtype, self.device.type == "cuda"
+        bf16 = (dtype == "bfloat16" or (dtype == "auto" and cuda)
+                or (dtype == "best" and (cuda or bf16_matmul_is_fast())))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             if self.streams is None:
                 logits = self.ddp_model(x)
@@ -295,8 +378,22 @@ class Trainer:
         logger.warning("step %d: the loss is %s; batch skipped (--skip-nonfinite)", step, value)
         return False
 
+    def _time_spent(self) -> bool:
+        """Whether the `max_time` budget is used up; under DDP every rank takes rank 0's
+        clock, so that all ranks run the same lr and stop at the same step."""
+        if self.config.max_time is None:
+            return False
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            clock = torch.tensor([self.elapsed], dtype=torch.float64)
+            dist.broadcast(clock, 0)
+            self.elapsed = float(clock.item())
+        return self.elapsed >= self.config.max_time
+
     def train(self, stop_at: int | None = None) -> dict:
-        """Run until `max_steps` (or `stop_at`, for tests of resume); return the summary."""
+        """Run until `max_steps` or `max_time` (or `stop_at`, for tests of resume); return
+        the summary."""
         config = self.config
         end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
         tokens_per_step = config.batch_size * config.block_size * self.world_size
@@ -307,19 +404,24 @@ class Trainer:
             bar = tqdm(total=config.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
         self.model.train()
         window_start, window_tokens = time.perf_counter(), 0
-        while self.step < end:
-            lr = lr_at(self.step, config)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        out_of_time = self._time_spent()
+        last_eval = -1
+        while self.step < end and not out_of_time:
+            lr = lr_at(self.step, config, self.elapsed)
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr / config.lr
             step_start = time.perf_counter()
             x, y, restart = self._batch()
             loss = self._loss(x.to(self.device), y.to(self.device), restart)
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
             if self._finite(loss):  # else stop, or (--skip-nonfinite) step without gradients
                 loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            self.optimizer.step()
+            for optimizer in self.optimizers:
+                optimizer.step()
             self.step += 1
             loss_value = loss.item()
             self.elapsed += time.perf_counter() - step_start
@@ -328,16 +430,21 @@ class Trainer:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
-            if self.step % 10 == 0 or self.step == end:
+            out_of_time = self._time_spent()
+            if self.step % 10 == 0 or self.step == end or out_of_time:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 self._log({"step": self.step, "train_loss": loss_value, "lr": lr,
                            "tokens_per_s": rate, "elapsed_s": self.elapsed})
                 window_start, window_tokens = time.perf_counter(), 0
-            if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+            if (self.step % config.eval_interval == 0 or self.step == config.max_steps
+                    or out_of_time):
                 self._evaluate_and_save(bar)
+                last_eval = self.step
+        if out_of_time and last_eval != self.step:  # a resumed run whose budget was spent
+            self._evaluate_and_save(bar)
         if bar is not None:
             bar.close()
-        if self.step >= config.max_steps and self.is_main:
+        if (self.step >= config.max_steps or out_of_time) and self.is_main:
             return self.finish()
         return {"step": self.step, "best_val_loss": self.best_val}
 
@@ -372,6 +479,7 @@ class Trainer:
             "val_fraction": self.config.val_fraction,
             "step": self.step,
             "max_steps": self.config.max_steps,
+            "max_time": self.config.max_time,
             "val_loss": result["loss"],
             "val_perplexity": result["perplexity"],
             "val_bpc": result["bpc"],

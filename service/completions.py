@@ -8,17 +8,16 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from lm.checkpoint import Checkpoint
-from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
-from lm.errors import LMError
+from lm.engine import EngineStopped, Output, QueueFull, Sequence
 from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
 from lm.generate import encode_prompt
 from service.errors import APIError
+from service.loader import ServedModel
 from service.metrics import Metrics
 from service.schemas import (
     CompletionChoice,
@@ -28,14 +27,6 @@ from service.schemas import (
     Usage,
 )
 from service.settings import Settings
-
-
-@dataclass
-class ServedModel:
-    name: str
-    checkpoint: Checkpoint
-    engine: Engine
-    created: int
 
 
 def text_list(value: str | list[str], param: str, settings: Settings) -> list[str]:
@@ -60,25 +51,12 @@ def check_lengths(texts: list[str], param: str, settings: Settings) -> None:
 
 
 def prepare(body: CompletionRequest, served: ServedModel, settings: Settings):
-    """Validate a request against the server's limits; build prompts, ids and parameters."""
+    """Check a request against the server's limits; build prompts, ids and parameters."""
     prompts = text_list(body.prompt, "prompt", settings)
     if body.n * len(prompts) > settings.max_n:
         raise APIError(400, f"n: at most {settings.max_n} completions per request "
                             f"(prompts x n), got {body.n * len(prompts)}", param="n")
-    max_tokens = body.max_tokens
-    if "max_tokens" not in body.model_fields_set:  # the default must fit a lower limit
-        max_tokens = min(max_tokens, settings.max_tokens_limit)
-    if max_tokens > settings.max_tokens_limit:
-        raise APIError(400, f"max_tokens: at most {settings.max_tokens_limit}, "
-                            f"got {max_tokens}", param="max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > settings.max_stop:
-        raise APIError(400, f"stop: at most {settings.max_stop} sequences", param="stop")
-    if any(not s for s in stop):
-        raise APIError(400, "stop: sequences must not be empty", param="stop")
-    if any(len(s) > settings.max_stop_chars for s in stop):
-        raise APIError(400, f"stop: each sequence at most {settings.max_stop_chars} characters",
-                       param="stop")
+    params = body.to_sampling_params(settings)
     if body.examples is not None or body.template is not None:
         if not body.examples:
             raise APIError(400, "examples: at least one example is needed for a few-shot "
@@ -86,23 +64,14 @@ def prepare(body: CompletionRequest, served: ServedModel, settings: Settings):
         examples = [Example(e.input, e.output) for e in body.examples]
         built = []
         for query in prompts:
-            try:
-                text, default_stop = build_prompt(examples, query,
-                                                  body.template or DEFAULT_TEMPLATE)
-            except LMError as exc:
-                message = str(exc)
-                param = ("examples" if message.startswith("example") else
-                         "prompt" if message.startswith("the query") else "template")
-                raise APIError(400, f"{param}: {message}", param=param) from None
+            text, default_stop = build_prompt(examples, query, body.template or DEFAULT_TEMPLATE)
             built.append(text)
         prompts = built
-        stop = stop or default_stop
+        params.stop = params.stop or default_stop
     check_lengths(prompts, "prompt", settings)
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
-                            top_k=body.top_k, top_p=body.top_p, stop=stop,
-                            logprobs=body.logprobs)
     prompt_ids = [encode_prompt(served.checkpoint, text) for text in prompts]
     return params, prompts, prompt_ids
+
 
 @dataclass
 class Job:
@@ -197,8 +166,10 @@ async def stream(job: Job, metrics: Metrics) -> AsyncIterator[str]:
             chunks = []
             now = time.perf_counter()
             for choice, out in batch:
-                if last_time[choice] is not None:
-                    metrics.itl.labels(job.served.name).observe(now - last_time[choice])
+                if last_time[choice] is not None and out.token_ids:
+                    tokens = len(out.token_ids)
+                    metrics.observe_gaps(job.served.name, (now - last_time[choice]) / tokens,
+                                         tokens)
                 last_time[choice] = now
                 finish = _finish_reason(out) if out.finish_reason is not None else None
                 if out.text or finish is not None:
@@ -254,7 +225,7 @@ def submit(body: CompletionRequest, served: ServedModel, settings: Settings,
             for s_index in range(body.n):
                 choice = p_index * body.n + s_index
                 seed = None if body.seed is None else (body.seed + s_index) & ((1 << 63) - 1)
-                choice_params = SamplingParams(**{**params.__dict__, "seed": seed})
+                choice_params = replace(params, seed=seed)
 
                 def sink(out, _choice=choice):
                     outputs.put_nowait((_choice, out))

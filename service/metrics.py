@@ -1,47 +1,85 @@
-"""Prometheus metrics, in a registry of the app's own (no global state)."""
+"""Prometheus metrics with vLLM's names and meanings, in a registry of the app's own.
+
+Every series is labelled `model_name`, as vLLM's are, so dashboards built for vLLM work.
+A finished sequence (each of a request's `n` choices) counts as one request.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LABELS = ["model_name"]
 
 
 class Metrics:
     def __init__(self, engine_counts: Callable[[], dict[str, tuple[int, int]]]):
         self.registry = CollectorRegistry()
-        labels = ["model"]
-        self.queue_time = Histogram("lm_queue_time_seconds", "Time requests wait before admission",
-                                    labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("lm_time_to_first_token_seconds", "Time to the first generated token",
-                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("lm_inter_token_latency_seconds",
-                             "Time between streamed chunks (per request mean when not streaming)",
-                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("lm_e2e_request_latency_seconds", "Whole request latency",
-                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.prompt_tokens = Counter("lm_prompt_tokens", "Prompt tokens processed", labels,
-                                     registry=self.registry)
-        self.generation_tokens = Counter("lm_generation_tokens", "Tokens generated", labels,
-                                         registry=self.registry)
-        self.requests = Counter("lm_requests", "Finished sequences by finish reason",
-                                ["model", "finish_reason"], registry=self.registry)
-        self.rejected = Counter("lm_requests_rejected", "Requests refused because the queue was full",
-                                labels, registry=self.registry)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, _LABELS, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        def counter(name: str, doc: str, labels: list[str] = _LABELS) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        self.queue_time = histogram(
+            "vllm:request_queue_time_seconds", "Time requests wait in the queue before admission"
+        )
+        self.ttft = histogram(
+            "vllm:time_to_first_token_seconds", "Time from arrival to the first generated token"
+        )
+        self.itl = histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between generated tokens (one observation per token)",
+        )
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Whole request latency")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated")
+        self.success = counter(
+            "vllm:request_success",
+            "Requests finished, by finish reason",
+            [*_LABELS, "finish_reason"],
+        )
+        self.failed = counter("lm_requests_failed", "Requests ended by an engine failure")
+        self.rejected = counter(
+            "lm_requests_rejected", "Requests refused because the queue was full"
+        )
         self.registry.register(_EngineGauges(engine_counts))
 
-    def observe_finished(self, model: str, timings: dict, finish_reason: str, streamed: bool) -> None:
+    def observe_finished(
+        self, model: str, timings: dict, finish_reason: str, streamed: bool
+    ) -> None:
+        """Record a finished sequence from the engine's timings."""
         self.queue_time.labels(model).observe(timings["queue_s"])
         self.ttft.labels(model).observe(timings["ttft_s"])
         self.e2e.labels(model).observe(timings["e2e_s"])
         self.prompt_tokens.labels(model).inc(timings["prompt_tokens"])
         self.generation_tokens.labels(model).inc(timings["completion_tokens"])
-        self.requests.labels(model, finish_reason).inc()
-        if not streamed and timings["completion_tokens"] > 1:
-            self.itl.labels(model).observe(timings["decode_s"] / (timings["completion_tokens"] - 1))
+        if finish_reason == "error":
+            self.failed.labels(model).inc()
+        else:
+            self.success.labels(model, finish_reason).inc()
+        gaps = timings["completion_tokens"] - 1
+        if not streamed and gaps > 0:  # only the total is known: each gap gets the mean
+            self.observe_gaps(model, timings["decode_s"] / gaps, gaps)
+
+    def observe_gaps(self, model: str, seconds: float, count: int) -> None:
+        """Record `count` inter-token gaps of `seconds` each (a chunk of `count` tokens
+        streamed `count * seconds` after the previous one)."""
+        child = self.itl.labels(model)
+        bounds, buckets, total = (
+            getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum")
+        )
+        if bounds is None or buckets is None or total is None:  # another prometheus_client
+            for _ in range(count):
+                child.observe(seconds)
+            return
+        total.inc(seconds * count)  # what `count` calls of observe() would do, in one step
+        buckets[bisect_left(bounds, seconds)].inc(count)
 
 
 class _EngineGauges:
@@ -51,10 +89,12 @@ class _EngineGauges:
         self.counts = counts
 
     def collect(self):
-        running = GaugeMetricFamily("lm_requests_running", "Sequences in the running batch",
-                                    labels=["model"])
-        waiting = GaugeMetricFamily("lm_requests_waiting", "Requests waiting for a batch slot",
-                                    labels=["model"])
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Sequences in the running batch", labels=_LABELS
+        )
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting for a batch slot", labels=_LABELS
+        )
         for model, (n_running, n_waiting) in self.counts().items():
             running.add_metric([model], n_running)
             waiting.add_metric([model], n_waiting)

@@ -10,6 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lm.errors import LMError
+from lm.sampling import SamplingParams
+from service.settings import Settings
+
+# Request fields named differently from the sampling parameter they set.
+_REQUEST_FIELD = {"max_new_tokens": "max_tokens"}
+
 
 class FewShotExample(BaseModel):
     input: str = Field(min_length=1)
@@ -30,6 +37,9 @@ class CompletionRequest(BaseModel):
                                description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="0 turns it off (extension)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description=(
+        "drop tokens less likely than min_p times the most likely one; 0 turns it off "
+        "(vLLM's extension)"))
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -41,6 +51,23 @@ class CompletionRequest(BaseModel):
         None, description="few-shot (input, output) pairs; `prompt` is then the query (extension)")
     template: str | None = Field(
         None, description="few-shot template with {input} and {output} (extension)")
+
+    def to_sampling_params(self, settings: Settings) -> SamplingParams:
+        """This request's sampling parameters within the server's limits; an LMError names
+        the request field at fault."""
+        max_tokens = self.max_tokens
+        if "max_tokens" not in self.model_fields_set:  # the default must fit a lower limit
+            max_tokens = min(max_tokens, settings.max_tokens_limit)
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature,
+                                top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                                seed=self.seed,
+                                stop=stop, logprobs=self.logprobs)
+        try:
+            params.validate(settings.sampling_limits())
+        except LMError as exc:
+            raise LMError(str(exc), param=_REQUEST_FIELD.get(exc.param, exc.param)) from None
+        return params
 
 
 class Logprobs(BaseModel):

@@ -12,9 +12,9 @@ import pytest
 
 from lm.checkpoint import load_checkpoint
 from lm.cli import main
-from lm.engine import SamplingParams
 from lm.fewshot import Example, build_prompt
 from lm.generate import Generator
+from lm.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

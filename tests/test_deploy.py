@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shlex
 import socket
 import subprocess
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from loopback_nginx import check_config, loopback_config, nginx_binary
 
 from lm import cli
 from lm.commands import loadtest as loadtest_command
 from lm.commands._args import run_time
 from lm.loadtest import default_locustfile
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HEALTH_URL = "http://127.0.0.1:8000/health"
@@ -43,9 +46,10 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
 # -- docker-compose.yml ---------------------------------------------------------------------
 
 
-def test_compose_has_the_three_services_with_their_profiles(compose):
+def test_compose_has_the_services_with_their_profiles(compose):
     services = compose["services"]
-    assert {"server", "server-gpu", "locust"} <= set(services)
+    assert {"server", "server-gpu", "locust", "replica", "lb", "prometheus", "grafana"} <= \
+        set(services)
     assert "profiles" not in services["server"]  # `docker compose up` starts it
     assert services["server-gpu"]["profiles"] == ["gpu"]
     assert services["locust"]["profiles"] == ["load"]
@@ -75,16 +79,148 @@ def test_compose_gpu_server_reserves_an_nvidia_gpu_and_a_cuda_torch(compose):
     assert len(host_ports) == 2  # both can run at once
 
 
-def test_compose_locust_runs_the_locustfile_headless_against_a_healthy_server(compose):
-    locust = compose["services"]["locust"]
-    assert locust["depends_on"]["server"]["condition"] == "service_healthy"
+def _duration_seconds(text: str) -> float:
+    """A compose duration ('40s', '1m30s') in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """Container path -> host path of a service's bind mounts (named volumes included)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        host, container = re.match(r"^(\$\{[^}]*\}|[^:]+):([^:]+)(?::ro|:rw)?$", volume).groups()
+        mounts[container] = host
+    return mounts
+
+
+@pytest.mark.parametrize("name, host", [("locust", "http://server:8000"),
+                                        ("locust-lb", "http://lb:8080")])
+def test_compose_locust_runs_headless_and_writes_its_report_to_a_mounted_folder(compose, name,
+                                                                                 host):
+    locust = compose["services"][name]
+    assert locust["profiles"] == ["load"]
+    target = host.split("//")[1].split(":")[0]
+    assert locust["depends_on"][target]["condition"] == "service_healthy"
     args = shlex.split(locust["command"])
     assert "--headless" in args
-    assert args[args.index("--host") + 1] == "http://server:8000"
-    locustfile = args[args.index("-f") + 1]
-    mounts = dict(v.rsplit(":", 1)[0].split(":") for v in locust["volumes"])
-    host_dir = next(h for h, c in mounts.items() if locustfile.startswith(c + "/"))
-    assert (ROOT / host_dir / Path(locustfile).name).is_file()
+    assert args[args.index("--host") + 1] == host
+    mounts = _mounts(locust)
+    locustfile = Path(args[args.index("-f") + 1])
+    assert (ROOT / mounts[str(locustfile.parent)] / locustfile.name).is_file()
+    for flag in ("--html", "--csv"):  # the report outlives the container
+        assert str(Path(args[args.index(flag) + 1]).parent) in mounts
+
+
+def test_compose_replicas_profile_runs_replicas_behind_nginx_with_prometheus_and_grafana(
+        compose):
+    services = compose["services"]
+    for name in ("replica", "lb", "prometheus", "grafana"):
+        assert services[name]["profiles"] == ["replicas"]
+    replica = services["replica"]
+    assert replica["deploy"]["replicas"] >= 2
+    assert "ports" not in replica  # reached only through nginx (and scaled without clashes)
+    assert replica["expose"] == ["8000"]
+    assert HEALTH_URL in " ".join(replica["healthcheck"]["test"])
+    lb = services["lb"]
+    assert lb["depends_on"]["replica"]["condition"] == "service_healthy"
+    assert "8080:8080" in lb["ports"]
+    assert _mounts(lb)["/etc/nginx/nginx.conf"] == "./deploy/nginx.conf"
+    assert "http://127.0.0.1:8080/health" in lb["healthcheck"]["test"]
+    assert _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == \
+        "./deploy/prometheus.yml"
+    grafana = _mounts(services["grafana"])
+    assert grafana["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    assert grafana["/etc/grafana/dashboards"] == "./deploy/grafana/dashboards"
+    for named in ("prometheus-data", "grafana-data"):
+        assert named in compose["volumes"]
+
+
+@pytest.mark.parametrize("name", ["server", "server-gpu", "replica"])
+def test_compose_servers_mount_user_checkpoints_and_outlast_their_drain(compose, name):
+    server = compose["services"][name]
+    environment = server["environment"]
+    assert _mounts(server)["/checkpoints"].startswith("${LM_CHECKPOINTS_DIR:-")
+    assert environment["LM_CHECKPOINTS"].startswith("${LM_CHECKPOINTS:-")  # e.g. /checkpoints/x
+    assert environment["LM_API_KEY"] is None
+    drain = float(environment["LM_SHUTDOWN_TIMEOUT"])
+    assert drain == Settings().shutdown_timeout  # the server's default, stated
+    assert _duration_seconds(server["stop_grace_period"]) >= drain + 5
+
+
+def test_compose_images_are_pinned_to_real_version_tags(compose):
+    pulled = {name: s["image"] for name, s in compose["services"].items() if "build" not in s}
+    assert {"lb", "prometheus", "grafana", "locust", "locust-lb"} <= set(pulled)
+    for name, image in pulled.items():
+        repository, _, tag = image.partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+(-alpine)?", tag), f"{name}: {image} is not pinned"
+    assert {image.split(":")[0] for image in pulled.values()} == {
+        "nginx", "prom/prometheus", "grafana/grafana", "locustio/locust"}
+
+
+# -- deploy/ --------------------------------------------------------------------------------
+
+
+def test_nginx_config_parses_with_the_upstream_on_loopback(tmp_path):
+    binary = nginx_binary()
+    if binary is None:
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run does it)")
+    config = loopback_config(tmp_path, 18080, [18001, 18002])
+    result = check_config(binary, tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+
+
+def _directives(text: str) -> list[str]:
+    lines = (line.split("#")[0].strip() for line in text.splitlines())
+    return [" ".join(line.rstrip(";").split()) for line in lines if line]
+
+
+def test_nginx_config_balances_streams_unbuffered_and_retries_only_unsent_requests():
+    directives = _directives((ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8"))
+    assert "least_conn" in directives
+    server = next(d for d in directives if d.startswith("server replica:8000"))
+    assert "max_fails=" in server and "fail_timeout=" in server
+    for needed in ("proxy_buffering off", "proxy_request_buffering off", "proxy_cache off",
+                   "proxy_http_version 1.1", 'proxy_set_header Connection ""',
+                   "proxy_next_upstream error timeout"):
+        assert needed in directives
+    assert not any("non_idempotent" in d for d in directives)  # a POST is never re-sent
+    read_timeout = next(d for d in directives if d.startswith("proxy_read_timeout"))
+    assert read_timeout.split()[1] in ("1h", "3600s", "3600")
+
+
+def test_prometheus_scrapes_every_replica_by_dns():
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "lm")
+    assert job["metrics_path"] == "/metrics"
+    assert job["dns_sd_configs"] == [{"names": ["replica"], "type": "A", "port": 8000,
+                                      "refresh_interval": "10s"}]
+    assert job["authorization"]["credentials_file"]  # works with LM_API_KEY set
+
+
+def test_grafana_provisions_prometheus_and_a_dashboard_of_the_vllm_metrics():
+    grafana = ROOT / "deploy" / "grafana"
+    source = yaml.safe_load((grafana / "provisioning/datasources/prometheus.yml").read_text())
+    datasource = source["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((grafana / "provisioning/dashboards/lm.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+    dashboard = json.loads((grafana / "dashboards" / "lm.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("vllm:time_to_first_token_seconds_bucket",
+                   "vllm:inter_token_latency_seconds_bucket",
+                   "vllm:e2e_request_latency_seconds_bucket",
+                   "vllm:request_queue_time_seconds_bucket", "vllm:num_requests_running",
+                   "vllm:num_requests_waiting", "vllm:generation_tokens_total",
+                   "vllm:prompt_tokens_total", "vllm:request_success_total", 'up{job="lm"}'):
+        assert metric in exprs
+    assert all(p["datasource"]["uid"] == datasource["uid"] for p in dashboard["panels"])
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for word in ("first token", "inter-token", "tokens/s", "running", "waiting", "errors"):
+        assert word in titles
 
 
 # -- Dockerfile -----------------------------------------------------------------------------
@@ -95,9 +231,12 @@ def test_dockerfile_installs_the_project_and_serves_it_as_non_root():
     keywords = [k for k, _ in steps]
     assert steps[0] == ("FROM", "python:3.11-slim")
     assert ("WORKDIR", "/app") in steps
-    runs = " && ".join(arg for k, arg in steps if k == "RUN")
-    assert "pip install --index-url \"${TORCH_INDEX}\" torch" in runs
-    assert "pip install -e ." in runs
+    runs = [arg for k, arg in steps if k == "RUN"]
+    # The README's install: torch==2.13.0, then the project.
+    torch_step = next(i for i, arg in enumerate(runs) if "torch==" in arg)
+    assert 'pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs[torch_step]
+    assert ("ARG", "TORCH_VERSION=2.13.0") in steps
+    assert runs[-1] == "pip install -e ."
     assert any(k == "ARG" and arg.startswith("TORCH_INDEX=") for k, arg in steps)
     users = [arg for k, arg in steps if k == "USER"]
     assert users and users[-1] not in ("root", "0")
@@ -109,6 +248,17 @@ def test_dockerfile_installs_the_project_and_serves_it_as_non_root():
     assert command[:2] == ["lm", "serve"]
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--port") + 1] == "8000"
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_source():
+    steps = _instructions(ROOT / "Dockerfile")
+    copies = [i for i, (k, _) in enumerate(steps) if k == "COPY"]
+    source = next(i for i in copies if steps[i][1] == ". .")
+    assert steps[copies[0]][1] == "pyproject.toml ./"  # only the dependency list first
+    before = " ".join(arg for k, arg in steps[:source] if k == "RUN")
+    assert "torch==" in before and "pip install -r" in before and "project" in before
+    after = [arg for k, arg in steps[source:] if k == "RUN"]
+    assert after == ["pip install -e ."]  # a code change rebuilds only this layer
 
 
 def test_dockerignore_keeps_environments_and_training_state_out():

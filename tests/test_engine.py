@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from lm.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams, Sequence
+from lm.engine import Engine, EngineStopped, Output, QueueFull, Sequence
 from lm.errors import LMError
 from lm.models import ModelConfig, build_model
+from lm.sampling import SamplingParams
 from lm.tokenizers import BPETokenizer, CharTokenizer
 
 PROMPTS = ["The king speaks of ", "A young poet", "We defend", "Her sister remembers the "]
@@ -23,6 +24,8 @@ MIXED_PARAMS = [
     dict(temperature=0.5, seed=13),
     dict(temperature=1.0, top_k=3, top_p=0.8, seed=14),
     dict(temperature=2.0, seed=15),
+    dict(temperature=1.5, min_p=0.2, seed=16),
+    dict(temperature=1.0, min_p=0.05, top_k=4, seed=17),
 ]
 
 

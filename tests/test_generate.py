@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lm.checkpoint import Checkpoint, load_checkpoint
-from lm.engine import SamplingParams
 from lm.errors import LMError
 from lm.generate import Generator, encode_prompt
 from lm.models import ModelConfig
+from lm.sampling import SamplingParams
 from lm.tokenizers import BPETokenizer, IncrementalDecoder
 
 MULTIBYTE_TEXT = "héllo wörld 日本語 🙂\n" * 40

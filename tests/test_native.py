@@ -15,9 +15,10 @@ from torch.testing import assert_close
 
 from lm import native
 from lm.device import resolve_kv_cache_dtype
-from lm.engine import Engine, SamplingParams
+from lm.engine import Engine
 from lm.models import ModelConfig, build_model
 from lm.models.gpt import LayerCache
+from lm.sampling import SamplingParams
 from lm.tokenizers import CharTokenizer
 
 HEADS, DIM, CTX = 3, 8, 24

@@ -72,7 +72,7 @@ def served(tiny_checkpoint_dir: Path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LM_API_KEY": API_KEY}
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm.cli", "serve", "--checkpoint", str(tiny_checkpoint_dir),
+        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(tiny_checkpoint_dir),
          "--port", str(port), "--torch-threads", "1", "--log-level", "warning",
          "--max-tokens-limit", "200000"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

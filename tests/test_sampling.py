@@ -6,12 +6,22 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lm.sampling import SamplingBatch, sample, token_logprobs
+from lm.errors import LMError
+from lm.sampling import (
+    MAX_STOP_SEQUENCES,
+    Limits,
+    SamplingBatch,
+    SamplingParams,
+    SamplingSlots,
+    sample,
+    token_logprobs,
+)
 
 V = 12
 
 
-def batch(rows: int, temperature=1.0, top_k=0, top_p=1.0, uniform=0.5) -> SamplingBatch:
+def batch(rows: int, temperature=1.0, top_k=0, top_p=1.0, uniform=0.5,
+          min_p=0.0) -> SamplingBatch:
     """Per-row parameters; each argument is a scalar (the same for every row) or a list."""
 
     def column(value, dtype):
@@ -23,6 +33,7 @@ def batch(rows: int, temperature=1.0, top_k=0, top_p=1.0, uniform=0.5) -> Sampli
         top_k=column(top_k, torch.long),
         top_p=column(top_p, torch.float32),
         uniform=column(uniform, torch.float64),
+        min_p=column(min_p, torch.float32),
     )
 
 
@@ -185,3 +196,80 @@ def test_token_logprobs_top_zero_and_more_than_the_vocabulary():
     _, values, _ = token_logprobs(logits, torch.tensor([1, 2]), top_k=V + 5)
     assert values.shape == (2, V)
     assert_close(values.exp().sum(dim=-1), torch.ones(2, dtype=values.dtype))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.6])
+def test_min_p_frequencies_drop_tokens_below_min_p_times_the_top(temperature):
+    """vLLM's min-p: a token stays when its probability (after temperature) is at least
+    min_p times the most likely token's; the survivors are renormalised."""
+    logits = random_logits(1, seed=13, scale=1.0)[0]
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    keep = probs >= 0.3 * probs.max()
+    assert 1 < int(keep.sum()) < V  # the test would prove nothing otherwise
+    expected = torch.where(keep, probs, torch.zeros_like(probs))
+    expected /= expected.sum()
+    observed = frequencies(logits, temperature=temperature, min_p=0.3)
+    assert_close(observed, expected, atol=2e-3, rtol=0)
+    assert not bool(observed[~keep].any())
+
+
+def test_min_p_zero_is_off_and_one_keeps_only_the_top():
+    logits = random_logits(1, seed=14)[0]
+    assert_close(frequencies(logits, min_p=0.0), frequencies(logits))
+    for u in grid(20):
+        assert sample(logits[None], batch(1, min_p=1.0, uniform=u)).item() == logits.argmax()
+
+
+def test_min_p_is_per_row_in_a_mixed_batch():
+    """Each row filters with its own min_p; a row without min_p is untouched by the others."""
+    own = random_logits(1, seed=15, scale=1.0)
+    for u in grid(40):
+        for own_min_p in (0.0, 0.2, 0.6):
+            alone = sample(own, batch(1, min_p=own_min_p, uniform=u)).item()
+            logits = torch.cat([random_logits(1, seed=16), own, random_logits(1, seed=17)])
+            params = batch(3, min_p=[0.9, own_min_p, 0.05], top_k=[0, 0, 3],
+                           uniform=[0.3, u, 0.8])
+            assert sample(logits, params)[1].item() == alone
+
+
+def test_slots_build_the_batch_from_the_parameters():
+    slots = SamplingSlots(4)
+    slots.set(0, SamplingParams(temperature=0.5, top_k=7, top_p=0.9, min_p=0.1))
+    slots.set(1, SamplingParams(top_k=10**30))  # no limit: clamped to fit its tensor
+    got = slots.batch(2, torch.tensor([0.1, 0.2], dtype=torch.float64))
+    assert got.temperature.tolist() == [0.5, 1.0]
+    assert got.top_k.tolist() == [7, (1 << 63) - 1]
+    assert_close(got.top_p, torch.tensor([0.9, 1.0]))
+    assert_close(got.min_p, torch.tensor([0.1, 0.0]))
+
+
+@pytest.mark.parametrize("bad, param", [
+    (dict(min_p=-0.1), "min_p"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(min_p=float("nan")), "min_p"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop=["x"] * (MAX_STOP_SEQUENCES + 1)), "stop"),
+    (dict(logprobs=6), "logprobs"),
+])
+def test_bad_parameters_name_the_parameter(bad, param):
+    with pytest.raises(LMError) as info:
+        SamplingParams(**bad).validate()
+    assert info.value.param == param
+
+
+def test_limits_are_checked_in_the_same_place():
+    limits = Limits(max_new_tokens=10, max_stop=2, max_stop_chars=3)
+    SamplingParams(max_new_tokens=10, stop=["abc", "d"]).validate(limits)
+    for bad, param in ((dict(max_new_tokens=11), "max_new_tokens"),
+                       (dict(stop=["a", "b", "c"]), "stop"),
+                       (dict(stop=["abcd"]), "stop")):
+        with pytest.raises(LMError) as info:
+            SamplingParams(**{"max_new_tokens": 5, **bad}).validate(limits)
+        assert info.value.param == param
+    # A server cannot raise the library's own ceiling.
+    with pytest.raises(LMError):
+        SamplingParams(stop=["x"] * (MAX_STOP_SEQUENCES + 1)).validate(Limits(max_stop=99))

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from lm.checkpoint import load_checkpoint
-from lm.engine import Engine, SamplingParams
+from lm.engine import Engine
+from lm.sampling import SamplingParams
 
 PROMPT = "The king speaks of"
 
@@ -201,19 +202,49 @@ def test_health(server):
     assert body["running"] == 0 and body["waiting"] == 0
 
 
-def test_metrics(client, server):
+def test_min_p(client):
+    """min_p 1 keeps only the most likely token (greedy, whatever the seed and temperature);
+    0 is the default; a small one changes nothing but the tail."""
+    greedy = greedy_text(client, max_tokens=24)
+    for seed in (1, 2):
+        top_only = complete(client, max_tokens=24, temperature=1.5, seed=seed,
+                            extra_body={"min_p": 1.0})
+        assert top_only.choices[0].text == greedy
+        default = complete(client, max_tokens=24, seed=seed).choices[0].text
+        zero = complete(client, max_tokens=24, seed=seed, extra_body={"min_p": 0.0})
+        assert zero.choices[0].text == default
+
+
+def scrape(server) -> dict[str, float]:
+    """/metrics as {series with labels: value}."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_have_vllm_names_and_meanings(client, server):
+    """vLLM's series, labelled model_name: a request is counted once in each histogram,
+    inter-token latency once per generated token after the first, tokens in the counters."""
+    tiny = 'model_name="tiny"'
+    before = scrape(server)
     complete(client, max_tokens=5, seed=1)
     list(complete(client, max_tokens=5, seed=1, stream=True))
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for name in ("lm_time_to_first_token_seconds_count", "lm_inter_token_latency_seconds_count",
-                 "lm_e2e_request_latency_seconds_count", "lm_queue_time_seconds_count",
-                 "lm_generation_tokens_total", "lm_requests_running", "lm_requests_waiting"):
-        lines = [line for line in text.splitlines() if line.startswith(name + "{")]
-        assert lines, f"{name} missing from /metrics"
-        assert any('model="tiny"' in line for line in lines)
-    generated = [line for line in text.splitlines()
-                 if line.startswith('lm_generation_tokens_total{model="tiny"}')]
-    assert float(generated[0].split()[-1]) >= 10
+    after = scrape(server)
+
+    def grew(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
+        assert grew(f"vllm:{histogram}_seconds_count{{{tiny}}}") == 2
+    assert grew(f"vllm:inter_token_latency_seconds_count{{{tiny}}}") == 2 * 4
+    assert grew(f"vllm:generation_tokens_total{{{tiny}}}") == 10
+    prompt_tokens = len(server.app.state.models["tiny"].checkpoint.tokenizer.encode(PROMPT))
+    assert grew(f"vllm:prompt_tokens_total{{{tiny}}}") == 2 * prompt_tokens
+    assert grew(f'vllm:request_success_total{{finish_reason="length",{tiny}}}') == 2
+    assert after[f"vllm:num_requests_running{{{tiny}}}"] == 0
+    assert after[f"vllm:num_requests_waiting{{{tiny}}}"] == 0
+    assert not [name for name in after if name.startswith("lm_") and "rejected" not in name
+                and "failed" not in name]
 
 
 def test_docs_and_openapi(server):

@@ -104,6 +104,9 @@ def test_invalid_utf8_is_a_client_error(server):
     ({"prompt": "a", "top_p": 0}, "top_p"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
     ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "min_p": -0.1}, "min_p"),
+    ({"prompt": "a", "min_p": 1.5}, "min_p"),
+    ({"prompt": "a", "min_p": "some"}, "min_p"),
     ({"prompt": "a", "logprobs": 6}, "logprobs"),
     ({"prompt": "a", "logprobs": -1}, "logprobs"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # over max_stop
@@ -279,6 +282,21 @@ def test_api_key_with_openai_client(keyed_server):
     bad = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model="tiny", prompt="We", max_tokens=2)
+
+
+def test_every_router_but_health_and_metrics_needs_the_key(keyed_server):
+    """The key is checked by each router, before the body or the model is looked at."""
+    open_paths = {"/health", "/metrics"}
+    paths = {path: methods for path, methods in keyed_server.app.openapi()["paths"].items()
+             if path not in open_paths}
+    assert {"/v1/models", "/v1/completions", "/v1/embeddings"} <= set(paths)
+    for path, methods in paths.items():
+        for method in methods:
+            for body in ({"prompt": "We", "input": "We"}, {"model": "nope", "prompt": 3}):
+                r = httpx.request(method.upper(), f"{keyed_server.url}{path}", json=body,
+                                  timeout=10)
+                error = assert_error(r, 401, "key")
+                assert error["code"] == "invalid_api_key" and error["param"] is None
 
 
 def test_health_and_metrics_open_without_key(keyed_server):

@@ -22,10 +22,10 @@ def gauges(server) -> tuple[float, float]:
     """(running, waiting) for model "tiny", read from /metrics."""
     values = {}
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        for name in ("lm_requests_running", "lm_requests_waiting"):
-            if line.startswith(f'{name}{{model="tiny"}}'):
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            if line.startswith(f'{name}{{model_name="tiny"}}'):
                 values[name] = float(line.split()[-1])
-    return values["lm_requests_running"], values["lm_requests_waiting"]
+    return values["vllm:num_requests_running"], values["vllm:num_requests_waiting"]
 
 
 def wait_for_gauges(server, running: float, waiting: float = 0.0, timeout: float = 2.0) -> None:
@@ -113,7 +113,7 @@ def test_overload_gets_429_fast_and_admitted_complete(small_server):
     wait_for_gauges(small_server, 0, 0)
     metrics = httpx.get(f"{small_server.url}/metrics", timeout=10).text
     rejected = [line for line in metrics.splitlines()
-                if line.startswith('lm_requests_rejected_total{model="tiny"}')]
+                if line.startswith('lm_requests_rejected_total{model_name="tiny"}')]
     assert float(rejected[0].split()[-1]) == statuses.count(429)
 
 
@@ -226,13 +226,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_sigterm_finishes_running_requests_then_exits(tiny_checkpoint_dir: Path):
+# The start-up that `lm serve` runs, called the way lm/commands/serve.py does: flags from
+# Settings, then service.app.run.
+_RUN = ("import argparse, sys\n"
+        "from service.app import run\n"
+        "from service.settings import add_arguments, settings_from_args\n"
+        "parser = argparse.ArgumentParser()\n"
+        "add_arguments(parser)\n"
+        "sys.exit(run(settings_from_args(parser.parse_args(sys.argv[1:]))))\n")
+
+
+@pytest.mark.parametrize("launcher", [["-m", "lm", "serve"], ["-c", _RUN]],
+                         ids=["lm-serve", "service.app.run"])
+def test_sigterm_finishes_running_requests_then_exits(tiny_checkpoint_dir: Path, launcher):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LM_API_KEY", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(tiny_checkpoint_dir),
+        [sys.executable, *launcher, "--checkpoint", str(tiny_checkpoint_dir),
          "--port", str(port), "--torch-threads", "1", "--log-level", "warning",
          "--max-tokens-limit", "100000", "--shutdown-timeout", "30"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

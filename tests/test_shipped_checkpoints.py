@@ -74,8 +74,8 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
 
 @pytest.mark.parametrize("name", shipped_checkpoints())
 def test_every_shipped_checkpoint_is_finished_and_generates(name):
-    from lm.engine import SamplingParams
     from lm.generate import Generator
+    from lm.sampling import SamplingParams
 
     checkpoint = load_checkpoint(name)
     assert checkpoint.training.get("finished"), f"{name} did not finish training"

@@ -31,6 +31,20 @@ class ModelConfig:
     block_size: int = 256  # GPT: context length; RNN: truncated-BPTT length in training
     dropout: float = 0.0
     bias: bool = False  # GPT: biases in Linear and LayerNorm
+    # GPT block options; the defaults are the classic GPT-2 block (and what a config.json
+    # without these keys means). position="rope", norm="rmsnorm", qk_norm, mlp="swiglu",
+    # tie_embeddings=False and bias=False together are exactly Qwen3 (without qk_norm:
+    # Llama); zero_init_proj changes the initialisation only. logit_softcap and
+    # mlp="relu2" leave what transformers and llama.cpp run.
+    position: str = "learned"  # "learned" table of block_size positions, or "rope" (rotary)
+    rope_theta: float = 10000.0  # rotary base (HF/NeoX rotate-half convention)
+    norm: str = "layernorm"  # or "rmsnorm"
+    qk_norm: bool = False  # RMSNorm per head on queries and keys (as Qwen3)
+    mlp: str = "gelu"  # "gelu" (4x), "relu2" (ReLU squared, 4x) or "swiglu" (gate/up/down)
+    mlp_hidden: int | None = None  # MLP width; default 4*n_embd, swiglu 8/3*n_embd (x32)
+    tie_embeddings: bool = True  # output layer shares the token embedding's weights
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 turns it off
 
     def __post_init__(self):
         model_builder(self.kind)  # an unknown kind is an error here, not at build time
@@ -41,6 +55,18 @@ class ModelConfig:
             raise LMError(
                 f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})"
             )
+        choices = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+                   "mlp": ("gelu", "relu2", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise LMError(f"--{name} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(self, name)!r}")
+        if self.kind == "gpt" and self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise LMError("rotary positions need an even head size (--n-embd / --n-head)")
+        if self.rope_theta <= 0 or self.logit_softcap < 0:
+            raise LMError("--rope-theta must be positive and --logit-softcap not negative")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise LMError("--mlp-hidden must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             raise LMError(f"--dropout must be in [0, 1), got {self.dropout}")
 

@@ -1,7 +1,10 @@
 """Decoder-only transformer (GPT) with a KV cache for generation.
 
-Pre-LayerNorm blocks of causal multi-head self-attention and an MLP, learned positional
-embeddings, a final LayerNorm and an output layer tied to the token embedding.
+Pre-norm blocks of causal multi-head self-attention and an MLP, a final norm and an output
+layer. The classic GPT-2 block (learned positions, LayerNorm, GELU MLP, output tied to the
+token embedding) is the default; `ModelConfig` switches on the modern parts one by one:
+rotary positions, RMSNorm, QK-norm, SwiGLU or ReLU-squared MLPs, an untied output layer,
+zero-initialised output projections and logit soft-capping.
 """
 
 from __future__ import annotations
@@ -18,6 +21,42 @@ from lm.models import ModelConfig, State
 from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
 
 BF16_PREFILL_BLOCK = 512  # prefills of this many tokens or more: bfloat16 matrix products
+RMS_NORM_EPS = 1e-6  # as Qwen3 and Llama
+
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin, [..., t, 1, head_dim]
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> Rotary:
+    """Cos and sin of each position's rotation angles, as transformers' Llama/Qwen3 compute
+    them (float32; the frequencies repeated for the two halves of each head)."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions.float()[..., None] * inv_freq  # [..., t, D/2]
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(-2)  # [..., t, 1, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotate `x[B, t, H, D]` by its positions' angles (HF/NeoX rotate-half convention)."""
+    cos, sin = (table.to(x.dtype) for table in rotary)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def make_norm(config: ModelConfig, size: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
+def mlp_width(config: ModelConfig) -> int:
+    """Hidden width of the MLP: 4x, or for SwiGLU 8/3x rounded up to a multiple of 32 (the
+    same parameter count as a 4x two-matrix MLP)."""
+    if config.mlp_hidden is not None:
+        return config.mlp_hidden
+    if config.mlp == "swiglu":
+        return -(-8 * config.n_embd // 3 // 32) * 32
+    return 4 * config.n_embd
 
 
 class CausalSelfAttention(nn.Module):
@@ -29,18 +68,33 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _position(self, qkv: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        """QK-norm, then rotary positions, on the queries and keys of `qkv[B, t, 3, H, D]`."""
+        if self.q_norm is None and rotary is None:
+            return qkv
+        q, k, v = qkv.unbind(2)
+        if self.q_norm is not None:
+            q, k = _norm(q, self.q_norm), _norm(k, self.k_norm)
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        return torch.stack((q, k, v), dim=2)
+
+    def _heads(self, x: torch.Tensor, rotary: Rotary | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, time, _ = x.shape
-        q, k, v = self.c_attn(x).view(batch, time, 3, self.n_head, self.head_dim).unbind(2)
+        qkv = self.c_attn(x).view(batch, time, 3, self.n_head, self.head_dim)
+        q, k, v = self._position(qkv, rotary).unbind(2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         batch, _, time, _ = y.shape
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, time, -1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        q, k, v = self._heads(x, rotary)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         return self._merge(y)
@@ -56,6 +110,9 @@ class CausalSelfAttention(nn.Module):
         """
         batch, time, _ = x.shape
         qkv = _linear(x, self.c_attn.weight, self.c_attn.bias, where)
+        if self.q_norm is not None or where.rotary is not None:  # before the cache and kernel
+            qkv = self._position(qkv.view(batch, time, 3, self.n_head, self.head_dim),
+                                 where.rotary).reshape(batch, time, -1)
         scale = 1.0 / math.sqrt(self.head_dim)
         if where.native is not None:
             y = where.native(qkv.view(batch, -1), cache, where.positions.view(-1), scale,
@@ -106,38 +163,53 @@ class StepIndex:
     same_position: int | None  # the shared start position when every row has the same one
     bias: torch.Tensor | None  # [B, 1, t, L] of zeros and -inf where a query may not see a key
     native: DecodeAttention | None = None  # the compiled kernel, for steps it can do
+    rotary: Rotary | None = None  # the new tokens' rotation tables, with rotary positions
     bf16_prefill: bool = False  # matrix products in bfloat16 (see `_linear`)
 
 
 class MLP(nn.Module):
+    """GELU or ReLU-squared between two matrices, or SwiGLU: `c_fc` holds the gate and the
+    up projection stacked ([gate; up], as one matrix), `c_proj` is the down projection."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = mlp_width(config)
+        self.kind = config.mlp
+        fc_out = 2 * hidden if config.mlp == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        if self.kind == "relu2":
+            return F.relu(h).square()
+        return F.gelu(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary)
         return x + self.mlp(self.ln_2(x))
 
     def step(self, x, cache: LayerCache, where: StepIndex) -> torch.Tensor:
         """Generation: the same computation as `forward`, called functionally (no dropout,
         no module-call overhead) because decode runs it for every token."""
-        x = x + self.attn.step(_layer_norm(x, self.ln_1), cache, where)
+        x = x + self.attn.step(_norm(x, self.ln_1), cache, where)
         mlp = self.mlp
-        h = F.gelu(_linear(_layer_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, where))
+        h = mlp.activation(_linear(_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, where))
         return x + _linear(h, mlp.c_proj.weight, mlp.c_proj.bias, where)
 
 
@@ -161,7 +233,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y[: len(y) - padded].float().view(*x.shape[:-1], -1)
 
 
-def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """`norm(x)` without the module call (decode runs it for every token)."""
+    if isinstance(norm, nn.RMSNorm):
+        # The weight in x's dtype: under bfloat16 autocast, q and k come as bfloat16.
+        return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -171,15 +247,21 @@ class GPT(nn.Module):
         self.config = config
         self.context_size = config.block_size
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = (nn.Embedding(config.block_size, config.n_embd)
+                    if config.position == "learned" else None)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
+            if not name.endswith("c_proj.weight"):
+                continue
+            if config.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
+                nn.init.zeros_(param)
+            else:  # scaled init of residual projections (GPT-2)
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
@@ -190,21 +272,35 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        """Parameters, counting the tied embedding once and excluding positions."""
-        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        """Parameters, counting a tied embedding once and excluding learned positions."""
+        positions = 0 if self.wpe is None else self.wpe.weight.numel()
+        return sum(p.numel() for p in self.parameters()) - positions
+
+    def _rotary(self, positions: torch.Tensor) -> Rotary | None:
+        if self.config.position != "rope":
+            return None
+        return rotary_tables(positions, self.config.n_embd // self.config.n_head,
+                             self.config.rope_theta)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.lm_head.weight)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         time = ids.shape[1]
         if time > self.config.block_size:
             raise ValueError(f"sequence of {time} tokens exceeds block size {self.config.block_size}")
         positions = torch.arange(time, device=ids.device)
-        x = self.drop(self.wte(ids) + self.wpe(positions))
+        x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
+        x = self.drop(x)
+        rotary = self._rotary(positions)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rotary)
         return self.ln_f(x)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.hidden(ids))
+        return self._logits(self.hidden(ids))
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    cache_dtype: torch.dtype | None = None) -> State:
@@ -251,9 +347,10 @@ class GPT(nn.Module):
         where = StepIndex(positions=positions, rows=torch.arange(batch, device=ids.device)[:, None],
                           first=first, length=length,
                           same_position=first if first == last else None, bias=bias,
-                          native=native, bf16_prefill=bf16_prefill)
-        x = self.wte(ids) + self.wpe(positions)
+                          native=native, bf16_prefill=bf16_prefill,
+                          rotary=self._rotary(positions))
+        x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, LayerCache(state[f"k{layer}"], state[f"v{layer}"]), where)
-        logits = F.linear(_layer_norm(x[:, -1], self.ln_f), self.lm_head.weight)
+        logits = self._logits(_norm(x[:, -1], self.ln_f))
         return logits, {**state, "pos": pos + time}

@@ -1,0 +1,60 @@
+"""FastAPI dependencies: the API key check and the lookups routes need from app.state."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from service.errors import APIError
+from service.loader import ServedModel
+from service.metrics import Metrics
+from service.schemas import CompletionRequest, EmbeddingRequest
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def check_key(request: Request) -> None:
+    """401 unless the request carries the server's API key (when it has one)."""
+    api_key = request.app.state.settings.api_key
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    expected = api_key.get_secret_value()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise APIError(
+            401,
+            "missing or wrong API key (send 'Authorization: Bearer KEY')",
+            code="invalid_api_key",
+        )
+
+
+def find_model(request: Request, name: str | None) -> ServedModel:
+    """The served model called `name` (the first one when None); 404 naming `model`."""
+    models: dict[str, ServedModel] = request.app.state.models
+    if name is None:
+        return next(iter(models.values()))
+    if name not in models:
+        raise APIError(
+            404,
+            f"model {name!r} not found; served: {', '.join(models)}",
+            param="model",
+            code="model_not_found",
+        )
+    return models[name]
+
+
+def completion_model(body: CompletionRequest, request: Request) -> ServedModel:
+    return find_model(request, body.model)
+
+
+def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
+    return find_model(request, body.model)
