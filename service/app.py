@@ -55,7 +55,7 @@ def create_app(
     app.state.draining = False
     app.state.metrics = Metrics(
         lambda: {
-            name: (m.engine.num_running, m.engine.num_waiting)
+            name: (m.engine.num_running, m.engine.num_waiting, m.engine.nonfinite_rows)
             for name, m in app.state.models.items()
         }
     )

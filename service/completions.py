@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 from fastapi.responses import Response
 
-from lm.engine import EngineStopped, Output, QueueFull, Sequence
+from lm.engine import ENGINE_FAILURE, EngineStopped, Output, QueueFull, Sequence
 from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
 from lm.generate import encode_prompt
-from service.errors import APIError
+from service.errors import APIError, error_response
 from service.loader import ServedModel
 from service.metrics import Metrics
 from service.schemas import (
@@ -136,6 +136,9 @@ async def complete(job: Job, request: Request, metrics: Metrics) -> CompletionRe
         for seq in job.sequences:
             if not seq.finished:
                 seq.cancel()
+    failed = next((out.error for out in finals if out.error is not None), None)
+    if failed is not None:  # an engine failure is never a normal finish
+        return error_response(500, failed.message, type_="server_error", code=failed.code)
     choices = []
     for choice, text in enumerate(texts):
         prefix = job.prompts[choice // job.body.n] if job.body.echo else ""
@@ -171,14 +174,16 @@ async def stream(job: Job, metrics: Metrics) -> AsyncIterator[str]:
                     metrics.observe_gaps(job.served.name, (now - last_time[choice]) / tokens,
                                          tokens)
                 last_time[choice] = now
-                finish = _finish_reason(out) if out.finish_reason is not None else None
+                ended = out.finish_reason not in (None, "error")  # an error is no finish
+                finish = _finish_reason(out) if ended else None
                 if out.text or finish is not None:
                     chunks.append(_sse(job, choice, out.text, job.logprobs(out, offsets[choice]),
                                        finish))
                 offsets[choice] += len(out.text)
                 if out.finish_reason == "error":
-                    error = {"message": "generation failed on the server; see its log",
-                             "type": "server_error", "param": None, "code": None}
+                    failure = out.error or ENGINE_FAILURE
+                    error = {"message": failure.message, "type": "server_error",
+                             "param": None, "code": failure.code}
                     chunks.append(f"data: {json.dumps({'error': error})}\n\n")
                 if out.finish_reason is not None:
                     pending -= 1
