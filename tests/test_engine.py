@@ -675,3 +675,11 @@ def test_a_failing_step_fails_the_running_requests_saying_so(char_tokenizer, mon
     finally:
         engine.shutdown(timeout=0)
     assert [(o.finish_reason, o.error.code) for o in finals] == [("error", "engine_error")] * 2
+
+
+def test_huge_finite_logits_are_not_taken_for_nonfinite():
+    from lm.engine import _nonfinite_rows
+
+    logits = torch.full((2, 4), 3e38)  # each row's sum overflows to inf; every logit is finite
+    assert _nonfinite_rows(logits) == set()
+    assert torch.equal(logits, torch.full((2, 4), 3e38))
