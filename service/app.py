@@ -19,7 +19,7 @@ from lm.checkpoint import Checkpoint
 from service.errors import add_error_handlers
 from service.loader import load_checkpoints, start_engines
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit
+from service.middleware import BodySizeLimit, BodyTimeout
 from service.routes import completions, embeddings, health, metrics, models, playground
 from service.settings import Settings
 
@@ -67,6 +67,7 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout)
     add_error_handlers(app)
     for group in (health, metrics, models, completions, embeddings, playground):
         app.include_router(group.router)
@@ -102,6 +103,8 @@ def run(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout or None,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     return 0
 

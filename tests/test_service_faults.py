@@ -5,7 +5,15 @@ failure, and clients that stall in the middle of their request body."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -90,3 +98,137 @@ def test_nonfinite_logits_fail_that_request_only_and_are_counted(poisoned_server
     assert after['vllm:num_requests_running{model_name="tiny"}'] == 0
     health = httpx.get(f"{url}/health", timeout=10)
     assert health.status_code == 200  # one request's numbers are not the server's health
+
+
+# -- clients that stall mid-body, and the bound on connections -------------------------------
+
+
+@contextlib.contextmanager
+def lm_serve(checkpoint_dir: Path, *flags: str):
+    """A real `lm serve` subprocess on a free loopback port; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LM_API_KEY", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(checkpoint_dir),
+         "--port", str(port), "--torch-threads", "1", "--log-level", "error", *flags],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "lm serve did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.kill()
+        process.wait()
+
+
+BODY = b'{"model": "tiny", "prompt": "The king speaks of", "max_tokens": 5, "seed": 1}'
+
+
+def stall(url: str, count: int) -> list[socket.socket]:
+    """`count` connections that send their headers (with Content-Length) and half the body,
+    then nothing more."""
+    port = int(url.rsplit(":", 1)[1])
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n").encode()
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(head + BODY[: len(BODY) // 2])
+        sockets.append(sock)
+    return sockets
+
+
+def normal_requests(url: str, count: int = 5) -> list[tuple[int, float]]:
+    """(status, seconds) of `count` ordinary completions, one after another."""
+    results = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count):
+            start = time.monotonic()
+            response = client.post(f"{url}/v1/completions", content=BODY,
+                                   headers={"Content-Type": "application/json"})
+            results.append((response.status_code, time.monotonic() - start))
+    return results
+
+
+def read_until_closed(sockets: list[socket.socket], deadline: float) -> dict:
+    """What each socket receives until the server closes it (or the deadline passes)."""
+    received = {sock: b"" for sock in sockets}
+    closed_at: dict[socket.socket, float] = {}
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        while len(closed_at) < len(sockets) and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.5):
+                try:
+                    data = key.fileobj.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if data:
+                    received[key.fileobj] += data
+                else:
+                    closed_at[key.fileobj] = time.monotonic()
+                    selector.unregister(key.fileobj)
+    return {"received": received, "closed_at": closed_at}
+
+
+STALLED = 300
+BODY_TIMEOUT = 4.0
+
+
+def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoint_dir):
+    with lm_serve(tiny_checkpoint_dir, "--body-timeout", str(BODY_TIMEOUT),
+                  "--limit-concurrency", "400") as url:
+        assert normal_requests(url, 1)[0][0] == 200  # warm: first-request costs not counted
+        started = time.monotonic()
+        sockets = stall(url, STALLED)
+        try:
+            results = normal_requests(url)
+            assert [status for status, _ in results] == [200] * len(results)
+            assert max(seconds for _, seconds in results) < 2.0  # promptly, beside 300 stalled
+            if time.monotonic() - started < BODY_TIMEOUT - 0.5:  # still within their time:
+                with selectors.DefaultSelector() as selector:  # nothing sent to them yet
+                    for sock in sockets:
+                        selector.register(sock, selectors.EVENT_READ)
+                    assert selector.select(timeout=0) == []
+
+            seen = read_until_closed(sockets, started + BODY_TIMEOUT + 20)
+            assert len(seen["closed_at"]) == STALLED  # every stalled connection was closed
+            for data in seen["received"].values():
+                assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+                assert b'"code":"request_timeout"' in data
+                assert b"did not arrive within 4 seconds" in data
+            first, last = min(seen["closed_at"].values()), max(seen["closed_at"].values())
+            assert first - started >= BODY_TIMEOUT - 0.5  # not before their time
+            assert last - started < BODY_TIMEOUT + 15
+            assert normal_requests(url, 1)[0][0] == 200
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+def test_connections_beyond_the_limit_get_503_at_once(tiny_checkpoint_dir):
+    with lm_serve(tiny_checkpoint_dir, "--limit-concurrency", "40", "--body-timeout", "60") as url:
+        sockets = stall(url, 40)
+        try:
+            [(status, seconds)] = normal_requests(url, 1)
+            assert status == 503 and seconds < 2.0  # refused at once, not queued behind them
+        finally:
+            for sock in sockets:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while (status := normal_requests(url, 1)[0][0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 200  # the stalled clients gone, the server answers again
