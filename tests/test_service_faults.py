@@ -100,6 +100,28 @@ def test_nonfinite_logits_fail_that_request_only_and_are_counted(poisoned_server
     assert health.status_code == 200  # one request's numbers are not the server's health
 
 
+def test_an_engine_failure_is_a_500_or_an_error_event_never_a_normal_finish(
+        tiny_checkpoint_dir, launch):
+    checkpoint = load_checkpoint(tiny_checkpoint_dir)
+
+    def broken_step(*args):
+        raise RuntimeError("a bug in a model step")
+
+    checkpoint.model.step = broken_step
+    server = launch(create_app(Settings(checkpoints=[str(tiny_checkpoint_dir)]), [checkpoint]))
+    request = {"model": "tiny", "prompt": HEALTHY, "max_tokens": 5}
+    response = httpx.post(f"{server.url}/v1/completions", json=request, timeout=30)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "engine_error"
+    streamed = httpx.post(f"{server.url}/v1/completions", json={**request, "stream": True},
+                          timeout=30)
+    sent = events(streamed.text)
+    assert [e["error"]["code"] for e in sent if isinstance(e, dict) and "error" in e] == [
+        "engine_error"]
+    assert not [e for e in sent if isinstance(e, dict) and e.get("choices")
+                and e["choices"][0]["finish_reason"] is not None]
+
+
 # -- clients that stall mid-body, and the bound on connections -------------------------------
 
 
