@@ -20,6 +20,7 @@ from service.errors import add_error_handlers
 from service.loader import load_checkpoints, start_engines
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, BodyTimeout
+from service.protocol import with_header_timeout
 from service.routes import completions, embeddings, health, metrics, models, playground
 from service.settings import Settings
 
@@ -103,6 +104,7 @@ def run(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout or None,
+        http=with_header_timeout(settings.header_timeout),
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=settings.keep_alive_timeout,
     )

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     body_timeout: float = Field(
         30.0, gt=0, description="seconds a request body may take to arrive (408 after)"
     )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a new connection may take to send its request headers"
+    )
     limit_concurrency: int = Field(
         512,
         ge=1,

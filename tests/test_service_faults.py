@@ -172,6 +172,17 @@ def stall(url: str, count: int) -> list[socket.socket]:
     return sockets
 
 
+def stall_headers(url: str, count: int) -> list[socket.socket]:
+    """`count` connections that send half their request headers, then nothing more."""
+    port = int(url.rsplit(":", 1)[1])
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+        sockets.append(sock)
+    return sockets
+
+
 def normal_requests(url: str, count: int = 5) -> list[tuple[int, float]]:
     """(status, seconds) of `count` ordinary completions, one after another."""
     results = []
@@ -208,14 +219,17 @@ def read_until_closed(sockets: list[socket.socket], deadline: float) -> dict:
 
 STALLED = 300
 BODY_TIMEOUT = 4.0
+STALLED_HEADERS = 50
+HEADER_TIMEOUT = 2.0
 
 
 def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoint_dir):
     with lm_serve(tiny_checkpoint_dir, "--body-timeout", str(BODY_TIMEOUT),
-                  "--limit-concurrency", "400") as url:
+                  "--header-timeout", str(HEADER_TIMEOUT), "--limit-concurrency", "400") as url:
         assert normal_requests(url, 1)[0][0] == 200  # warm: first-request costs not counted
         started = time.monotonic()
         sockets = stall(url, STALLED)
+        slow_headers = stall_headers(url, STALLED_HEADERS)
         try:
             results = normal_requests(url)
             assert [status for status, _ in results] == [200] * len(results)
@@ -225,6 +239,11 @@ def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoi
                     for sock in sockets:
                         selector.register(sock, selectors.EVENT_READ)
                     assert selector.select(timeout=0) == []
+
+            headers_seen = read_until_closed(slow_headers, started + HEADER_TIMEOUT + 20)
+            assert len(headers_seen["closed_at"]) == STALLED_HEADERS  # closed without a word
+            assert set(headers_seen["received"].values()) == {b""}
+            assert min(headers_seen["closed_at"].values()) - started >= HEADER_TIMEOUT - 0.5
 
             seen = read_until_closed(sockets, started + BODY_TIMEOUT + 20)
             assert len(seen["closed_at"]) == STALLED  # every stalled connection was closed
@@ -237,7 +256,7 @@ def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoi
             assert last - started < BODY_TIMEOUT + 15
             assert normal_requests(url, 1)[0][0] == 200
         finally:
-            for sock in sockets:
+            for sock in sockets + slow_headers:
                 sock.close()
 
 

@@ -34,6 +34,7 @@ SAMPLES = {
                      "http://a.example,http://b.example",
                      ["http://a.example", "http://b.example"]),
     "body_timeout": ("1.5", "1.5", 1.5),
+    "header_timeout": ("2.5", "2.5", 2.5),
     "limit_concurrency": ("64", "64", 64),
     "keep_alive_timeout": ("9", "9", 9),
     "shutdown_timeout": ("2.5", "2.5", 2.5),
