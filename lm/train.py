@@ -48,6 +48,22 @@ MAX_NONFINITE_IN_A_ROW = 10  # --skip-nonfinite gives up after this many: the mo
 logger = logging.getLogger(__name__)
 
 
+def read_recipe(path: str | Path) -> dict:
+    """A recipe.toml as TrainConfig keys (dashes or underscores)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise LMError(f"--config {path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise LMError(f"--config {path}: not valid TOML ({exc})") from exc
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
 @dataclass
 class TrainConfig:
     corpus: list[str] = field(default_factory=list)

@@ -103,14 +103,14 @@ def test_checkpoints_lists_kind_size_and_loss(capsys):
 @pytest.mark.parametrize("name", shipped_checkpoints())
 def test_recipe_and_config_name_the_corpus_portably(name, shakespeare_path):
     """The config records file names (plus the hash), the recipe a path relative to itself."""
-    from lm.cli import _load_toml
+    from lm.train import read_recipe
 
     directory = shipped_dir() / name
     training = read_config(directory)["training"]
     recorded = training["corpus"]
     assert all("/" not in c and "\\" not in c for c in recorded), recorded
     assert training["settings"]["corpus"] == recorded
-    recipe = _load_toml(str(directory / "recipe.toml"))
+    recipe = read_recipe(directory / "recipe.toml")
     corpus = [(directory / c).resolve() for c in recipe["corpus"]]
     assert [c.name for c in corpus] == recorded
     if name in SHAKESPEARE:  # ships in the repository's data/; fewshot ones are generated

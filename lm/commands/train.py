@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from lm.commands._args import positive_int
-from lm.errors import LMError
 from lm.models import MODELS
 from lm.tokenizers import TOKENIZERS
 
@@ -83,9 +82,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from lm.train import TrainConfig, run_training
+    from lm.train import TrainConfig, read_recipe, run_training
 
-    settings = _load_toml(args.config) if args.config else {}
+    settings = read_recipe(args.config) if args.config else {}
     if "corpus" in settings and args.config:  # recipe paths are relative to the recipe
         base = Path(args.config).parent
         corpus = (
@@ -105,21 +104,6 @@ def run(args) -> int:
             f"saved in {config.out}"
         )
     return 0
-
-
-def _load_toml(path: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise LMError(f"--config {path}: no such file") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise LMError(f"--config {path}: not valid TOML ({exc})") from exc
-    return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def _relative_to(base: Path, value: str) -> Path:
