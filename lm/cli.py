@@ -12,6 +12,7 @@ import sys
 from lm.commands import (
     check,
     checkpoints,
+    export,
     fewshot_eval,
     generate,
     loadtest,
@@ -34,6 +35,7 @@ COMMANDS = (
     make_tasks,
     fewshot_eval,
     neighbors,
+    export,
 )
 
 

@@ -46,10 +46,12 @@ class Tokenizer(Protocol):
 
 
 class VocabTokenizer:
-    """A fixed list of string tokens, id 0 for `<unk>`, saved as the project's own JSON.
+    """A fixed list of string tokens, id 0 for `<unk>`, saved as a Hugging Face tokenizer.json.
 
     Owns the vocabulary plumbing (id <-> token maps, save, load); a variant says only how
-    text splits into tokens (`split`), how tokens join back (`decode`) and how it trains.
+    text splits into tokens (`split`), how tokens join back (`decode`), how it trains, and
+    the `tokenizers` pre-tokenizer and decoder that split and join the same way, so the
+    saved file is a WordLevel tokenizer that `tokenizers.Tokenizer.from_file` loads.
     """
 
     kind: str
@@ -60,7 +62,18 @@ class VocabTokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> VocabTokenizer:
-        return cls(list(_read_json(directory, cls.kind)["vocab"]))
+        path = directory / TOKENIZER_FILE
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if "kind" in data:  # the project's own JSON, written before issue 15
+            return cls(list(_read_json(directory, cls.kind)["vocab"]))
+        kind = _hf_kind(data)
+        if kind != cls.kind:
+            raise LMError(f"{path}: holds a {kind!r} tokenizer, config says {cls.kind!r}")
+        vocab = data["model"]["vocab"]
+        itos = sorted(vocab, key=vocab.__getitem__)
+        if [vocab[token] for token in itos] != list(range(len(itos))) or itos[:1] != [UNK]:
+            raise LMError(f"{path}: vocabulary ids are not 0..{len(itos) - 1} with {UNK} at 0")
+        return cls(itos[1:])
 
     @property
     def vocab_size(self) -> int:
@@ -68,6 +81,11 @@ class VocabTokenizer:
 
     def split(self, text: str) -> Iterable[str]:
         """The tokens of `text`, before they become ids."""
+        raise NotImplementedError
+
+    @staticmethod
+    def hf_pipeline() -> tuple:
+        """The `tokenizers` (pre_tokenizer, decoder) that split and join as `split`/`decode`."""
         raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
@@ -80,8 +98,17 @@ class VocabTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.stoi.get(token)
 
+    def to_hf(self):
+        """This tokenizer as a Hugging Face `tokenizers.Tokenizer` (WordLevel) with the same ids."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models
+
+        hf = HFTokenizer(models.WordLevel(self.stoi, unk_token=UNK))
+        hf.pre_tokenizer, hf.decoder = self.hf_pipeline()
+        return hf
+
     def save(self, directory: Path) -> None:
-        _write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab": self.itos[1:]})
+        self.to_hf().save(str(directory / TOKENIZER_FILE))
 
 
 class CharTokenizer(VocabTokenizer):
@@ -96,6 +123,14 @@ class CharTokenizer(VocabTokenizer):
 
     def split(self, text: str) -> str:
         return text  # a string iterates over its characters
+
+    @staticmethod
+    def hf_pipeline() -> tuple:
+        from tokenizers import Regex, decoders, pre_tokenizers
+
+        every_character = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        # <unk> decodes to nothing, as in `decode`; no other token holds "<unk>"
+        return every_character, decoders.Sequence([decoders.Replace(UNK, ""), decoders.Fuse()])
 
     def decode(self, ids: Iterable[int]) -> str:
         itos = self.itos
@@ -122,6 +157,22 @@ class WordTokenizer(VocabTokenizer):
 
     def split(self, text: str) -> list[str]:
         return _WORD_RE.findall(text)
+
+    @staticmethod
+    def hf_pipeline() -> tuple:
+        from tokenizers import Regex, decoders, pre_tokenizers
+
+        # invert + removed: keep exactly the regex's matches, as `findall` does
+        words = pre_tokenizers.Split(Regex(_WORD_RE.pattern), behavior="removed", invert=True)
+        # Join with spaces (WordPiece puts one before every token but the first: no token
+        # starts with "##"), then drop the spaces `decode` does not put: around newlines,
+        # before closing and after opening marks. Tokens hold no spaces, so every space
+        # there is a join.
+        joins = [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
+                 decoders.Replace(" \n", "\n"), decoders.Replace("\n ", "\n")]
+        joins += [decoders.Replace(" " + mark, mark) for mark in sorted(_NO_SPACE_BEFORE)]
+        joins += [decoders.Replace(mark + " ", mark) for mark in sorted(_NO_SPACE_AFTER)]
+        return words, decoders.Sequence(joins)
 
     def decode(self, ids: Iterable[int]) -> str:
         out: list[str] = []
@@ -169,7 +220,11 @@ class BPETokenizer:
     def load(cls, directory: Path) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)))
+        path = directory / TOKENIZER_FILE
+        kind = _hf_kind(json.loads(path.read_text(encoding="utf-8")))
+        if kind != cls.kind:
+            raise LMError(f"{path}: holds a {kind!r} tokenizer, config says {cls.kind!r}")
+        return cls(HFTokenizer.from_file(str(path)))
 
     @property
     def vocab_size(self) -> int:
@@ -341,6 +396,16 @@ def _read_json(directory: Path, kind: str) -> dict:
     if data.get("kind") != kind:
         raise LMError(f"{path}: holds a {data.get('kind')!r} tokenizer, config says {kind!r}")
     return data
+
+
+def _hf_kind(data: dict) -> str:
+    """Which tokenizer kind a Hugging Face tokenizer.json holds ("char", "word", "bpe", ...)."""
+    model = data.get("model") or {}
+    if model.get("type") == "WordLevel":
+        for cls in (CharTokenizer, WordTokenizer):
+            if data.get("pre_tokenizer") == json.loads(cls([]).to_hf().to_str())["pre_tokenizer"]:
+                return cls.kind
+    return str(model.get("type", "unknown")).lower()
 
 
 def _write_json(path: Path, data) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lm.checkpoint import read_config, shipped_checkpoints, shipped_dir
 from lm.errors import LMError
+from lm.tasks import make_corpus as make_tasks_corpus
 from lm.tokenizers import (
     KINDS,
     TOKENIZERS,
@@ -76,9 +80,12 @@ def test_unknown_kind_is_an_error_naming_the_choices(kind, corpus_text, tmp_path
             call()
 
 
-@pytest.mark.parametrize("name", [n for n in shipped_checkpoints()
-                                  if read_config(shipped_dir() / n)["tokenizer"]["kind"]
-                                  in ("char", "word")])
+VOCAB_CHECKPOINTS = [n for n in shipped_checkpoints()
+                     if read_config(shipped_dir() / n)["tokenizer"]["kind"] in ("char", "word")]
+LEGACY = Path(__file__).parent / "data" / "legacy_tokenizers"  # the files before issue 15
+
+
+@pytest.mark.parametrize("name", VOCAB_CHECKPOINTS)
 def test_shipped_vocabulary_saves_back_byte_identical(name, tmp_path):
     directory = shipped_dir() / name
     kind = read_config(directory)["tokenizer"]["kind"]
@@ -88,6 +95,63 @@ def test_shipped_vocabulary_saves_back_byte_identical(name, tmp_path):
     assert saved == (directory / "tokenizer.json").read_bytes()
     assert tokenizer.decode(tokenizer.encode(SAMPLE)) == load_tokenizer(tmp_path, kind).decode(
         load_tokenizer(tmp_path, kind).encode(SAMPLE))
+
+
+@pytest.mark.parametrize("name", VOCAB_CHECKPOINTS)
+def test_shipped_vocabulary_rewritten_as_hf_encodes_as_before(name, shakespeare_path, tmp_path):
+    """The shipped tokenizer.json (now a `tokenizers` file) has the ids of the old own-format
+    file, which still loads."""
+    directory = shipped_dir() / name
+    kind = read_config(directory)["tokenizer"]["kind"]
+    assert "kind" not in json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer.json").write_bytes((LEGACY / f"{name}.json").read_bytes())
+    before, now = load_tokenizer(tmp_path, kind), load_tokenizer(directory, kind)
+    assert now.itos == before.itos
+    text = shakespeare_path.read_text(encoding="utf-8")[:200_000] + make_tasks_corpus(300)
+    assert now.encode(text) == before.encode(text)
+    assert now.decode(now.encode(text)) == before.decode(before.encode(text))
+
+
+@pytest.fixture(scope="module")
+def shipped_corpora(corpus_text) -> dict[str, str]:
+    """Every corpus a shipped char/word checkpoint was trained on (few-shot: a sample), by name."""
+    shakespeare = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+    return {"tinyshakespeare": shakespeare.read_text(encoding="utf-8"),
+            "fewshot-tasks": make_tasks_corpus(2000, seed=1234), "synthetic": corpus_text}
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+@pytest.mark.parametrize("corpus", ["tinyshakespeare", "fewshot-tasks", "synthetic"])
+def test_vocabulary_file_is_a_hf_tokenizer_that_encodes_as_ours(kind, corpus, shipped_corpora,
+                                                                 tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = shipped_corpora[corpus]
+    tokenizer = train_tokenizer(kind, text[: len(text) // 2], vocab_size=3000)  # some <unk>
+    tokenizer.save(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ids = tokenizer.encode(text)
+    assert hf.encode(text, add_special_tokens=False).ids == ids
+    assert hf.get_vocab_size() == tokenizer.vocab_size
+    assert hf.decode(ids) == tokenizer.decode(ids)
+    assert hf.decode(ids[:500]) == tokenizer.decode(ids[:500])
+
+
+@pytest.mark.parametrize("name", VOCAB_CHECKPOINTS)
+def test_shipped_vocabulary_loads_in_hf_tokenizers(name, shakespeare_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    directory = shipped_dir() / name
+    tokenizer = load_tokenizer(directory, read_config(directory)["tokenizer"]["kind"])
+    hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    text = shakespeare_path.read_text(encoding="utf-8") + make_tasks_corpus(300)
+    assert hf.encode(text, add_special_tokens=False).ids == tokenizer.encode(text)
+
+
+def test_bpe_refuses_a_vocabulary_file(corpus_text, tmp_path):
+    WordTokenizer.train(corpus_text).save(tmp_path)
+    with pytest.raises(LMError, match="holds a 'word' tokenizer, config says 'bpe'"):
+        load_tokenizer(tmp_path, "bpe")
 
 
 # -- char ---------------------------------------------------------------------------------
