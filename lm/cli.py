@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from lm.commands import (
+    check,
     checkpoints,
     export,
     fewshot_eval,
@@ -28,6 +29,7 @@ COMMANDS = (
     eval_,
     generate,
     checkpoints,
+    check,
     serve,
     loadtest,
     make_tasks,

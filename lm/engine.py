@@ -37,6 +37,17 @@ PREFILL_TOKENS = 4096
 
 
 @dataclass
+class Failure:
+    """Why a sequence ended with finish_reason "error": a message for the client and a code."""
+
+    message: str
+    code: str
+
+
+ENGINE_FAILURE = Failure("generation failed on the server; see its log", "engine_error")
+
+
+@dataclass
 class Output:
     """What a sequence produced since its last output (all of it when not streaming)."""
 
@@ -50,6 +61,7 @@ class Output:
     # token, None for the first (nothing predicts it).
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    error: Failure | None = None  # on the last output, when finish_reason is "error"
 
 
 class QueueFull(LMError):
@@ -85,6 +97,7 @@ class Sequence:
         self.sent_chars = 0  # how much of it has been handed out
         self.sent_tokens = 0
         self.finish_reason: str | None = None
+        self.error: Failure | None = None
         self.cancelled = False
         self.cached = 0  # tokens held in the model state
         self.submitted_at = time.perf_counter()
@@ -141,6 +154,11 @@ class Sequence:
         self.finish_reason = reason
         return self._output(len(self.text), now)
 
+    def fail(self, error: Failure, now: float) -> Output:
+        """End with finish_reason "error" and say why."""
+        self.error = error
+        return self.finish("error", now)
+
     def _output(self, upto: int, now: float) -> Output:
         text = self.text[self.sent_chars : upto]
         tokens = self.generated[self.sent_tokens :]
@@ -163,7 +181,8 @@ class Sequence:
                 "completion_tokens": len(self.generated),
             }
         return Output(text, tokens, logprobs, self.finish_reason, top_logprobs=top, timings=timings,
-                      prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top)
+                      prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top,
+                      error=self.error)
 
 
 class Engine:
@@ -208,6 +227,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop_thread = False
         self.steps = 0
+        self.nonfinite_rows = 0  # sequences failed for non-finite logits (a metric)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -366,6 +386,8 @@ class Engine:
         view = {name: tensor[:n] for name, tensor in self.state.items()}
         logits, new_state = self.model.step(ids, view)
         _write_back(view, new_state)
+        broken = _nonfinite_rows(logits)
+        self.nonfinite_rows += len(broken)
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
         tokens = sample(logits, self.sampling.batch(n, uniform))
         self.sampling.record(tokens)
@@ -380,6 +402,10 @@ class Engine:
         finished = []
         for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
             seq.cached += 1
+            if broken and row in broken:  # this row only: the others carry on
+                events.append((seq, seq.fail(_nonfinite_failure(len(seq.generated) + 1), now)))
+                finished.append(row)
+                continue
             if chosen is not None and seq.params.logprobs is not None:
                 out = seq.add_token(token, chosen[row], top[row][: seq.params.logprobs], now)
             else:
@@ -465,7 +491,7 @@ class Engine:
 
     def _fail_running(self) -> None:
         now = time.perf_counter()
-        events = [(seq, seq.finish("error", now)) for seq in self.active]
+        events = [(seq, seq.fail(ENGINE_FAILURE, now)) for seq in self.active]
         self.active.clear()
         self._deliver(events)
 
@@ -491,6 +517,31 @@ class Engine:
                 self._lock.notify_all()
             self._thread.join(timeout=5.0)
             self._thread = None
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> set[int]:
+    """Rows of a step's `logits[B, V]` holding a NaN or an infinity. Those rows are zeroed
+    in place, so that sampling the batch stays defined; their tokens are discarded.
+
+    One vectorised pass per step: a row sum (NaN and inf propagate into it; 25x cheaper
+    than `isfinite` on every logit for a 50k vocabulary), and the exact per-logit test only
+    when some sum is not finite (huge finite logits may also overflow a sum)."""
+    if bool(torch.isfinite(logits.sum(dim=-1)).all()):
+        return set()
+    broken = ~torch.isfinite(logits).all(dim=-1)
+    if not bool(broken.any()):
+        return set()
+    logits.masked_fill_(broken[:, None], 0.0)
+    return set(broken.nonzero().flatten().tolist())
+
+
+def _nonfinite_failure(position: int) -> Failure:
+    return Failure(
+        f"the model's output is not finite (NaN or infinite logits) at generated token "
+        f"{position}, so this request cannot go on; the model's weights or this prompt's "
+        "state are numerically broken (`lm check` validates a checkpoint's weights)",
+        "nonfinite_logits",
+    )
 
 
 def _write_back(view: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor]) -> None:

@@ -46,9 +46,11 @@ class Generator:
             while not seq.finished:
                 self.engine.step()
                 while pieces:
-                    text = pieces.pop(0).text
-                    if text:
-                        yield text
+                    out = pieces.pop(0)
+                    if out.text:
+                        yield out.text
+                    if out.error is not None:
+                        raise LMError(out.error.message)
         finally:
             seq.cancel()
             self.engine.run_until_idle()
@@ -65,6 +67,9 @@ class Generator:
                 sample_params = SamplingParams(**{**params.__dict__, "seed": seed})
                 jobs.append((index, ids, self.engine.submit(ids, sample_params)))
         self.engine.run_until_idle()
+        for _, _, seq in jobs:
+            if seq.error is not None:
+                raise LMError(seq.error.message)
         results = []
         for index, ids, seq in jobs:
             results.append(Completion(

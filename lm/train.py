@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from lm.checkpoint import (
     CONFIG_FILE,
     TRAIN_STATE_FILE,
+    DiskFull,
     atomic_torch_save,
+    is_disk_full,
     load_train_state,
     save_checkpoint,
 )
@@ -45,6 +47,7 @@ from lm.tokenizers import Tokenizer, load_tokenizer, tokenizer_class, train_toke
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+MAX_NONFINITE_IN_A_ROW = 10  # --skip-nonfinite gives up after this many: the model is broken
 logger = logging.getLogger(__name__)
 
 
@@ -114,6 +117,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     resume: bool = False
+    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -261,6 +265,7 @@ class Trainer:
         self.elapsed = 0.0  # training and evaluation time, across resumes
         self.eval_seconds = 0.0  # evaluation time in this process
         self.history: list[dict] = []
+        self.nonfinite_in_a_row = 0
         if resuming:
             self._restore(load_train_state(self.out / TRAIN_STATE_FILE))
 
@@ -416,6 +421,10 @@ class Trainer:
             with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 x, y, restart = self._batch()
                 loss = self._loss(x.to(self.device), y.to(self.device), restart) / steps
+                if not self._finite(loss):  # stops the run, or (--skip-nonfinite) the step
+                    for optimizer in self.optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    return loss.detach() * steps
                 loss.backward()
             total += loss.detach()
         if self.world_size > 1:  # every rank logs (and stops on) the global batch's loss
@@ -438,6 +447,31 @@ class Trainer:
                 logits, new_state = self.ddp_model(x, state, return_state=True)
                 self.rnn_state = {k: v.detach() for k, v in new_state.items()}
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite (on every rank). If not, stop the run before the
+        update (the saved checkpoint stays the last good one), or with --skip-nonfinite skip
+        the batch, up to MAX_NONFINITE_IN_A_ROW in a row."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world_size > 1:  # every rank must take the same branch
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
+            self.nonfinite_in_a_row = 0
+            return True
+        step, value = self.step + 1, loss.item()
+        self.nonfinite_in_a_row += 1
+        kept = (f"the checkpoint in {self.out} (best at step {self.best_step}) is kept"
+                if self.best_step >= 0 else "no checkpoint was saved yet")
+        if not self.config.skip_nonfinite:
+            raise LMError(f"training stopped: the loss is {value} at step {step}; {kept}. "
+                          "Lower --lr or --grad-clip and --resume, or pass --skip-nonfinite")
+        if self.nonfinite_in_a_row > MAX_NONFINITE_IN_A_ROW:
+            raise LMError(f"training stopped: the loss was not finite for "
+                          f"{self.nonfinite_in_a_row} steps in a row (up to step {step}); {kept}")
+        logger.warning("step %d: the loss is %s; batch skipped (--skip-nonfinite)", step, value)
+        return False
 
     def _time_spent(self) -> bool:
         """Whether the `max_time` budget is used up; under DDP every rank takes rank 0's
@@ -599,9 +633,14 @@ class Trainer:
         ax.legend()
         fig.tight_layout()
         tmp = self.out / (PLOT_FILE + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.out / PLOT_FILE)
+        try:
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, self.out / PLOT_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            plt.close(fig)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -616,8 +655,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -643,7 +686,23 @@ def process_group(config: TrainConfig) -> Iterator[None]:
 
 def run_training(config: TrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
     """Train, under torchrun if WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); `stop_at` stops
-    early, as an interruption would (for tests of resume)."""
+    early, as an interruption would (for tests of resume). A full disk stops the run with one
+    LMError (the last complete checkpoint stays resumable)."""
+    try:
+        return _run_training(config, progress, stop_at)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        error = exc if isinstance(exc, DiskFull) else DiskFull(Path(config.out))
+        if (Path(config.out) / TRAIN_STATE_FILE).is_file():
+            advice = (f"the last complete checkpoint in {config.out} is kept: free some space, "
+                      "then continue with --resume")
+        else:
+            advice = "nothing resumable was saved yet: free some space, then start again"
+        raise LMError(f"{error}; {advice}") from exc
+
+
+def _run_training(config: TrainConfig, progress: bool, stop_at: int | None) -> dict:
     with process_group(config):
         trainer = Trainer(config, progress=progress)
         summary = trainer.train(stop_at)

@@ -19,7 +19,8 @@ from lm.checkpoint import Checkpoint
 from service.errors import add_error_handlers
 from service.loader import load_checkpoints, start_engines
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestId
+from service.middleware import BodySizeLimit, BodyTimeout, RequestId
+from service.protocol import with_header_timeout
 from service.routes import (
     chat,
     completions,
@@ -64,7 +65,7 @@ def create_app(
     app.state.draining = False
     app.state.metrics = Metrics(
         lambda: {
-            name: (m.engine.num_running, m.engine.num_waiting)
+            name: (m.engine.num_running, m.engine.num_waiting, m.engine.nonfinite_rows)
             for name, m in app.state.models.items()
         }
     )
@@ -76,6 +77,7 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout)
     app.add_middleware(RequestId)  # outermost: every response carries the id, errors too
     add_error_handlers(app)
     for group in (health, metrics, models, completions, chat, tokenize, embeddings, playground):
@@ -112,6 +114,9 @@ def run(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout or None,
+        http=with_header_timeout(settings.header_timeout),
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     draining_server(config).run()
     return 0

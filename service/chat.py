@@ -95,7 +95,7 @@ async def stream(job: Job, body: ChatRequest, metrics: Metrics) -> AsyncIterator
         chunks = []
         for choice, out in batch:
             if out.finish_reason == "error":
-                chunks.append(f"data: {json.dumps(jobs.error_event())}\n\n")
+                chunks.append(f"data: {json.dumps(jobs.error_event(out))}\n\n")
                 continue
             if out.text or (out.logprobs and out.token_ids):
                 logprobs = _logprobs(job, choice, out)

@@ -204,7 +204,7 @@ async def stream(job: Job, body: CompletionRequest, prompts: list[str],
                 offsets[choice] = len(prefix)
                 chunks.append(_sse(job, choice, prefix, logprobs, None))
             if out.finish_reason == "error":
-                chunks.append(f"data: {json.dumps(jobs.error_event())}\n\n")
+                chunks.append(f"data: {json.dumps(jobs.error_event(out))}\n\n")
                 continue
             finish = jobs.finish_reason(out) if out.finish_reason is not None else None
             if out.text or finish is not None or (out.logprobs and out.token_ids):

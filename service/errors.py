@@ -80,10 +80,15 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
-            exc.status_code
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            408: "request_timeout",
+            413: "request_too_large",
+        }.get(exc.status_code)
+        return error_response(
+            exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None)
         )
-        return error_response(exc.status_code, str(exc.detail), code=code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # a bug: never leak a traceback

@@ -14,14 +14,12 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from lm.engine import EngineStopped, Output, QueueFull, Sequence
+from lm.engine import ENGINE_FAILURE, EngineStopped, Output, QueueFull, Sequence
 from lm.sampling import SamplingParams
 from lm.tokenizers import IncrementalDecoder, Tokenizer
 from service.errors import APIError
 from service.loader import ServedModel
 from service.metrics import Metrics
-
-ENGINE_FAILED = "generation failed on the server; see its log"
 
 
 class ClientGone(Exception):
@@ -122,8 +120,9 @@ async def collect(job: Job, request: Request, metrics: Metrics) -> list[Output]:
                 pending -= 1
                 observe(job, out, streamed=False, metrics=metrics)
                 if out.finish_reason == "error":
-                    raise APIError(500, ENGINE_FAILED, type_="server_error",
-                                   code="engine_error")
+                    failure = out.error or ENGINE_FAILURE
+                    raise APIError(500, failure.message, type_="server_error",
+                                   code=failure.code)
     finally:
         disconnect.cancel()
         job.cancel_unfinished()
@@ -155,9 +154,11 @@ async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Ou
         job.cancel_unfinished()
 
 
-def error_event() -> dict:
-    return {"error": {"message": ENGINE_FAILED, "type": "server_error", "param": None,
-                      "code": "engine_error"}}
+def error_event(out: Output) -> dict:
+    """The SSE event that ends a stream whose sequence failed (never a normal finish)."""
+    failure = out.error or ENGINE_FAILURE
+    return {"error": {"message": failure.message, "type": "server_error", "param": None,
+                      "code": failure.code}}
 
 
 def finish_reason(out: Output) -> str:

@@ -10,14 +10,16 @@ from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LABELS = ["model_name"]
 
 
 class Metrics:
-    def __init__(self, engine_counts: Callable[[], dict[str, tuple[int, int]]]):
+    def __init__(self, engine_counts: Callable[[], dict[str, tuple[int, int, int]]]):
+        """`engine_counts`: per model, its engine's running, waiting and non-finite-logits
+        counts, read at every scrape."""
         self.registry = CollectorRegistry()
 
         def histogram(name: str, doc: str) -> Histogram:
@@ -83,9 +85,10 @@ class Metrics:
 
 
 class _EngineGauges:
-    """Running and waiting requests per model, read from the engines at scrape time."""
+    """Running and waiting requests per model, and sequences failed for non-finite logits,
+    read from the engines at scrape time."""
 
-    def __init__(self, counts: Callable[[], dict[str, tuple[int, int]]]):
+    def __init__(self, counts: Callable[[], dict[str, tuple[int, int, int]]]):
         self.counts = counts
 
     def collect(self):
@@ -95,8 +98,15 @@ class _EngineGauges:
         waiting = GaugeMetricFamily(
             "vllm:num_requests_waiting", "Requests waiting for a batch slot", labels=_LABELS
         )
-        for model, (n_running, n_waiting) in self.counts().items():
+        nonfinite = CounterMetricFamily(
+            "lm:nonfinite_logits",
+            "Sequences failed because the model's logits held NaN or inf",
+            labels=_LABELS,
+        )
+        for model, (n_running, n_waiting, n_nonfinite) in self.counts().items():
             running.add_metric([model], n_running)
             waiting.add_metric([model], n_waiting)
+            nonfinite.add_metric([model], n_nonfinite)
         yield running
         yield waiting
+        yield nonfinite

@@ -1,7 +1,9 @@
-"""ASGI middleware of the app's own: request ids and the request body size limit."""
+"""ASGI middleware of the app's own: request ids, the request body size limit and the body
+timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -96,3 +98,50 @@ class BodySizeLimit:
 class _BodyTooLarge(StarletteHTTPException):
     """An HTTPException, so that FastAPI's body parsing re-raises it as it is (it turns any
     other exception raised while reading the body into a 400)."""
+
+
+class BodyTimeout:
+    """Answer 408 (and close the connection) when a request body has not fully arrived
+    `seconds` after the request began: a client that stalls mid-body holds nothing longer.
+
+    Only the body is timed; once it is complete, waiting on `receive` (for a disconnect,
+    while a long generation runs) is as patient as the client."""
+
+    def __init__(self, app, seconds: float):
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        body_done = False
+
+        async def timed_receive():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise _BodyTimedOut(
+                    408,
+                    f"the request body did not arrive within {self.seconds:g} seconds",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        try:
+            await self.app(scope, timed_receive, send)
+        except _BodyTimedOut as exc:  # raised outside FastAPI's handlers (not seen so far)
+            response = error_response(
+                408, str(exc.detail), code="request_timeout", headers=exc.headers
+            )
+            await response(scope, receive, send)
+
+
+class _BodyTimedOut(StarletteHTTPException):
+    """An HTTPException for the same reason as `_BodyTooLarge`."""

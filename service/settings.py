@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         4, ge=0, le=MAX_STOP_SEQUENCES, description="most stop sequences per request"
     )
     max_stop_chars: int = Field(64, ge=1, description="most characters per stop sequence")
+    # What one client may hold: a stalled body is cut, connections are bounded.
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request body may take to arrive (408 after)"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a new connection may take to send its request headers"
+    )
+    limit_concurrency: int = Field(
+        512,
+        ge=1,
+        description="most open connections (or running requests) before new requests get 503",
+    )
+    keep_alive_timeout: int = Field(
+        5, ge=1, description="seconds an idle keep-alive connection is kept open"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         json_schema_extra={"flag": "cors-origin"},

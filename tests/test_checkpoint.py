@@ -188,3 +188,77 @@ def test_resume_refuses_a_pickle_payload(corpus_path, tmp_path):
     with pytest.raises(LMError, match=f"{TRAIN_STATE_FILE}: cannot be read safely"):
         Trainer(TrainConfig(**settings, resume=True), progress=False)
     assert not marker.exists()
+
+
+# -- validation of the weights against config.json ----------------------------------------
+
+
+def _edit_weights(directory: Path, edit) -> None:
+    """Rewrite model.safetensors with `edit(tensors)` applied (a real file, as a tool would)."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def _poison(name: str, value: float):
+    def edit(tensors):
+        tensors[name].view(-1)[5] = value
+
+    return edit
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_weight_is_refused_naming_file_and_tensor(saved, value):
+    _edit_weights(saved, _poison("blocks.0.mlp.c_fc.weight", value))
+    with pytest.raises(LMError) as info:
+        load_checkpoint(saved)
+    message = str(info.value)
+    assert message.startswith(str(saved / "model.safetensors"))
+    assert "'blocks.0.mlp.c_fc.weight' holds 1 non-finite value" in message
+    assert f"({value} at [0, 5])" in message
+    assert "\n" not in message
+
+
+def test_every_non_finite_value_is_counted(saved):
+    _edit_weights(saved, lambda t: t["lm_head.weight"].fill_(float("nan")))
+    with pytest.raises(LMError, match=r"'lm_head.weight' holds \d{3,} non-finite values"):
+        load_checkpoint(saved)
+
+
+WEIGHT_DAMAGES = {
+    "extra tensor": (lambda t: t.update(extra=torch.zeros(3)),
+                     "does not match config.json: unexpected tensor 'extra'"),
+    "missing tensor": (lambda t: t.pop("blocks.1.ln_2.weight"),
+                       "does not match config.json: missing tensor 'blocks.1.ln_2.weight'"),
+    "missing tied tensor": (lambda t: t.pop("lm_head.weight"),  # tied to wte.weight: one copy
+                            r"missing tensor '(lm_head|wte)\.weight'"),
+    "one shape wrong": (
+        lambda t: t.update({"blocks.0.attn.c_proj.weight": torch.zeros(16, 15)}),
+        r"tensor 'blocks.0.attn.c_proj.weight' has shape \[16, 15\], the model built from "
+        r"config.json has \[16, 16\]",
+    ),
+    "integer weights": (
+        lambda t: t.update({"blocks.0.ln_1.weight": torch.ones(16, dtype=torch.int32)}),
+        "tensor 'blocks.0.ln_1.weight' has dtype int32, expected float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", WEIGHT_DAMAGES, ids=list(WEIGHT_DAMAGES))
+def test_weights_that_do_not_fit_the_config_are_refused(saved, damage):
+    edit, message = WEIGHT_DAMAGES[damage]
+    _edit_weights(saved, edit)
+    with pytest.raises(LMError, match=message):
+        load_checkpoint(saved)
+
+
+def test_half_precision_weights_are_accepted_and_cast(saved):
+    before = load_checkpoint(saved).model.state_dict()
+    _edit_weights(saved, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    after = load_checkpoint(saved).model.state_dict()
+    for name, tensor in after.items():
+        assert tensor.dtype == torch.float32
+        assert torch.allclose(tensor, before[name], rtol=1e-2, atol=1e-2)

@@ -609,3 +609,91 @@ def test_penalties_and_bias_change_only_their_own_rows(gpt, char_tokenizer):
     repeated = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0,
                        frequency_penalty=2.0)
     assert repeated.generated != plain.generated
+
+
+# -- non-finite logits ---------------------------------------------------------------------
+
+
+def poison(model: torch.nn.Module, token: int) -> torch.nn.Module:
+    """`model` with the input embedding of `token` set to NaN (the output layer untied and
+    kept finite): every sequence whose prompt holds `token` gets NaN logits, no other."""
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.wte.weight.detach().clone())
+        model.wte.weight[token] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_nonfinite_logits_fail_only_their_request(kind, stream, char_tokenizer):
+    token = char_tokenizer.encode("?")[0]
+    clean = tiny_model(kind, char_tokenizer.vocab_size)
+    poisoned = poison(tiny_model(kind, char_tokenizer.vocab_size), token)
+    requests = [("The king speaks of ", dict(max_new_tokens=30, temperature=0.0)),
+                ("Who goes there? ", dict(max_new_tokens=30, seed=3)),
+                ("A young poet", dict(max_new_tokens=25, temperature=0.8, seed=5)),
+                ("We defend", dict(max_new_tokens=20, top_k=5, seed=7))]
+    expected = [run_one(clean, char_tokenizer, p, **kw).generated for p, kw in requests]
+
+    engine = Engine(poisoned, char_tokenizer, max_batch=4)
+    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw), stream=stream)
+            for p, kw in requests]
+    engine.run_until_idle()
+
+    bad = seqs[1]
+    assert bad.finish_reason == "error" and bad.generated == []
+    assert bad.outputs[-1].finish_reason == "error"
+    assert bad.outputs[-1].error.code == "nonfinite_logits"
+    assert "not finite (NaN or infinite logits) at generated token 1" in bad.error.message
+    assert engine.nonfinite_rows == 1
+    for seq, want in zip([seqs[0], *seqs[2:]], [expected[0], *expected[2:]]):
+        assert seq.finish_reason == "length" and seq.error is None
+        assert seq.generated == want  # the healthy rows are untouched by their neighbour
+
+
+def test_nonfinite_check_is_one_vectorised_pass(gpt, char_tokenizer):
+    """Finite logits are left as they are; broken rows are named and zeroed in place."""
+    from lm.engine import _nonfinite_rows
+
+    logits = torch.randn(5, 7)
+    assert _nonfinite_rows(logits.clone()) == set()
+    logits[1, 3], logits[4, 0] = float("nan"), float("-inf")
+    before = logits.clone()
+    assert _nonfinite_rows(logits) == {1, 4}
+    assert torch.equal(logits[[0, 2, 3]], before[[0, 2, 3]])
+    assert not logits[[1, 4]].any()
+
+
+def test_a_failing_step_fails_the_running_requests_saying_so(char_tokenizer, monkeypatch):
+    model = tiny_model("gpt", char_tokenizer.vocab_size)
+
+    def broken_step(*args):
+        raise RuntimeError("a bug in a model step")
+
+    monkeypatch.setattr(model, "step", broken_step)
+    engine = Engine(model, char_tokenizer, max_batch=2)
+    done = threading.Event()
+    finals: list[Output] = []
+
+    def sink(out: Output) -> None:
+        if out.finish_reason is not None:
+            finals.append(out)
+            if len(finals) == 2:
+                done.set()
+
+    for prompt in PROMPTS[:2]:
+        engine.submit(char_tokenizer.encode(prompt), SamplingParams(max_new_tokens=5), sink)
+    engine.start()
+    try:
+        assert done.wait(10)
+    finally:
+        engine.shutdown(timeout=0)
+    assert [(o.finish_reason, o.error.code) for o in finals] == [("error", "engine_error")] * 2
+
+
+def test_huge_finite_logits_are_not_taken_for_nonfinite():
+    from lm.engine import _nonfinite_rows
+
+    logits = torch.full((2, 4), 3e38)  # each row's sum overflows to inf; every logit is finite
+    assert _nonfinite_rows(logits) == set()
+    assert torch.equal(logits, torch.full((2, 4), 3e38))

@@ -33,6 +33,10 @@ SAMPLES = {
     "cors_origins": (["http://a.example", "http://b.example"],
                      "http://a.example,http://b.example",
                      ["http://a.example", "http://b.example"]),
+    "body_timeout": ("1.5", "1.5", 1.5),
+    "header_timeout": ("2.5", "2.5", 2.5),
+    "limit_concurrency": ("64", "64", 64),
+    "keep_alive_timeout": ("9", "9", 9),
     "shutdown_timeout": ("2.5", "2.5", 2.5),
     "log_level": ("debug", "debug", "debug"),
 }
@@ -89,7 +93,8 @@ def test_todays_flag_names_still_work():
 
 @pytest.mark.parametrize("bad", [["--max-batch", "0"], ["--port", "70000"],
                                  ["--kv-cache-dtype", "int8"], ["--shutdown-timeout", "soon"],
-                                 ["--max-stop", "17"]])
+                                 ["--max-stop", "17"], ["--body-timeout", "0"],
+                                 ["--limit-concurrency", "0"]])
 def test_bad_flags_are_refused_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as info:
         parser().parse_args(bad)

@@ -73,6 +73,12 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--resume", action="store_true", default=None, help="continue the interrupted run in --out"
     )
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        default=None,
+        help="skip a batch whose loss is NaN or infinite (default: stop the run there)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
