@@ -15,6 +15,7 @@ from lm.commands import (
     generate,
     loadtest,
     make_tasks,
+    merge,
     neighbors,
     serve,
     train,
@@ -32,6 +33,7 @@ COMMANDS = (
     make_tasks,
     fewshot_eval,
     neighbors,
+    merge,
 )
 
 
