@@ -57,6 +57,7 @@ def create_app(
         lambda: {
             name: (m.engine.num_running, m.engine.num_waiting)
             for name, m in app.state.models.items()
+            if not m.adapter  # an adapter's requests run in its base's engine
         }
     )
     if settings.cors_origins:

@@ -231,7 +231,8 @@ def submit(body: CompletionRequest, served: ServedModel, settings: Settings,
                     outputs.put_nowait((_choice, out))
 
                 sequences.append(served.engine.submit(ids, choice_params, sink,
-                                                      stream=body.stream))
+                                                      stream=body.stream,
+                                                      adapter=served.adapter))
     except QueueFull as exc:
         for seq in sequences:
             seq.cancel()
