@@ -156,7 +156,7 @@ def test_adapter_that_does_not_fit_is_a_clear_error(adapters, tmp_path, corpus_t
     with pytest.raises(LMError, match="blocks.0.attn.c_attn is 96x32 with rank 2, the base's "
                                       "layer is 48x16"):
         lora.attach_adapters(narrow, [adapter])
-    other = tiny_gpt_saver(tmp_path / "other", corpus_text + "extra")
+    other = tiny_gpt_saver(tmp_path / "other", corpus_text + "#@%")
     with pytest.raises(LMError, match="was trained on 'base'"):
         lora.check_fits(adapter, load_checkpoint(other).model, other)
     lstm = build_model(ModelConfig(kind="lstm", vocab_size=40, n_layer=1, n_embd=16))
