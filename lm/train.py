@@ -258,7 +258,8 @@ class Trainer:
             if config.block_size > (self.model.context_size or config.block_size):
                 raise LMError(f"--block-size {config.block_size} exceeds the parent's context "
                               f"of {self.model.context_size} tokens")
-            if self.unknown and config.unknown == "map" and not resuming:
+            if (self.unknown and config.unknown == "map" and not resuming
+                    and config.lora_rank is None):  # an adapter must fit the parent as is
                 init_unknown_row(self.model)
         if config.lora_rank is not None:
             alpha = config.lora_alpha or 2.0 * config.lora_rank

@@ -89,7 +89,7 @@ def run(settings: Settings) -> int:
         else "PyTorch"
     )
     print(
-        f"lm serve: {', '.join(c.name for c in checkpoints)} on "
+        f"lm serve: {', '.join(_described(c) for c in checkpoints)} on "
         f"http://{settings.host}:{settings.port} (device {device}, max batch "
         f"{settings.max_batch}, {kernel} decode attention)",
         file=sys.stderr,
@@ -105,6 +105,12 @@ def run(settings: Settings) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout or None,
     )
     return 0
+
+
+def _described(checkpoint: Checkpoint) -> str:
+    """A served checkpoint's name, with the LoRA adapters served in its batches."""
+    adapters = checkpoint.meta.get("adapters")
+    return f"{checkpoint.name} (adapters {', '.join(adapters)})" if adapters else checkpoint.name
 
 
 def _exit_cleanly(signum, frame) -> None:
