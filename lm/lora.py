@@ -65,8 +65,7 @@ class MultiLoRALinear(nn.Module):
     """A linear layer plus a bank of fixed adapters, one chosen per row (serving).
 
     The bank holds A [N+1, r, in] and B [N+1, out, r] with the scale folded into B; entry 0
-    is all zeros (the base model), adapters of smaller rank are padded with zeros. A step's
-    rows gather their own A and B and take two batched matrix products.
+    is all zeros (the base model), adapters of smaller rank are padded with zeros.
     """
 
     def __init__(self, base: nn.Linear, bank_A: torch.Tensor, bank_B: torch.Tensor):
@@ -81,11 +80,22 @@ class MultiLoRALinear(nn.Module):
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, adapter: torch.Tensor | None
                   ) -> torch.Tensor:
-        """`y` plus each row's adapter delta; `adapter[B]` indexes the bank (0: none)."""
+        """`y` plus each row's adapter delta; `adapter[B]` indexes the bank (0: none).
+
+        A row's result must not depend on which rows share its batch (same seed, same text,
+        alone or mixed), and matrix-product kernels round differently with the row count.
+        So a decode step (one token per row) takes elementwise products and sums over the
+        rows' gathered matrices, and a prefill takes each adapted row's two products alone.
+        """
         if adapter is None:
             return y
-        low = torch.bmm(x, self.bank_A[adapter].transpose(1, 2))  # [B, t, r]
-        return y + torch.bmm(low, self.bank_B[adapter].transpose(1, 2))
+        if x.shape[1] == 1:
+            low = (x.unsqueeze(-2) * self.bank_A[adapter].unsqueeze(1)).sum(-1)  # [B, 1, r]
+            return y + (low.unsqueeze(-2) * self.bank_B[adapter].unsqueeze(1)).sum(-1)
+        for row, index in enumerate(adapter.tolist()):
+            if index:
+                y[row] += F.linear(F.linear(x[row], self.bank_A[index]), self.bank_B[index])
+        return y
 
 
 def _targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:

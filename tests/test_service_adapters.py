@@ -22,14 +22,17 @@ SAMPLED = {"temperature": 1.0, "top_k": 0}
 
 
 def make_adapter(base_dir, out, rank: int, seed: int):
+    """Random adapter matrices of a trained adapter's size: with much larger ones the base
+    model's own rounding differences between batch sizes (its matrix products are not
+    bitwise row-stable either) would turn into different samples."""
     model = load_checkpoint(base_dir).model
     lora.add_lora(model, rank, alpha=2.0 * rank)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, lora.LoRALinear):
-                module.lora_A.normal_(0.0, 0.3, generator=generator)
-                module.lora_B.normal_(0.0, 0.3, generator=generator)
+                module.lora_A.normal_(0.0, 0.1, generator=generator)
+                module.lora_B.normal_(0.0, 0.1, generator=generator)
     lora.save_adapter(out, model, lora.base_info(base_dir))
     return out
 
