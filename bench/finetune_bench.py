@@ -24,7 +24,7 @@ from bench.common import RESULTS, ROOT, git_revision, machine
 from lm.evaluate import evaluate
 from lm.models import build_model
 from lm.plotting import pyplot
-from lm.train import Trainer, TrainConfig
+from lm.train import TrainConfig, Trainer
 
 PARENT = "shakespeare-char-gpt"
 CORPUS = ROOT / "data" / "python-reference.txt"
