@@ -198,6 +198,10 @@ def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu")
     """Load a model and its tokenizer for inference (eval mode), without pickle; the
     weights are validated first (`validate_weights`)."""
     directory = resolve(name_or_dir)
+    if (directory / "adapter_config.json").is_file() and not (directory / CONFIG_FILE).is_file():
+        from lm.lora import load_adapter_checkpoint  # a LoRA adapter: its base, merged
+
+        return load_adapter_checkpoint(directory, device)
     meta = read_config(directory)
     try:
         config = ModelConfig.from_dict(meta["model"])

@@ -17,6 +17,7 @@ from lm.commands import (
     generate,
     loadtest,
     make_tasks,
+    merge,
     neighbors,
     serve,
     train,
@@ -36,6 +37,7 @@ COMMANDS = (
     fewshot_eval,
     neighbors,
     export,
+    merge,
 )
 
 

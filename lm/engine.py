@@ -79,12 +79,14 @@ class Sequence:
     """One request's generation: its tokens, text, stop handling and delivery."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 sink: Callable[[Output], None] | None, stream: bool, stream_interval: int = 1):
+                 sink: Callable[[Output], None] | None, stream: bool, stream_interval: int = 1,
+                 adapter: int = 0):
         if not prompt_ids:
             raise LMError("the prompt must hold at least one token")
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.adapter = adapter  # the LoRA adapter its rows use (lm.lora; 0: the base model)
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         self.rng = random.Random(self.seed)  # this request's own draws, whatever its batch
         self.sink = sink
@@ -232,8 +234,10 @@ class Engine:
     # -- requests -------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               sink: Callable[[Output], None] | None = None, stream: bool = False) -> Sequence:
-        """Queue a request. Raises QueueFull when `max_queue` requests already wait."""
+               sink: Callable[[Output], None] | None = None, stream: bool = False,
+               adapter: int = 0) -> Sequence:
+        """Queue a request (with `adapter`, one of the model's LoRA adapters, 1-based).
+        Raises QueueFull when `max_queue` requests already wait."""
         params.validate()
         if any(not 0 <= i < self.vocab_size for i in prompt_ids):
             raise LMError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
@@ -244,7 +248,15 @@ class Engine:
                 and len(prompt_ids) > self.context_size):
             raise LMError(f"prompt log-probabilities need the prompt within the model's context "
                           f"({self.context_size} tokens), got {len(prompt_ids)}", param="prompt")
-        seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream, self.stream_interval)
+        if not 0 <= adapter <= getattr(self.model, "adapter_count", 0):
+            raise LMError(f"adapter {adapter}: the model serves "
+                          f"{getattr(self.model, 'adapter_count', 0)} adapters")
+        if adapter and params.prompt_logprobs is not None:  # scoring runs the base's forward
+            raise LMError("prompt log-probabilities (echo with logprobs) are not available for "
+                          "LoRA adapters yet; score with the base model or a merged checkpoint "
+                          "(lm merge)", param="echo")
+        seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream, self.stream_interval,
+                       adapter)
         with self._lock:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")
@@ -361,6 +373,8 @@ class Engine:
         else:
             state = self.model.init_state(count, self.device, **self._cache_dtype)
             index = torch.tensor(rows, device=self.device)
+        if "adapter" in state:  # the rows' LoRA adapters, moved with the rows from now on
+            state["adapter"].copy_(torch.tensor([self.active[row].adapter for row in rows]))
         if group[0][1]:
             ids = torch.tensor([context for _, context in group], dtype=torch.long,
                                device=self.device)

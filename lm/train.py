@@ -24,6 +24,7 @@ from lm.checkpoint import (
     DiskFull,
     atomic_torch_save,
     is_disk_full,
+    load_checkpoint,
     load_train_state,
     save_checkpoint,
 )
@@ -34,11 +35,15 @@ from lm.data import (
     open_tokens,
     read_corpus,
     split_text,
+    to_tensor,
     token_file,
 )
 from lm.device import pick_device
 from lm.errors import LMError
 from lm.evaluate import evaluate
+from lm.finetune import describe_unknowns, encode_corpus, init_unknown_row, unknown_tokens
+from lm.finetune import report as report_unknown
+from lm.lora import ADAPTER_CONFIG, add_lora, base_info, save_adapter, update_adapter_training
 from lm.models import ModelConfig, build_model
 from lm.native import bf16_matmul_is_fast
 from lm.optim import Muon
@@ -118,6 +123,14 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
+    # Fine-tuning (lm.finetune, lm.lora): start from a checkpoint, with its tokenizer and
+    # architecture (the model flags above do not apply); unknown characters or words are
+    # mapped to <unk> or dropped. A LoRA rank trains low-rank adapters of the frozen parent.
+    init_from: str | None = None
+    unknown: str = "map"
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # default 2 x rank
+    lora_targets: str = "c_attn,c_proj,c_fc"
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -165,6 +178,14 @@ class TrainConfig:
             raise LMError(f"--warmdown-frac must be in (0, 1], got {self.warmdown_frac}")
         if self.max_time is not None and self.max_time <= 0:
             raise LMError("--max-time must be a positive number of seconds")
+        if self.unknown not in ("map", "drop"):
+            raise LMError(f"--unknown must be map or drop, got {self.unknown!r}")
+        if self.lora_rank is not None:
+            if self.init_from is None:
+                raise LMError("--lora-rank trains adapters of a trained model: add "
+                              "--init-from CHECKPOINT")
+            if self.optimizer != "adamw":
+                raise LMError("--lora-rank trains with --optimizer adamw")
         tokenizer_class(self.tokenizer)  # an unknown kind is an LMError naming the choices
         self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
 
@@ -218,7 +239,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         resuming = config.resume and (self.out / TRAIN_STATE_FILE).is_file()
-        if not resuming and (self.out / CONFIG_FILE).exists():
+        if not resuming and any((self.out / name).exists() for name in (CONFIG_FILE,
+                                                                         ADAPTER_CONFIG)):
             raise LMError(
                 f"{self.out} already holds a checkpoint; pass --resume to continue it "
                 "or choose another --out"
@@ -229,11 +251,26 @@ class Trainer:
         text = read_corpus(config.corpus)
         train_text, val_text = split_text(text, config.val_fraction)
         self.corpus_hash = corpus_hash(text)
-        if resuming:
-            self.tokenizer: Tokenizer = load_tokenizer(self.out, config.tokenizer)
+        self.parent = load_checkpoint(config.init_from) if config.init_from else None
+        if self.parent is not None:
+            self.tokenizer: Tokenizer = self.parent.tokenizer
+            config.tokenizer = self.tokenizer.kind
+        elif resuming:
+            self.tokenizer = load_tokenizer(self.out, config.tokenizer)
         else:
             self.tokenizer = train_tokenizer(config.tokenizer, train_text, config.vocab_size)
-        self.train_ids, self.val_ids = self._token_files(train_text, val_text)
+        self.unknown = unknown_tokens(self.tokenizer, train_text) + unknown_tokens(
+            self.tokenizer, val_text)
+        if self.unknown and self.is_main:
+            unit = "character" if self.tokenizer.kind == "char" else "word"
+            total = len(text) if unit == "character" else len(self.tokenizer.split(text))
+            report_unknown(describe_unknowns(self.unknown, total, config.unknown, unit))
+        if self.unknown and config.unknown == "drop":  # token files hold plain encodings
+            train_ids, _ = encode_corpus(self.tokenizer, train_text, config.unknown)
+            val_ids, _ = encode_corpus(self.tokenizer, val_text, config.unknown)
+            self.train_ids, self.val_ids = to_tensor(train_ids), to_tensor(val_ids)
+        else:  # unknowns (if any) are <unk> in the encoding itself
+            self.train_ids, self.val_ids = self._token_files(train_text, val_text)
         self.val_chars = len(val_text)
         del text, train_text, val_text
         need = config.block_size + 2
@@ -243,9 +280,25 @@ class Trainer:
                 f"{config.block_size}; use a longer corpus or a smaller --block-size"
             )
 
-        self.model_config = config.model_config(self.tokenizer.vocab_size)
         torch.manual_seed(config.seed)
-        self.model = build_model(self.model_config).to(self.device)
+        if self.parent is None:
+            self.model_config = config.model_config(self.tokenizer.vocab_size)
+            self.model = build_model(self.model_config)
+        else:
+            self.model_config, self.model = self.parent.config, self.parent.model.train()
+            if config.block_size > (self.model.context_size or config.block_size):
+                raise LMError(f"--block-size {config.block_size} exceeds the parent's context "
+                              f"of {self.model.context_size} tokens")
+            if (self.unknown and config.unknown == "map" and not resuming
+                    and config.lora_rank is None):  # an adapter must fit the parent as is
+                init_unknown_row(self.model)
+        if config.lora_rank is not None:
+            alpha = config.lora_alpha or 2.0 * config.lora_rank
+            targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+            add_lora(self.model, config.lora_rank, alpha, targets)
+        self.model.to(self.device)
+        self.trainable_params = sum(p.numel() for p in self.model.parameters()
+                                    if p.requires_grad)
         if self.world_size > 1:
             torch.manual_seed(config.seed + self.rank)  # each rank its own dropout
         self.optimizers = self._make_optimizers()
@@ -300,7 +353,7 @@ class Trainer:
         embeddings, the output layer, norms and biases. Each group keeps its peak lr as
         `base_lr`; the schedule scales all of them alike."""
         config = self.config
-        named = list(self.model.named_parameters())
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         hidden = []
         if config.optimizer == "muon":
             hidden = [p for name, p in named if p.dim() == 2 and name.startswith("blocks.")]
@@ -561,7 +614,7 @@ class Trainer:
             bar.write(message)
         if result["loss"] < self.best_val:
             self.best_val, self.best_step = result["loss"], self.step
-            save_checkpoint(self.out, self.model, self.tokenizer, self._summary(result))
+            self._save(self.model, self._summary(result))
         atomic_torch_save(self._train_state(ranks), self.out / TRAIN_STATE_FILE)
         self._plot()
 
@@ -584,8 +637,33 @@ class Trainer:
             "world_size": self.world_size,
             "threads": torch.get_num_threads(),
             "settings": {k: v for k, v in asdict(self.config).items() if k != "resume"}
-            | {"corpus": corpus_names},
+            | {"corpus": corpus_names}
+            | ({"init_from": self.parent.name} if self.parent is not None else {}),
+            "trainable_params": self.trainable_params,
+            **self._lineage(),
         }
+
+    def _lineage(self) -> dict:
+        """The parent (name, path, weights hash) and the unknown tokens, when fine-tuning."""
+        if self.parent is None:
+            return {}
+        unknown = {"count": sum(self.unknown.values()), "distinct": len(self.unknown),
+                   "examples": [t for t, _ in self.unknown.most_common(8)],
+                   "mode": self.config.unknown}
+        return {"parent": self.parent_info, "unknown_tokens": unknown}
+
+    @property
+    def parent_info(self) -> dict:
+        if not hasattr(self, "_parent_info"):
+            self._parent_info = base_info(self.parent.path)
+        return self._parent_info
+
+    def _save(self, model: torch.nn.Module, summary: dict) -> None:
+        """A checkpoint, or for LoRA the adapter directory (naming the parent)."""
+        if self.config.lora_rank is not None:
+            save_adapter(self.out, model, self.parent_info, summary)
+        else:
+            save_checkpoint(self.out, model, self.tokenizer, summary)
 
     def finish(self) -> dict:
         """Evaluate the best checkpoint on the whole validation split and record it."""
@@ -598,7 +676,10 @@ class Trainer:
             "val_bpc": result["bpc"], "val_tokens": result["tokens"], "val_full_split": True,
             "train_seconds": round(self.elapsed, 1), "finished": True,
         })
-        save_checkpoint(self.out, best.model, self.tokenizer, summary)
+        if self.config.lora_rank is not None:  # `best` is merged: keep the adapter's files
+            update_adapter_training(self.out, summary)
+        else:
+            save_checkpoint(self.out, best.model, self.tokenizer, summary)
         return summary
 
     # -- records --------------------------------------------------------------------------

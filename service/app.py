@@ -67,6 +67,7 @@ def create_app(
         lambda: {
             name: (m.engine.num_running, m.engine.num_waiting, m.engine.nonfinite_rows)
             for name, m in app.state.models.items()
+            if not m.adapter  # an adapter's requests run in its base's engine
         }
     )
     if settings.cors_origins:
@@ -100,7 +101,7 @@ def run(settings: Settings) -> int:
         else "PyTorch"
     )
     print(
-        f"lm serve: {', '.join(c.name for c in checkpoints)} on "
+        f"lm serve: {', '.join(_described(c) for c in checkpoints)} on "
         f"http://{settings.host}:{settings.port} (device {device}, max batch "
         f"{settings.max_batch}, {kernel} decode attention)",
         file=sys.stderr,
@@ -133,6 +134,12 @@ def draining_server(config):
             super().handle_exit(sig, frame)
 
     return DrainingServer(config)
+
+
+def _described(checkpoint: Checkpoint) -> str:
+    """A served checkpoint's name, with the LoRA adapters served in its batches."""
+    adapters = checkpoint.meta.get("adapters")
+    return f"{checkpoint.name} (adapters {', '.join(adapters)})" if adapters else checkpoint.name
 
 
 def _exit_cleanly(signum, frame) -> None:

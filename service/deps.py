@@ -63,7 +63,11 @@ def completion_model(body: CompletionRequest, request: Request) -> ServedModel:
 
 
 def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
-    return find_model(request, body.model)
+    served = find_model(request, body.model)
+    if served.adapter:
+        raise APIError(400, f"model {served.name!r} is a LoRA adapter: embeddings come from "
+                            f"base models only (use {served.parent!r})", param="model")
+    return served
 
 
 def chat_model(body: ChatRequest, request: Request) -> ServedModel:

@@ -79,7 +79,7 @@ def submit(served: ServedModel, request_id: str, prompt_ids: list[list[int]],
                     outputs.put_nowait((_choice, out))
 
                 sequences.append(served.engine.submit(ids, replace(params, seed=seed), sink,
-                                                      stream=stream))
+                                                      stream=stream, adapter=served.adapter))
     except QueueFull as exc:
         _cancel(sequences)
         metrics.rejected.labels(served.name).inc()

@@ -9,6 +9,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from lm import lora
 from lm.chat import ChatTemplate, load_chat_template
 from lm.checkpoint import Checkpoint, load_checkpoint
 from lm.device import pick_device, serving_threads
@@ -24,6 +25,47 @@ class ServedModel:
     engine: Engine
     created: int
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
+    adapter: int = 0  # a LoRA adapter of the checkpoint's model (1-based), served in its batches
+    parent: str | None = None  # the base's name, for an adapter
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    """`NAME=DIR` pairs from the `adapters` setting."""
+    pairs = []
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise LMError(f"--adapter {spec!r}: expected NAME=DIR", param="adapters")
+        pairs.append((name.strip(), directory.strip()))
+    return pairs
+
+
+def attach_adapters(checkpoints: list[Checkpoint], specs: list[str]) -> None:
+    """Load each `NAME=DIR` adapter and give it to the served checkpoint it was trained
+    on (by weights hash), in the order given; an adapter of no served base, or one whose
+    matrices do not fit, is an LMError naming it."""
+    pairs = parse_adapters(specs)
+    if not pairs:
+        return
+    names = [c.name for c in checkpoints] + [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise LMError(f"an adapter shares a name with another model: {names}", param="adapters")
+    hashes = {lora.weights_hash(c.path): c for c in checkpoints}
+    per_base: dict[str, list] = {}
+    for name, directory in pairs:
+        adapter = lora.load_adapter(directory)
+        base = hashes.get(adapter.meta["base"].get("weights_hash"))
+        if base is None:
+            raise LMError(f"--adapter {name}={directory}: trained on "
+                          f"{adapter.meta['base'].get('name')!r} "
+                          f"({adapter.meta['base'].get('weights_hash')}), which is not served "
+                          f"(served: {', '.join(c.name for c in checkpoints)})",
+                          param="adapters")
+        per_base.setdefault(base.name, []).append((name, adapter))
+    for ckpt in checkpoints:
+        chosen = per_base.get(ckpt.name, [])
+        lora.attach_adapters(ckpt.model, [adapter for _, adapter in chosen])
+        ckpt.meta["adapters"] = [name for name, _ in chosen]
 
 
 def load_checkpoints(settings: Settings) -> list[Checkpoint]:
@@ -33,6 +75,7 @@ def load_checkpoints(settings: Settings) -> list[Checkpoint]:
     device = pick_device(settings.device)
     checkpoints = [load_checkpoint(name, device) for name in settings.checkpoints]
     check_names(checkpoints)
+    attach_adapters(checkpoints, settings.adapters)
     return checkpoints
 
 
@@ -68,6 +111,9 @@ def start_engines(
         engine.start()
         template = load_chat_template(ckpt.path, ckpt.meta)
         served[ckpt.name] = ServedModel(ckpt.name, ckpt, engine, int(time.time()), template)
+        for index, name in enumerate(ckpt.meta.get("adapters", []), 1):
+            served[name] = ServedModel(name, ckpt, engine, int(time.time()), template,
+                                       adapter=index, parent=ckpt.name)
     return served
 
 

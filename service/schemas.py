@@ -320,6 +320,7 @@ class ModelCard(BaseModel):
     tokenizer: str
     num_params: int | None = None
     context_size: int | None = None
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM's model cards)
 
 
 class ModelList(BaseModel):

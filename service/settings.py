@@ -32,6 +32,12 @@ class Settings(BaseSettings):
         description="shipped name or directory to serve (repeatable; the variable takes "
         "a comma-separated list)",
     )
+    adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        json_schema_extra={"flag": "adapter"},
+        description="NAME=DIR: serve a LoRA adapter of a served checkpoint as model NAME, in "
+        "its base's batches (repeatable; the variable takes a comma-separated list)",
+    )
     host: str = Field("127.0.0.1", description="bind address (loopback unless told otherwise)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY'")
@@ -97,7 +103,7 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value):
         return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
-    @field_validator("checkpoints", "cors_origins", mode="before")
+    @field_validator("checkpoints", "adapters", "cors_origins", mode="before")
     @classmethod
     def _comma_list(cls, value):
         if isinstance(value, str):

@@ -37,6 +37,7 @@ SAMPLES = {
     "header_timeout": ("2.5", "2.5", 2.5),
     "limit_concurrency": ("64", "64", 64),
     "keep_alive_timeout": ("9", "9", 9),
+    "adapters": (["a=/x", "b=/y"], "a=/x,b=/y", ["a=/x", "b=/y"]),
     "shutdown_timeout": ("2.5", "2.5", 2.5),
     "log_level": ("debug", "debug", "debug"),
 }
@@ -77,7 +78,8 @@ def test_flag_and_variable_set_the_same_field(field, monkeypatch):
     monkeypatch.setenv(env_name(field), env_text)
     assert value(settings_from_args(parser().parse_args([])), field) == expected
     # The flag wins over the variable.
-    other = {"api_key": "other", "torch_threads": "5", "checkpoints": "z", "cors_origins": "z"}
+    other = {"api_key": "other", "torch_threads": "5", "checkpoints": "z", "cors_origins": "z",
+             "adapters": "z=/z"}
     monkeypatch.setenv(env_name(field), other.get(field, str(default)))
     assert value(settings_from_args(parser().parse_args(argv(field, flag_text))), field) == expected
 

@@ -79,6 +79,18 @@ def add_parser(subparsers) -> None:
         default=None,
         help="skip a batch whose loss is NaN or infinite (default: stop the run there)",
     )
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune this checkpoint (shipped name or directory): its tokenizer "
+                        "and architecture, this run's schedule")
+    p.add_argument("--unknown", choices=["map", "drop"],
+                   help="characters/words the parent's tokenizer lacks: map to <unk> "
+                        "(default) or drop")
+    p.add_argument("--lora-rank", type=positive_int,
+                   help="train a LoRA adapter of this rank (with --init-from; GPT only)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-targets", metavar="NAMES",
+                   help="comma-separated GPT linear layers to adapt (default "
+                        "c_attn,c_proj,c_fc: attention and MLP)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -109,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         go to the compiled kernel (`lm.native`), which computes the same per row.
         """
         batch, time, _ = x.shape
-        qkv = _linear(x, self.c_attn.weight, self.c_attn.bias, where)
+        qkv = _project(self.c_attn, x, where)
         if self.q_norm is not None or where.rotary is not None:  # before the cache and kernel
             qkv = self._position(qkv.view(batch, time, 3, self.n_head, self.head_dim),
                                  where.rotary).reshape(batch, time, -1)
@@ -117,15 +117,14 @@ class CausalSelfAttention(nn.Module):
         if where.native is not None:
             y = where.native(qkv.view(batch, -1), cache, where.positions.view(-1), scale,
                              (where.first, where.length - 1))
-            return F.linear(y.view(batch, 1, -1), self.c_proj.weight, self.c_proj.bias)
+            return _project(self.c_proj, y.view(batch, 1, -1), where)
         q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
         # Both caches seen as [B, T, H, D], the new keys and values as [B, t, H, D].
         _store(cache.keys.permute(0, 3, 1, 2), k.transpose(1, 2), where)
         _store(cache.values.transpose(1, 2), v.transpose(1, 2), where)
         if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return _linear(y.transpose(1, 2).reshape(batch, time, -1), self.c_proj.weight,
-                           self.c_proj.bias, where)
+            return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
         keys = cache.keys[..., : where.length].to(x.dtype)
         values = cache.values[:, :, : where.length].to(x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
@@ -134,7 +133,7 @@ class CausalSelfAttention(nn.Module):
         if where.bias is not None:
             scores = scores + where.bias
         y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
-        return _linear(y, self.c_proj.weight, self.c_proj.bias, where)
+        return _project(self.c_proj, y, where)
 
 
 def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
@@ -165,6 +164,7 @@ class StepIndex:
     native: DecodeAttention | None = None  # the compiled kernel, for steps it can do
     rotary: Rotary | None = None  # the new tokens' rotation tables, with rotary positions
     bf16_prefill: bool = False  # matrix products in bfloat16 (see `_linear`)
+    adapter: torch.Tensor | None = None  # [B] each row's LoRA adapter (lm.lora), when any
 
 
 class MLP(nn.Module):
@@ -209,8 +209,8 @@ class Block(nn.Module):
         no module-call overhead) because decode runs it for every token."""
         x = x + self.attn.step(_norm(x, self.ln_1), cache, where)
         mlp = self.mlp
-        h = mlp.activation(_linear(_norm(x, self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, where))
-        return x + _linear(h, mlp.c_proj.weight, mlp.c_proj.bias, where)
+        h = mlp.activation(_project(mlp.c_fc, _norm(x, self.ln_2), where))
+        return x + _project(mlp.c_proj, h, where)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -231,6 +231,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     rows = F.pad(rows.to(torch.bfloat16), (0, 0, 0, padded))
     y = F.linear(rows, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
     return y[: len(y) - padded].float().view(*x.shape[:-1], -1)
+
+
+def _project(layer: nn.Module, x: torch.Tensor, where: StepIndex) -> torch.Tensor:
+    """A linear layer of a block in `step`: `_linear`, plus the layer's low-rank adapter
+    delta when it carries one (`lm.lora`; per row when serving several)."""
+    y = _linear(x, layer.weight, layer.bias, where)
+    add_delta = getattr(layer, "add_delta", None)
+    return y if add_delta is None else add_delta(y, x, where.adapter)
 
 
 def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -316,6 +324,8 @@ class GPT(nn.Module):
                                              device=device, dtype=dtype)
             state[f"v{layer}"] = torch.zeros((batch_size, c.n_head, c.block_size, head_dim),
                                              device=device, dtype=dtype)
+        if getattr(self, "adapter_count", 0):  # serving LoRA adapters: each row's (0: none)
+            state["adapter"] = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -348,9 +358,15 @@ class GPT(nn.Module):
                           first=first, length=length,
                           same_position=first if first == last else None, bias=bias,
                           native=native, bf16_prefill=bf16_prefill,
-                          rotary=self._rotary(positions))
+                          rotary=self._rotary(positions), adapter=_adapters(state))
         x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, LayerCache(state[f"k{layer}"], state[f"v{layer}"]), where)
         logits = self._logits(_norm(x[:, -1], self.ln_f))
         return logits, {**state, "pos": pos + time}
+
+
+def _adapters(state: State) -> torch.Tensor | None:
+    """The rows' adapter indices, or None when no row uses one (nothing to add)."""
+    adapter = state.get("adapter")
+    return adapter if adapter is not None and bool(adapter.any()) else None

@@ -20,7 +20,7 @@ async def health(request: Request):
     body = Health(
         status="draining" if draining else "ok",
         models=list(models),
-        running=sum(m.engine.num_running for m in models.values()),
-        waiting=sum(m.engine.num_waiting for m in models.values()),
+        running=sum(m.engine.num_running for m in models.values() if not m.adapter),
+        waiting=sum(m.engine.num_waiting for m in models.values() if not m.adapter),
     )
     return JSONResponse(body.model_dump(), status_code=503 if draining else 200)

@@ -21,6 +21,7 @@ async def list_models(request: Request):
                 tokenizer=m.checkpoint.tokenizer.kind,
                 num_params=m.checkpoint.model.num_params(),
                 context_size=m.checkpoint.model.context_size,
+                parent=m.parent,
             )
             for m in request.app.state.models.values()
         ]
