@@ -21,35 +21,59 @@ from pathlib import Path
 from bench.common import save_result
 
 # The configuration `lm serve` uses: an engine thread with every core, main thread kept to 1.
-ENGINE_CONFIG = {"name": "engine thread, 2 threads, main thread kept to 1 (lm serve)",
-                 "threads": 2, "where": "thread", "serving_threads": True}
+ENGINE_CONFIG = {
+    "name": "engine thread, 2 threads, main thread kept to 1 (lm serve)",
+    "threads": 2,
+    "where": "thread",
+    "serving_threads": True,
+}
 
 
 def engine_rate(tree: Path, streams: int, new_tokens: int) -> float:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.engine_bench", "--streams", str(streams),
-         "--new-tokens", str(new_tokens), "--config", json.dumps(ENGINE_CONFIG)],
-        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
-        check=True)
+        [
+            sys.executable,
+            "-m",
+            "bench.engine_bench",
+            "--streams",
+            str(streams),
+            "--new-tokens",
+            str(new_tokens),
+            "--config",
+            json.dumps(ENGINE_CONFIG),
+        ],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
 def serve_rates(tree: Path, clients: int, tokens: int) -> dict[str, float]:
     """Generated tokens/s at `clients` concurrent clients, without and with streaming."""
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import asyncio, json, sys\n"
-         "from bench.serve_bench import free_port, run_level, start_server\n"
-         "port = free_port(); server = start_server('shakespeare-char-gpt', port, [])\n"
-         "try:\n"
-         "    asyncio.run(run_level(port, 'shakespeare-char-gpt', 2, 1, False, 16))\n"
-         f"    rows = [asyncio.run(run_level(port, 'shakespeare-char-gpt', {clients}, 4, s, "
-         f"{tokens})) for s in (False, True)]\n"
-         "finally:\n"
-         "    server.terminate(); server.wait(timeout=60)\n"
-         "print(json.dumps([r['tokens_per_s'] for r in rows]))\n"],
-        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
-        check=True)
+        [
+            sys.executable,
+            "-c",
+            "import asyncio, json, sys\n"
+            "from bench.serve_bench import free_port, run_level, start_server\n"
+            "port = free_port(); server = start_server('shakespeare-char-gpt', port, [])\n"
+            "try:\n"
+            "    asyncio.run(run_level(port, 'shakespeare-char-gpt', 2, 1, False, 16))\n"
+            f"    rows = [asyncio.run(run_level(port, 'shakespeare-char-gpt', {clients}, 4, s, "
+            f"{tokens})) for s in (False, True)]\n"
+            "finally:\n"
+            "    server.terminate(); server.wait(timeout=60)\n"
+            "print(json.dumps([r['tokens_per_s'] for r in rows]))\n",
+        ],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     plain, streaming = json.loads(out.stdout.strip().splitlines()[-1])
     return {"plain": plain, "streaming": streaming}
 
@@ -72,19 +96,30 @@ def main() -> None:
                 rates.update({f"serve_{k}": v for k, v in serve_rates(tree, 64, 256).items()})
             for name, value in rates.items():
                 samples[key].setdefault(name, []).append(value)
-            print(f"round {round_ + 1} {key}: "
-                  + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), flush=True)
+            print(
+                f"round {round_ + 1} {key}: "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()),
+                flush=True,
+            )
     rows = []
     for name in samples["a"]:
         a, b = statistics.median(samples["a"][name]), statistics.median(samples["b"][name])
         rows.append({"measure": name, "a_tokens_per_s": a, "b_tokens_per_s": b, "ratio": b / a})
         print(f"{name}: A {a:,.0f}  B {b:,.0f}  B/A {b / a:.2f}")
-    save_result("ab", {
-        "command": "python -m bench.ab " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v not in (False, None)),
-        "trees": {k: str(v) for k, v in trees.items()}, "samples": samples, "rows": rows,
-    })
+    save_result(
+        "ab",
+        {
+            "command": "python -m bench.ab "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if v not in (False, None)
+            ),
+            "trees": {k: str(v) for k, v in trees.items()},
+            "samples": samples,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

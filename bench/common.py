@@ -35,8 +35,13 @@ def machine() -> str:
 
 def git_revision() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -44,8 +49,13 @@ def git_revision() -> str:
 def save_result(name: str, result: dict) -> Path:
     """Write a benchmark's result as JSON (the markdown report is built from these)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": machine(), "revision": git_revision(), **result}
+    result = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "revision": git_revision(),
+        **result,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

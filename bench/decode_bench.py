@@ -27,8 +27,10 @@ def lm_engine_rate(model, tokenizer, streams: int, new_tokens: int, prompt: str)
     engine = Engine(model, tokenizer, max_batch=streams, max_queue=streams)
     ids = tokenizer.encode(prompt)
     start = time.perf_counter()
-    seqs = [engine.submit(ids, SamplingParams(max_new_tokens=new_tokens, seed=i))
-            for i in range(streams)]
+    seqs = [
+        engine.submit(ids, SamplingParams(max_new_tokens=new_tokens, seed=i))
+        for i in range(streams)
+    ]
     engine.run_until_idle()
     elapsed = time.perf_counter() - start
     return sum(len(s.generated) for s in seqs) / elapsed
@@ -39,16 +41,29 @@ def hf_rate(vocab_size: int, streams: int, new_tokens: int, prompt_len: int) -> 
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
-    config = GPT2Config(vocab_size=vocab_size, n_positions=max(256, prompt_len + new_tokens),
-                        n_embd=128, n_layer=4, n_head=4,
-                        bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max(256, prompt_len + new_tokens),
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(1, vocab_size, (streams, prompt_len))
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=True)  # warm-up
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=True, top_k=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=True,
+            top_k=0,
+        )
         elapsed = time.perf_counter() - start
     return (out.shape[1] - prompt_len) * streams / elapsed
 
@@ -58,16 +73,27 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8,32,64")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lstm", default="shakespeare-char-lstm",
-                        help="shipped LSTM checkpoint to measure too ('' to skip)")
+    parser.add_argument(
+        "--lstm",
+        default="shakespeare-char-lstm",
+        help="shipped LSTM checkpoint to measure too ('' to skip)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     streams = [int(s) for s in args.streams.split(",")]
     text = corpus_path().read_text(encoding="utf-8")
     tokenizer = CharTokenizer.train(text)
     torch.manual_seed(0)
-    reference = build_model(ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=4,
-                                        n_head=4, n_embd=128, block_size=256)).eval()
+    reference = build_model(
+        ModelConfig(
+            kind="gpt",
+            vocab_size=tokenizer.vocab_size,
+            n_layer=4,
+            n_head=4,
+            n_embd=128,
+            block_size=256,
+        )
+    ).eval()
     prompt = "ROMEO:\n"
     rows = []
     lstm = None
@@ -77,24 +103,30 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - report and go on without it
             print(f"skipping {args.lstm}: {exc}")
     for n in streams:
-        row = {"streams": n,
-               "lm_gpt": lm_engine_rate(reference, tokenizer, n, args.new_tokens, prompt),
-               "hf_gpt2": hf_rate(tokenizer.vocab_size, n, args.new_tokens, len(prompt))}
+        row = {
+            "streams": n,
+            "lm_gpt": lm_engine_rate(reference, tokenizer, n, args.new_tokens, prompt),
+            "hf_gpt2": hf_rate(tokenizer.vocab_size, n, args.new_tokens, len(prompt)),
+        }
         if lstm is not None:
             row["lm_lstm"] = lm_engine_rate(lstm.model, lstm.tokenizer, n, args.new_tokens, prompt)
         if row["hf_gpt2"]:
             row["ratio_vs_hf"] = row["lm_gpt"] / row["hf_gpt2"]
         rows.append(row)
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    save_result("decode", {
-        "command": "python -m bench.decode_bench " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "threads": args.threads, "new_tokens": args.new_tokens,
-        "reference_params": reference.num_params(),
-        "lstm": args.lstm if lstm is not None else None,
-        "lstm_params": lstm.model.num_params() if lstm is not None else None,
-        "rows": rows,
-    })
+    save_result(
+        "decode",
+        {
+            "command": "python -m bench.decode_bench "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "threads": args.threads,
+            "new_tokens": args.new_tokens,
+            "reference_params": reference.num_params(),
+            "lstm": args.lstm if lstm is not None else None,
+            "lstm_params": lstm.model.num_params() if lstm is not None else None,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

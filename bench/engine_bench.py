@@ -33,18 +33,42 @@ from bench.common import save_result
 CONFIGS = [
     {"name": "main thread, 1 thread", "threads": 1, "where": "main"},
     {"name": "main thread, 2 threads", "threads": 2, "where": "main"},
-    {"name": "engine thread, 2 threads, main thread used first", "threads": 2,
-     "where": "thread", "main_parallel_op": True},
-    {"name": "engine thread, 2 threads, main thread kept to 1 (lm serve)", "threads": 2,
-     "where": "thread", "serving_threads": True},
-    {"name": "main thread, 2 threads, float32 KV cache", "threads": 2, "where": "main",
-     "kv_cache_dtype": "float32"},
-    {"name": "main thread, 2 threads, float16 KV cache", "threads": 2, "where": "main",
-     "kv_cache_dtype": "float16"},
-    {"name": "main thread, 2 threads, PyTorch attention (LM_NATIVE=0)", "threads": 2,
-     "where": "main", "native": False},
-    {"name": "main thread, 2 threads, bfloat16 model", "threads": 2, "where": "main",
-     "model_dtype": "bfloat16"},
+    {
+        "name": "engine thread, 2 threads, main thread used first",
+        "threads": 2,
+        "where": "thread",
+        "main_parallel_op": True,
+    },
+    {
+        "name": "engine thread, 2 threads, main thread kept to 1 (lm serve)",
+        "threads": 2,
+        "where": "thread",
+        "serving_threads": True,
+    },
+    {
+        "name": "main thread, 2 threads, float32 KV cache",
+        "threads": 2,
+        "where": "main",
+        "kv_cache_dtype": "float32",
+    },
+    {
+        "name": "main thread, 2 threads, float16 KV cache",
+        "threads": 2,
+        "where": "main",
+        "kv_cache_dtype": "float16",
+    },
+    {
+        "name": "main thread, 2 threads, PyTorch attention (LM_NATIVE=0)",
+        "threads": 2,
+        "where": "main",
+        "native": False,
+    },
+    {
+        "name": "main thread, 2 threads, bfloat16 model",
+        "threads": 2,
+        "where": "main",
+        "model_dtype": "bfloat16",
+    },
 ]
 
 
@@ -70,15 +94,28 @@ def run_config(config: dict, streams: int, new_tokens: int) -> dict:
 
     tokenizer = CharTokenizer.train("ROMEO: What light through yonder window breaks?\n")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=4,
-                                    n_head=4, n_embd=128, block_size=256)).eval()
+    model = build_model(
+        ModelConfig(
+            kind="gpt",
+            vocab_size=tokenizer.vocab_size,
+            n_layer=4,
+            n_head=4,
+            n_embd=128,
+            block_size=256,
+        )
+    ).eval()
     model.to(getattr(torch, config.get("model_dtype", "float32")))
     prompt = tokenizer.encode("ROMEO:\nWhat light through yonder window breaks?\n")
 
     def once() -> float:
-        engine = Engine(model, tokenizer, max_batch=streams, max_queue=streams,
-                        threads=config["threads"],
-                        kv_cache_dtype=config.get("kv_cache_dtype", "auto"))
+        engine = Engine(
+            model,
+            tokenizer,
+            max_batch=streams,
+            max_queue=streams,
+            threads=config["threads"],
+            kv_cache_dtype=config.get("kv_cache_dtype", "auto"),
+        )
         done, left = threading.Event(), [streams]
 
         def sink(out) -> None:
@@ -89,8 +126,11 @@ def run_config(config: dict, streams: int, new_tokens: int) -> dict:
 
         start = time.perf_counter()
         for i in range(streams):
-            engine.submit(prompt[: len(prompt) - i % 16], SamplingParams(
-                max_new_tokens=new_tokens, temperature=1.0, seed=i), sink)
+            engine.submit(
+                prompt[: len(prompt) - i % 16],
+                SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i),
+                sink,
+            )
         if config["where"] == "thread":
             engine.start()
             done.wait()
@@ -119,17 +159,35 @@ def main() -> None:
     for config in CONFIGS:
         env = {**os.environ, "LM_NATIVE": "1" if config.get("native", True) else "0"}
         out = subprocess.run(
-            [sys.executable, "-m", "bench.engine_bench", "--streams", str(args.streams),
-             "--new-tokens", str(args.new_tokens), "--config", json.dumps(config)],
-            capture_output=True, text=True, check=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "bench.engine_bench",
+                "--streams",
+                str(args.streams),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--config",
+                json.dumps(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         row = {"config": config["name"], **json.loads(out.stdout.strip().splitlines()[-1])}
         print(row, flush=True)
         rows.append(row)
-    save_result("engine", {
-        "command": f"python -m bench.engine_bench --streams {args.streams} "
-                   f"--new-tokens {args.new_tokens}",
-        "streams": args.streams, "new_tokens": args.new_tokens, "rows": rows,
-    })
+    save_result(
+        "engine",
+        {
+            "command": f"python -m bench.engine_bench --streams {args.streams} "
+            f"--new-tokens {args.new_tokens}",
+            "streams": args.streams,
+            "new_tokens": args.new_tokens,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,19 +34,29 @@ def main() -> None:
         tables.append(f"{name}\n{accuracy_table(results[name])}")
         print(tables[-1], flush=True)
     plot_accuracy(results, ROOT / "docs" / "fewshot_accuracy.png")
-    table = ["| checkpoint | episodes | " + " | ".join(f"{s} shots" for s in shots) + " |",
-             "|---|---|" + "---|" * len(shots)]
+    table = [
+        "| checkpoint | episodes | " + " | ".join(f"{s} shots" for s in shots) + " |",
+        "|---|---|" + "---|" * len(shots),
+    ]
     for name, result in results.items():
         for key, label in (*CATEGORIES.items(), ("overall", "all")):
-            table.append(f"| {name} | {label} | "
-                         + " | ".join(f"{100 * result[s][key]:.1f}%" for s in shots) + " |")
-    save_result("fewshot", {
-        "command": f"python -m bench.fewshot_bench --episodes {args.episodes} --shots {args.shots}",
-        "categories": CATEGORIES,
-        "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
-        "table": "\n".join(table) + "\n\nPer task (exact match, %):\n\n```\n"
-                 + "\n\n".join(tables) + "\n```",
-    })
+            table.append(
+                f"| {name} | {label} | "
+                + " | ".join(f"{100 * result[s][key]:.1f}%" for s in shots)
+                + " |"
+            )
+    save_result(
+        "fewshot",
+        {
+            "command": f"python -m bench.fewshot_bench --episodes {args.episodes} --shots {args.shots}",
+            "categories": CATEGORIES,
+            "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
+            "table": "\n".join(table)
+            + "\n\nPer task (exact match, %):\n\n```\n"
+            + "\n\n".join(tables)
+            + "\n```",
+        },
+    )
 
 
 if __name__ == "__main__":

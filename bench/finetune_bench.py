@@ -42,12 +42,25 @@ def run(name: str, extra: dict, seconds: float, threads: int) -> dict:
         import shutil
 
         shutil.rmtree(out)
-    config = TrainConfig.from_dict({
-        "corpus": [str(CORPUS)], "out": str(out), "init_from": PARENT, "batch_size": 8,
-        "block_size": 128, "max_steps": 100_000, "max_time": seconds, "eval_interval": 20,
-        "eval_tokens": 8192, "threads": threads, "device": "cpu", "dtype": "float32",
-        "seed": 1, "unknown": "drop", **extra,
-    })
+    config = TrainConfig.from_dict(
+        {
+            "corpus": [str(CORPUS)],
+            "out": str(out),
+            "init_from": PARENT,
+            "batch_size": 8,
+            "block_size": 128,
+            "max_steps": 100_000,
+            "max_time": seconds,
+            "eval_interval": 20,
+            "eval_tokens": 8192,
+            "threads": threads,
+            "device": "cpu",
+            "dtype": "float32",
+            "seed": 1,
+            "unknown": "drop",
+            **extra,
+        }
+    )
     trainer = Trainer(config, progress=False)
     if name == "scratch":  # the parent's tokenizer and shape, random weights
         torch.manual_seed(config.seed)
@@ -58,16 +71,24 @@ def run(name: str, extra: dict, seconds: float, threads: int) -> dict:
     wall = time.perf_counter() - started
     curve = [{"step": 0, "elapsed_s": 0.0, "val_loss": start["loss"]}] + [
         {"step": r["step"], "elapsed_s": r["elapsed_s"], "val_loss": r["val_loss"]}
-        for r in trainer.history if "val_loss" in r
+        for r in trainer.history
+        if "val_loss" in r
     ]
     return {
-        "name": name, "settings": extra, "trainable_params": trainer.trainable_params,
+        "name": name,
+        "settings": extra,
+        "trainable_params": trainer.trainable_params,
         "total_params": sum(p.numel() for p in trainer.model.parameters()),
-        "steps": trainer.step, "train_seconds": summary["train_seconds"], "wall_s": round(wall, 1),
-        "val_loss": summary["val_loss"], "val_bpc": summary["val_bpc"],
-        "start_val_loss": start["loss"], "curve": curve,
-        "checkpoint_bytes": sum(p.stat().st_size for p in out.iterdir()
-                                if p.suffix == ".safetensors"),
+        "steps": trainer.step,
+        "train_seconds": summary["train_seconds"],
+        "wall_s": round(wall, 1),
+        "val_loss": summary["val_loss"],
+        "val_bpc": summary["val_bpc"],
+        "start_val_loss": start["loss"],
+        "curve": curve,
+        "checkpoint_bytes": sum(
+            p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors"
+        ),
     }
 
 
@@ -78,8 +99,9 @@ def plot(results: list[dict]) -> None:
         curve = result["curve"]
         label = f"{result['name']} ({result['trainable_params']:,} trained)"
         axes[0].plot([p["step"] for p in curve], [p["val_loss"] for p in curve], "-", label=label)
-        axes[1].plot([p["elapsed_s"] for p in curve], [p["val_loss"] for p in curve], "-",
-                     label=label)
+        axes[1].plot(
+            [p["elapsed_s"] for p in curve], [p["val_loss"] for p in curve], "-", label=label
+        )
     axes[0].set_xlabel("step (8 x 128 tokens)")
     axes[1].set_xlabel("training seconds (evaluation included)")
     axes[0].set_ylabel("validation loss (nats/token)")
@@ -101,18 +123,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = [run(name, extra, args.seconds, args.threads) for name, extra in RUNS.items()]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine(), "revision": git_revision(), "seconds": args.seconds,
-              "threads": args.threads, "parent": PARENT, "corpus": CORPUS.name,
-              "runs": results}
+    record = {
+        "machine": machine(),
+        "revision": git_revision(),
+        "seconds": args.seconds,
+        "threads": args.threads,
+        "parent": PARENT,
+        "corpus": CORPUS.name,
+        "runs": results,
+    }
     (RESULTS / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(results)
-    print("| run | trainable params | steps | val loss at start | val loss | bits/char | "
-          "weights written |")
+    print(
+        "| run | trainable params | steps | val loss at start | val loss | bits/char | "
+        "weights written |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['name']} | {r['trainable_params']:,} | {r['steps']} | "
-              f"{r['start_val_loss']:.3f} | {r['val_loss']:.3f} | {r['val_bpc']:.3f} | "
-              f"{r['checkpoint_bytes'] / 1e6:.2f} MB |")
+        print(
+            f"| {r['name']} | {r['trainable_params']:,} | {r['steps']} | "
+            f"{r['start_val_loss']:.3f} | {r['val_loss']:.3f} | {r['val_bpc']:.3f} | "
+            f"{r['checkpoint_bytes'] / 1e6:.2f} MB |"
+        )
 
 
 if __name__ == "__main__":

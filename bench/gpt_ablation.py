@@ -22,9 +22,22 @@ from bench.common import ROOT, corpus_path, machine, save_result
 from lm.train import TrainConfig, Trainer
 
 # The shipped char GPT's shape at the new recipe's context (tokens per step as before).
-BASE = dict(model="gpt", tokenizer="char", n_layer=6, n_head=6, n_embd=192, block_size=256,
-            batch_size=16, dropout=0.1, lr=2e-3, min_lr=1e-4, warmup_steps=200,
-            eval_tokens=32768, seed=1337, max_steps=10**7)
+BASE = dict(
+    model="gpt",
+    tokenizer="char",
+    n_layer=6,
+    n_head=6,
+    n_embd=192,
+    block_size=256,
+    batch_size=16,
+    dropout=0.1,
+    lr=2e-3,
+    min_lr=1e-4,
+    warmup_steps=200,
+    eval_tokens=32768,
+    seed=1337,
+    max_steps=10**7,
+)
 QWEN3 = dict(position="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", tie_embeddings=False)
 VARIANTS: dict[str, dict] = {
     "classic": {},
@@ -39,22 +52,41 @@ VARIANTS: dict[str, dict] = {
     "muon": {"optimizer": "muon"},
     "warmdown": {"schedule": "warmdown", "warmdown_frac": 0.4},
     "bfloat16": {"dtype": "best"},
-    "all (Qwen3 blocks)": {**QWEN3, "zero_init_proj": True, "optimizer": "muon",
-                           "schedule": "warmdown", "warmdown_frac": 0.4, "dtype": "best"},
-    "all + relu2 + softcap": {**QWEN3, "mlp": "relu2", "logit_softcap": 30.0,
-                              "zero_init_proj": True, "optimizer": "muon",
-                              "schedule": "warmdown", "warmdown_frac": 0.4, "dtype": "best"},
+    "all (Qwen3 blocks)": {
+        **QWEN3,
+        "zero_init_proj": True,
+        "optimizer": "muon",
+        "schedule": "warmdown",
+        "warmdown_frac": 0.4,
+        "dtype": "best",
+    },
+    "all + relu2 + softcap": {
+        **QWEN3,
+        "mlp": "relu2",
+        "logit_softcap": 30.0,
+        "zero_init_proj": True,
+        "optimizer": "muon",
+        "schedule": "warmdown",
+        "warmdown_frac": 0.4,
+        "dtype": "best",
+    },
 }
 
 
 def run_variant(name: str, budget: float, args: argparse.Namespace, workdir: Path) -> dict:
     settings = {**BASE, **VARIANTS[name], "eval_tokens": args.eval_tokens}
-    config = TrainConfig(corpus=[str(corpus_path())], out=str(workdir / name.replace(" ", "_")),
-                         **settings, max_time=budget, eval_interval=args.eval_interval,
-                         threads=args.threads)
+    config = TrainConfig(
+        corpus=[str(corpus_path())],
+        out=str(workdir / name.replace(" ", "_")),
+        **settings,
+        max_time=budget,
+        eval_interval=args.eval_interval,
+        threads=args.threads,
+    )
     summary = Trainer(config, progress=False).train()
-    records = [json.loads(line) for line in
-               (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()
+    ]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     rates = rates[1:] or rates  # the first window holds start-up costs
     return {
@@ -65,22 +97,28 @@ def run_variant(name: str, budget: float, args: argparse.Namespace, workdir: Pat
         "tokens_per_s": round(sum(rates) / len(rates)),
         "val_loss": round(summary["val_loss"], 4),  # best checkpoint, whole validation split
         "val_bpc": round(summary["val_bpc"], 4),
-        "curve": [(round(r["elapsed_s"], 1), round(r["val_loss"], 4))
-                  for r in records if "val_loss" in r],
+        "curve": [
+            (round(r["elapsed_s"], 1), round(r["val_loss"], 4)) for r in records if "val_loss" in r
+        ],
     }
 
 
 def markdown(rows: list[dict], budget: float) -> str:
     baseline = rows[0]["val_loss"] if rows and rows[0]["variant"] == "classic" else None
-    lines = [f"GPT ablation: 6 layers x 192, context 256, batch 16, {budget:.0f} s of "
-             f"training each on {machine()} (`python -m bench.gpt_ablation --budget "
-             f"{budget:.0f}`). Validation loss of the best checkpoint on the whole split.", "",
-             "| variant | steps | tokens/s | val loss | vs classic | bits/char |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"GPT ablation: 6 layers x 192, context 256, batch 16, {budget:.0f} s of "
+        f"training each on {machine()} (`python -m bench.gpt_ablation --budget "
+        f"{budget:.0f}`). Validation loss of the best checkpoint on the whole split.",
+        "",
+        "| variant | steps | tokens/s | val loss | vs classic | bits/char |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         delta = "" if baseline is None else f"{row['val_loss'] - baseline:+.4f}"
-        lines.append(f"| {row['variant']} | {row['steps']:,} | {row['tokens_per_s']:,} | "
-                     f"{row['val_loss']:.4f} | {delta} | {row['val_bpc']:.4f} |")
+        lines.append(
+            f"| {row['variant']} | {row['steps']:,} | {row['tokens_per_s']:,} | "
+            f"{row['val_loss']:.4f} | {delta} | {row['val_bpc']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -94,8 +132,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for row in rows:
         if row["curve"]:
             style = "o-" if row["variant"].startswith(("all", "classic")) else ".--"
-            ax.plot(*zip(*row["curve"]), style, markersize=3,
-                    label=f"{row['variant']} ({row['val_loss']:.3f})")
+            ax.plot(
+                *zip(*row["curve"]),
+                style,
+                markersize=3,
+                label=f"{row['variant']} ({row['val_loss']:.3f})",
+            )
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("char GPT on Tiny Shakespeare, one wall-clock budget per variant")
@@ -110,15 +152,24 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, required=True, help="seconds per variant")
-    parser.add_argument("--variants", default="all",
-                        help=f"comma-separated, or all: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default="all", help=f"comma-separated, or all: {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-interval", type=int, default=250, help="steps between evals")
-    parser.add_argument("--eval-tokens", type=int, default=32768,
-                        help="validation tokens per periodic eval (the final one: all)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="write the JSON, picture and table here instead of bench/results "
-                             "and docs/ (for smoke tests)")
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=32768,
+        help="validation tokens per periodic eval (the final one: all)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="write the JSON, picture and table here instead of bench/results "
+        "and docs/ (for smoke tests)",
+    )
     parser.add_argument("--docs", action="store_true", help="also write docs/gpt_ablation.md")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")

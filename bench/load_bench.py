@@ -50,8 +50,10 @@ def main() -> None:
         total = median_ms(load_checkpoint, (name,), args.repeats)
         checks = median_ms(check_weights, (state, model, weights), args.repeats)
         size = weights.stat().st_size / 1e6
-        print(f"| {name} | {size:.1f} MB | {total:.1f} ms | {checks:.1f} ms | "
-              f"{total - checks:.1f} ms | {100 * checks / (total - checks):.0f}% |")
+        print(
+            f"| {name} | {size:.1f} MB | {total:.1f} ms | {checks:.1f} ms | "
+            f"{total - checks:.1f} ms | {100 * checks / (total - checks):.0f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"with the check": [], "without": []}
     for _ in range(args.rounds):
         for label in times:
-            engine_module._nonfinite_rows = checked if label == "with the check" else (
-                lambda logits: set())
+            engine_module._nonfinite_rows = (
+                checked if label == "with the check" else (lambda logits: set())
+            )
             times[label].append(step_ms(checkpoint, args.streams, args.new_tokens))
     engine_module._nonfinite_rows = checked
     logits = torch.randn(args.streams, checkpoint.config.vocab_size)
@@ -57,11 +58,15 @@ def main() -> None:
     for _ in range(repeats):
         checked(logits)
     alone_us = (time.perf_counter() - start) * 1e6 / repeats
-    print(f"the check alone: {alone_us:.1f} us on logits[{args.streams}, "
-          f"{checkpoint.config.vocab_size}]")
+    print(
+        f"the check alone: {alone_us:.1f} us on logits[{args.streams}, "
+        f"{checkpoint.config.vocab_size}]"
+    )
     for label, values in times.items():
-        print(f"{label}: {statistics.median(values):.3f} ms per decode step "
-              f"({args.streams} sequences, {args.checkpoint}, median of {args.rounds})")
+        print(
+            f"{label}: {statistics.median(values):.3f} ms per decode step "
+            f"({args.streams} sequences, {args.checkpoint}, median of {args.rounds})"
+        )
 
 
 if __name__ == "__main__":

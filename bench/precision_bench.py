@@ -64,15 +64,24 @@ def main() -> None:
             applied = bf16_prefill and native.bf16_matmul_is_fast()
             loss = decode_loss(checkpoint.model, ids, args.windows, cache_dtype)
             reference = loss if reference is None else reference
-            row = {"checkpoint": name, "config": config, "loss": loss,
-                   "delta": loss - reference, "bf16_prefill_applied": applied,
-                   "native_kernel": native.decode_attention() is not None}
+            row = {
+                "checkpoint": name,
+                "config": config,
+                "loss": loss,
+                "delta": loss - reference,
+                "bf16_prefill_applied": applied,
+                "native_kernel": native.decode_attention() is not None,
+            }
             print(row, flush=True)
             rows.append(row)
-    save_result("precision", {
-        "command": f"python -m bench.precision_bench --windows {args.windows}",
-        "windows": args.windows, "rows": rows,
-    })
+    save_result(
+        "precision",
+        {
+            "command": f"python -m bench.precision_bench --windows {args.windows}",
+            "windows": args.windows,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,7 @@ def measure(setup: str, replicas: int, via_nginx: bool, checkpoint: str, args) -
     """One setup: start its replicas (and nginx), run the levels, stop everything."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // replicas)
     ports = [free_port() for _ in range(replicas)]
-    servers = [start_server(checkpoint, port, ["--torch-threads", str(threads)])
-               for port in ports]
+    servers = [start_server(checkpoint, port, ["--torch-threads", str(threads)]) for port in ports]
     nginx = None
     rows = []
     try:
@@ -79,15 +78,24 @@ def measure(setup: str, replicas: int, via_nginx: bool, checkpoint: str, args) -
                 asyncio.run(run_level(port, MODEL, 8 * replicas, 1, stream, 32))
             for stream in (False, True):
                 before = [generated_tokens(p) for p in ports]
-                row = asyncio.run(run_level(port, MODEL, args.clients, args.requests_per_client,
-                                            stream, args.tokens))
+                row = asyncio.run(
+                    run_level(
+                        port, MODEL, args.clients, args.requests_per_client, stream, args.tokens
+                    )
+                )
                 after = [generated_tokens(p) for p in ports]
-                row.update(setup=setup, replicas=replicas, via_nginx=via_nginx,
-                           torch_threads=threads,
-                           tokens_per_replica=[round(a - b) for a, b in zip(after, before)])
+                row.update(
+                    setup=setup,
+                    replicas=replicas,
+                    via_nginx=via_nginx,
+                    torch_threads=threads,
+                    tokens_per_replica=[round(a - b) for a, b in zip(after, before)],
+                )
                 rows.append(row)
-                print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
-                      flush=True)
+                print(
+                    {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
+                    flush=True,
+                )
             if nginx is not None:
                 nginx.terminate()
                 nginx.wait(timeout=15)
@@ -104,9 +112,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="model threads per replica (default: cores / replicas); 1 when "
-                             "other work shares the cores, as OpenMP threads then stall")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="model threads per replica (default: cores / replicas); 1 when "
+        "other work shares the cores, as OpenMP threads then stall",
+    )
     args = parser.parse_args()
     text = corpus_path().read_text(encoding="utf-8")
     rows = []
@@ -114,25 +126,50 @@ def main() -> None:
         directory = Path(tmp) / MODEL
         tokenizer = CharTokenizer.train(text)
         torch.manual_seed(0)
-        model = build_model(ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=4,
-                                        n_head=4, n_embd=128, block_size=256))
+        model = build_model(
+            ModelConfig(
+                kind="gpt",
+                vocab_size=tokenizer.vocab_size,
+                n_layer=4,
+                n_head=4,
+                n_embd=128,
+                block_size=256,
+            )
+        )
         save_checkpoint(directory, model, tokenizer, {})
-        for setup, replicas, via_nginx in (("1 replica, direct", 1, False),
-                                           ("1 replica, nginx", 1, True),
-                                           ("2 replicas, nginx", 2, True)):
+        for setup, replicas, via_nginx in (
+            ("1 replica, direct", 1, False),
+            ("1 replica, nginx", 1, True),
+            ("2 replicas, nginx", 2, True),
+        ):
             rows += measure(setup, replicas, via_nginx, str(directory), args)
-    print("\n| setup | stream | requests | failed | tokens/s | tokens per replica | "
-          "TTFT p50 / p99 ms | ITL p50 / p99 ms |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| setup | stream | requests | failed | tokens/s | tokens per replica | "
+        "TTFT p50 / p99 ms | ITL p50 / p99 ms |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        latency = (f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-                   f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}") if r["stream"] else "- | -"
-        print(f"| {r['setup']} | {'yes' if r['stream'] else 'no'} | {r['requests']} | "
-              f"{r['failed']} | {r['tokens_per_s']:,.0f} | "
-              f"{' + '.join(f'{t:,}' for t in r['tokens_per_replica'])} | {latency} |")
-    save_result("replicas", {
-        "command": "python -m bench.replicas_bench " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "rows": rows, "cpu_count": os.cpu_count()})
+        latency = (
+            (
+                f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}"
+            )
+            if r["stream"]
+            else "- | -"
+        )
+        print(
+            f"| {r['setup']} | {'yes' if r['stream'] else 'no'} | {r['requests']} | "
+            f"{r['failed']} | {r['tokens_per_s']:,.0f} | "
+            f"{' + '.join(f'{t:,}' for t in r['tokens_per_replica'])} | {latency} |"
+        )
+    save_result(
+        "replicas",
+        {
+            "command": "python -m bench.replicas_bench "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "rows": rows,
+            "cpu_count": os.cpu_count(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Build docs/BENCHMARKS.md from the JSON results the benchmarks wrote in bench/results/.
 
-    python -m bench.report
+python -m bench.report
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ def fmt(value, digits: int = 0) -> str:
 
 
 def header(result: dict) -> list[str]:
-    return [f"Command: `{result['command']}`  ",
-            f"Run: {result['date']} on {result['machine']}, revision {result['revision']}.", ""]
+    return [
+        f"Command: `{result['command']}`  ",
+        f"Run: {result['date']} on {result['machine']}, revision {result['revision']}.",
+        "",
+    ]
 
 
 def train_section(r: dict) -> list[str]:
@@ -36,62 +39,91 @@ def train_section(r: dict) -> list[str]:
     lines += [
         "Char GPT, 4 layers, 4 heads, 128 wide, block 64, batch 12, on Tiny Shakespeare; "
         "validation loss on the whole held-out 10% (nanoGPT reaches 1.886 with this recipe "
-        "in 80 s on these machines, per DESIGN.md).", "",
-        "| run | steps | training s | tokens/s | val loss |", "|---|---|---|---|---|",
+        "in 80 s on these machines, per DESIGN.md).",
+        "",
+        "| run | steps | training s | tokens/s | val loss |",
+        "|---|---|---|---|---|",
     ]
-    names = {"plain_pytorch": "plain PyTorch loop (same dims, batches, schedule)",
-             "lm_same_recipe": "`lm train`, same recipe",
-             "lm_tuned_same_time": "`lm train`, tuned recipe, plain loop's wall-clock"}
+    names = {
+        "plain_pytorch": "plain PyTorch loop (same dims, batches, schedule)",
+        "lm_same_recipe": "`lm train`, same recipe",
+        "lm_tuned_same_time": "`lm train`, tuned recipe, plain loop's wall-clock",
+    }
     for key, label in names.items():
         row = rows[key]
         seconds = row.get("train_seconds", row["seconds"])
-        lines.append(f"| {label} | {fmt(row.get('steps', r['reference']['max_steps']))} | "
-                     f"{fmt(seconds, 1)} | {fmt(row['tokens_per_s'])} | {fmt(row['val_loss'], 4)} |")
-    lines += ["", f"Throughput of `lm train` / plain loop: "
-                  f"**{r['throughput_ratio_lm_vs_plain']:.2f}x**.", ""]
+        lines.append(
+            f"| {label} | {fmt(row.get('steps', r['reference']['max_steps']))} | "
+            f"{fmt(seconds, 1)} | {fmt(row['tokens_per_s'])} | {fmt(row['val_loss'], 4)} |"
+        )
+    lines += [
+        "",
+        f"Throughput of `lm train` / plain loop: **{r['throughput_ratio_lm_vs_plain']:.2f}x**.",
+        "",
+    ]
     tuned = rows["lm_tuned_same_time"].get("recipe", {})
     if tuned:
-        lines += [f"Tuned recipe: lr {tuned['lr']}, batch {tuned['batch_size']}, warm-up "
-                  f"{tuned['warmup_steps']}, {tuned['max_steps']} steps.", ""]
+        lines += [
+            f"Tuned recipe: lr {tuned['lr']}, batch {tuned['batch_size']}, warm-up "
+            f"{tuned['warmup_steps']}, {tuned['max_steps']} steps.",
+            "",
+        ]
     if r.get("kinds"):
-        lines += ["### One row per model kind (same time budget, about the same size)", "",
-                  "| model | parameters | steps | tokens/s | val loss | bits/char |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "### One row per model kind (same time budget, about the same size)",
+            "",
+            "| model | parameters | steps | tokens/s | val loss | bits/char |",
+            "|---|---|---|---|---|---|",
+        ]
         for kind, row in r["kinds"].items():
             s = row["settings"]
-            shape = (f"{s['n_layer']}x{s['n_embd']}" + (f", {s['n_head']} heads" if kind == "gpt" else ""))
-            lines.append(f"| {kind} ({shape}) | {fmt(row['params'])} | {fmt(row['steps'])} | "
-                         f"{fmt(row['tokens_per_s'])} | {fmt(row['val_loss'], 4)} | "
-                         f"{fmt(row['val_bpc'], 3)} |")
+            shape = f"{s['n_layer']}x{s['n_embd']}" + (
+                f", {s['n_head']} heads" if kind == "gpt" else ""
+            )
+            lines.append(
+                f"| {kind} ({shape}) | {fmt(row['params'])} | {fmt(row['steps'])} | "
+                f"{fmt(row['tokens_per_s'])} | {fmt(row['val_loss'], 4)} | "
+                f"{fmt(row['val_bpc'], 3)} |"
+            )
         lines.append("")
     return lines
 
 
 def ddp_section(r: dict) -> list[str]:
     lines = ["## Training with torchrun (data parallel, gloo)", ""] + header(r)
-    lines += ["Char GPT, 4 layers x 128, block 64, batch 12 per process, on Tiny Shakespeare; "
-              "tokens/s counts every process's tokens.", "",
-              "| processes | threads each | global batch | tokens/s | train loss at the end |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "Char GPT, 4 layers x 128, block 64, batch 12 per process, on Tiny Shakespeare; "
+        "tokens/s counts every process's tokens.",
+        "",
+        "| processes | threads each | global batch | tokens/s | train loss at the end |",
+        "|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
-        lines.append(f"| {row['processes']} | {row['threads_each']} | {row['global_batch']} | "
-                     f"{fmt(row['tokens_per_s'])} | {fmt(row['train_loss'], 4)} |")
+        lines.append(
+            f"| {row['processes']} | {row['threads_each']} | {row['global_batch']} | "
+            f"{fmt(row['tokens_per_s'])} | {fmt(row['train_loss'], 4)} |"
+        )
     return lines + [""]
 
 
 def decode_section(r: dict) -> list[str]:
     lines = ["## Decoding", ""] + header(r)
-    lines += [f"Tokens/s generated ({r['new_tokens']} new tokens per stream, sampling, "
-              f"{r['threads']} threads). Reference GPT: {fmt(r['reference_params'])} parameters. "
-              f"Baseline: Hugging Face `transformers` `generate` on a GPT-2 of the same "
-              f"dimensions, same run (nanoGPT's own sampler, without a KV cache, makes about 430 "
-              f"tok/s for one stream on these machines, per DESIGN.md; not re-measured here).", "",
-              "| streams | lm GPT | transformers GPT-2 | lm / transformers |"
-              + (f" lm {r['lstm']} |" if r.get("lstm") else ""),
-              "|---|---|---|---|" + ("---|" if r.get("lstm") else "")]
+    lines += [
+        f"Tokens/s generated ({r['new_tokens']} new tokens per stream, sampling, "
+        f"{r['threads']} threads). Reference GPT: {fmt(r['reference_params'])} parameters. "
+        f"Baseline: Hugging Face `transformers` `generate` on a GPT-2 of the same "
+        f"dimensions, same run (nanoGPT's own sampler, without a KV cache, makes about 430 "
+        f"tok/s for one stream on these machines, per DESIGN.md; not re-measured here).",
+        "",
+        "| streams | lm GPT | transformers GPT-2 | lm / transformers |"
+        + (f" lm {r['lstm']} |" if r.get("lstm") else ""),
+        "|---|---|---|---|" + ("---|" if r.get("lstm") else ""),
+    ]
     for row in r["rows"]:
-        line = (f"| {row['streams']} | {fmt(row['lm_gpt'])} | {fmt(row.get('hf_gpt2'))} | "
-                f"{fmt(row.get('ratio_vs_hf'), 2)}x |")
+        line = (
+            f"| {row['streams']} | {fmt(row['lm_gpt'])} | {fmt(row.get('hf_gpt2'))} | "
+            f"{fmt(row.get('ratio_vs_hf'), 2)}x |"
+        )
         if r.get("lstm"):
             line += f" {fmt(row.get('lm_lstm'))} |"
         lines.append(line)
@@ -100,23 +132,38 @@ def decode_section(r: dict) -> list[str]:
 
 def serve_section(r: dict) -> list[str]:
     lines = ["## Serving over HTTP", ""] + header(r)
-    lines += ["Reference GPT (4x128 char, block 256) behind `lm serve`, aiohttp clients on the "
-              "same 2 cores, 256 new tokens per request. TTFT and inter-token latency (ITL) are "
-              "measured at the client on streamed chunks.", "",
-              "| clients | stream | requests | failed | tokens/s | TTFT p50 / p99 ms | "
-              "ITL p50 / p99 ms | e2e p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "Reference GPT (4x128 char, block 256) behind `lm serve`, aiohttp clients on the "
+        "same 2 cores, 256 new tokens per request. TTFT and inter-token latency (ITL) are "
+        "measured at the client on streamed chunks.",
+        "",
+        "| clients | stream | requests | failed | tokens/s | TTFT p50 / p99 ms | "
+        "ITL p50 / p99 ms | e2e p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
-        ttft = f"{fmt(row['ttft_p50_ms'], 1)} / {fmt(row['ttft_p99_ms'], 1)}" if row["stream"] else "-"
+        ttft = (
+            f"{fmt(row['ttft_p50_ms'], 1)} / {fmt(row['ttft_p99_ms'], 1)}" if row["stream"] else "-"
+        )
         itl = f"{fmt(row['itl_p50_ms'], 1)} / {fmt(row['itl_p99_ms'], 1)}" if row["stream"] else "-"
-        lines.append(f"| {row['clients']} | {'yes' if row['stream'] else 'no'} | {row['requests']} | "
-                     f"{row['failed']} | {fmt(row['tokens_per_s'])} | {ttft} | {itl} | "
-                     f"{fmt(row['e2e_p50_ms'])} / {fmt(row['e2e_p99_ms'])} |")
+        lines.append(
+            f"| {row['clients']} | {'yes' if row['stream'] else 'no'} | {row['requests']} | "
+            f"{row['failed']} | {fmt(row['tokens_per_s'])} | {ttft} | {itl} | "
+            f"{fmt(row['e2e_p50_ms'])} / {fmt(row['e2e_p99_ms'])} |"
+        )
     memory = r.get("memory", {})
-    labels = {"reference_start_mb": "reference model, at start",
-              "reference_end_mb": "reference model, after the runs above",
-              "default_model_after_64_streams_mb": "shipped default model, after 64 streams"}
-    lines += ["", "Server resident memory: " + "; ".join(
-        f"{labels.get(key, key)} {value:.0f} MB" for key, value in memory.items()) + ".", ""]
+    labels = {
+        "reference_start_mb": "reference model, at start",
+        "reference_end_mb": "reference model, after the runs above",
+        "default_model_after_64_streams_mb": "shipped default model, after 64 streams",
+    }
+    lines += [
+        "",
+        "Server resident memory: "
+        + "; ".join(f"{labels.get(key, key)} {value:.0f} MB" for key, value in memory.items())
+        + ".",
+        "",
+    ]
     if r.get("server_args"):
         lines += [f"Server flags: `{' '.join(r['server_args'])}`.", ""]
     lines += ["![serving throughput](serve_throughput.png)", ""]
@@ -125,43 +172,64 @@ def serve_section(r: dict) -> list[str]:
 
 def locust_section(r: dict, title: str) -> list[str]:
     lines = [f"## {title}", ""] + header(r)
-    lines += [f"`service/locustfile.py` mix (short and long prompts, streaming and not, few-shot, "
-              f"models and health) against `lm serve` with `{r['checkpoint']}`; locust runs on the "
-              f"same 2 cores. {r['users']} users for {r['run_time']}: **{r['requests']:,} requests, "
-              f"{r['failures']} failed**, {r['rps']:.1f} requests/s. Server memory "
-              f"{r['memory_start_mb']:.0f} MB at start, "
-              f"{r['memory_samples'][1][1]:.0f} MB after the first {r['memory_samples'][1][0]:.0f} s "
-              f"of load, {r['memory_end_mb']:.0f} MB at the end "
-              f"(max {r['memory_max_mb']:.0f} MB). Health afterwards: `{r['health_after']}`.", "",
-              "| endpoint | requests | failures | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    lines += [
+        f"`service/locustfile.py` mix (short and long prompts, streaming and not, few-shot, "
+        f"models and health) against `lm serve` with `{r['checkpoint']}`; locust runs on the "
+        f"same 2 cores. {r['users']} users for {r['run_time']}: **{r['requests']:,} requests, "
+        f"{r['failures']} failed**, {r['rps']:.1f} requests/s. Server memory "
+        f"{r['memory_start_mb']:.0f} MB at start, "
+        f"{r['memory_samples'][1][1]:.0f} MB after the first {r['memory_samples'][1][0]:.0f} s "
+        f"of load, {r['memory_end_mb']:.0f} MB at the end "
+        f"(max {r['memory_max_mb']:.0f} MB). Health afterwards: `{r['health_after']}`.",
+        "",
+        "| endpoint | requests | failures | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
     for e in r["endpoints"]:
-        lines.append(f"| {e['type']} {e['name']} | {e['requests']:,} | {e['failures']} | "
-                     f"{e['p50_ms']:.0f} | {e['p99_ms']:.0f} |")
+        lines.append(
+            f"| {e['type']} {e['name']} | {e['requests']:,} | {e['failures']} | "
+            f"{e['p50_ms']:.0f} | {e['p99_ms']:.0f} |"
+        )
     return lines + [""]
 
 
 def engine_section(r: dict) -> list[str]:
     lines = ["## The engine alone", ""] + header(r)
-    lines += [f"{r['streams']} sequences of the reference GPT, {r['new_tokens']} new tokens "
-              "each, prompts of different lengths; each configuration in a fresh process, "
-              "timed on its second run.", "",
-              "| configuration | tokens/s | resident MB |", "|---|---|---|"]
-    lines += [f"| {row['config']} | {fmt(row['tokens_per_s'])} | {fmt(row['rss_mb'])} |"
-              for row in r["rows"]]
+    lines += [
+        f"{r['streams']} sequences of the reference GPT, {r['new_tokens']} new tokens "
+        "each, prompts of different lengths; each configuration in a fresh process, "
+        "timed on its second run.",
+        "",
+        "| configuration | tokens/s | resident MB |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {row['config']} | {fmt(row['tokens_per_s'])} | {fmt(row['rss_mb'])} |"
+        for row in r["rows"]
+    ]
     return lines + [""]
 
 
 def precision_section(r: dict) -> list[str]:
     lines = ["## Generation precision and quality", ""] + header(r)
-    lines += [f"Validation loss (nats per token) of decoding {r['windows']} windows of the "
-              "held-out text: half a context prefilled, the rest decoded token by token "
-              "through the engine's `step`.", "",
-              "| checkpoint | configuration | loss | change |", "|---|---|---|---|"]
+    lines += [
+        f"Validation loss (nats per token) of decoding {r['windows']} windows of the "
+        "held-out text: half a context prefilled, the rest decoded token by token "
+        "through the engine's `step`.",
+        "",
+        "| checkpoint | configuration | loss | change |",
+        "|---|---|---|---|",
+    ]
     for row in r["rows"]:
-        note = "" if row["bf16_prefill_applied"] or "bfloat16 prefill" not in row["config"] \
+        note = (
+            ""
+            if row["bf16_prefill_applied"] or "bfloat16 prefill" not in row["config"]
             else " (no hardware bfloat16: float32 prefill)"
-        lines.append(f"| {row['checkpoint']} | {row['config']}{note} | {row['loss']:.5f} | "
-                     f"{row['delta']:+.5f} |")
+        )
+        lines.append(
+            f"| {row['checkpoint']} | {row['config']}{note} | {row['loss']:.5f} | "
+            f"{row['delta']:+.5f} |"
+        )
     return lines + [""]
 
 
@@ -172,19 +240,30 @@ def fewshot_section(r: dict) -> list[str]:
 
 
 def main() -> None:
-    parts = ["# Benchmarks", "",
-             "Every number here was written by the command shown above its table; the JSON "
-             "behind it is in `bench/results/`. Rebuild this page with `python -m bench.report`. "
-             "Machines are noisy: compare numbers within one run (the ratios), not across runs.", ""]
-    for name, section in (("train", train_section), ("ddp", ddp_section),
-                          ("decode", decode_section),
-                          ("engine", engine_section), ("precision", precision_section),
-                          ("serve", serve_section), ("fewshot", fewshot_section)):
+    parts = [
+        "# Benchmarks",
+        "",
+        "Every number here was written by the command shown above its table; the JSON "
+        "behind it is in `bench/results/`. Rebuild this page with `python -m bench.report`. "
+        "Machines are noisy: compare numbers within one run (the ratios), not across runs.",
+        "",
+    ]
+    for name, section in (
+        ("train", train_section),
+        ("ddp", ddp_section),
+        ("decode", decode_section),
+        ("engine", engine_section),
+        ("precision", precision_section),
+        ("serve", serve_section),
+        ("fewshot", fewshot_section),
+    ):
         result = load(name)
         if result is not None:
             parts += section(result)
-    for name, title in (("locust", "Locust, 100 users for 60 s"),
-                        ("soak", "Soak, 100 users for 5 minutes")):
+    for name, title in (
+        ("locust", "Locust, 100 users for 60 s"),
+        ("soak", "Soak, 100 users for 5 minutes"),
+    ):
         result = load(name)
         if result is not None:
             parts += locust_section(result, title)

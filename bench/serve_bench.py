@@ -49,9 +49,23 @@ def rss_mb(pid: int) -> float:
 
 def start_server(checkpoint: str, port: int, extra: list[str]) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lm", "serve", "--checkpoint", checkpoint, "--port", str(port),
-         "--log-level", "warning", *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     import urllib.request
 
     deadline = time.time() + 60
@@ -76,8 +90,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(session, url: str, model: str, stream: bool, tokens: int, seed: int):
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0,
-            "seed": seed, "stream": stream}
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 1.0,
+        "seed": seed,
+        "stream": stream,
+    }
     start = time.perf_counter()
     arrivals: list[float] = []
     generated = 0
@@ -104,21 +124,26 @@ async def one_request(session, url: str, model: str, stream: bool, tokens: int, 
     return {"ok": True, "start": start, "end": end, "arrivals": arrivals, "tokens": generated}
 
 
-async def run_level(port: int, model: str, clients: int, per_client: int, stream: bool,
-                    tokens: int) -> dict:
+async def run_level(
+    port: int, model: str, clients: int, per_client: int, stream: bool, tokens: int
+) -> dict:
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/v1/completions"
     connector = aiohttp.TCPConnector(limit=clients + 4)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
         async def client(index: int):
-            return [await one_request(session, url, model, stream, tokens, index * 1000 + i)
-                    for i in range(per_client)]
+            return [
+                await one_request(session, url, model, stream, tokens, index * 1000 + i)
+                for i in range(per_client)
+            ]
 
         start = time.perf_counter()
-        results = [r for batch in await asyncio.gather(*(client(i) for i in range(clients)))
-                   for r in batch]
+        results = [
+            r for batch in await asyncio.gather(*(client(i) for i in range(clients))) for r in batch
+        ]
         elapsed = time.perf_counter() - start
     ok = [r for r in results if r["ok"]]
     ttft, itl, e2e = [], [], []
@@ -131,16 +156,22 @@ async def run_level(port: int, model: str, clients: int, per_client: int, stream
             itl.extend(gaps)
     total_tokens = sum(r["tokens"] for r in ok)
     return {
-        "clients": clients, "stream": stream, "requests": len(results),
-        "failed": len(results) - len(ok), "tokens": total_tokens,
-        "seconds": elapsed, "tokens_per_s": total_tokens / elapsed,
+        "clients": clients,
+        "stream": stream,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "tokens": total_tokens,
+        "seconds": elapsed,
+        "tokens_per_s": total_tokens / elapsed,
         "ttft_p50_ms": percentile(ttft, 50) * 1000 if ttft else None,
         "ttft_p99_ms": percentile(ttft, 99) * 1000 if ttft else None,
         "itl_p50_ms": percentile(itl, 50) * 1000 if itl else None,
         "itl_p99_ms": percentile(itl, 99) * 1000 if itl else None,
-        "e2e_p50_ms": percentile(e2e, 50) * 1000, "e2e_p99_ms": percentile(e2e, 99) * 1000,
+        "e2e_p50_ms": percentile(e2e, 50) * 1000,
+        "e2e_p99_ms": percentile(e2e, 99) * 1000,
         "mean_tokens_per_chunk": (total_tokens / max(1, sum(len(r["arrivals"]) for r in ok)))
-        if stream else None,
+        if stream
+        else None,
     }
 
 
@@ -156,9 +187,18 @@ def plot(rows: list[dict], path: Path) -> None:
         label = "streaming" if stream else "non-streaming"
         left.plot([r["clients"] for r in sel], [r["tokens_per_s"] for r in sel], "o-", label=label)
         if stream:
-            right.plot([r["clients"] for r in sel], [r["itl_p50_ms"] for r in sel], "o-", label="ITL p50")
-            right.plot([r["clients"] for r in sel], [r["itl_p99_ms"] for r in sel], "o-", label="ITL p99")
-            right.plot([r["clients"] for r in sel], [r["ttft_p50_ms"] for r in sel], "s--", label="TTFT p50")
+            right.plot(
+                [r["clients"] for r in sel], [r["itl_p50_ms"] for r in sel], "o-", label="ITL p50"
+            )
+            right.plot(
+                [r["clients"] for r in sel], [r["itl_p99_ms"] for r in sel], "o-", label="ITL p99"
+            )
+            right.plot(
+                [r["clients"] for r in sel],
+                [r["ttft_p50_ms"] for r in sel],
+                "s--",
+                label="TTFT p50",
+            )
     left.set_xlabel("concurrent clients")
     left.set_ylabel("generated tokens/s (all clients)")
     left.set_xscale("log", base=2)
@@ -179,9 +219,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,8,32,64")
-    parser.add_argument("--requests-per-client", type=int, default=4,
-                        help="requests each client sends one after another (at 64 clients, 4 "
-                             "make a run of about 3 seconds: shorter runs are noisy here)")
+    parser.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=4,
+        help="requests each client sends one after another (at 64 clients, 4 "
+        "make a run of about 3 seconds: shorter runs are noisy here)",
+    )
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--server-args", default="", help="extra `lm serve` flags")
     args = parser.parse_args()
@@ -192,8 +236,16 @@ def main() -> None:
         directory = Path(tmp) / "reference-gpt"
         tokenizer = CharTokenizer.train(text)
         torch.manual_seed(0)
-        model = build_model(ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=4,
-                                        n_head=4, n_embd=128, block_size=256))
+        model = build_model(
+            ModelConfig(
+                kind="gpt",
+                vocab_size=tokenizer.vocab_size,
+                n_layer=4,
+                n_head=4,
+                n_embd=128,
+                block_size=256,
+            )
+        )
         save_checkpoint(directory, model, tokenizer, {})
         port = free_port()
         server = start_server(str(directory), port, extra)
@@ -203,11 +255,21 @@ def main() -> None:
             asyncio.run(run_level(port, "reference-gpt", 2, 1, False, 16))  # warm-up
             for stream in (False, True):
                 for clients in levels:
-                    row = asyncio.run(run_level(port, "reference-gpt", clients,
-                                                args.requests_per_client, stream, args.tokens))
+                    row = asyncio.run(
+                        run_level(
+                            port,
+                            "reference-gpt",
+                            clients,
+                            args.requests_per_client,
+                            stream,
+                            args.tokens,
+                        )
+                    )
                     rows.append(row)
-                    print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
-                          flush=True)
+                    print(
+                        {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()},
+                        flush=True,
+                    )
             memory["reference_end_mb"] = rss_mb(server.pid)
         finally:
             server.terminate()
@@ -223,12 +285,22 @@ def main() -> None:
         server.wait(timeout=60)
     print(memory)
     plot(rows, ROOT / "docs" / "serve_throughput.png")
-    save_result("serve", {
-        "command": "python -m bench.serve_bench " + " ".join(
-            f"--{k.replace('_', '-')} {v!r}" for k, v in vars(args).items() if v not in ("", None)),
-        "server_args": extra, "levels": levels, "rows": rows, "memory": memory,
-        "cpu_count": os.cpu_count(),
-    })
+    save_result(
+        "serve",
+        {
+            "command": "python -m bench.serve_bench "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v!r}"
+                for k, v in vars(args).items()
+                if v not in ("", None)
+            ),
+            "server_args": extra,
+            "levels": levels,
+            "rows": rows,
+            "memory": memory,
+            "cpu_count": os.cpu_count(),
+        },
+    )
 
 
 if __name__ == "__main__":

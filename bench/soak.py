@@ -45,13 +45,32 @@ def main() -> None:
     out = ROOT / "runs" / args.name
     try:
         completed = subprocess.run(
-            [sys.executable, "-m", "lm", "loadtest", "--host", f"http://127.0.0.1:{port}",
-             "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
-             "--run-time", args.run_time, "--out", str(out), "--model", args.checkpoint],
-            cwd=ROOT, capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "lm",
+                "loadtest",
+                "--host",
+                f"http://127.0.0.1:{port}",
+                "--users",
+                str(args.users),
+                "--spawn-rate",
+                str(args.spawn_rate),
+                "--run-time",
+                args.run_time,
+                "--out",
+                str(out),
+                "--model",
+                args.checkpoint,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         print(completed.stdout, completed.stderr, sep="\n")
         health_after = subprocess.run(
-            ["curl", "-s", f"http://127.0.0.1:{port}/health"], capture_output=True, text=True).stdout
+            ["curl", "-s", f"http://127.0.0.1:{port}/health"], capture_output=True, text=True
+        ).stdout
     finally:
         done.set()
         sampler.join()
@@ -60,20 +79,34 @@ def main() -> None:
     with open(out / "locust_stats.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     total = next(r for r in rows if r["Name"] == "Aggregated")
-    endpoints = [{"name": r["Name"], "type": r["Type"], "requests": int(r["Request Count"]),
-                  "failures": int(r["Failure Count"]), "p50_ms": float(r["50%"]),
-                  "p99_ms": float(r["99%"]), "rps": float(r["Requests/s"])}
-                 for r in rows if r["Name"] != "Aggregated"]
+    endpoints = [
+        {
+            "name": r["Name"],
+            "type": r["Type"],
+            "requests": int(r["Request Count"]),
+            "failures": int(r["Failure Count"]),
+            "p50_ms": float(r["50%"]),
+            "p99_ms": float(r["99%"]),
+            "rps": float(r["Requests/s"]),
+        }
+        for r in rows
+        if r["Name"] != "Aggregated"
+    ]
     result = {
         "command": f"python -m bench.soak --users {args.users} --run-time {args.run_time} "
-                   f"--name {args.name}",
-        "users": args.users, "run_time": args.run_time, "checkpoint": args.checkpoint,
-        "requests": int(total["Request Count"]), "failures": int(total["Failure Count"]),
-        "rps": float(total["Requests/s"]), "endpoints": endpoints,
+        f"--name {args.name}",
+        "users": args.users,
+        "run_time": args.run_time,
+        "checkpoint": args.checkpoint,
+        "requests": int(total["Request Count"]),
+        "failures": int(total["Failure Count"]),
+        "rps": float(total["Requests/s"]),
+        "endpoints": endpoints,
         "memory_start_mb": samples[0][1] if samples else None,
         "memory_end_mb": samples[-1][1] if samples else None,
         "memory_max_mb": max(m for _, m in samples) if samples else None,
-        "memory_samples": samples, "health_after": health_after.strip(),
+        "memory_samples": samples,
+        "health_after": health_after.strip(),
         "loadtest_exit": completed.returncode,
     }
     save_result(args.name, result)

@@ -41,8 +41,9 @@ class PlainBlock(nn.Module):
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
+        )
 
     def forward(self, x):
         batch, time_, channels = x.shape
@@ -83,7 +84,11 @@ def plain_loop(train_ids, val_ids, vocab_size, steps, lr, seed=1337):
         warm = lr * (step + 1) / 100
         progress = (step - 100) / max(1, steps - 100)
         for group in optimizer.param_groups:
-            group["lr"] = warm if step < 100 else lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
+            group["lr"] = (
+                warm
+                if step < 100
+                else lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
+            )
         x, y = random_windows(train_ids, 64, 12, generator)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -99,9 +104,15 @@ def plain_loop(train_ids, val_ids, vocab_size, steps, lr, seed=1337):
         ys = val_ids[1 : n * 64 + 1].view(n, 64)
         for i in range(0, n, 64):
             logits = model(xs[i : i + 64])
-            total += F.cross_entropy(logits.flatten(0, 1), ys[i : i + 64].flatten(), reduction="sum").item()
+            total += F.cross_entropy(
+                logits.flatten(0, 1), ys[i : i + 64].flatten(), reduction="sum"
+            ).item()
             count += ys[i : i + 64].numel()
-    return {"val_loss": total / count, "seconds": elapsed, "tokens_per_s": steps * 64 * 12 / elapsed}
+    return {
+        "val_loss": total / count,
+        "seconds": elapsed,
+        "tokens_per_s": steps * 64 * 12 / elapsed,
+    }
 
 
 # -- lm's trainer ------------------------------------------------------------------------
@@ -117,9 +128,15 @@ def lm_run(corpus: Path, out: Path, **settings) -> dict:
     tokens = steps * config.batch_size * config.block_size
     result = evaluate(trainer.model, trainer.val_ids, trainer.val_chars)
     train_seconds = trainer.elapsed - trainer.eval_seconds
-    return {"val_loss": result["loss"], "val_bpc": result["bpc"], "seconds": elapsed,
-            "train_seconds": train_seconds, "tokens_per_s": tokens / train_seconds,
-            "params": trainer.model.num_params(), "steps": steps}
+    return {
+        "val_loss": result["loss"],
+        "val_bpc": result["bpc"],
+        "seconds": elapsed,
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens / train_seconds,
+        "params": trainer.model.num_params(),
+        "steps": steps,
+    }
 
 
 def steps_for_budget(corpus: Path, budget: float, **settings) -> int:
@@ -155,41 +172,69 @@ def main() -> None:
     text = corpus.read_text(encoding="utf-8")
     train_text, val_text = split_text(text)
     tokenizer = CharTokenizer.train(train_text)
-    train_ids, val_ids = to_tensor(tokenizer.encode(train_text)), to_tensor(tokenizer.encode(val_text))
+    train_ids, val_ids = (
+        to_tensor(tokenizer.encode(train_text)),
+        to_tensor(tokenizer.encode(val_text)),
+    )
 
-    reference = {"tokenizer": "char", "model": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128,
-                 "block_size": 64, "batch_size": 12, "lr": 1e-3, "warmup_steps": 100,
-                 "max_steps": args.steps, "threads": args.threads}
+    reference = {
+        "tokenizer": "char",
+        "model": "gpt",
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 128,
+        "block_size": 64,
+        "batch_size": 12,
+        "lr": 1e-3,
+        "warmup_steps": 100,
+        "max_steps": args.steps,
+        "threads": args.threads,
+    }
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows["plain_pytorch"] = plain_loop(train_ids, val_ids, tokenizer.vocab_size, args.steps, 1e-3)
+        rows["plain_pytorch"] = plain_loop(
+            train_ids, val_ids, tokenizer.vocab_size, args.steps, 1e-3
+        )
         print("plain", rows["plain_pytorch"], flush=True)
         rows["lm_same_recipe"] = lm_run(corpus, Path(tmp) / "same", **reference)
         print("lm", rows["lm_same_recipe"], flush=True)
         # Same wall-clock as the plain loop, better recipe: higher peak learning rate and
         # larger batches of the same windows.
         tuned = dict(reference, lr=3e-3, batch_size=24, warmup_steps=50)
-        tuned["max_steps"] = steps_for_budget(corpus, rows["plain_pytorch"]["seconds"],
-                                              **{k: v for k, v in tuned.items() if k != "max_steps"})
+        tuned["max_steps"] = steps_for_budget(
+            corpus,
+            rows["plain_pytorch"]["seconds"],
+            **{k: v for k, v in tuned.items() if k != "max_steps"},
+        )
         rows["lm_tuned_same_time"] = lm_run(corpus, Path(tmp) / "tuned", **tuned)
         rows["lm_tuned_same_time"]["recipe"] = tuned
         print("lm tuned", rows["lm_tuned_same_time"], flush=True)
         kinds = {}
         if not args.skip_kinds:
             for kind, settings in KINDS.items():
-                common = {"tokenizer": "char", "batch_size": 32, "warmup_steps": 20,
-                          "threads": args.threads, **settings}
+                common = {
+                    "tokenizer": "char",
+                    "batch_size": 32,
+                    "warmup_steps": 20,
+                    "threads": args.threads,
+                    **settings,
+                }
                 steps = steps_for_budget(corpus, args.budget, **common)
                 kinds[kind] = lm_run(corpus, Path(tmp) / kind, max_steps=steps, **common)
                 kinds[kind]["settings"] = common
                 print(kind, kinds[kind], flush=True)
-    save_result("train", {
-        "command": f"python -m bench.train_bench --steps {args.steps} --budget {args.budget} "
-                   f"--threads {args.threads}",
-        "reference": reference, "rows": rows, "kinds": kinds,
-        "throughput_ratio_lm_vs_plain": rows["lm_same_recipe"]["tokens_per_s"]
-        / rows["plain_pytorch"]["tokens_per_s"],
-    })
+    save_result(
+        "train",
+        {
+            "command": f"python -m bench.train_bench --steps {args.steps} --budget {args.budget} "
+            f"--threads {args.threads}",
+            "reference": reference,
+            "rows": rows,
+            "kinds": kinds,
+            "throughput_ratio_lm_vs_plain": rows["lm_same_recipe"]["tokens_per_s"]
+            / rows["plain_pytorch"]["tokens_per_s"],
+        },
+    )
 
 
 if __name__ == "__main__":

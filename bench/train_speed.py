@@ -19,10 +19,28 @@ from pathlib import Path
 from bench.common import corpus_path, save_result
 from lm.train import TrainConfig, Trainer
 
-SHAPE = dict(model="gpt", tokenizer="char", n_layer=6, n_head=6, n_embd=192, block_size=128,
-             batch_size=32, dropout=0.1, lr=2e-3, min_lr=1e-4, warmup_steps=20)
-MODERN = dict(position="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu",
-              tie_embeddings=False, zero_init_proj=True, optimizer="muon")
+SHAPE = dict(
+    model="gpt",
+    tokenizer="char",
+    n_layer=6,
+    n_head=6,
+    n_embd=192,
+    block_size=128,
+    batch_size=32,
+    dropout=0.1,
+    lr=2e-3,
+    min_lr=1e-4,
+    warmup_steps=20,
+)
+MODERN = dict(
+    position="rope",
+    norm="rmsnorm",
+    qk_norm=True,
+    mlp="swiglu",
+    tie_embeddings=False,
+    zero_init_proj=True,
+    optimizer="muon",
+)
 VARIANTS = {
     "float32": {"dtype": "float32"},
     "bfloat16": {"dtype": "bfloat16"},
@@ -35,36 +53,54 @@ VARIANTS = {
 
 def run(name: str, steps: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(corpus=[str(corpus_path())], out=str(Path(tmp) / name), **SHAPE,
-                             **VARIANTS[name], max_steps=steps, eval_interval=steps,
-                             eval_tokens=16384, threads=threads, seed=1337)
+        config = TrainConfig(
+            corpus=[str(corpus_path())],
+            out=str(Path(tmp) / name),
+            **SHAPE,
+            **VARIANTS[name],
+            max_steps=steps,
+            eval_interval=steps,
+            eval_tokens=16384,
+            threads=threads,
+            seed=1337,
+        )
         trainer = Trainer(config, progress=False)
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-        records = [json.loads(line) for line in
-                   (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()
+        ]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     rates = rates[1:] or rates  # the first window holds start-up costs
     train = [r["train_loss"] for r in records if "train_loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    return {"variant": name, "steps": steps, "tokens_per_s": round(sum(rates) / len(rates)),
-            "train_loss": round(train[-1], 4), "val_loss": round(val[-1], 4),
-            "wall_s": round(wall, 1)}
+    return {
+        "variant": name,
+        "steps": steps,
+        "tokens_per_s": round(sum(rates) / len(rates)),
+        "train_loss": round(train[-1], 4),
+        "val_loss": round(val[-1], 4),
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="float32,bfloat16,compile,modern-float32,"
-                                                "modern-bfloat16")
+    parser.add_argument(
+        "--variants", default="float32,bfloat16,compile,modern-float32,modern-bfloat16"
+    )
     args = parser.parse_args()
     rows = []
     for name in args.variants.split(","):
         rows.append(run(name, args.steps, args.threads))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"written {save_result('train_speed', {'steps': args.steps, 'threads': args.threads, 'rows': rows})}")
+    print(
+        f"written {save_result('train_speed', {'steps': args.steps, 'threads': args.threads, 'rows': rows})}"
+    )
 
 
 if __name__ == "__main__":

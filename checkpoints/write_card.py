@@ -29,10 +29,14 @@ def cpu_name() -> str:
 
 def describe_model(model: dict) -> str:
     if model["kind"] == "gpt":
-        return (f"GPT: {model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, "
-                f"context {model['block_size']} tokens, dropout {model['dropout']}")
-    return (f"{model['kind'].upper()}: {model['n_layer']} layers of {model['n_embd']} units, "
-            f"trained on {model['block_size']}-token BPTT windows, dropout {model['dropout']}")
+        return (
+            f"GPT: {model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, "
+            f"context {model['block_size']} tokens, dropout {model['dropout']}"
+        )
+    return (
+        f"{model['kind'].upper()}: {model['n_layer']} layers of {model['n_embd']} units, "
+        f"trained on {model['block_size']}-token BPTT windows, dropout {model['dropout']}"
+    )
 
 
 def fewshot_section(name: str) -> list[str]:
@@ -56,12 +60,18 @@ def fewshot_section(name: str) -> list[str]:
         "|---|" + "---|" * len(shots),
     ]
     for key, label in (*categories.items(), ("overall", "all")):
-        lines.append(f"| {label} | "
-                     + " | ".join(f"{100 * mine[s][key]:.1f}%" for s in shots) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{100 * mine[s][key]:.1f}%" for s in shots) + " |"
+        )
     lines.append("")
     for key in categories:
-        lines.append(f"Per task at {shots[-1]} shots, {key}: " + ", ".join(
-            f"{task} {100 * value:.0f}%" for task, value in last["per_task"][key].items()) + ".")
+        lines.append(
+            f"Per task at {shots[-1]} shots, {key}: "
+            + ", ".join(
+                f"{task} {100 * value:.0f}%" for task, value in last["per_task"][key].items()
+            )
+            + "."
+        )
         lines.append("")
     return lines
 
@@ -76,10 +86,15 @@ def write_card(name: str, description: str = "") -> Path:
     training = meta["training"]
     settings = training.get("settings", {})
     tokens_per_step = settings.get("batch_size", 0) * settings.get("block_size", 0)
-    prompt = {"fewshot": "cat => tac\nstone => enots\nplover => "}.get(name.split("-")[0], "ROMEO:\n")
+    prompt = {"fewshot": "cat => tac\nstone => enots\nplover => "}.get(
+        name.split("-")[0], "ROMEO:\n"
+    )
     checkpoint = load_checkpoint(directory)
-    sample = Generator(checkpoint).complete(
-        [prompt], SamplingParams(max_new_tokens=300, temperature=0.8, top_k=0, seed=0))[0].text
+    sample = (
+        Generator(checkpoint)
+        .complete([prompt], SamplingParams(max_new_tokens=300, temperature=0.8, top_k=0, seed=0))[0]
+        .text
+    )
     minutes = training.get("train_seconds", 0) / 60
     # A v2 recipe, where there is one, is the one the shipped weights came from.
     recipe = "recipe-v2.toml" if (directory / "recipe-v2.toml").is_file() else "recipe.toml"
@@ -87,8 +102,9 @@ def write_card(name: str, description: str = "") -> Path:
     lines = [
         f"# {name}",
         "",
-        description or f"A {meta['tokenizer']['kind']}-level {meta['model']['kind'].upper()} "
-                       f"trained on {corpus}.",
+        description
+        or f"A {meta['tokenizer']['kind']}-level {meta['model']['kind'].upper()} "
+        f"trained on {corpus}.",
         "",
         "| | |",
         "|---|---|",
@@ -110,7 +126,8 @@ def write_card(name: str, description: str = "") -> Path:
         "",
         f"Reproduce: `lm train --config checkpoints/{name}/{recipe}` (see `{recipe}`).",
         f"Check: `lm eval --checkpoint {name} --corpus data/{corpus}`."
-        if name.startswith("shakespeare") else "",
+        if name.startswith("shakespeare")
+        else "",
         "",
         f"Sample (`temperature 0.8, seed 0`, prompt {prompt!r}):",
         "",

@@ -45,11 +45,16 @@ class ChatTemplate:
         template fails (a template may refuse a conversation with `raise_exception`)."""
         try:
             template = _environment().from_string(self.source)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token, eos_token=self.eos_token)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
         except TemplateError as exc:
-            raise LMError(f"the chat template failed on these messages: {exc}",
-                          param="messages") from None
+            raise LMError(
+                f"the chat template failed on these messages: {exc}", param="messages"
+            ) from None
 
 
 def load_chat_template(directory: Path, meta: dict | None = None) -> ChatTemplate:

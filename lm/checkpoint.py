@@ -61,7 +61,9 @@ def resolve(name_or_dir: str | Path) -> Path:
     if "/" not in str(name_or_dir) and shipped.is_dir():
         return shipped
     names = ", ".join(shipped_checkpoints()) or "none"
-    raise LMError(f"no checkpoint {str(name_or_dir)!r}: not a directory nor a shipped name ({names})")
+    raise LMError(
+        f"no checkpoint {str(name_or_dir)!r}: not a directory nor a shipped name ({names})"
+    )
 
 
 @dataclass
@@ -90,17 +92,20 @@ def read_config(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LMError(f"{path}: damaged ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LMError(f"{path}: not an lm checkpoint config (no \"format\": \"{FORMAT}\")")
+        raise LMError(f'{path}: not an lm checkpoint config (no "format": "{FORMAT}")')
     if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("tokenizer"), dict):
-        raise LMError(f"{path}: missing the \"model\" or \"tokenizer\" section")
+        raise LMError(f'{path}: missing the "model" or "tokenizer" section')
     return meta
 
 
 def describe_checkpoint(directory: Path) -> dict:
     """What `lm checkpoints` shows: kinds, size on disk (serving files only) and val loss."""
     meta = read_config(directory)
-    size = sum(p.stat().st_size for p in directory.iterdir()  # what serving needs
-               if p.is_file() and p.name != TRAIN_STATE_FILE)
+    size = sum(
+        p.stat().st_size
+        for p in directory.iterdir()  # what serving needs
+        if p.is_file() and p.name != TRAIN_STATE_FILE
+    )
     training = meta.get("training", {})
     return {
         "name": directory.name,
@@ -140,24 +145,32 @@ def check_weights(state: dict[str, torch.Tensor], model: torch.nn.Module, weight
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise LMError(f"{weights}: does not match config.json: unexpected tensor "
-                      f"{unexpected[0]!r} (the model has no such weight)")
+        raise LMError(
+            f"{weights}: does not match config.json: unexpected tensor "
+            f"{unexpected[0]!r} (the model has no such weight)"
+        )
     for group in _tied_groups(expected):  # safetensors keeps one name of tied weights
         if not any(name in state for name in group):
             raise LMError(f"{weights}: does not match config.json: missing tensor {group[0]!r}")
     for name, tensor in state.items():
         want = expected[name]
         if tensor.shape != want.shape:
-            raise LMError(f"{weights}: does not match config.json: tensor {name!r} has shape "
-                          f"{list(tensor.shape)}, the model built from config.json has "
-                          f"{list(want.shape)}")
+            raise LMError(
+                f"{weights}: does not match config.json: tensor {name!r} has shape "
+                f"{list(tensor.shape)}, the model built from config.json has "
+                f"{list(want.shape)}"
+            )
         if want.is_floating_point() != tensor.is_floating_point() or (
-                not want.is_floating_point() and tensor.dtype != want.dtype):
-            raise LMError(f"{weights}: tensor {name!r} has dtype {_dtype(tensor)}, "
-                          f"expected {_dtype(want)}")
+            not want.is_floating_point() and tensor.dtype != want.dtype
+        ):
+            raise LMError(
+                f"{weights}: tensor {name!r} has dtype {_dtype(tensor)}, expected {_dtype(want)}"
+            )
         if tensor.is_floating_point() and not _all_finite(tensor):
-            raise LMError(f"{weights}: tensor {name!r} {_describe_nonfinite(tensor)}; the "
-                          "weights are corrupt (retrain, or restore a good copy)")
+            raise LMError(
+                f"{weights}: tensor {name!r} {_describe_nonfinite(tensor)}; the "
+                "weights are corrupt (retrain, or restore a good copy)"
+            )
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -295,8 +308,7 @@ def _write_file(path: Path, data) -> None:
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # Libraries that wrap the OSError keep only its text (safetensors: "... (os error 28)").
-_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28",
-                    "os error 122")
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
 
 
 class DiskFull(LMError):

@@ -91,9 +91,16 @@ class WindowSampler:
     together they read exactly the windows one process with the global batch would.
     """
 
-    def __init__(self, data: TokenArray, block_size: int, batch_size: int,
-                 generator: torch.Generator, rank: int = 0, world_size: int = 1,
-                 accum_steps: int = 1):
+    def __init__(
+        self,
+        data: TokenArray,
+        block_size: int,
+        batch_size: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+    ):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self.accum_steps = accum_steps

@@ -46,15 +46,19 @@ def serving_threads(threads: int | None) -> int:
     return count
 
 
-def resolve_kv_cache_dtype(model: torch.nn.Module, device: torch.device,
-                           requested: str = "auto") -> torch.dtype | None:
+def resolve_kv_cache_dtype(
+    model: torch.nn.Module, device: torch.device, requested: str = "auto"
+) -> torch.dtype | None:
     """The KV cache dtype a GPT gets for `requested` (None for models without a cache)."""
     if getattr(model, "context_size", None) is None:
         return None
     if requested != "auto":
         return getattr(torch, requested)
     model_dtype = next(model.parameters()).dtype
-    if (device.type == "cpu" and model_dtype == torch.float32
-            and native.decode_attention() is not None):
+    if (
+        device.type == "cpu"
+        and model_dtype == torch.float32
+        and native.decode_attention() is not None
+    ):
         return torch.bfloat16
     return model_dtype

@@ -78,16 +78,25 @@ _ids = itertools.count()
 class Sequence:
     """One request's generation: its tokens, text, stop handling and delivery."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 sink: Callable[[Output], None] | None, stream: bool, stream_interval: int = 1,
-                 adapter: int = 0):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        sink: Callable[[Output], None] | None,
+        stream: bool,
+        stream_interval: int = 1,
+        adapter: int = 0,
+    ):
         if not prompt_ids:
             raise LMError("the prompt must hold at least one token")
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.adapter = adapter  # the LoRA adapter its rows use (lm.lora; 0: the base model)
-        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.seed = (
+            params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        )
         self.rng = random.Random(self.seed)  # this request's own draws, whatever its batch
         self.sink = sink
         self.stream = stream
@@ -123,8 +132,9 @@ class Sequence:
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
-    def add_token(self, token_id: int, logprob: float | None, top: list | None,
-                  now: float) -> Output | None:
+    def add_token(
+        self, token_id: int, logprob: float | None, top: list | None, now: float
+    ) -> Output | None:
         """Record a sampled token; return an output to deliver now, if any."""
         if self.first_token_at is None:
             self.first_token_at = now
@@ -145,8 +155,11 @@ class Sequence:
             self.finish_reason = "length"
         if self.finish_reason is not None:
             return self._output(len(self.text), now)
-        if (self.stream and len(self.text) - hold > self.sent_chars
-                and len(self.generated) - self.sent_tokens >= self.stream_interval):
+        if (
+            self.stream
+            and len(self.text) - hold > self.sent_chars
+            and len(self.generated) - self.sent_tokens >= self.stream_interval
+        ):
             return self._output(len(self.text) - hold, now)
         return None
 
@@ -182,26 +195,43 @@ class Sequence:
                 "prompt_tokens": len(self.prompt_ids),
                 "completion_tokens": len(self.generated),
             }
-        return Output(text, tokens, logprobs, self.finish_reason, top_logprobs=top, timings=timings,
-                      prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top,
-                      error=self.error)
+        return Output(
+            text,
+            tokens,
+            logprobs,
+            self.finish_reason,
+            top_logprobs=top,
+            timings=timings,
+            prompt_logprobs=prompt_logprobs,
+            prompt_top_logprobs=prompt_top,
+            error=self.error,
+        )
 
 
 class Engine:
     """Continuous batching over one model. Thread-safe `submit`; one thread runs `step`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int = 64,
-                 max_queue: int = 256, device: torch.device | str | None = None,
-                 notify: Callable[[list[tuple[Sequence, Output]]], None] | None = None,
-                 threads: int | None = None, kv_cache_dtype: str = "auto",
-                 stream_interval: int = 1):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        max_batch: int = 64,
+        max_queue: int = 256,
+        device: torch.device | str | None = None,
+        notify: Callable[[list[tuple[Sequence, Output]]], None] | None = None,
+        threads: int | None = None,
+        kv_cache_dtype: str = "auto",
+        stream_interval: int = 1,
+    ):
         if max_batch < 1:
             raise LMError("max_batch must be at least 1")
         if stream_interval < 1:
             raise LMError(f"stream_interval must be at least 1, got {stream_interval}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise LMError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                          f"got {kv_cache_dtype!r}")
+            raise LMError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {kv_cache_dtype!r}"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -212,12 +242,16 @@ class Engine:
         self.stream_interval = stream_interval
         self.context_size: int | None = getattr(model, "context_size", None)
         if kv_cache_dtype != "auto" and self.context_size is None:
-            raise LMError("kv_cache_dtype applies to GPT models only (recurrent models keep "
-                          "a hidden state, not a KV cache)")
+            raise LMError(
+                "kv_cache_dtype applies to GPT models only (recurrent models keep "
+                "a hidden state, not a KV cache)"
+            )
         if self.context_size is not None and self.device.type == "cpu":
             native.decode_attention()  # built now (once per machine), not in the first step
         self.kv_cache_dtype = resolve_kv_cache_dtype(model, self.device, kv_cache_dtype)
-        self._cache_dtype = {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
+        self._cache_dtype = (
+            {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
+        )
         self.state = model.init_state(max_batch, self.device, **self._cache_dtype)
         config = getattr(model, "config", None)
         self.vocab_size: int = getattr(config, "vocab_size", None) or tokenizer.vocab_size
@@ -233,30 +267,48 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               sink: Callable[[Output], None] | None = None, stream: bool = False,
-               adapter: int = 0) -> Sequence:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[Output], None] | None = None,
+        stream: bool = False,
+        adapter: int = 0,
+    ) -> Sequence:
         """Queue a request (with `adapter`, one of the model's LoRA adapters, 1-based).
         Raises QueueFull when `max_queue` requests already wait."""
         params.validate()
         if any(not 0 <= i < self.vocab_size for i in prompt_ids):
             raise LMError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         if any(i >= self.vocab_size for i in params.logit_bias):
-            raise LMError(f"logit_bias token ids must be below {self.vocab_size}",
-                          param="logit_bias")
-        if (params.prompt_logprobs is not None and self.context_size is not None
-                and len(prompt_ids) > self.context_size):
-            raise LMError(f"prompt log-probabilities need the prompt within the model's context "
-                          f"({self.context_size} tokens), got {len(prompt_ids)}", param="prompt")
+            raise LMError(
+                f"logit_bias token ids must be below {self.vocab_size}", param="logit_bias"
+            )
+        if (
+            params.prompt_logprobs is not None
+            and self.context_size is not None
+            and len(prompt_ids) > self.context_size
+        ):
+            raise LMError(
+                f"prompt log-probabilities need the prompt within the model's context "
+                f"({self.context_size} tokens), got {len(prompt_ids)}",
+                param="prompt",
+            )
         if not 0 <= adapter <= getattr(self.model, "adapter_count", 0):
-            raise LMError(f"adapter {adapter}: the model serves "
-                          f"{getattr(self.model, 'adapter_count', 0)} adapters")
+            raise LMError(
+                f"adapter {adapter}: the model serves "
+                f"{getattr(self.model, 'adapter_count', 0)} adapters"
+            )
         if adapter and params.prompt_logprobs is not None:  # scoring runs the base's forward
-            raise LMError("prompt log-probabilities (echo with logprobs) are not available for "
-                          "LoRA adapters yet; score with the base model or a merged checkpoint "
-                          "(lm merge)", param="echo")
-        seq = Sequence(prompt_ids, params, self.tokenizer, sink, stream, self.stream_interval,
-                       adapter)
+            raise LMError(
+                "prompt log-probabilities (echo with logprobs) are not available for "
+                "LoRA adapters yet; score with the base model or a merged checkpoint "
+                "(lm merge)",
+                param="echo",
+            )
+        seq = Sequence(
+            prompt_ids, params, self.tokenizer, sink, stream, self.stream_interval, adapter
+        )
         with self._lock:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")
@@ -376,8 +428,9 @@ class Engine:
         if "adapter" in state:  # the rows' LoRA adapters, moved with the rows from now on
             state["adapter"].copy_(torch.tensor([self.active[row].adapter for row in rows]))
         if group[0][1]:
-            ids = torch.tensor([context for _, context in group], dtype=torch.long,
-                               device=self.device)
+            ids = torch.tensor(
+                [context for _, context in group], dtype=torch.long, device=self.device
+            )
             _, new_state = self.model.step(ids, state)
             _write_back(state, new_state)
         if index is not None:
@@ -387,8 +440,9 @@ class Engine:
     def _decode(self, events) -> None:
         n = len(self.active)
         if self.context_size is not None:
-            full = [row for row, seq in enumerate(self.active)
-                    if seq.cached + 1 > self.context_size]
+            full = [
+                row for row, seq in enumerate(self.active) if seq.cached + 1 > self.context_size
+            ]
             shifts = max(1, PREFILL_TOKENS // max(1, self.context_size // 2))
             if len(full) > shifts:  # more context shifts than one step's prefill allows:
                 n = self._sit_out(full[shifts:])  # the rest wait at the end of the batch
@@ -405,8 +459,9 @@ class Engine:
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
         tokens = sample(logits, self.sampling.batch(n, uniform))
         self.sampling.record(tokens)
-        top_k = max((s.params.logprobs for s in active if s.params.logprobs is not None),
-                    default=None)
+        top_k = max(
+            (s.params.logprobs for s in active if s.params.logprobs is not None), default=None
+        )
         chosen, top = None, None
         if top_k is not None:
             chosen_t, top_values, top_ids = token_logprobs(logits, tokens, top_k)

@@ -20,19 +20,23 @@ class Example:
 def _split_template(template: str) -> tuple[str, str, str]:
     """The template's text before {input}, between {input} and {output}, and after {output}."""
     if template.count("{input}") != 1 or template.count("{output}") != 1:
-        raise LMError("a few-shot template must hold {input} and {output} once each",
-                      param="template")
+        raise LMError(
+            "a few-shot template must hold {input} and {output} once each", param="template"
+        )
     head, rest = template.split("{input}")
     if "{output}" not in rest:
         raise LMError("a few-shot template must put {input} before {output}", param="template")
     middle, tail = rest.split("{output}")
     if not middle:
-        raise LMError("a few-shot template needs a separator between {input} and {output}",
-                      param="template")
+        raise LMError(
+            "a few-shot template needs a separator between {input} and {output}", param="template"
+        )
     return head, middle, tail
 
 
-def build_prompt(examples: list[Example], query: str, template: str = DEFAULT_TEMPLATE) -> tuple[str, list[str]]:
+def build_prompt(
+    examples: list[Example], query: str, template: str = DEFAULT_TEMPLATE
+) -> tuple[str, list[str]]:
     """The prompt (every example, then the query up to where its output begins) and the
     default stop sequence: the template's line end, so generation ends with the answer."""
     head, middle, tail = _split_template(template)
@@ -75,7 +79,9 @@ def load_examples(path: str | Path) -> list[Example]:
             item = json.loads(line)
             examples.append(Example(str(item["input"]), str(item["output"])))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LMError(f"--examples {path}, line {number}: expected {{\"input\", \"output\"}}") from exc
+            raise LMError(
+                f'--examples {path}, line {number}: expected {{"input", "output"}}'
+            ) from exc
     if not examples:
         raise LMError(f"--examples {path}: no examples")
     return examples

@@ -34,8 +34,10 @@ def describe_unknowns(counts: Counter, total: int, mode: str, unit: str) -> str:
     """One line for the user: how many, which, and what happens to them."""
     examples = ", ".join(repr(token) for token, _ in counts.most_common(8))
     action = "mapped to <unk>" if mode == "map" else "dropped"
-    return (f"{sum(counts.values()):,} of {total:,} {unit}s ({len(counts)} distinct) are not in "
-            f"the parent's vocabulary, e.g. {examples}: {action} (--unknown map|drop)")
+    return (
+        f"{sum(counts.values()):,} of {total:,} {unit}s ({len(counts)} distinct) are not in "
+        f"the parent's vocabulary, e.g. {examples}: {action} (--unknown map|drop)"
+    )
 
 
 def encode_corpus(tokenizer: Tokenizer, text: str, mode: str) -> tuple[list[int], Counter]:

@@ -34,14 +34,16 @@ class Generator:
 
     def __init__(self, checkpoint: Checkpoint, max_batch: int = 64):
         self.checkpoint = checkpoint
-        self.engine = Engine(checkpoint.model, checkpoint.tokenizer, max_batch=max_batch,
-                             max_queue=1 << 20)
+        self.engine = Engine(
+            checkpoint.model, checkpoint.tokenizer, max_batch=max_batch, max_queue=1 << 20
+        )
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Text pieces as they are made (never splitting a character)."""
         pieces: list[Output] = []
-        seq = self.engine.submit(encode_prompt(self.checkpoint, prompt), params, pieces.append,
-                                 stream=True)
+        seq = self.engine.submit(
+            encode_prompt(self.checkpoint, prompt), params, pieces.append, stream=True
+        )
         try:
             while not seq.finished:
                 self.engine.step()
@@ -72,12 +74,14 @@ class Generator:
                 raise LMError(seq.error.message)
         results = []
         for index, ids, seq in jobs:
-            results.append(Completion(
-                prompt_index=index,
-                text="".join(o.text for o in seq.outputs),
-                finish_reason=seq.finish_reason or "length",
-                token_ids=seq.generated,
-                logprobs=seq.logprobs if params.logprobs is not None else None,
-                prompt_tokens=len(ids),
-            ))
+            results.append(
+                Completion(
+                    prompt_index=index,
+                    text="".join(o.text for o in seq.outputs),
+                    finish_reason=seq.finish_reason or "length",
+                    token_ids=seq.generated,
+                    logprobs=seq.logprobs if params.logprobs is not None else None,
+                    prompt_tokens=len(ids),
+                )
+            )
         return results

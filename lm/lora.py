@@ -34,9 +34,11 @@ ADAPTER_FORMAT = "lm-adapter"
 # The attention's qkv and output projections and the MLP's up and down projections: every
 # matrix of a GPT block (`c_proj` names both output projections).
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
-RECURRENT_HINT = ("LoRA applies to GPT models: a recurrent model's matrices are fused inside "
-                  "torch's RNN/GRU/LSTM kernels and its only linear layer is tied to the "
-                  "embedding; fine-tune it fully with --init-from instead")
+RECURRENT_HINT = (
+    "LoRA applies to GPT models: a recurrent model's matrices are fused inside "
+    "torch's RNN/GRU/LSTM kernels and its only linear layer is tied to the "
+    "embedding; fine-tune it fully with --init-from instead"
+)
 
 
 class LoRALinear(nn.Module):
@@ -55,8 +57,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_delta(F.linear(x, self.weight, self.bias), x, None)
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, adapter: torch.Tensor | None
-                  ) -> torch.Tensor:
+    def add_delta(
+        self, y: torch.Tensor, x: torch.Tensor, adapter: torch.Tensor | None
+    ) -> torch.Tensor:
         """`y` (the base layer's output for `x`) plus this adapter's delta."""
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
@@ -78,8 +81,9 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)  # no row index here: the base model
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, adapter: torch.Tensor | None
-                  ) -> torch.Tensor:
+    def add_delta(
+        self, y: torch.Tensor, x: torch.Tensor, adapter: torch.Tensor | None
+    ) -> torch.Tensor:
         """`y` plus each row's adapter delta; `adapter[B]` indexes the bank (0: none).
 
         A row's result must not depend on which rows share its batch (same seed, same text,
@@ -102,13 +106,19 @@ def _targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str
     """Names of the linear layers of `model` whose last name part is one of `targets`."""
     if getattr(model, "config", None) is None or model.config.kind != "gpt":
         raise LMError(RECURRENT_HINT)
-    found = [name for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, LoRALinear, MultiLoRALinear))
-             and name.split(".")[-1] in targets and name.startswith("blocks.")]
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, LoRALinear, MultiLoRALinear))
+        and name.split(".")[-1] in targets
+        and name.startswith("blocks.")
+    ]
     unknown = [t for t in targets if not any(n.split(".")[-1] == t for n in found)]
     if unknown:
-        raise LMError(f"--lora-targets: no linear layer of the GPT's blocks is called "
-                      f"{', '.join(unknown)}; choose among c_attn, c_proj, c_fc")
+        raise LMError(
+            f"--lora-targets: no linear layer of the GPT's blocks is called "
+            f"{', '.join(unknown)}; choose among c_attn, c_proj, c_fc"
+        )
     return found
 
 
@@ -117,8 +127,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float,
-             targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> int:
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+) -> int:
     """Freeze `model` and give each target linear layer a trainable adapter; return the
     number of trainable parameters."""
     if rank < 1:
@@ -161,8 +175,9 @@ def base_info(checkpoint_dir: Path) -> dict:
     return {"name": path.name, "path": str(path), "weights_hash": weights_hash(path)}
 
 
-def save_adapter(directory: Path, model: nn.Module, base: dict, training: dict | None = None
-                 ) -> None:
+def save_adapter(
+    directory: Path, model: nn.Module, base: dict, training: dict | None = None
+) -> None:
     """Write an adapter directory (config + safetensors), each file replaced atomically."""
     from safetensors.torch import save_file
 
@@ -221,8 +236,10 @@ class Adapter:
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module name -> (A [r, in], B [out, r])."""
-        return {m: (self.tensors[f"{m}.lora_A"], self.tensors[f"{m}.lora_B"])
-                for m in self.meta["modules"]}
+        return {
+            m: (self.tensors[f"{m}.lora_A"], self.tensors[f"{m}.lora_B"])
+            for m in self.meta["modules"]
+        }
 
 
 def load_adapter(directory: str | Path) -> Adapter:
@@ -239,7 +256,7 @@ def load_adapter(directory: str | Path) -> Adapter:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LMError(f"{path}: damaged ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        raise LMError(f"{path}: not an lm adapter config (no \"format\": \"{ADAPTER_FORMAT}\")")
+        raise LMError(f'{path}: not an lm adapter config (no "format": "{ADAPTER_FORMAT}")')
     for key in ("base", "rank", "alpha", "modules"):
         if key not in meta:
             raise LMError(f"{path}: missing {key!r}")
@@ -250,8 +267,9 @@ def load_adapter(directory: str | Path) -> Adapter:
     adapter = Adapter(directory, meta, tensors)
     for module, (a, b) in _checked_pairs(adapter).items():
         if a.shape[0] != meta["rank"] or b.shape[1] != meta["rank"]:
-            raise LMError(f"{directory}: {module} has rank {a.shape[0]}, the config says "
-                          f"{meta['rank']}")
+            raise LMError(
+                f"{directory}: {module} has rank {a.shape[0]}, the config says {meta['rank']}"
+            )
     return adapter
 
 
@@ -272,25 +290,31 @@ def find_base(adapter: Adapter) -> Path:
         if candidate and Path(candidate, "model.safetensors").is_file():
             if weights_hash(Path(candidate)) == base.get("weights_hash"):
                 return resolve(candidate)
-    raise LMError(f"{adapter.path}: its base {base.get('name')!r} ({base.get('weights_hash')}) "
-                  f"is neither at {base.get('path')} nor shipped with those weights")
+    raise LMError(
+        f"{adapter.path}: its base {base.get('name')!r} ({base.get('weights_hash')}) "
+        f"is neither at {base.get('path')} nor shipped with those weights"
+    )
 
 
 def check_fits(adapter: Adapter, model: nn.Module, base_dir: Path | None = None) -> None:
     """An LMError unless `adapter` was made for this base (by hash) and its matrices fit."""
     if base_dir is not None and weights_hash(base_dir) != adapter.meta["base"].get("weights_hash"):
-        raise LMError(f"adapter {adapter.path} was trained on {adapter.meta['base'].get('name')!r}"
-                      f" ({adapter.meta['base'].get('weights_hash')}), not on {Path(base_dir).name}"
-                      f" ({weights_hash(base_dir)})")
+        raise LMError(
+            f"adapter {adapter.path} was trained on {adapter.meta['base'].get('name')!r}"
+            f" ({adapter.meta['base'].get('weights_hash')}), not on {Path(base_dir).name}"
+            f" ({weights_hash(base_dir)})"
+        )
     for module, (a, b) in _checked_pairs(adapter).items():
         try:
             layer = model.get_submodule(module)
         except AttributeError:
             raise LMError(f"adapter {adapter.path}: the base has no layer {module}") from None
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            raise LMError(f"adapter {adapter.path}: {module} is {b.shape[0]}x{a.shape[1]} with "
-                          f"rank {a.shape[0]}, the base's layer is "
-                          f"{layer.out_features}x{layer.in_features}")
+            raise LMError(
+                f"adapter {adapter.path}: {module} is {b.shape[0]}x{a.shape[1]} with "
+                f"rank {a.shape[0]}, the base's layer is "
+                f"{layer.out_features}x{layer.in_features}"
+            )
 
 
 @torch.no_grad()
@@ -321,8 +345,9 @@ def attach_adapters(model: nn.Module, adapters: list[Adapter]) -> None:
         layer = model.get_submodule(module)
         device, dtype = layer.weight.device, layer.weight.dtype
         bank_A = torch.zeros(len(adapters) + 1, rank, layer.in_features, device=device, dtype=dtype)
-        bank_B = torch.zeros(len(adapters) + 1, layer.out_features, rank, device=device,
-                             dtype=dtype)
+        bank_B = torch.zeros(
+            len(adapters) + 1, layer.out_features, rank, device=device, dtype=dtype
+        )
         for i, adapter in enumerate(adapters, 1):
             if module in adapter.meta["modules"]:
                 a, b = adapter.pairs()[module]
@@ -343,7 +368,9 @@ def load_adapter_checkpoint(directory: str | Path, device: str | torch.device = 
     merge(checkpoint.model, adapter)
     checkpoint.model.to(device).eval()
     checkpoint.path = Path(directory)
-    checkpoint.meta = dict(checkpoint.meta, adapter={k: v for k, v in adapter.meta.items()
-                                                     if k != "training"},
-                           training=adapter.meta.get("training") or checkpoint.training)
+    checkpoint.meta = dict(
+        checkpoint.meta,
+        adapter={k: v for k, v in adapter.meta.items() if k != "training"},
+        training=adapter.meta.get("training") or checkpoint.training,
+    )
     return checkpoint

@@ -19,8 +19,9 @@ from lm.native import bf16_matmul_is_fast
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
-                  eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(
+    matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7
+) -> torch.Tensor:
     """Approximately U V^T of `matrix` = U S V^T (singular values pushed into ~[0.5, 1.5])."""
     a, b, c = NS_COEFFICIENTS
     x = matrix.to(dtype)
@@ -42,17 +43,31 @@ def fast_ns_dtype(device: torch.device) -> torch.dtype:
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters (see the module docstring); `ns_dtype` None picks per device."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95,
-                 weight_decay: float = 0.0, nesterov: bool = True, ns_steps: int = 5,
-                 ns_dtype: torch.dtype | None = None):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        nesterov=nesterov, ns_steps=ns_steps)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+        )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for param in group["params"]:
                 if param.dim() != 2:
-                    raise ValueError(f"Muon takes 2-D parameters only, got shape {tuple(param.shape)}")
+                    raise ValueError(
+                        f"Muon takes 2-D parameters only, got shape {tuple(param.shape)}"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):

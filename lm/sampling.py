@@ -55,52 +55,76 @@ class SamplingParams:
     def validate(self, limits: Limits = Limits()) -> None:
         """Raise LMError, naming the parameter, unless every value is usable and in limits."""
         if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
-            raise LMError(f"max_new_tokens must be at least 1 (0 only when scoring the prompt), "
-                          f"got {self.max_new_tokens}", param="max_new_tokens")
+            raise LMError(
+                f"max_new_tokens must be at least 1 (0 only when scoring the prompt), "
+                f"got {self.max_new_tokens}",
+                param="max_new_tokens",
+            )
         if limits.max_new_tokens is not None and self.max_new_tokens > limits.max_new_tokens:
-            raise LMError(f"at most {limits.max_new_tokens}, got {self.max_new_tokens}",
-                          param="max_new_tokens")
+            raise LMError(
+                f"at most {limits.max_new_tokens}, got {self.max_new_tokens}",
+                param="max_new_tokens",
+            )
         if not 0 <= self.temperature < float("inf"):  # also rejects NaN
-            raise LMError(f"temperature must be a finite number >= 0, got {self.temperature}",
-                          param="temperature")
+            raise LMError(
+                f"temperature must be a finite number >= 0, got {self.temperature}",
+                param="temperature",
+            )
         if self.top_k < 0:
             raise LMError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}", param="top_k")
         if not 0.0 < self.top_p <= 1.0:
             raise LMError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if not 0.0 <= self.min_p <= 1.0:
-            raise LMError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}",
-                          param="min_p")
+            raise LMError(
+                f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}", param="min_p"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise LMError(f"{name} must be in [-2, 2], got {getattr(self, name)}", param=name)
         if not 0.0 < self.repetition_penalty <= 10.0:
-            raise LMError(f"repetition_penalty must be in (0, 10] (1 turns it off), "
-                          f"got {self.repetition_penalty}", param="repetition_penalty")
+            raise LMError(
+                f"repetition_penalty must be in (0, 10] (1 turns it off), "
+                f"got {self.repetition_penalty}",
+                param="repetition_penalty",
+            )
         for token_id, bias in self.logit_bias.items():
             if token_id < 0 or not -100.0 <= bias <= 100.0:
-                raise LMError(f"logit_bias: token ids must be >= 0 and biases in [-100, 100], "
-                              f"got {token_id}: {bias}", param="logit_bias")
+                raise LMError(
+                    f"logit_bias: token ids must be >= 0 and biases in [-100, 100], "
+                    f"got {token_id}: {bias}",
+                    param="logit_bias",
+                )
         max_stop = min(limits.max_stop, MAX_STOP_SEQUENCES)
         if len(self.stop) > max_stop:
             raise LMError(f"at most {max_stop} stop sequences, got {len(self.stop)}", param="stop")
         if any(not s for s in self.stop):
             raise LMError("stop sequences must not be empty", param="stop")
-        if limits.max_stop_chars is not None and any(len(s) > limits.max_stop_chars
-                                                     for s in self.stop):
-            raise LMError(f"each stop sequence at most {limits.max_stop_chars} characters",
-                          param="stop")
+        if limits.max_stop_chars is not None and any(
+            len(s) > limits.max_stop_chars for s in self.stop
+        ):
+            raise LMError(
+                f"each stop sequence at most {limits.max_stop_chars} characters", param="stop"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise LMError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, "
-                          f"got {self.logprobs}", param="logprobs")
+            raise LMError(
+                f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",
+                param="logprobs",
+            )
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
-            raise LMError(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, "
-                          f"got {self.prompt_logprobs}", param="prompt_logprobs")
+            raise LMError(
+                f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, "
+                f"got {self.prompt_logprobs}",
+                param="prompt_logprobs",
+            )
 
     @property
     def penalized(self) -> bool:
         """Whether sampling needs the row's token counts."""
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1)
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+        )
 
 
 @dataclass
@@ -124,8 +148,15 @@ class SamplingBatch:
 
 
 # The per-row scalar controls: the SamplingBatch fields that come from SamplingParams.
-CONTROLS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-            "repetition_penalty")
+CONTROLS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 class SamplingSlots:
@@ -136,9 +167,12 @@ class SamplingSlots:
     def __init__(self, max_batch: int, vocab_size: int = 0, device: torch.device | str = "cpu"):
         off = SamplingParams()
         self.tensors = {
-            name: torch.full((max_batch,), getattr(off, name), device=device,
-                             dtype=torch.long if isinstance(getattr(off, name), int)
-                             else torch.float32)
+            name: torch.full(
+                (max_batch,),
+                getattr(off, name),
+                device=device,
+                dtype=torch.long if isinstance(getattr(off, name), int) else torch.float32,
+            )
             for name in CONTROLS
         }
         self.vocab_size = vocab_size
@@ -146,13 +180,20 @@ class SamplingSlots:
             self.tensors["extras"] = torch.zeros(max_batch, dtype=torch.bool, device=device)
             self.tensors["biased"] = torch.zeros(max_batch, dtype=torch.bool, device=device)
             self.tensors["logit_bias"] = torch.zeros(max_batch, vocab_size, device=device)
-            self.tensors["counts"] = torch.zeros(max_batch, vocab_size, dtype=torch.int32,
-                                                 device=device)
-            self.tensors["in_prompt"] = torch.zeros(max_batch, vocab_size, dtype=torch.bool,
-                                                    device=device)
+            self.tensors["counts"] = torch.zeros(
+                max_batch, vocab_size, dtype=torch.int32, device=device
+            )
+            self.tensors["in_prompt"] = torch.zeros(
+                max_batch, vocab_size, dtype=torch.bool, device=device
+            )
 
-    def set(self, row: int, params: SamplingParams, prompt_ids: list[int] = (),
-            generated: list[int] = ()) -> None:
+    def set(
+        self,
+        row: int,
+        params: SamplingParams,
+        prompt_ids: list[int] = (),
+        generated: list[int] = (),
+    ) -> None:
         """Write row `row` for a sequence joining the batch (its ids so far, for penalties)."""
         for name in CONTROLS:
             tensor, value = self.tensors[name], getattr(params, name)
@@ -174,8 +215,11 @@ class SamplingSlots:
             device = counts.device
             in_prompt[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
             if generated:
-                counts.index_add_(0, torch.tensor(list(generated), device=device),
-                                  torch.ones(len(generated), dtype=counts.dtype, device=device))
+                counts.index_add_(
+                    0,
+                    torch.tensor(list(generated), device=device),
+                    torch.ones(len(generated), dtype=counts.dtype, device=device),
+                )
 
     def record(self, tokens: torch.Tensor) -> None:
         """Count each row's newly sampled token (rows 0..len(tokens)-1), when any row has
@@ -187,8 +231,9 @@ class SamplingSlots:
 
     def batch(self, rows: int, uniform: torch.Tensor) -> SamplingBatch:
         """The first `rows` rows, with each row's random draw for this token."""
-        return SamplingBatch(**{name: t[:rows] for name, t in self.tensors.items()},
-                             uniform=uniform)
+        return SamplingBatch(
+            **{name: t[:rows] for name, t in self.tensors.items()}, uniform=uniform
+        )
 
 
 def process(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
@@ -210,7 +255,8 @@ def process(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         logits = torch.where(seen, scaled, logits)
     frequency, presence = params.frequency_penalty, params.presence_penalty
     if (frequency is not None and bool((frequency != 0).any())) or (
-            presence is not None and bool((presence != 0).any())):
+        presence is not None and bool((presence != 0).any())
+    ):
         counts = params.counts.to(logits.dtype)
         if frequency is not None:
             logits = logits - frequency[:, None] * counts

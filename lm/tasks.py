@@ -206,8 +206,9 @@ def _composable(a: Task, b: Task) -> bool:
 @cache
 def train_compositions() -> tuple[Task, ...]:
     """Every two-step composition trained on, in a fixed Zipf rank order."""
-    tasks = [a.then(b) for a, b in itertools.permutations(PRIMITIVES.values(), 2)
-             if _composable(a, b)]
+    tasks = [
+        a.then(b) for a, b in itertools.permutations(PRIMITIVES.values(), 2) if _composable(a, b)
+    ]
     random.Random("lm-compositions").shuffle(tasks)
     return tuple(tasks)
 
@@ -228,10 +229,28 @@ def draw_train_task(rng: random.Random) -> Task:
 # Evaluation. Seen: primitives and compositions that training draws. Unseen: variants
 # never trained on (a parameter value, or a pair of primitives composed in either order).
 SEEN_TASKS: tuple[Task, ...] = (
-    *(PRIMITIVES[name] for name in (
-        "reverse", "upper", "lower", "swapcase", "capitalize", "sort", "swap", "shift1",
-        "shift13", "rotate1", "first2", "last3", "novowels", "double", "repeat", "dashes",
-        "length")),
+    *(
+        PRIMITIVES[name]
+        for name in (
+            "reverse",
+            "upper",
+            "lower",
+            "swapcase",
+            "capitalize",
+            "sort",
+            "swap",
+            "shift1",
+            "shift13",
+            "rotate1",
+            "first2",
+            "last3",
+            "novowels",
+            "double",
+            "repeat",
+            "dashes",
+            "length",
+        )
+    ),
     PRIMITIVES["reverse"].then(PRIMITIVES["capitalize"]),
     PRIMITIVES["first3"].then(PRIMITIVES["upper"]),
     PRIMITIVES["shift1"].then(PRIMITIVES["reverse"]),
@@ -278,8 +297,10 @@ def word_list(name: str) -> dict[int, tuple[str, ...]]:
     try:
         words = path.read_text(encoding="utf-8").split()
     except OSError as exc:
-        raise LMError(f"{path}: cannot read the word list ({exc.strerror or exc}); "
-                      "rebuild it with `python lm/wordlists/build.py`") from exc
+        raise LMError(
+            f"{path}: cannot read the word list ({exc.strerror or exc}); "
+            "rebuild it with `python lm/wordlists/build.py`"
+        ) from exc
     by_length: dict[int, list[str]] = {}
     for word in words:
         by_length.setdefault(len(word), []).append(word)
@@ -301,8 +322,12 @@ def random_word(rng: random.Random, name: str, lengths: tuple[int, int]) -> str:
 def random_string(rng: random.Random, lengths: tuple[int, int], digits: bool = False) -> str:
     """Random lowercase letters (a quarter of them digits when `digits`)."""
     size = rng.randint(*lengths)
-    return "".join(rng.choice(string.digits) if digits and rng.random() < 0.25
-                   else rng.choice(string.ascii_lowercase) for _ in range(size))
+    return "".join(
+        rng.choice(string.digits)
+        if digits and rng.random() < 0.25
+        else rng.choice(string.ascii_lowercase)
+        for _ in range(size)
+    )
 
 
 def random_digits(rng: random.Random) -> str:
@@ -354,7 +379,9 @@ def _eval_source(rng: random.Random, category: str) -> Source:
         if rng.random() < 0.5:
             return lambda r: styled(random_word(r, "heldout", LONG_LENGTHS), style, r)
         return lambda r: styled(random_string(r, LONG_LENGTHS), style, r)
-    raise LMError(f"unknown evaluation category {category!r}; expected one of {', '.join(CATEGORIES)}")
+    raise LMError(
+        f"unknown evaluation category {category!r}; expected one of {', '.join(CATEGORIES)}"
+    )
 
 
 def _valid(output: str) -> bool:
@@ -362,7 +389,11 @@ def _valid(output: str) -> bool:
 
 
 def _draw_examples(
-    rng: random.Random, task: Task, source: Source, count: int, heldout: bool,
+    rng: random.Random,
+    task: Task,
+    source: Source,
+    count: int,
+    heldout: bool,
     exclude: Iterable[str] = (),
 ) -> list[Example]:
     """`count` examples with distinct inputs, drawn one after another (so the first k of a
@@ -439,8 +470,9 @@ def eval_episodes(category: str, n: int, seed: int = 0, shots: int = 4) -> Itera
     examples for more shots: accuracies at different shot counts compare like with like.
     """
     if category not in CATEGORIES:
-        raise LMError(f"unknown evaluation category {category!r}; "
-                      f"expected one of {', '.join(CATEGORIES)}")
+        raise LMError(
+            f"unknown evaluation category {category!r}; expected one of {', '.join(CATEGORIES)}"
+        )
     if n < 1:
         raise LMError(f"the number of episodes must be at least 1, got {n}")
     if shots < 0:
@@ -500,7 +532,8 @@ def fewshot_accuracy(
     )
     completions = Generator(checkpoint, max_batch=max_batch).complete(prompts, params)
     tally: dict[int, dict[str, dict[str, list[int]]]] = {
-        shots: {category: {} for category in CATEGORIES} for shots in shots_list}
+        shots: {category: {} for category in CATEGORIES} for shots in shots_list
+    }
     for (shots, category, task), answer, completion in zip(keys, answers, completions):
         correct = completion.finish_reason == "stop" and completion.text == answer
         tally[shots][category].setdefault(task, []).append(int(correct))
@@ -509,12 +542,22 @@ def fewshot_accuracy(
         row: dict = {}
         for category, per_task in per_category.items():
             row[category] = _mean([s for scores in per_task.values() for s in scores])
-        row["overall"] = _mean([s for per_task in per_category.values()
-                                for scores in per_task.values() for s in scores])
+        row["overall"] = _mean(
+            [
+                s
+                for per_task in per_category.values()
+                for scores in per_task.values()
+                for s in scores
+            ]
+        )
         row["per_task"] = {
-            category: {task.name: _mean(per_task[task.name])
-                       for task in eval_tasks(category) if task.name in per_task}
-            for category, per_task in per_category.items()}
+            category: {
+                task.name: _mean(per_task[task.name])
+                for task in eval_tasks(category)
+                if task.name in per_task
+            }
+            for category, per_task in per_category.items()
+        }
         result[shots] = row
     return result
 
@@ -534,11 +577,15 @@ def accuracy_table(result: dict[int, dict]) -> str:
     per_task = result[most]["per_task"]
     names = list(dict.fromkeys(name for tasks in per_task.values() for name in tasks))
     width = max(len(name) for name in names) + 1
-    lines += ["", f"per task at {most} shots:",
-              f"{'task':<{width}}" + "".join(f"{c:>9}" for c in CATEGORIES)]
+    lines += [
+        "",
+        f"per task at {most} shots:",
+        f"{'task':<{width}}" + "".join(f"{c:>9}" for c in CATEGORIES),
+    ]
     for name in names:
-        lines.append(f"{name:<{width}}"
-                     + "".join(_percent(per_task[c].get(name), 9) for c in CATEGORIES))
+        lines.append(
+            f"{name:<{width}}" + "".join(_percent(per_task[c].get(name), 9) for c in CATEGORIES)
+        )
     return "\n".join(lines)
 
 
@@ -557,14 +604,23 @@ def plot_accuracy(results: dict[str, dict[int, dict]], path: str | Path) -> None
         all_shots.update(shots)
         for category, color in colors.items():
             values = [result[s][category] for s in shots]
-            ax.plot(shots, [100 * (v or 0) for v in values], styles[i % len(styles)],
-                    color=color, label=f"{name}: {category}")
+            ax.plot(
+                shots,
+                [100 * (v or 0) for v in values],
+                styles[i % len(styles)],
+                color=color,
+                label=f"{name}: {category}",
+            )
     ax.set_xticks(sorted(all_shots))
     ax.set_xlabel("examples in the prompt (shots)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(-2, 102)  # lines at 0% or 100% stay visible
-    ax.set_title("few-shot accuracy vs shots: " + "; ".join(
-        f"{c} = {d}" for c, d in list(CATEGORIES.items())[:2]) + "; ...", fontsize=8)
+    ax.set_title(
+        "few-shot accuracy vs shots: "
+        + "; ".join(f"{c} = {d}" for c, d in list(CATEGORIES.items())[:2])
+        + "; ...",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

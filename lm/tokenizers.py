@@ -168,8 +168,12 @@ class WordTokenizer(VocabTokenizer):
         # starts with "##"), then drop the spaces `decode` does not put: around newlines,
         # before closing and after opening marks. Tokens hold no spaces, so every space
         # there is a join.
-        joins = [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
-                 decoders.Replace(" \n", "\n"), decoders.Replace("\n ", "\n")]
+        joins = [
+            decoders.WordPiece(prefix="##", cleanup=False),
+            decoders.Fuse(),
+            decoders.Replace(" \n", "\n"),
+            decoders.Replace("\n ", "\n"),
+        ]
         joins += [decoders.Replace(" " + mark, mark) for mark in sorted(_NO_SPACE_BEFORE)]
         joins += [decoders.Replace(mark + " ", mark) for mark in sorted(_NO_SPACE_AFTER)]
         return words, decoders.Sequence(joins)
@@ -180,10 +184,7 @@ class WordTokenizer(VocabTokenizer):
         for i in ids:
             word = self.itos[i] if 0 <= i < len(self.itos) else UNK
             if not (
-                prev == "\n"
-                or word == "\n"
-                or word in _NO_SPACE_BEFORE
-                or prev in _NO_SPACE_AFTER
+                prev == "\n" or word == "\n" or word in _NO_SPACE_BEFORE or prev in _NO_SPACE_AFTER
             ):
                 out.append(" ")
             out.append(word)
@@ -259,8 +260,9 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def train(cls, text: str, vocab_size: int | None = None,
-              model_type: str = "unigram") -> SentencePieceTokenizer:
+    def train(
+        cls, text: str, vocab_size: int | None = None, model_type: str = "unigram"
+    ) -> SentencePieceTokenizer:
         import io
 
         import sentencepiece as spm

@@ -164,12 +164,16 @@ class TrainConfig:
             raise LMError("--lr must be positive")
         if self.warmup_steps < 0:
             raise LMError("--warmup-steps must not be negative")
-        choices = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "warmdown"),
-                   "dtype": ("auto", "best", "float32", "bfloat16")}
+        choices = {
+            "optimizer": ("adamw", "muon"),
+            "schedule": ("cosine", "warmdown"),
+            "dtype": ("auto", "best", "float32", "bfloat16"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise LMError(f"--{name} must be one of {', '.join(allowed)}, "
-                              f"got {getattr(self, name)!r}")
+                raise LMError(
+                    f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.optimizer == "muon" and self.model != "gpt":
             raise LMError("--optimizer muon is for GPT models; use adamw for recurrent ones")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
@@ -182,16 +186,26 @@ class TrainConfig:
             raise LMError(f"--unknown must be map or drop, got {self.unknown!r}")
         if self.lora_rank is not None:
             if self.init_from is None:
-                raise LMError("--lora-rank trains adapters of a trained model: add "
-                              "--init-from CHECKPOINT")
+                raise LMError(
+                    "--lora-rank trains adapters of a trained model: add --init-from CHECKPOINT"
+                )
             if self.optimizer != "adamw":
                 raise LMError("--lora-rank trains with --optimizer adamw")
         tokenizer_class(self.tokenizer)  # an unknown kind is an LMError naming the choices
         self.model_config(vocab_size=max(self.vocab_size or 1, 1))  # validates the model fields
 
 
-GPT_OPTIONS = ("position", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden",
-               "tie_embeddings", "zero_init_proj", "logit_softcap")
+GPT_OPTIONS = (
+    "position",
+    "rope_theta",
+    "norm",
+    "qk_norm",
+    "mlp",
+    "mlp_hidden",
+    "tie_embeddings",
+    "zero_init_proj",
+    "logit_softcap",
+)
 
 
 def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
@@ -239,8 +253,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         resuming = config.resume and (self.out / TRAIN_STATE_FILE).is_file()
-        if not resuming and any((self.out / name).exists() for name in (CONFIG_FILE,
-                                                                         ADAPTER_CONFIG)):
+        if not resuming and any(
+            (self.out / name).exists() for name in (CONFIG_FILE, ADAPTER_CONFIG)
+        ):
             raise LMError(
                 f"{self.out} already holds a checkpoint; pass --resume to continue it "
                 "or choose another --out"
@@ -260,7 +275,8 @@ class Trainer:
         else:
             self.tokenizer = train_tokenizer(config.tokenizer, train_text, config.vocab_size)
         self.unknown = unknown_tokens(self.tokenizer, train_text) + unknown_tokens(
-            self.tokenizer, val_text)
+            self.tokenizer, val_text
+        )
         if self.unknown and self.is_main:
             unit = "character" if self.tokenizer.kind == "char" else "word"
             total = len(text) if unit == "character" else len(self.tokenizer.split(text))
@@ -287,25 +303,36 @@ class Trainer:
         else:
             self.model_config, self.model = self.parent.config, self.parent.model.train()
             if config.block_size > (self.model.context_size or config.block_size):
-                raise LMError(f"--block-size {config.block_size} exceeds the parent's context "
-                              f"of {self.model.context_size} tokens")
-            if (self.unknown and config.unknown == "map" and not resuming
-                    and config.lora_rank is None):  # an adapter must fit the parent as is
+                raise LMError(
+                    f"--block-size {config.block_size} exceeds the parent's context "
+                    f"of {self.model.context_size} tokens"
+                )
+            if (
+                self.unknown
+                and config.unknown == "map"
+                and not resuming
+                and config.lora_rank is None
+            ):  # an adapter must fit the parent as is
                 init_unknown_row(self.model)
         if config.lora_rank is not None:
             alpha = config.lora_alpha or 2.0 * config.lora_rank
             targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
             add_lora(self.model, config.lora_rank, alpha, targets)
         self.model.to(self.device)
-        self.trainable_params = sum(p.numel() for p in self.model.parameters()
-                                    if p.requires_grad)
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if self.world_size > 1:
             torch.manual_seed(config.seed + self.rank)  # each rank its own dropout
         self.optimizers = self._make_optimizers()
         self.generator = torch.Generator().manual_seed(config.seed)  # alike on every rank
-        self.sampler = WindowSampler(self.train_ids, config.block_size, config.batch_size,
-                                     self.generator, self.rank, self.world_size,
-                                     config.grad_accum_steps)
+        self.sampler = WindowSampler(
+            self.train_ids,
+            config.block_size,
+            config.batch_size,
+            self.generator,
+            self.rank,
+            self.world_size,
+            config.grad_accum_steps,
+        )
         self.streams = None
         if self.model_config.kind != "gpt":
             shard = len(self.train_ids) // self.world_size  # each rank reads its own part
@@ -340,12 +367,16 @@ class Trainer:
         local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
         paths = None
         if local_main:
-            paths = [token_file(self.tokenizer, text, f"{key}-{split}")
-                     for split, text in (("train", train_text), ("val", val_text))]
+            paths = [
+                token_file(self.tokenizer, text, f"{key}-{split}")
+                for split, text in (("train", train_text), ("val", val_text))
+            ]
         barrier()
         if paths is None:
-            paths = [token_file(self.tokenizer, text, f"{key}-{split}")  # there by now
-                     for split, text in (("train", train_text), ("val", val_text))]
+            paths = [
+                token_file(self.tokenizer, text, f"{key}-{split}")  # there by now
+                for split, text in (("train", train_text), ("val", val_text))
+            ]
         return open_tokens(paths[0]), open_tokens(paths[1])
 
     def _make_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -366,8 +397,14 @@ class Trainer:
             torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
         ]
         if hidden:
-            optimizers.append(Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum,
-                                   weight_decay=config.muon_weight_decay))
+            optimizers.append(
+                Muon(
+                    hidden,
+                    lr=config.muon_lr,
+                    momentum=config.muon_momentum,
+                    weight_decay=config.muon_weight_decay,
+                )
+            )
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["base_lr"] = group["lr"]
@@ -440,8 +477,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         saved_optimizers = state.get("optimizers") or [state["optimizer"]]  # older files: one
         if len(saved_optimizers) != len(self.optimizers):
-            raise LMError(f"--resume: {self.out} was trained with another --optimizer; "
-                          "use the same settings or another --out")
+            raise LMError(
+                f"--resume: {self.out} was trained with another --optimizer; "
+                "use the same settings or another --out"
+            )
         for optimizer, saved_state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(saved_state)
         self._restore_rank(state)
@@ -489,8 +528,11 @@ class Trainer:
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, restart: bool) -> torch.Tensor:
         dtype, cuda = self.config.dtype, self.device.type == "cuda"
-        bf16 = (dtype == "bfloat16" or (dtype == "auto" and cuda)
-                or (dtype == "best" and (cuda or bf16_matmul_is_fast())))
+        bf16 = (
+            dtype == "bfloat16"
+            or (dtype == "auto" and cuda)
+            or (dtype == "best" and (cuda or bf16_matmul_is_fast()))
+        )
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             if self.streams is None:
@@ -515,14 +557,21 @@ class Trainer:
             return True
         step, value = self.step + 1, loss.item()
         self.nonfinite_in_a_row += 1
-        kept = (f"the checkpoint in {self.out} (best at step {self.best_step}) is kept"
-                if self.best_step >= 0 else "no checkpoint was saved yet")
+        kept = (
+            f"the checkpoint in {self.out} (best at step {self.best_step}) is kept"
+            if self.best_step >= 0
+            else "no checkpoint was saved yet"
+        )
         if not self.config.skip_nonfinite:
-            raise LMError(f"training stopped: the loss is {value} at step {step}; {kept}. "
-                          "Lower --lr or --grad-clip and --resume, or pass --skip-nonfinite")
+            raise LMError(
+                f"training stopped: the loss is {value} at step {step}; {kept}. "
+                "Lower --lr or --grad-clip and --resume, or pass --skip-nonfinite"
+            )
         if self.nonfinite_in_a_row > MAX_NONFINITE_IN_A_ROW:
-            raise LMError(f"training stopped: the loss was not finite for "
-                          f"{self.nonfinite_in_a_row} steps in a row (up to step {step}); {kept}")
+            raise LMError(
+                f"training stopped: the loss was not finite for "
+                f"{self.nonfinite_in_a_row} steps in a row (up to step {step}); {kept}"
+            )
         logger.warning("step %d: the loss is %s; batch skipped (--skip-nonfinite)", step, value)
         return False
 
@@ -544,8 +593,9 @@ class Trainer:
         the summary."""
         config = self.config
         end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
-        tokens_per_step = (config.batch_size * config.block_size * self.world_size
-                           * config.grad_accum_steps)
+        tokens_per_step = (
+            config.batch_size * config.block_size * self.world_size * config.grad_accum_steps
+        )
         bar = None
         if self.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -579,11 +629,21 @@ class Trainer:
             out_of_time = self._time_spent()
             if self.step % 10 == 0 or self.step == end or out_of_time:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                self._log({"step": self.step, "train_loss": loss_value, "lr": lr,
-                           "tokens_per_s": rate, "elapsed_s": self.elapsed})
+                self._log(
+                    {
+                        "step": self.step,
+                        "train_loss": loss_value,
+                        "lr": lr,
+                        "tokens_per_s": rate,
+                        "elapsed_s": self.elapsed,
+                    }
+                )
                 window_start, window_tokens = time.perf_counter(), 0
-            if (self.step % config.eval_interval == 0 or self.step == config.max_steps
-                    or out_of_time):
+            if (
+                self.step % config.eval_interval == 0
+                or self.step == config.max_steps
+                or out_of_time
+            ):
                 self._evaluate_and_save(bar)
                 last_eval = self.step
         if out_of_time and last_eval != self.step:  # a resumed run whose budget was spent
@@ -604,12 +664,18 @@ class Trainer:
         )
         self.elapsed += time.perf_counter() - t0
         self.eval_seconds += time.perf_counter() - t0
-        record = {"step": self.step, "val_loss": result["loss"],
-                  "val_perplexity": result["perplexity"], "val_bpc": result["bpc"],
-                  "elapsed_s": self.elapsed}
+        record = {
+            "step": self.step,
+            "val_loss": result["loss"],
+            "val_perplexity": result["perplexity"],
+            "val_bpc": result["bpc"],
+            "elapsed_s": self.elapsed,
+        }
         self._log(record)
-        message = (f"step {self.step}: val loss {result['loss']:.4f}, "
-                   f"ppl {result['perplexity']:.2f}, bpc {result['bpc']:.3f}")
+        message = (
+            f"step {self.step}: val loss {result['loss']:.4f}, "
+            f"ppl {result['perplexity']:.2f}, bpc {result['bpc']:.3f}"
+        )
         if bar is not None:
             bar.write(message)
         if result["loss"] < self.best_val:
@@ -647,9 +713,12 @@ class Trainer:
         """The parent (name, path, weights hash) and the unknown tokens, when fine-tuning."""
         if self.parent is None:
             return {}
-        unknown = {"count": sum(self.unknown.values()), "distinct": len(self.unknown),
-                   "examples": [t for t, _ in self.unknown.most_common(8)],
-                   "mode": self.config.unknown}
+        unknown = {
+            "count": sum(self.unknown.values()),
+            "distinct": len(self.unknown),
+            "examples": [t for t, _ in self.unknown.most_common(8)],
+            "mode": self.config.unknown,
+        }
         return {"parent": self.parent_info, "unknown_tokens": unknown}
 
     @property
@@ -671,11 +740,18 @@ class Trainer:
 
         best = load_checkpoint(self.out, self.device)
         result = evaluate(best.model, self.val_ids, self.val_chars, None, self.device)
-        summary = dict(best.training, **{
-            "val_loss": result["loss"], "val_perplexity": result["perplexity"],
-            "val_bpc": result["bpc"], "val_tokens": result["tokens"], "val_full_split": True,
-            "train_seconds": round(self.elapsed, 1), "finished": True,
-        })
+        summary = dict(
+            best.training,
+            **{
+                "val_loss": result["loss"],
+                "val_perplexity": result["perplexity"],
+                "val_bpc": result["bpc"],
+                "val_tokens": result["tokens"],
+                "val_full_split": True,
+                "train_seconds": round(self.elapsed, 1),
+                "finished": True,
+            },
+        )
         if self.config.lora_rank is not None:  # `best` is merged: keep the adapter's files
             update_adapter_training(self.out, summary)
         else:
@@ -776,8 +852,10 @@ def run_training(config: TrainConfig, progress: bool = True, stop_at: int | None
             raise
         error = exc if isinstance(exc, DiskFull) else DiskFull(Path(config.out))
         if (Path(config.out) / TRAIN_STATE_FILE).is_file():
-            advice = (f"the last complete checkpoint in {config.out} is kept: free some space, "
-                      "then continue with --resume")
+            advice = (
+                f"the last complete checkpoint in {config.out} is kept: free some space, "
+                "then continue with --resume"
+            )
         else:
             advice = "nothing resumable was saved yet: free some space, then start again"
         raise LMError(f"{error}; {advice}") from exc
@@ -798,4 +876,3 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-

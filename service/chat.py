@@ -29,19 +29,20 @@ from service.schemas import (
 from service.settings import Settings
 
 
-def render(messages: list[dict], served: ServedModel, add_generation_prompt: bool,
-           settings: Settings) -> str:
+def render(
+    messages: list[dict], served: ServedModel, add_generation_prompt: bool, settings: Settings
+) -> str:
     """The prompt the model reads for `messages`, within the server's size limit."""
     prompt = served.chat_template.render(messages, add_generation_prompt)
     check_lengths([prompt], "messages", settings)
     return prompt
 
 
-def prepare(body: ChatRequest, served: ServedModel,
-            settings: Settings) -> tuple[SamplingParams, list[int]]:
+def prepare(
+    body: ChatRequest, served: ServedModel, settings: Settings
+) -> tuple[SamplingParams, list[int]]:
     if body.n > settings.max_n:
-        raise APIError(400, f"n: at most {settings.max_n} completions per request",
-                       param="n")
+        raise APIError(400, f"n: at most {settings.max_n} completions per request", param="n")
     params = body.to_sampling_params(settings)
     prompt = render(body.message_dicts(), served, body.add_generation_prompt, settings)
     params.stop = params.stop + [s for s in served.chat_template.stop if s not in params.stop]
@@ -51,11 +52,13 @@ def prepare(body: ChatRequest, served: ServedModel,
     return params, ids
 
 
-def submit(body: ChatRequest, served: ServedModel, settings: Settings, metrics: Metrics,
-           request_id: str) -> Job:
+def submit(
+    body: ChatRequest, served: ServedModel, settings: Settings, metrics: Metrics, request_id: str
+) -> Job:
     params, ids = prepare(body, served, settings)
-    return jobs.submit(served, f"chatcmpl-{request_id}", [ids], params, body.n, body.stream,
-                       metrics)
+    return jobs.submit(
+        served, f"chatcmpl-{request_id}", [ids], params, body.n, body.stream, metrics
+    )
 
 
 def _logprobs(job: Job, choice: int, out: Output) -> ChatLogprobs | None:
@@ -66,11 +69,17 @@ def _logprobs(job: Job, choice: int, out: Output) -> ChatLogprobs | None:
     content = []
     for index, (piece, value) in enumerate(zip(pieces, out.logprobs)):
         names = context + out.token_ids[:index]
-        top = [{"token": (name := jobs.token_text(job.tokenizer, names, t)), "logprob": v,
-                "bytes": list(name.encode())}
-               for t, v in (out.top_logprobs or [[]] * len(out.token_ids))[index]]
-        content.append({"token": piece, "logprob": value, "bytes": list(piece.encode()),
-                        "top_logprobs": top})
+        top = [
+            {
+                "token": (name := jobs.token_text(job.tokenizer, names, t)),
+                "logprob": v,
+                "bytes": list(name.encode()),
+            }
+            for t, v in (out.top_logprobs or [[]] * len(out.token_ids))[index]
+        ]
+        content.append(
+            {"token": piece, "logprob": value, "bytes": list(piece.encode()), "top_logprobs": top}
+        )
     return ChatLogprobs(content=content)
 
 
@@ -79,18 +88,39 @@ async def complete(job: Job, request: Request, metrics: Metrics) -> ChatResponse
         outputs = await jobs.collect(job, request, metrics)
     except jobs.ClientGone:
         return Response(status_code=499)
-    choices = [ChatChoice(index=choice, message=ChatResponseMessage(content=out.text),
-                          logprobs=_logprobs(job, choice, out),
-                          finish_reason=jobs.finish_reason(out))
-               for choice, out in enumerate(outputs)]
-    return ChatResponse(id=job.request_id, created=job.created, model=job.served.name,
-                        choices=choices, usage=Usage(**job.usage()))
+    choices = [
+        ChatChoice(
+            index=choice,
+            message=ChatResponseMessage(content=out.text),
+            logprobs=_logprobs(job, choice, out),
+            finish_reason=jobs.finish_reason(out),
+        )
+        for choice, out in enumerate(outputs)
+    ]
+    return ChatResponse(
+        id=job.request_id,
+        created=job.created,
+        model=job.served.name,
+        choices=choices,
+        usage=Usage(**job.usage()),
+    )
 
 
 async def stream(job: Job, body: ChatRequest, metrics: Metrics) -> AsyncIterator[str]:
-    yield "".join(_chunk(job, [{"index": choice, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}])
-                  for choice in range(len(job.sequences)))
+    yield "".join(
+        _chunk(
+            job,
+            [
+                {
+                    "index": choice,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        )
+        for choice in range(len(job.sequences))
+    )
     async for batch in jobs.events(job, metrics):
         chunks = []
         for choice, out in batch:
@@ -99,13 +129,33 @@ async def stream(job: Job, body: ChatRequest, metrics: Metrics) -> AsyncIterator
                 continue
             if out.text or (out.logprobs and out.token_ids):
                 logprobs = _logprobs(job, choice, out)
-                chunks.append(_chunk(job, [{
-                    "index": choice, "delta": {"content": out.text},
-                    "logprobs": logprobs.model_dump() if logprobs else None,
-                    "finish_reason": None}]))
+                chunks.append(
+                    _chunk(
+                        job,
+                        [
+                            {
+                                "index": choice,
+                                "delta": {"content": out.text},
+                                "logprobs": logprobs.model_dump() if logprobs else None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    )
+                )
             if out.finish_reason is not None:
-                chunks.append(_chunk(job, [{"index": choice, "delta": {}, "logprobs": None,
-                                            "finish_reason": jobs.finish_reason(out)}]))
+                chunks.append(
+                    _chunk(
+                        job,
+                        [
+                            {
+                                "index": choice,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": jobs.finish_reason(out),
+                            }
+                        ],
+                    )
+                )
         if chunks:
             yield "".join(chunks)
     if body.stream_options is not None and body.stream_options.include_usage:
@@ -114,8 +164,13 @@ async def stream(job: Job, body: ChatRequest, metrics: Metrics) -> AsyncIterator
 
 
 def _chunk(job: Job, choices: list[dict], usage: dict | None = None) -> str:
-    chunk = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created,
-             "model": job.served.name, "choices": choices}
+    chunk = {
+        "id": job.request_id,
+        "object": "chat.completion.chunk",
+        "created": job.created,
+        "model": job.served.name,
+        "choices": choices,
+    }
     if usage is not None:
         chunk["usage"] = usage
     return f"data: {json.dumps(chunk)}\n\n"

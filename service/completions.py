@@ -39,8 +39,9 @@ def text_list(value: str | list[str], param: str, settings: Settings) -> list[st
     if not texts:
         raise APIError(400, f"{param}: must not be an empty list", param=param)
     if len(texts) > settings.max_prompts:
-        raise APIError(400, f"{param}: at most {settings.max_prompts} texts per request",
-                       param=param)
+        raise APIError(
+            400, f"{param}: at most {settings.max_prompts} texts per request", param=param
+        )
     return texts
 
 
@@ -50,8 +51,12 @@ def check_lengths(texts: list[str], param: str, settings: Settings) -> None:
         if not text:
             raise APIError(400, f"{param}: must not be empty", param=param)
         if len(text) > settings.max_prompt_chars:
-            raise APIError(413, f"{param}: longer than {settings.max_prompt_chars} characters",
-                           param=param, code="prompt_too_long")
+            raise APIError(
+                413,
+                f"{param}: longer than {settings.max_prompt_chars} characters",
+                param=param,
+                code="prompt_too_long",
+            )
 
 
 def token_prompts(prompt, settings: Settings) -> list[list[int]] | None:
@@ -60,14 +65,19 @@ def token_prompts(prompt, settings: Settings) -> list[list[int]] | None:
         return None
     lists = [prompt] if isinstance(prompt[0], int) else prompt
     if len(lists) > settings.max_prompts:
-        raise APIError(400, f"prompt: at most {settings.max_prompts} prompts per request",
-                       param="prompt")
+        raise APIError(
+            400, f"prompt: at most {settings.max_prompts} prompts per request", param="prompt"
+        )
     for ids in lists:
         if not ids:
             raise APIError(400, "prompt: a token list must not be empty", param="prompt")
         if len(ids) > settings.max_prompt_chars:  # a token is at least a character
-            raise APIError(413, f"prompt: longer than {settings.max_prompt_chars} tokens",
-                           param="prompt", code="prompt_too_long")
+            raise APIError(
+                413,
+                f"prompt: longer than {settings.max_prompt_chars} tokens",
+                param="prompt",
+                code="prompt_too_long",
+            )
     return [list(ids) for ids in lists]
 
 
@@ -80,16 +90,26 @@ def prepare(body: CompletionRequest, served: ServedModel, settings: Settings):
         prompts = text_list(body.prompt, "prompt", settings)
     count = len(prompt_ids if prompt_ids is not None else prompts)
     if body.n * count > settings.max_n:
-        raise APIError(400, f"n: at most {settings.max_n} completions per request "
-                            f"(prompts x n), got {body.n * count}", param="n")
+        raise APIError(
+            400,
+            f"n: at most {settings.max_n} completions per request "
+            f"(prompts x n), got {body.n * count}",
+            param="n",
+        )
     params = body.to_sampling_params(settings)
     if body.examples is not None or body.template is not None:
         if prompts is None:
-            raise APIError(400, "examples: few-shot requests take a text prompt, not token ids",
-                           param="examples")
+            raise APIError(
+                400,
+                "examples: few-shot requests take a text prompt, not token ids",
+                param="examples",
+            )
         if not body.examples:
-            raise APIError(400, "examples: at least one example is needed for a few-shot "
-                                "request", param="examples")
+            raise APIError(
+                400,
+                "examples: at least one example is needed for a few-shot request",
+                param="examples",
+            )
         examples = [Example(e.input, e.output) for e in body.examples]
         built = []
         for query in prompts:
@@ -109,16 +129,23 @@ def prepare(body: CompletionRequest, served: ServedModel, settings: Settings):
     return params, prompts, prompt_ids
 
 
-def submit(body: CompletionRequest, served: ServedModel, settings: Settings,
-           metrics: Metrics, request_id: str) -> tuple[Job, list[str]]:
+def submit(
+    body: CompletionRequest,
+    served: ServedModel,
+    settings: Settings,
+    metrics: Metrics,
+    request_id: str,
+) -> tuple[Job, list[str]]:
     params, prompts, prompt_ids = prepare(body, served, settings)
-    job = jobs.submit(served, f"cmpl-{request_id}", prompt_ids, params, body.n, body.stream,
-                      metrics)
+    job = jobs.submit(
+        served, f"cmpl-{request_id}", prompt_ids, params, body.n, body.stream, metrics
+    )
     return job, prompts
 
 
-def _logprobs(job: Job, body: CompletionRequest, choice: int, out: Output,
-              offset: int) -> Logprobs | None:
+def _logprobs(
+    job: Job, body: CompletionRequest, choice: int, out: Output, offset: int
+) -> Logprobs | None:
     """The generated tokens' log-probabilities, their text starting at `offset`."""
     if body.logprobs is None or out.logprobs is None:
         return None
@@ -129,13 +156,17 @@ def _logprobs(job: Job, body: CompletionRequest, choice: int, out: Output,
         row = out.top_logprobs[index] if out.top_logprobs is not None else []
         names = context + out.token_ids[:index]
         tops.append({jobs.token_text(job.tokenizer, names, t): v for t, v in row})
-    return Logprobs(tokens=pieces, token_logprobs=list(out.logprobs),
-                    top_logprobs=tops if body.logprobs > 0 else None,
-                    text_offset=_offsets(pieces, offset))
+    return Logprobs(
+        tokens=pieces,
+        token_logprobs=list(out.logprobs),
+        top_logprobs=tops if body.logprobs > 0 else None,
+        text_offset=_offsets(pieces, offset),
+    )
 
 
-def _prompt_logprobs(job: Job, body: CompletionRequest, choice: int,
-                     out: Output) -> tuple[str, Logprobs]:
+def _prompt_logprobs(
+    job: Job, body: CompletionRequest, choice: int, out: Output
+) -> tuple[str, Logprobs]:
     """The echoed prompt (as the model read it) and its tokens' log-probabilities."""
     ids = job.prompt_ids[choice // job.n]
     pieces = jobs.prompt_pieces(job.tokenizer, ids)
@@ -144,8 +175,11 @@ def _prompt_logprobs(job: Job, body: CompletionRequest, choice: int,
         row = (out.prompt_top_logprobs or [])[index] or []
         tops.append({jobs.token_text(job.tokenizer, ids[:index], t): v for t, v in row})
     return "".join(pieces), Logprobs(
-        tokens=pieces, token_logprobs=list(out.prompt_logprobs or [None] * len(ids)),
-        top_logprobs=tops if body.logprobs > 0 else None, text_offset=_offsets(pieces, 0))
+        tokens=pieces,
+        token_logprobs=list(out.prompt_logprobs or [None] * len(ids)),
+        top_logprobs=tops if body.logprobs > 0 else None,
+        text_offset=_offsets(pieces, 0),
+    )
 
 
 def _offsets(pieces: list[str], start: int) -> list[int]:
@@ -162,13 +196,17 @@ def _join(first: Logprobs, second: Logprobs | None) -> Logprobs:
     top = None
     if first.top_logprobs is not None and second.top_logprobs is not None:
         top = first.top_logprobs + second.top_logprobs
-    return Logprobs(tokens=first.tokens + second.tokens,
-                    token_logprobs=first.token_logprobs + second.token_logprobs,
-                    top_logprobs=top, text_offset=first.text_offset + second.text_offset)
+    return Logprobs(
+        tokens=first.tokens + second.tokens,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        top_logprobs=top,
+        text_offset=first.text_offset + second.text_offset,
+    )
 
 
-async def complete(job: Job, body: CompletionRequest, prompts: list[str], request: Request,
-                   metrics: Metrics) -> CompletionResponse | Response:
+async def complete(
+    job: Job, body: CompletionRequest, prompts: list[str], request: Request, metrics: Metrics
+) -> CompletionResponse | Response:
     try:
         outputs = await jobs.collect(job, request, metrics)
     except jobs.ClientGone:
@@ -182,14 +220,26 @@ async def complete(job: Job, body: CompletionRequest, prompts: list[str], reques
             logprobs = _join(prompt_logprobs, _logprobs(job, body, choice, out, len(prefix)))
         else:
             logprobs = _logprobs(job, body, choice, out, len(prefix))
-        choices.append(CompletionChoice(text=prefix + out.text, index=choice, logprobs=logprobs,
-                                        finish_reason=jobs.finish_reason(out)))
-    return CompletionResponse(id=job.request_id, created=job.created, model=job.served.name,
-                              choices=choices, usage=Usage(**job.usage()))
+        choices.append(
+            CompletionChoice(
+                text=prefix + out.text,
+                index=choice,
+                logprobs=logprobs,
+                finish_reason=jobs.finish_reason(out),
+            )
+        )
+    return CompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=job.served.name,
+        choices=choices,
+        usage=Usage(**job.usage()),
+    )
 
 
-async def stream(job: Job, body: CompletionRequest, prompts: list[str],
-                 metrics: Metrics) -> AsyncIterator[str]:
+async def stream(
+    job: Job, body: CompletionRequest, prompts: list[str], metrics: Metrics
+) -> AsyncIterator[str]:
     offsets = [0] * len(job.sequences)
     scoring = body.echo and body.logprobs is not None
     echoed = [False] * len(job.sequences)
@@ -214,19 +264,31 @@ async def stream(job: Job, body: CompletionRequest, prompts: list[str],
         if chunks:
             yield "".join(chunks)
     if body.stream_options is not None and body.stream_options.include_usage:
-        chunk = {"id": job.request_id, "object": "text_completion", "created": job.created,
-                 "model": job.served.name, "choices": [], "usage": job.usage()}
+        chunk = {
+            "id": job.request_id,
+            "object": "text_completion",
+            "created": job.created,
+            "model": job.served.name,
+            "choices": [],
+            "usage": job.usage(),
+        }
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _sse(job: Job, choice: int, text: str, logprobs: Logprobs | None,
-         finish: str | None) -> str:
+def _sse(job: Job, choice: int, text: str, logprobs: Logprobs | None, finish: str | None) -> str:
     chunk = {
-        "id": job.request_id, "object": "text_completion", "created": job.created,
+        "id": job.request_id,
+        "object": "text_completion",
+        "created": job.created,
         "model": job.served.name,
-        "choices": [{"text": text, "index": choice,
-                     "logprobs": logprobs.model_dump() if logprobs else None,
-                     "finish_reason": finish}],
+        "choices": [
+            {
+                "text": text,
+                "index": choice,
+                "logprobs": logprobs.model_dump() if logprobs else None,
+                "finish_reason": finish,
+            }
+        ],
     }
     return f"data: {json.dumps(chunk)}\n\n"

@@ -65,8 +65,12 @@ def completion_model(body: CompletionRequest, request: Request) -> ServedModel:
 def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
     served = find_model(request, body.model)
     if served.adapter:
-        raise APIError(400, f"model {served.name!r} is a LoRA adapter: embeddings come from "
-                            f"base models only (use {served.parent!r})", param="model")
+        raise APIError(
+            400,
+            f"model {served.name!r} is a LoRA adapter: embeddings come from "
+            f"base models only (use {served.parent!r})",
+            param="model",
+        )
     return served
 
 

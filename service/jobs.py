@@ -46,14 +46,18 @@ class Job:
     def usage(self) -> dict:
         prompt = sum(len(ids) for ids in self.prompt_ids)
         completion = sum(len(seq.generated) for seq in self.sequences)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
 
     def pieces(self, choice: int, token_ids: list[int]) -> list[str]:
         """The text each generated token adds (continuing the choice's earlier tokens)."""
         if choice not in self.decoders:
-            self.decoders[choice] = IncrementalDecoder(self.tokenizer,
-                                                       self.prompt_ids[choice // self.n])
+            self.decoders[choice] = IncrementalDecoder(
+                self.tokenizer, self.prompt_ids[choice // self.n]
+            )
         decoder = self.decoders[choice]
         return [decoder.push(t) for t in token_ids]
 
@@ -63,8 +67,15 @@ class Job:
                 seq.cancel()
 
 
-def submit(served: ServedModel, request_id: str, prompt_ids: list[list[int]],
-           params: SamplingParams, n: int, stream: bool, metrics: Metrics) -> Job:
+def submit(
+    served: ServedModel,
+    request_id: str,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    stream: bool,
+    metrics: Metrics,
+) -> Job:
     """Hand every (prompt, sample) to the engine; 429 when its queue is full, 503 when it
     is shutting down. Sample i of a seeded request uses seed + i."""
     outputs: asyncio.Queue = asyncio.Queue()
@@ -78,17 +89,26 @@ def submit(served: ServedModel, request_id: str, prompt_ids: list[list[int]],
                 def sink(out, _choice=choice):
                     outputs.put_nowait((_choice, out))
 
-                sequences.append(served.engine.submit(ids, replace(params, seed=seed), sink,
-                                                      stream=stream, adapter=served.adapter))
+                sequences.append(
+                    served.engine.submit(
+                        ids, replace(params, seed=seed), sink, stream=stream, adapter=served.adapter
+                    )
+                )
     except QueueFull as exc:
         _cancel(sequences)
         metrics.rejected.labels(served.name).inc()
-        raise APIError(429, f"{exc}; retry shortly", type_="rate_limit_error",
-                       code="queue_full", headers={"Retry-After": "1"}) from None
+        raise APIError(
+            429,
+            f"{exc}; retry shortly",
+            type_="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
     except EngineStopped as exc:
         _cancel(sequences)
-        raise APIError(503, str(exc), type_="server_error", code="shutting_down",
-                       headers={"Retry-After": "5"}) from None
+        raise APIError(
+            503, str(exc), type_="server_error", code="shutting_down", headers={"Retry-After": "5"}
+        ) from None
     except BaseException:
         _cancel(sequences)
         raise
@@ -109,8 +129,7 @@ async def collect(job: Job, request: Request, metrics: Metrics) -> list[Output]:
     try:
         while pending:
             getter = asyncio.ensure_future(job.outputs.get())
-            done, _ = await asyncio.wait({getter, disconnect},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
                 raise ClientGone
@@ -121,8 +140,7 @@ async def collect(job: Job, request: Request, metrics: Metrics) -> list[Output]:
                 observe(job, out, streamed=False, metrics=metrics)
                 if out.finish_reason == "error":
                     failure = out.error or ENGINE_FAILURE
-                    raise APIError(500, failure.message, type_="server_error",
-                                   code=failure.code)
+                    raise APIError(500, failure.message, type_="server_error", code=failure.code)
     finally:
         disconnect.cancel()
         job.cancel_unfinished()
@@ -143,8 +161,9 @@ async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Ou
             for choice, out in batch:
                 if last_time[choice] is not None and out.token_ids:
                     tokens = len(out.token_ids)
-                    metrics.observe_gaps(job.served.name, (now - last_time[choice]) / tokens,
-                                         tokens)
+                    metrics.observe_gaps(
+                        job.served.name, (now - last_time[choice]) / tokens, tokens
+                    )
                 last_time[choice] = now
                 if out.finish_reason is not None:
                     pending -= 1
@@ -157,8 +176,14 @@ async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Ou
 def error_event(out: Output) -> dict:
     """The SSE event that ends a stream whose sequence failed (never a normal finish)."""
     failure = out.error or ENGINE_FAILURE
-    return {"error": {"message": failure.message, "type": "server_error", "param": None,
-                      "code": failure.code}}
+    return {
+        "error": {
+            "message": failure.message,
+            "type": "server_error",
+            "param": None,
+            "code": failure.code,
+        }
+    }
 
 
 def finish_reason(out: Output) -> str:
@@ -176,11 +201,16 @@ def merge(parts: list[Output]) -> Output:
         return parts[0]
     logprobs = None if parts[0].logprobs is None else [x for p in parts for x in p.logprobs]
     top = None if parts[0].top_logprobs is None else [x for p in parts for x in p.top_logprobs]
-    return Output(text="".join(p.text for p in parts),
-                  token_ids=[t for p in parts for t in p.token_ids], logprobs=logprobs,
-                  finish_reason=parts[-1].finish_reason, timings=parts[-1].timings,
-                  top_logprobs=top, prompt_logprobs=parts[0].prompt_logprobs,
-                  prompt_top_logprobs=parts[0].prompt_top_logprobs)
+    return Output(
+        text="".join(p.text for p in parts),
+        token_ids=[t for p in parts for t in p.token_ids],
+        logprobs=logprobs,
+        finish_reason=parts[-1].finish_reason,
+        timings=parts[-1].timings,
+        top_logprobs=top,
+        prompt_logprobs=parts[0].prompt_logprobs,
+        prompt_top_logprobs=parts[0].prompt_top_logprobs,
+    )
 
 
 def token_text(tokenizer: Tokenizer, context: list[int], token_id: int) -> str:
@@ -188,7 +218,7 @@ def token_text(tokenizer: Tokenizer, context: list[int], token_id: int) -> str:
     context = context[-4:]
     prefix, full = tokenizer.decode(context), tokenizer.decode([*context, token_id])
     if full.startswith(prefix) and not prefix.endswith("\ufffd"):
-        return full[len(prefix):]
+        return full[len(prefix) :]
     return tokenizer.decode([token_id])
 
 

@@ -56,11 +56,13 @@ def attach_adapters(checkpoints: list[Checkpoint], specs: list[str]) -> None:
         adapter = lora.load_adapter(directory)
         base = hashes.get(adapter.meta["base"].get("weights_hash"))
         if base is None:
-            raise LMError(f"--adapter {name}={directory}: trained on "
-                          f"{adapter.meta['base'].get('name')!r} "
-                          f"({adapter.meta['base'].get('weights_hash')}), which is not served "
-                          f"(served: {', '.join(c.name for c in checkpoints)})",
-                          param="adapters")
+            raise LMError(
+                f"--adapter {name}={directory}: trained on "
+                f"{adapter.meta['base'].get('name')!r} "
+                f"({adapter.meta['base'].get('weights_hash')}), which is not served "
+                f"(served: {', '.join(c.name for c in checkpoints)})",
+                param="adapters",
+            )
         per_base.setdefault(base.name, []).append((name, adapter))
     for ckpt in checkpoints:
         chosen = per_base.get(ckpt.name, [])
@@ -112,8 +114,9 @@ def start_engines(
         template = load_chat_template(ckpt.path, ckpt.meta)
         served[ckpt.name] = ServedModel(ckpt.name, ckpt, engine, int(time.time()), template)
         for index, name in enumerate(ckpt.meta.get("adapters", []), 1):
-            served[name] = ServedModel(name, ckpt, engine, int(time.time()), template,
-                                       adapter=index, parent=ckpt.name)
+            served[name] = ServedModel(
+                name, ckpt, engine, int(time.time()), template, adapter=index, parent=ckpt.name
+            )
     return served
 
 

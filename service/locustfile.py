@@ -74,9 +74,18 @@ LONG_PROMPTS = [
 
 # Archaic word -> modern word: a few-shot task a small model can at least attempt.
 FEWSHOT_PAIRS = [
-    ("thou", "you"), ("thee", "you"), ("thy", "your"), ("art", "are"), ("hath", "has"),
-    ("doth", "does"), ("ere", "before"), ("hither", "here"), ("wherefore", "why"),
-    ("prithee", "please"), ("anon", "soon"), ("oft", "often"),
+    ("thou", "you"),
+    ("thee", "you"),
+    ("thy", "your"),
+    ("art", "are"),
+    ("hath", "has"),
+    ("doth", "does"),
+    ("ere", "before"),
+    ("hither", "here"),
+    ("wherefore", "why"),
+    ("prithee", "please"),
+    ("anon", "soon"),
+    ("oft", "often"),
 ]
 # None leaves the server's default template ("{input} => {output}\n").
 FEWSHOT_TEMPLATES = [None, "Old: {input}\nNew: {output}\n\n"]
@@ -111,29 +120,48 @@ class CompletionsUser(HttpUser):
         if random.random() < 0.2:  # a batch of prompts in one request
             prompts = random.sample(SHORT_PROMPTS, 2)
             expected = 2 * n
-        body = {"model": MODEL, "prompt": prompts, "max_tokens": random.randint(16, 64),
-                "n": n, **_sampling()}
+        body = {
+            "model": MODEL,
+            "prompt": prompts,
+            "max_tokens": random.randint(16, 64),
+            "n": n,
+            **_sampling(),
+        }
         self._complete(body, expected, name=f"{COMPLETIONS} short")
 
     @task(3)
     def long_prompt(self) -> None:
-        body = {"model": MODEL, "prompt": random.choice(LONG_PROMPTS),
-                "max_tokens": random.randint(32, 96), **_sampling()}
+        body = {
+            "model": MODEL,
+            "prompt": random.choice(LONG_PROMPTS),
+            "max_tokens": random.randint(32, 96),
+            **_sampling(),
+        }
         self._complete(body, 1, name=f"{COMPLETIONS} long")
 
     @task(4)
     def streaming(self) -> None:
         prompt = random.choice(SHORT_PROMPTS + LONG_PROMPTS)
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": random.randint(32, 128),
-                "stream": True, "stream_options": {"include_usage": True}, **_sampling()}
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": random.randint(32, 128),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **_sampling(),
+        }
         self._stream(body, name=f"{COMPLETIONS} stream")
 
     @task(2)
     def few_shot(self) -> None:
         pairs = random.sample(FEWSHOT_PAIRS, 5)
-        body = {"model": FEWSHOT_MODEL, "prompt": pairs[-1][0], "max_tokens": 12,
-                "temperature": 0.0,
-                "examples": [{"input": i, "output": o} for i, o in pairs[:-1]]}
+        body = {
+            "model": FEWSHOT_MODEL,
+            "prompt": pairs[-1][0],
+            "max_tokens": 12,
+            "temperature": 0.0,
+            "examples": [{"input": i, "output": o} for i, o in pairs[:-1]],
+        }
         template = random.choice(FEWSHOT_TEMPLATES)
         if template is not None:
             body["template"] = template
@@ -185,8 +213,9 @@ class CompletionsUser(HttpUser):
         """A streaming completion, read to `data: [DONE]`; its response time is the whole
         stream, not just the headers."""
         start = time.perf_counter()
-        with self.client.post(COMPLETIONS, json=body, name=name, stream=True,
-                              catch_response=True) as response:
+        with self.client.post(
+            COMPLETIONS, json=body, name=name, stream=True, catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(_status_message(response))
                 return
@@ -207,7 +236,7 @@ def check_stream(lines: Iterable[str], want_usage: bool) -> tuple[str | None, in
             size += len(line) + 1
             if not line.startswith("data:"):
                 continue  # blank separators, comments, event names
-            data = line[len("data:"):].strip()
+            data = line[len("data:") :].strip()
             if data == "[DONE]":
                 break
             event = json.loads(data)

@@ -36,8 +36,9 @@ class RequestId:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", [])
-                           if k.lower() != b"x-request-id"]
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
+                ]
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
@@ -45,8 +46,14 @@ class RequestId:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            logger.info("request %s %s %s -> %s in %.1f ms", request_id, scope["method"],
-                        scope["path"], status, 1000 * (time.perf_counter() - started))
+            logger.info(
+                "request %s %s %s -> %s in %.1f ms",
+                request_id,
+                scope["method"],
+                scope["path"],
+                status,
+                1000 * (time.perf_counter() - started),
+            )
 
 
 def request_id(request) -> str:

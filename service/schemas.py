@@ -61,16 +61,29 @@ class SamplingRequest(BaseModel):
     temperature: StrictFloat = Field(1.0, ge=0.0, le=100.0, description="0 is greedy")
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=0, description="0 turns it off (extension)")
-    min_p: StrictFloat = Field(0.0, ge=0.0, le=1.0, description=(
-        "drop tokens less likely than min_p times the most likely one; 0 turns it off "
-        "(vLLM's extension)"))
+    min_p: StrictFloat = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "drop tokens less likely than min_p times the most likely one; 0 turns it off "
+            "(vLLM's extension)"
+        ),
+    )
     presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: StrictFloat = Field(1.0, gt=0.0, le=10.0, description=(
-        "divides the logits of tokens already in the prompt or the output; 1 turns it off "
-        "(vLLM's extension)"))
+    repetition_penalty: StrictFloat = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description=(
+            "divides the logits of tokens already in the prompt or the output; 1 turns it off "
+            "(vLLM's extension)"
+        ),
+    )
     logit_bias: dict[str, StrictFloat] | None = Field(
-        None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
     n: StrictInt = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: StrictBool = False
@@ -82,8 +95,13 @@ class SamplingRequest(BaseModel):
     def _null_is_default(cls, data: Any) -> Any:
         return _drop_nulls(data)
 
-    def sampling_params(self, settings: Settings, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(
+        self,
+        settings: Settings,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
         """This request's sampling parameters within the server's limits (`max_tokens`
         None: the default, cut to the server's limit); an LMError names the field at fault."""
         if max_tokens is None:
@@ -94,14 +112,22 @@ class SamplingRequest(BaseModel):
             try:
                 bias[int(key)] = value
             except ValueError:
-                raise LMError(f"keys must be token ids, got {key!r}",
-                              param="logit_bias") from None
+                raise LMError(f"keys must be token ids, got {key!r}", param="logit_bias") from None
         params = SamplingParams(
-            max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, min_p=self.min_p, presence_penalty=self.presence_penalty,
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed,
-            stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=bias,
+            seed=self.seed,
+            stop=stop,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
         try:
             params.validate(settings.sampling_limits())
         except LMError as exc:
@@ -114,14 +140,19 @@ TokenIds = list[StrictInt]
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
-        ..., description="text, a list of texts, token ids, or a list of token id lists")
+        ..., description="text, a list of texts, token ids, or a list of token id lists"
+    )
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: StrictBool = Field(False, description=(
-        "prefix the prompt; with logprobs, also the prompt tokens' log-probabilities"))
+    echo: StrictBool = Field(
+        False,
+        description=("prefix the prompt; with logprobs, also the prompt tokens' log-probabilities"),
+    )
     examples: list[FewShotExample] | None = Field(
-        None, description="few-shot (input, output) pairs; `prompt` is then the query (extension)")
+        None, description="few-shot (input, output) pairs; `prompt` is then the query (extension)"
+    )
     template: str | None = Field(
-        None, description="few-shot template with {input} and {output} (extension)")
+        None, description="few-shot template with {input} and {output} (extension)"
+    )
     best_of: StrictInt | None = Field(None, ge=1, le=1, description="only 1 (the default)")
     suffix: str | None = Field(None, max_length=0, description="not supported: only empty")
 
@@ -135,8 +166,9 @@ class CompletionRequest(SamplingRequest):
         """This request's sampling parameters within the server's limits."""
         scoring = self.echo and self.logprobs is not None
         max_tokens = self.max_tokens if "max_tokens" in self.model_fields_set else None
-        return self.sampling_params(settings, max_tokens, self.logprobs,
-                                    self.logprobs if scoring else None)
+        return self.sampling_params(
+            settings, max_tokens, self.logprobs, self.logprobs if scoring else None
+        )
 
 
 class TextPart(BaseModel):
@@ -158,22 +190,30 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: StrictInt | None = Field(
-        None, ge=1, description="OpenAI's newer name for max_tokens (wins when both are given)")
+        None, ge=1, description="OpenAI's newer name for max_tokens (wins when both are given)"
+    )
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: StrictBool = Field(
-        True, description="end the prompt with the assistant's turn opening (vLLM's extension)")
+        True, description="end the prompt with the assistant's turn opening (vLLM's extension)"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unimplemented(cls, data: Any) -> Any:
-        _unimplemented(data, {
-            "tools": lambda v: v == [], "functions": lambda v: v == [],
-            "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
-            "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
-            "audio": lambda v: False, "prediction": lambda v: False,
-            "best_of": lambda v: v == 1,
-        })
+        _unimplemented(
+            data,
+            {
+                "tools": lambda v: v == [],
+                "functions": lambda v: v == [],
+                "tool_choice": lambda v: v == "none",
+                "function_call": lambda v: v == "none",
+                "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+                "audio": lambda v: False,
+                "prediction": lambda v: False,
+                "best_of": lambda v: v == 1,
+            },
+        )
         return data
 
     def to_sampling_params(self, settings: Settings) -> SamplingParams:
@@ -189,8 +229,10 @@ class ChatRequest(SamplingRequest):
         return self.sampling_params(settings, max_tokens, logprobs)
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in self.messages]
+        return [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in self.messages
+        ]
 
 
 class Logprobs(BaseModel):

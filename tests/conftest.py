@@ -85,8 +85,9 @@ def shakespeare_path() -> Path:
 # -- a tiny checkpoint and live servers (the HTTP tests) ----------------------------------
 
 
-def save_tiny_gpt(directory: Path, text: str, block_size: int = 64,
-                  training: dict | None = None) -> Path:
+def save_tiny_gpt(
+    directory: Path, text: str, block_size: int = 64, training: dict | None = None
+) -> Path:
     """An untrained 1-layer char GPT (random weights) saved as a checkpoint."""
     from lm.checkpoint import save_checkpoint
     from lm.models import ModelConfig, build_model
@@ -94,8 +95,14 @@ def save_tiny_gpt(directory: Path, text: str, block_size: int = 64,
 
     tokenizer = CharTokenizer.train(text)
     torch.manual_seed(0)
-    config = ModelConfig(kind="gpt", vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32,
-                         n_head=2, block_size=block_size)
+    config = ModelConfig(
+        kind="gpt",
+        vocab_size=tokenizer.vocab_size,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        block_size=block_size,
+    )
     model = build_model(config)
     with torch.no_grad():  # larger random weights: varied, not near-uniform, predictions
         for param in model.parameters():
@@ -131,11 +138,13 @@ class LiveServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run,
-                                       kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
 
     def start(self, timeout: float = 30.0) -> LiveServer:
         import time

@@ -34,7 +34,11 @@ def _rel(path: Path) -> str:
 def test_the_library_imports_no_http_code(path: Path):
     if _rel(path) == "lm/commands/serve.py":  # hands its flags to service.app.run
         return
-    bad = {m for m in imports(path) if m.split(".")[0] in ("service", "fastapi", "uvicorn", "starlette")}
+    bad = {
+        m
+        for m in imports(path)
+        if m.split(".")[0] in ("service", "fastapi", "uvicorn", "starlette")
+    }
     assert not bad, f"{_rel(path)} imports {sorted(bad)}"
 
 

@@ -116,10 +116,14 @@ def _edit_tokenizer_kind(directory: Path, kind: str) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: _edit_config(d, kind="transformer"),
-         "unknown model 'transformer'; choose one of rnn, gru, lstm, gpt"),
-        (lambda d: _edit_tokenizer_kind(d, "morse"),
-         "unknown tokenizer 'morse'; choose one of char, word, bpe, spm"),
+        (
+            lambda d: _edit_config(d, kind="transformer"),
+            "unknown model 'transformer'; choose one of rnn, gru, lstm, gpt",
+        ),
+        (
+            lambda d: _edit_tokenizer_kind(d, "morse"),
+            "unknown tokenizer 'morse'; choose one of char, word, bpe, spm",
+        ),
     ],
     ids=["model", "tokenizer"],
 )
@@ -229,12 +233,18 @@ def test_every_non_finite_value_is_counted(saved):
 
 
 WEIGHT_DAMAGES = {
-    "extra tensor": (lambda t: t.update(extra=torch.zeros(3)),
-                     "does not match config.json: unexpected tensor 'extra'"),
-    "missing tensor": (lambda t: t.pop("blocks.1.ln_2.weight"),
-                       "does not match config.json: missing tensor 'blocks.1.ln_2.weight'"),
-    "missing tied tensor": (lambda t: t.pop("lm_head.weight"),  # tied to wte.weight: one copy
-                            r"missing tensor '(lm_head|wte)\.weight'"),
+    "extra tensor": (
+        lambda t: t.update(extra=torch.zeros(3)),
+        "does not match config.json: unexpected tensor 'extra'",
+    ),
+    "missing tensor": (
+        lambda t: t.pop("blocks.1.ln_2.weight"),
+        "does not match config.json: missing tensor 'blocks.1.ln_2.weight'",
+    ),
+    "missing tied tensor": (
+        lambda t: t.pop("lm_head.weight"),  # tied to wte.weight: one copy
+        r"missing tensor '(lm_head|wte)\.weight'",
+    ),
     "one shape wrong": (
         lambda t: t.update({"blocks.0.attn.c_proj.weight": torch.zeros(16, 15)}),
         r"tensor 'blocks.0.attn.c_proj.weight' has shape \[16, 15\], the model built from "

@@ -56,8 +56,10 @@ def test_check_given_directories(capsys, shipped, tmp_path):
     assert (status, out) == (0, f"{shipped / 'good'}: ok\n")
     status, out, _ = run(capsys, "check", str(shipped / "good"), str(tmp_path))
     assert status == 1
-    assert out.splitlines()[1] == f"{tmp_path}: {tmp_path / 'config.json'}: missing; " \
-                                  f"{tmp_path} is not an lm checkpoint"
+    assert (
+        out.splitlines()[1] == f"{tmp_path}: {tmp_path / 'config.json'}: missing; "
+        f"{tmp_path} is not an lm checkpoint"
+    )
 
 
 def test_check_every_shipped_checkpoint_is_ok(capsys):
@@ -83,9 +85,22 @@ def test_serve_refuses_to_start_with_a_poisoned_checkpoint(shipped):
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run(
-        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(shipped / "good"),
-         "--checkpoint", str(shipped / "poisoned"), "--port", str(port)],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "serve",
+            "--checkpoint",
+            str(shipped / "good"),
+            "--checkpoint",
+            str(shipped / "poisoned"),
+            "--port",
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -48,35 +48,69 @@ def expected_text(directory: Path, prompt: str, **params) -> list[str]:
 
 
 def test_generate_prints_the_text_and_the_same_seed_gives_the_same_text(capsys, shipped):
-    argv = ["generate", "The king", "--checkpoint", str(shipped / "tiny"),
-            "--max-new-tokens", "20", "--seed", "1"]
+    argv = [
+        "generate",
+        "The king",
+        "--checkpoint",
+        str(shipped / "tiny"),
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "1",
+    ]
     status, out, err = run(capsys, *argv)
     assert status == 0, err
     assert out.endswith("\n")
-    assert out[:-1] == expected_text(shipped / "tiny", "The king", max_new_tokens=20,
-                                     temperature=0.8, seed=1)[0]
+    assert (
+        out[:-1]
+        == expected_text(shipped / "tiny", "The king", max_new_tokens=20, temperature=0.8, seed=1)[
+            0
+        ]
+    )
     assert len(out[:-1]) >= 10  # char model: 20 tokens, a few may be unknown (empty)
     assert run(capsys, *argv)[1] == out
     assert run(capsys, *argv[:-1], "2")[1] != out
 
 
 def test_generate_by_shipped_name(capsys, shipped):
-    by_name = run(capsys, "generate", "We", "--checkpoint", "tiny", "--max-new-tokens", "12",
-                  "--seed", "3")
-    by_path = run(capsys, "generate", "We", "--checkpoint", str(shipped / "tiny"),
-                  "--max-new-tokens", "12", "--seed", "3")
+    by_name = run(
+        capsys, "generate", "We", "--checkpoint", "tiny", "--max-new-tokens", "12", "--seed", "3"
+    )
+    by_path = run(
+        capsys,
+        "generate",
+        "We",
+        "--checkpoint",
+        str(shipped / "tiny"),
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "3",
+    )
     assert by_name[0] == 0
     assert by_name[1] == by_path[1]
 
 
 def test_generate_n_samples(capsys, shipped):
-    status, out, _ = run(capsys, "generate", "We", "--checkpoint", "tiny", "--max-new-tokens",
-                         "15", "--seed", "4", "--n", "2")
+    status, out, _ = run(
+        capsys,
+        "generate",
+        "We",
+        "--checkpoint",
+        "tiny",
+        "--max-new-tokens",
+        "15",
+        "--seed",
+        "4",
+        "--n",
+        "2",
+    )
     assert status == 0
     texts = expected_text(shipped / "tiny", "We", max_new_tokens=15, temperature=0.8, seed=4)
     texts += expected_text(shipped / "tiny", "We", max_new_tokens=15, temperature=0.8, seed=5)
-    assert out == (f"--- sample 1 (length) ---\n{texts[0]}\n"
-                   f"--- sample 2 (length) ---\n{texts[1]}\n")
+    assert out == (
+        f"--- sample 1 (length) ---\n{texts[0]}\n--- sample 2 (length) ---\n{texts[1]}\n"
+    )
     assert texts[0] != texts[1]
 
 
@@ -90,18 +124,36 @@ def test_generate_reads_the_prompt_from_stdin(capsys, monkeypatch, prompt_args):
     assert from_stdin[1] == from_arg[1]
 
 
-@pytest.mark.parametrize("sampling", [["--temperature", "0"],
-                                      ["--temperature", "1", "--seed", "1"]])
+@pytest.mark.parametrize(
+    "sampling", [["--temperature", "0"], ["--temperature", "1", "--seed", "1"]]
+)
 def test_generate_few_shot(capsys, shipped, sampling):
-    status, out, err = run(capsys, "generate", "--example", "abc=>cba", "--example", "de=>ed",
-                           "xyz", "--checkpoint", "tiny", *sampling, "--max-new-tokens", "60")
+    status, out, err = run(
+        capsys,
+        "generate",
+        "--example",
+        "abc=>cba",
+        "--example",
+        "de=>ed",
+        "xyz",
+        "--checkpoint",
+        "tiny",
+        *sampling,
+        "--max-new-tokens",
+        "60",
+    )
     assert status == 0, err
     prompt, stop = build_prompt([Example("abc", "cba"), Example("de", "ed")], "xyz")
     assert (prompt, stop) == ("abc => cba\nde => ed\nxyz => ", ["\n"])
-    params = dict(max_new_tokens=60, temperature=float(sampling[1]), stop=stop,
-                  seed=int(sampling[3]) if len(sampling) > 2 else None)
-    [completion] = Generator(load_checkpoint(shipped / "tiny")).complete([prompt],
-                                                                          SamplingParams(**params))
+    params = dict(
+        max_new_tokens=60,
+        temperature=float(sampling[1]),
+        stop=stop,
+        seed=int(sampling[3]) if len(sampling) > 2 else None,
+    )
+    [completion] = Generator(load_checkpoint(shipped / "tiny")).complete(
+        [prompt], SamplingParams(**params)
+    )
     assert out == completion.text + "\n"
     if params["seed"] is not None:  # this sample answers, then ends its line: the stop
         assert completion.finish_reason == "stop"
@@ -110,12 +162,37 @@ def test_generate_few_shot(capsys, shipped, sampling):
 
 def test_generate_few_shot_from_a_file(capsys, tmp_path):
     path = tmp_path / "examples.jsonl"
-    path.write_text('{"input": "abc", "output": "cba"}\n{"input": "de", "output": "ed"}\n',
-                    encoding="utf-8")
-    from_file = run(capsys, "generate", "--examples", str(path), "xyz", "--checkpoint", "tiny",
-                    "--temperature", "0", "--max-new-tokens", "30")
-    from_flags = run(capsys, "generate", "--example", "abc=>cba", "--example", "de=>ed", "xyz",
-                     "--checkpoint", "tiny", "--temperature", "0", "--max-new-tokens", "30")
+    path.write_text(
+        '{"input": "abc", "output": "cba"}\n{"input": "de", "output": "ed"}\n', encoding="utf-8"
+    )
+    from_file = run(
+        capsys,
+        "generate",
+        "--examples",
+        str(path),
+        "xyz",
+        "--checkpoint",
+        "tiny",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+    )
+    from_flags = run(
+        capsys,
+        "generate",
+        "--example",
+        "abc=>cba",
+        "--example",
+        "de=>ed",
+        "xyz",
+        "--checkpoint",
+        "tiny",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+    )
     assert from_file[0] == 0
     assert from_file[1] == from_flags[1]
 
@@ -129,19 +206,22 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
         assert fragment in last
 
 
-@pytest.mark.parametrize(("flags", "fragments"), [
-    (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
-    (["--max-new-tokens", "-5"], ["--max-new-tokens", "at least 1"]),
-    (["--max-new-tokens", str(10**9)], ["--max-new-tokens", "at most"]),
-    (["--max-new-tokens", "ten"], ["--max-new-tokens", "whole number"]),
-    (["--top-p", "0"], ["--top-p", "(0, 1]"]),
-    (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
-    (["--top-p", "nan"], ["--top-p"]),
-    (["--temperature", "-1"], ["--temperature", ">= 0"]),
-    (["--temperature", "inf"], ["--temperature", "finite"]),
-    (["--top-k", "-1"], ["--top-k", ">= 0"]),
-    (["--n", "0"], ["--n", "at least 1"]),
-])
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+        (["--max-new-tokens", "-5"], ["--max-new-tokens", "at least 1"]),
+        (["--max-new-tokens", str(10**9)], ["--max-new-tokens", "at most"]),
+        (["--max-new-tokens", "ten"], ["--max-new-tokens", "whole number"]),
+        (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+        (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+        (["--top-p", "nan"], ["--top-p"]),
+        (["--temperature", "-1"], ["--temperature", ">= 0"]),
+        (["--temperature", "inf"], ["--temperature", "finite"]),
+        (["--top-k", "-1"], ["--top-k", ">= 0"]),
+        (["--n", "0"], ["--n", "at least 1"]),
+    ],
+)
 def test_generate_bad_flags_are_argparse_errors(capsys, flags, fragments):
     status, out, err = run(capsys, "generate", "We", "--checkpoint", "tiny", *flags)
     assert status == 2
@@ -149,17 +229,20 @@ def test_generate_bad_flags_are_argparse_errors(capsys, flags, fragments):
     assert_one_line_error(err, *fragments)
 
 
-@pytest.mark.parametrize(("argv", "fragments"), [
-    (["We", "--checkpoint", "no-such-model"], ["no-such-model", "tiny"]),
-    (["We", "--checkpoint", "some/missing/dir"], ["some/missing/dir", "not a directory"]),
-    (["xyz", "--example", "abc"], ["--example 'abc'", "INPUT=>OUTPUT"]),
-    (["xyz", "--example", "=>abc"], ["--example '=>abc'", "non-empty"]),
-    (["xyz", "--template", "{input} -> {output}\n"], ["--template", "examples"]),
-    (["x => y", "--example", "a=>b"], ["query"]),
-    (["xyz", "--example", "a=>b", "--template", "{input}{output}"], ["separator"]),
-    (["xyz", "--examples", "missing.jsonl"], ["missing.jsonl", "no such file"]),
-    (["We", "--stop", ""], ["stop"]),
-])
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["We", "--checkpoint", "no-such-model"], ["no-such-model", "tiny"]),
+        (["We", "--checkpoint", "some/missing/dir"], ["some/missing/dir", "not a directory"]),
+        (["xyz", "--example", "abc"], ["--example 'abc'", "INPUT=>OUTPUT"]),
+        (["xyz", "--example", "=>abc"], ["--example '=>abc'", "non-empty"]),
+        (["xyz", "--template", "{input} -> {output}\n"], ["--template", "examples"]),
+        (["x => y", "--example", "a=>b"], ["query"]),
+        (["xyz", "--example", "a=>b", "--template", "{input}{output}"], ["separator"]),
+        (["xyz", "--examples", "missing.jsonl"], ["missing.jsonl", "no such file"]),
+        (["We", "--stop", ""], ["stop"]),
+    ],
+)
 def test_generate_bad_input_is_one_line_and_status_2(capsys, argv, fragments):
     if "--checkpoint" not in argv:
         argv = [*argv, "--checkpoint", "tiny"]

@@ -65,14 +65,30 @@ def digests(directory: Path) -> dict[str, str]:
 def test_python_dash_m_lm_runs_the_cli_with_its_exit_codes(tmp_path):
     """`python -m lm` is the `lm` command (so `torchrun -m lm train` works too)."""
     missing = tmp_path / "nope.txt"
-    result = subprocess.run([sys.executable, "-m", "lm", "eval", "--checkpoint", str(tmp_path),
-                             "--corpus", str(missing)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "eval",
+            "--checkpoint",
+            str(tmp_path),
+            "--corpus",
+            str(missing),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lm eval: error: "), result.stderr
-    listed = subprocess.run([sys.executable, "-m", "lm", "checkpoints", "--json"],
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "lm", "checkpoints", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0
     assert isinstance(json.loads(listed.stdout), list)
 

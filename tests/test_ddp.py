@@ -26,12 +26,47 @@ def test_two_processes_train_one_checkpoint(tmp_path, corpus_path, model):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "lm", "train", "--corpus", str(corpus_path), "--out", str(out),
-         "--model", model, "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
-         "--block-size", "16", "--batch-size", "2", "--grad-accum-steps", "2", "--max-steps",
-         "8", "--eval-interval", "4", "--no-progress", "--threads", "1"],
-        capture_output=True, text=True, timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lm",
+            "train",
+            "--corpus",
+            str(corpus_path),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--n-layer",
+            "1",
+            "--n-embd",
+            "16",
+            "--n-head",
+            "2",
+            "--block-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--grad-accum-steps",
+            "2",
+            "--max-steps",
+            "8",
+            "--eval-interval",
+            "4",
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     # The head of stderr holds a rank's own error; torchrun's summary follows it.
     assert result.returncode == 0, result.stderr[:3000]
     checkpoint = load_checkpoint(out)
@@ -44,9 +79,21 @@ def test_two_processes_train_one_checkpoint(tmp_path, corpus_path, model):
 # -- equalities, through a worker that saves every rank's parameters ----------------------
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-SETTINGS = dict(tokenizer="char", model="gpt", n_layer=1, n_embd=16, n_head=2, block_size=16,
-                lr=1e-2, warmup_steps=2, max_steps=8, eval_interval=4, device="cpu", seed=3,
-                threads=1)
+SETTINGS = dict(
+    tokenizer="char",
+    model="gpt",
+    n_layer=1,
+    n_embd=16,
+    n_head=2,
+    block_size=16,
+    lr=1e-2,
+    warmup_steps=2,
+    max_steps=8,
+    eval_interval=4,
+    device="cpu",
+    seed=3,
+    threads=1,
+)
 
 
 def torchrun(corpus: Path, out: Path, stop_at: int = 0, **overrides) -> list[dict]:
@@ -56,9 +103,23 @@ def torchrun(corpus: Path, out: Path, stop_at: int = 0, **overrides) -> list[dic
     dump.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), json.dumps(settings), str(stop_at), str(dump)],
-        capture_output=True, text=True, timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            json.dumps(settings),
+            str(stop_at),
+            str(dump),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[:3000]
     return [torch.load(dump / f"rank{rank}.pt") for rank in (0, 1)]
 
@@ -125,9 +186,17 @@ def test_two_ranks_interrupted_and_resumed_equal_an_uninterrupted_run(tmp_path, 
 # -- the token file -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("vocab_size", "dtype"), [
-    (2, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32),
-    (2**32, np.uint32)])
+@pytest.mark.parametrize(
+    ("vocab_size", "dtype"),
+    [
+        (2, np.uint8),
+        (256, np.uint8),
+        (257, np.uint16),
+        (65536, np.uint16),
+        (65537, np.uint32),
+        (2**32, np.uint32),
+    ],
+)
 def test_token_dtype_is_the_smallest_that_holds_the_vocabulary(vocab_size, dtype):
     assert token_dtype(vocab_size) == dtype
 
@@ -137,11 +206,18 @@ def test_token_dtype_refuses_a_vocabulary_past_32_bits():
         token_dtype(2**32 + 1)
 
 
-@pytest.mark.parametrize(("kind", "vocab_size", "dtype"), [
-    ("char", None, np.uint8), ("word", None, np.uint8), ("bpe", 300, np.uint16),
-    ("spm", 400, np.uint16)])
-def test_token_file_holds_the_encoding_in_the_smallest_type(tmp_path, corpus_text, kind,
-                                                            vocab_size, dtype):
+@pytest.mark.parametrize(
+    ("kind", "vocab_size", "dtype"),
+    [
+        ("char", None, np.uint8),
+        ("word", None, np.uint8),
+        ("bpe", 300, np.uint16),
+        ("spm", 400, np.uint16),
+    ],
+)
+def test_token_file_holds_the_encoding_in_the_smallest_type(
+    tmp_path, corpus_text, kind, vocab_size, dtype
+):
     tokenizer = train_tokenizer(kind, corpus_text, vocab_size)
     path = token_file(tokenizer, corpus_text, "key", tmp_path)
     ids = open_tokens(path)
@@ -158,8 +234,12 @@ def test_token_file_holds_the_encoding_in_the_smallest_type(tmp_path, corpus_tex
 
 
 def test_trainer_reads_both_splits_from_token_files(tmp_path, corpus_path):
-    trainer = Trainer(TrainConfig.from_dict(
-        {**SETTINGS, "corpus": [str(corpus_path)], "out": str(tmp_path / "run")}), progress=False)
+    trainer = Trainer(
+        TrainConfig.from_dict(
+            {**SETTINGS, "corpus": [str(corpus_path)], "out": str(tmp_path / "run")}
+        ),
+        progress=False,
+    )
     assert isinstance(trainer.train_ids, np.memmap) and trainer.train_ids.dtype == np.uint8
     assert isinstance(trainer.val_ids, np.memmap) and trainer.val_ids.dtype == np.uint8
     assert Path(trainer.train_ids.filename).parent.parent == Path(os.environ["LM_CACHE_DIR"])

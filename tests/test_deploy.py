@@ -48,8 +48,9 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 def test_compose_has_the_services_with_their_profiles(compose):
     services = compose["services"]
-    assert {"server", "server-gpu", "locust", "replica", "lb", "prometheus", "grafana"} <= \
-        set(services)
+    assert {"server", "server-gpu", "locust", "replica", "lb", "prometheus", "grafana"} <= set(
+        services
+    )
     assert "profiles" not in services["server"]  # `docker compose up` starts it
     assert services["server-gpu"]["profiles"] == ["gpu"]
     assert services["locust"]["profiles"] == ["load"]
@@ -74,8 +75,9 @@ def test_compose_gpu_server_reserves_an_nvidia_gpu_and_a_cuda_torch(compose):
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert gpu["environment"]["LM_DEVICE"] == "cuda"
     assert "download.pytorch.org/whl/cu" in gpu["build"]["args"]["TORCH_INDEX"]
-    host_ports = {p.split(":")[0] for s in ("server", "server-gpu")
-                  for p in compose["services"][s]["ports"]}
+    host_ports = {
+        p.split(":")[0] for s in ("server", "server-gpu") for p in compose["services"][s]["ports"]
+    }
     assert len(host_ports) == 2  # both can run at once
 
 
@@ -96,10 +98,12 @@ def _mounts(service: dict) -> dict[str, str]:
     return mounts
 
 
-@pytest.mark.parametrize("name, host", [("locust", "http://server:8000"),
-                                        ("locust-lb", "http://lb:8080")])
-def test_compose_locust_runs_headless_and_writes_its_report_to_a_mounted_folder(compose, name,
-                                                                                 host):
+@pytest.mark.parametrize(
+    "name, host", [("locust", "http://server:8000"), ("locust-lb", "http://lb:8080")]
+)
+def test_compose_locust_runs_headless_and_writes_its_report_to_a_mounted_folder(
+    compose, name, host
+):
     locust = compose["services"][name]
     assert locust["profiles"] == ["load"]
     target = host.split("//")[1].split(":")[0]
@@ -114,8 +118,7 @@ def test_compose_locust_runs_headless_and_writes_its_report_to_a_mounted_folder(
         assert str(Path(args[args.index(flag) + 1]).parent) in mounts
 
 
-def test_compose_replicas_profile_runs_replicas_behind_nginx_with_prometheus_and_grafana(
-        compose):
+def test_compose_replicas_profile_runs_replicas_behind_nginx_with_prometheus_and_grafana(compose):
     services = compose["services"]
     for name in ("replica", "lb", "prometheus", "grafana"):
         assert services[name]["profiles"] == ["replicas"]
@@ -129,8 +132,10 @@ def test_compose_replicas_profile_runs_replicas_behind_nginx_with_prometheus_and
     assert "8080:8080" in lb["ports"]
     assert _mounts(lb)["/etc/nginx/nginx.conf"] == "./deploy/nginx.conf"
     assert "http://127.0.0.1:8080/health" in lb["healthcheck"]["test"]
-    assert _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == \
-        "./deploy/prometheus.yml"
+    assert (
+        _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"]
+        == "./deploy/prometheus.yml"
+    )
     grafana = _mounts(services["grafana"])
     assert grafana["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
     assert grafana["/etc/grafana/dashboards"] == "./deploy/grafana/dashboards"
@@ -157,7 +162,11 @@ def test_compose_images_are_pinned_to_real_version_tags(compose):
         repository, _, tag = image.partition(":")
         assert re.fullmatch(r"v?\d+\.\d+\.\d+(-alpine)?", tag), f"{name}: {image} is not pinned"
     assert {image.split(":")[0] for image in pulled.values()} == {
-        "nginx", "prom/prometheus", "grafana/grafana", "locustio/locust"}
+        "nginx",
+        "prom/prometheus",
+        "grafana/grafana",
+        "locustio/locust",
+    }
 
 
 # -- deploy/ --------------------------------------------------------------------------------
@@ -183,9 +192,14 @@ def test_nginx_config_balances_streams_unbuffered_and_retries_only_unsent_reques
     assert "least_conn" in directives
     server = next(d for d in directives if d.startswith("server replica:8000"))
     assert "max_fails=" in server and "fail_timeout=" in server
-    for needed in ("proxy_buffering off", "proxy_request_buffering off", "proxy_cache off",
-                   "proxy_http_version 1.1", 'proxy_set_header Connection ""',
-                   "proxy_next_upstream error timeout"):
+    for needed in (
+        "proxy_buffering off",
+        "proxy_request_buffering off",
+        "proxy_cache off",
+        "proxy_http_version 1.1",
+        'proxy_set_header Connection ""',
+        "proxy_next_upstream error timeout",
+    ):
         assert needed in directives
     assert not any("non_idempotent" in d for d in directives)  # a POST is never re-sent
     read_timeout = next(d for d in directives if d.startswith("proxy_read_timeout"))
@@ -196,8 +210,9 @@ def test_prometheus_scrapes_every_replica_by_dns():
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "lm")
     assert job["metrics_path"] == "/metrics"
-    assert job["dns_sd_configs"] == [{"names": ["replica"], "type": "A", "port": 8000,
-                                      "refresh_interval": "10s"}]
+    assert job["dns_sd_configs"] == [
+        {"names": ["replica"], "type": "A", "port": 8000, "refresh_interval": "10s"}
+    ]
     assert job["authorization"]["credentials_file"]  # works with LM_API_KEY set
 
 
@@ -210,12 +225,18 @@ def test_grafana_provisions_prometheus_and_a_dashboard_of_the_vllm_metrics():
     assert provider["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
     dashboard = json.loads((grafana / "dashboards" / "lm.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for metric in ("vllm:time_to_first_token_seconds_bucket",
-                   "vllm:inter_token_latency_seconds_bucket",
-                   "vllm:e2e_request_latency_seconds_bucket",
-                   "vllm:request_queue_time_seconds_bucket", "vllm:num_requests_running",
-                   "vllm:num_requests_waiting", "vllm:generation_tokens_total",
-                   "vllm:prompt_tokens_total", "vllm:request_success_total", 'up{job="lm"}'):
+    for metric in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:request_queue_time_seconds_bucket",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:generation_tokens_total",
+        "vllm:prompt_tokens_total",
+        "vllm:request_success_total",
+        'up{job="lm"}',
+    ):
         assert metric in exprs
     assert all(p["datasource"]["uid"] == datasource["uid"] for p in dashboard["panels"])
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
@@ -262,8 +283,11 @@ def test_dockerfile_installs_dependencies_before_copying_the_source():
 
 
 def test_dockerignore_keeps_environments_and_training_state_out():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for needed in (".venv/", ".git/", "runs/", "**/__pycache__/", "**/train_state.pt"):
         assert needed in patterns
     for kept in ("lm", "service", "checkpoints", "pyproject.toml", "README.md"):
@@ -303,8 +327,12 @@ def locustfile_probe() -> dict:
     if importlib.util.find_spec("locust") is None:
         pytest.skip('locust is not installed (pip install -e ".[load]")')
     # A subprocess: importing locust monkey-patches sockets and threads for good.
-    result = subprocess.run([sys.executable, "-c", _PROBE, str(default_locustfile())],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(default_locustfile())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -333,14 +361,17 @@ def test_default_locustfile_is_the_one_in_service():
 # -- lm loadtest ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--run-time", "soon"], "--run-time"),
-    (["--run-time", "0s"], "--run-time"),
-    (["--run-time", "5x"], "--run-time"),
-    (["--users", "0"], "--users"),
-    (["--spawn-rate", "0"], "--spawn-rate"),
-    (["--host", "127.0.0.1:8000"], "--host"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--run-time", "soon"], "--run-time"),
+        (["--run-time", "0s"], "--run-time"),
+        (["--run-time", "5x"], "--run-time"),
+        (["--users", "0"], "--users"),
+        (["--spawn-rate", "0"], "--spawn-rate"),
+        (["--host", "127.0.0.1:8000"], "--host"),
+    ],
+)
 def test_loadtest_bad_arguments_are_one_line_and_status_2(args, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["loadtest", *args])
@@ -372,15 +403,36 @@ def test_loadtest_without_a_server_is_one_line_and_status_2(monkeypatch, capsys)
     assert len(err.splitlines()) == 1 and "no server at" in err
 
 
-_HEADER = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time",
-           "Average Response Time", "Min Response Time", "Max Response Time",
-           "Average Content Size", "Requests/s", "Failures/s", "50%", "66%", "75%", "80%",
-           "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
+_HEADER = [
+    "Type",
+    "Name",
+    "Request Count",
+    "Failure Count",
+    "Median Response Time",
+    "Average Response Time",
+    "Min Response Time",
+    "Max Response Time",
+    "Average Content Size",
+    "Requests/s",
+    "Failures/s",
+    "50%",
+    "66%",
+    "75%",
+    "80%",
+    "90%",
+    "95%",
+    "98%",
+    "99%",
+    "99.9%",
+    "99.99%",
+    "100%",
+]
 
 
 @pytest.mark.parametrize("failures, status", [(0, 0), (3, 1)])
-def test_loadtest_runs_locust_headless_and_summarises_its_csv(failures, status, tmp_path,
-                                                              monkeypatch, capsys):
+def test_loadtest_runs_locust_headless_and_summarises_its_csv(
+    failures, status, tmp_path, monkeypatch, capsys
+):
     calls = []
 
     def fake_run(command, env):
@@ -389,20 +441,74 @@ def test_loadtest_runs_locust_headless_and_summarises_its_csv(failures, status, 
         with open(f"{prefix}_stats.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(_HEADER)
-            writer.writerow(["GET", "/health", 10, 0, 2, 2, 1, 5, 40, 1.0, 0.0, 2, *[3] * 6,
-                             5, 5, 5, 5])
-            writer.writerow(["POST", "/v1/completions short", 90, failures, 40, 45, 10, 300,
-                             500, 9.0, 0.0, 40, *[50] * 6, 250, 300, 300, 300])
-            writer.writerow(["", "Aggregated", 100, failures, 38, 40, 1, 300, 450, 10.0, 0.0,
-                             38, *[50] * 6, 250, 300, 300, 300])
+            writer.writerow(
+                ["GET", "/health", 10, 0, 2, 2, 1, 5, 40, 1.0, 0.0, 2, *[3] * 6, 5, 5, 5, 5]
+            )
+            writer.writerow(
+                [
+                    "POST",
+                    "/v1/completions short",
+                    90,
+                    failures,
+                    40,
+                    45,
+                    10,
+                    300,
+                    500,
+                    9.0,
+                    0.0,
+                    40,
+                    *[50] * 6,
+                    250,
+                    300,
+                    300,
+                    300,
+                ]
+            )
+            writer.writerow(
+                [
+                    "",
+                    "Aggregated",
+                    100,
+                    failures,
+                    38,
+                    40,
+                    1,
+                    300,
+                    450,
+                    10.0,
+                    0.0,
+                    38,
+                    *[50] * 6,
+                    250,
+                    300,
+                    300,
+                    300,
+                ]
+            )
         return subprocess.CompletedProcess(command, 1 if failures else 0)
 
     monkeypatch.setattr(loadtest_command, "_locust_available", lambda: True)
     monkeypatch.setattr(loadtest_command, "_check_server", lambda host: None)
     monkeypatch.setattr(subprocess, "run", fake_run)
     out = tmp_path / "load"
-    code = cli.main(["loadtest", "--host", "http://h:9/", "--users", "7", "--spawn-rate", "3",
-                     "--run-time", "2m", "--out", str(out), "--model", "m1"])
+    code = cli.main(
+        [
+            "loadtest",
+            "--host",
+            "http://h:9/",
+            "--users",
+            "7",
+            "--spawn-rate",
+            "3",
+            "--run-time",
+            "2m",
+            "--out",
+            str(out),
+            "--model",
+            "m1",
+        ]
+    )
     assert code == status
     command, env = calls[0]
     assert command[:3] == [sys.executable, "-m", "locust"]

@@ -35,8 +35,9 @@ MIXED_PARAMS = [
 def tiny_model(kind: str, vocab_size: int, block_size: int = 64, seed: int = 0) -> torch.nn.Module:
     """An untrained model with large random weights, so that its predictions vary."""
     torch.manual_seed(seed)
-    config = ModelConfig(kind=kind, vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2,
-                         block_size=block_size)
+    config = ModelConfig(
+        kind=kind, vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=block_size
+    )
     model = build_model(config)
     with torch.no_grad():
         for param in model.parameters():
@@ -64,8 +65,9 @@ def gpt(char_tokenizer):
     return tiny_model("gpt", char_tokenizer.vocab_size)
 
 
-def run_one(model, tokenizer, prompt: str, stream: bool = False, kv_cache_dtype: str = "auto",
-            **params) -> Sequence:
+def run_one(
+    model, tokenizer, prompt: str, stream: bool = False, kv_cache_dtype: str = "auto", **params
+) -> Sequence:
     """Generate for one request alone in its engine; outputs collected on the sequence."""
     engine = Engine(model, tokenizer, max_batch=4, kv_cache_dtype=kv_cache_dtype)
     seq = engine.submit(tokenizer.encode(prompt), SamplingParams(**params), stream=stream)
@@ -90,10 +92,13 @@ def test_same_seed_same_tokens_and_different_seeds_differ(model, char_tokenizer)
 
 
 def test_a_request_is_the_same_alone_and_in_a_mixed_batch(model, char_tokenizer):
-    requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=20 + 3 * i, **params))
-                for i, params in enumerate(MIXED_PARAMS)]
-    alone = [run_one(model, char_tokenizer, prompt, **params).generated
-             for prompt, params in requests]
+    requests = [
+        (PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=20 + 3 * i, **params))
+        for i, params in enumerate(MIXED_PARAMS)
+    ]
+    alone = [
+        run_one(model, char_tokenizer, prompt, **params).generated for prompt, params in requests
+    ]
 
     engine = Engine(model, char_tokenizer, max_batch=8)
     seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests]
@@ -105,7 +110,9 @@ def test_a_request_is_the_same_alone_and_in_a_mixed_batch(model, char_tokenizer)
     seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests[:3]]
     for _ in range(5):
         engine.step()
-    seqs += [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests[3:]]
+    seqs += [
+        engine.submit(char_tokenizer.encode(p), SamplingParams(**kw)) for p, kw in requests[3:]
+    ]
     engine.run_until_idle()
     assert [seq.generated for seq in seqs] == alone
 
@@ -151,8 +158,15 @@ def multi_char_stop(text: str, length: int = 3) -> tuple[str, int]:
 def test_stop_sequence_spanning_tokens_is_cut_from_the_output(gpt, char_tokenizer, stream):
     full = greedy_text(gpt, char_tokenizer, PROMPTS[0])
     stop, index = multi_char_stop(full)
-    seq = run_one(gpt, char_tokenizer, PROMPTS[0], stream=stream, max_new_tokens=60,
-                  temperature=0.0, stop=["never in the text", stop])
+    seq = run_one(
+        gpt,
+        char_tokenizer,
+        PROMPTS[0],
+        stream=stream,
+        max_new_tokens=60,
+        temperature=0.0,
+        stop=["never in the text", stop],
+    )
     assert seq.finish_reason == "stop"
     assert text_of(seq) == full[:index]
     assert stop not in text_of(seq)
@@ -182,8 +196,9 @@ def test_stop_sequence_straddling_bpe_tokens(bpe_tokenizer):
     assert stop is not None, f"no clean token boundary in {text!r}"
     assert len(stop) >= 2
     for stream in (False, True):
-        seq = run_one(model, bpe_tokenizer, prompt, stream=stream, max_new_tokens=60, seed=1,
-                      stop=[stop])
+        seq = run_one(
+            model, bpe_tokenizer, prompt, stream=stream, max_new_tokens=60, seed=1, stop=[stop]
+        )
         assert seq.finish_reason == "stop"
         assert text_of(seq) == text[:index]
         assert seq.generated == plain.generated[: len(seq.generated)]
@@ -192,8 +207,9 @@ def test_stop_sequence_straddling_bpe_tokens(bpe_tokenizer):
 def test_streaming_joins_to_the_non_streaming_text(model, char_tokenizer):
     for params in MIXED_PARAMS[:3]:
         whole = run_one(model, char_tokenizer, PROMPTS[3], max_new_tokens=40, **params)
-        pieces = run_one(model, char_tokenizer, PROMPTS[3], stream=True, max_new_tokens=40,
-                         **params)
+        pieces = run_one(
+            model, char_tokenizer, PROMPTS[3], stream=True, max_new_tokens=40, **params
+        )
         assert len(pieces.outputs) > 1
         assert text_of(pieces) == text_of(whole)
         assert [t for out in pieces.outputs for t in out.token_ids] == whole.generated
@@ -208,9 +224,12 @@ def test_streaming_holds_back_a_partial_stop_and_releases_it(gpt, char_tokenizer
     stop = char + "\x00"  # its first character appears, the whole never does
     sent: list[str] = []
     engine = Engine(gpt, char_tokenizer)
-    seq = engine.submit(char_tokenizer.encode(PROMPTS[0]),
-                        SamplingParams(max_new_tokens=50, temperature=0.0, stop=[stop]),
-                        sink=lambda out: sent.append(out.text), stream=True)
+    seq = engine.submit(
+        char_tokenizer.encode(PROMPTS[0]),
+        SamplingParams(max_new_tokens=50, temperature=0.0, stop=[stop]),
+        sink=lambda out: sent.append(out.text),
+        stream=True,
+    )
     held_back = 0
     while not seq.finished:
         engine.step()
@@ -229,9 +248,12 @@ def test_streaming_never_sends_what_turns_into_the_stop(gpt, char_tokenizer):
     stop, index = multi_char_stop(full, length=4)
     sent: list[str] = []
     engine = Engine(gpt, char_tokenizer)
-    seq = engine.submit(char_tokenizer.encode(PROMPTS[0]),
-                        SamplingParams(max_new_tokens=60, temperature=0.0, stop=[stop]),
-                        sink=lambda out: sent.append(out.text), stream=True)
+    seq = engine.submit(
+        char_tokenizer.encode(PROMPTS[0]),
+        SamplingParams(max_new_tokens=60, temperature=0.0, stop=[stop]),
+        sink=lambda out: sent.append(out.text),
+        stream=True,
+    )
     while not seq.finished:
         engine.step()
         assert full[:index].startswith("".join(sent))  # never anything past the cut
@@ -272,8 +294,14 @@ def test_gpt_keeps_going_past_its_context(char_tokenizer):
     engine.run_until_idle()
     assert len(greedy.generated) == len(sampled.generated) == 100
     assert greedy.finish_reason == sampled.finish_reason == "length"
-    again = run_one(model, char_tokenizer, char_tokenizer.decode(prompt), max_new_tokens=100,
-                    seed=5, kv_cache_dtype="float32")
+    again = run_one(
+        model,
+        char_tokenizer,
+        char_tokenizer.decode(prompt),
+        max_new_tokens=100,
+        seed=5,
+        kv_cache_dtype="float32",
+    )
     assert again.generated == sampled.generated
 
     # Each greedy token is the argmax of `forward` over the tokens in the window: the engine
@@ -295,8 +323,14 @@ def test_gpt_tokens_before_the_window_fills_use_the_whole_history(char_tokenizer
     block = 16
     model = tiny_model("gpt", char_tokenizer.vocab_size, block_size=block, seed=1)
     prompt = char_tokenizer.encode("We remember")  # 11 tokens: 5 more fit in the context
-    seq = run_one(model, char_tokenizer, char_tokenizer.decode(prompt), max_new_tokens=30,
-                  temperature=0.0, kv_cache_dtype="float32")  # compared with `forward` below
+    seq = run_one(
+        model,
+        char_tokenizer,
+        char_tokenizer.decode(prompt),
+        max_new_tokens=30,
+        temperature=0.0,
+        kv_cache_dtype="float32",
+    )  # compared with `forward` below
     history = list(prompt)
     while len(history) < block:
         token = model(torch.tensor([history]))[0, -1].argmax().item()
@@ -315,11 +349,15 @@ def test_gpt_with_a_one_token_context(char_tokenizer):
 
 
 def test_cancel_finishes_at_the_next_step_and_frees_the_slot(model, char_tokenizer):
-    alone = [run_one(model, char_tokenizer, p, max_new_tokens=30, seed=i).generated
-             for i, p in enumerate(PROMPTS[:3])]
+    alone = [
+        run_one(model, char_tokenizer, p, max_new_tokens=30, seed=i).generated
+        for i, p in enumerate(PROMPTS[:3])
+    ]
     engine = Engine(model, char_tokenizer, max_batch=4)
-    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(max_new_tokens=30, seed=i))
-            for i, p in enumerate(PROMPTS[:3])]
+    seqs = [
+        engine.submit(char_tokenizer.encode(p), SamplingParams(max_new_tokens=30, seed=i))
+        for i, p in enumerate(PROMPTS[:3])
+    ]
     for _ in range(5):
         engine.step()
     assert engine.num_running == 3
@@ -350,12 +388,17 @@ def test_cancel_while_waiting(gpt, char_tokenizer):
 
 def test_more_requests_than_slots_all_complete_in_fifo_order(model, char_tokenizer):
     lengths = [12, 3, 8, 1, 6, 9, 2]
-    alone = [run_one(model, char_tokenizer, PROMPTS[i % 4], max_new_tokens=n, seed=i).generated
-             for i, n in enumerate(lengths)]
+    alone = [
+        run_one(model, char_tokenizer, PROMPTS[i % 4], max_new_tokens=n, seed=i).generated
+        for i, n in enumerate(lengths)
+    ]
     engine = Engine(model, char_tokenizer, max_batch=2)
-    seqs = [engine.submit(char_tokenizer.encode(PROMPTS[i % 4]),
-                          SamplingParams(max_new_tokens=n, seed=i))
-            for i, n in enumerate(lengths)]
+    seqs = [
+        engine.submit(
+            char_tokenizer.encode(PROMPTS[i % 4]), SamplingParams(max_new_tokens=n, seed=i)
+        )
+        for i, n in enumerate(lengths)
+    ]
     admitted: list[int] = []
     while engine.has_work():
         engine.step()
@@ -381,22 +424,25 @@ def test_queue_full(gpt, char_tokenizer):
     assert not engine.has_work()
 
 
-@pytest.mark.parametrize("bad", [
-    dict(temperature=-0.1),
-    dict(temperature=float("nan")),
-    dict(temperature=float("inf")),
-    dict(top_p=0.0),
-    dict(top_p=1.5),
-    dict(top_p=float("nan")),
-    dict(top_k=-1),
-    dict(max_new_tokens=0),
-    dict(max_new_tokens=-3),
-    dict(stop=[""]),
-    dict(stop=["a", ""]),
-    dict(stop=[str(i) for i in range(17)]),
-    dict(logprobs=-1),
-    dict(logprobs=6),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-0.1),
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=float("nan")),
+        dict(top_k=-1),
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=-3),
+        dict(stop=[""]),
+        dict(stop=["a", ""]),
+        dict(stop=[str(i) for i in range(17)]),
+        dict(logprobs=-1),
+        dict(logprobs=6),
+    ],
+)
 def test_bad_sampling_params_are_refused(bad, gpt, char_tokenizer):
     params = SamplingParams(**bad)
     with pytest.raises(LMError):
@@ -408,9 +454,16 @@ def test_bad_sampling_params_are_refused(bad, gpt, char_tokenizer):
 
 
 def test_good_edge_sampling_params_are_accepted():
-    for good in (dict(temperature=0.0), dict(top_p=1.0), dict(top_k=0), dict(top_k=10**30),
-                 dict(max_new_tokens=1), dict(stop=[str(i) for i in range(16)]),
-                 dict(logprobs=0), dict(logprobs=5)):
+    for good in (
+        dict(temperature=0.0),
+        dict(top_p=1.0),
+        dict(top_k=0),
+        dict(top_k=10**30),
+        dict(max_new_tokens=1),
+        dict(stop=[str(i) for i in range(16)]),
+        dict(logprobs=0),
+        dict(logprobs=5),
+    ):
         SamplingParams(**good).validate()
 
 
@@ -428,8 +481,9 @@ def test_logprobs_for_every_token(gpt, char_tokenizer, stream):
     engine = Engine(gpt, char_tokenizer)
     ids = char_tokenizer.encode(PROMPTS[0])
     two = engine.submit(ids, SamplingParams(max_new_tokens=12, seed=1, logprobs=2), stream=stream)
-    greedy = engine.submit(ids, SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=2),
-                           stream=stream)
+    greedy = engine.submit(
+        ids, SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=2), stream=stream
+    )
     zero = engine.submit(ids, SamplingParams(max_new_tokens=12, seed=1, logprobs=0), stream=stream)
     none = engine.submit(ids, SamplingParams(max_new_tokens=12, seed=1), stream=stream)
     engine.run_until_idle()
@@ -469,8 +523,11 @@ def test_background_thread_serves_requests_from_other_threads(gpt, char_tokenize
             if out.finish_reason is not None:
                 done.set()
 
-        client = threading.Thread(target=lambda: engine.submit(
-            char_tokenizer.encode(PROMPTS[1]), SamplingParams(**params), sink, stream=True))
+        client = threading.Thread(
+            target=lambda: engine.submit(
+                char_tokenizer.encode(PROMPTS[1]), SamplingParams(**params), sink, stream=True
+            )
+        )
         client.start()
         client.join(timeout=10)
         assert done.wait(timeout=20)
@@ -493,8 +550,7 @@ def test_shutdown_cancels_what_does_not_finish_in_time(gpt, char_tokenizer):
             done.set()
 
     engine.start()
-    seq = engine.submit(char_tokenizer.encode("We"), SamplingParams(max_new_tokens=100_000),
-                        sink)
+    seq = engine.submit(char_tokenizer.encode("We"), SamplingParams(max_new_tokens=100_000), sink)
     deadline = time.monotonic() + 10
     while not seq.generated and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -509,18 +565,23 @@ def test_shutdown_cancels_what_does_not_finish_in_time(gpt, char_tokenizer):
 # -- KV cache precision ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_dtype, cache_dtype, agree", [
-    ("float32", "bfloat16", 4), ("float32", "float16", 4), ("bfloat16", "auto", 3)])
-def test_narrower_precision_keeps_requests_batch_independent(gpt, char_tokenizer, model_dtype,
-                                                             cache_dtype, agree):
+@pytest.mark.parametrize(
+    "model_dtype, cache_dtype, agree",
+    [("float32", "bfloat16", 4), ("float32", "float16", 4), ("bfloat16", "auto", 3)],
+)
+def test_narrower_precision_keeps_requests_batch_independent(
+    gpt, char_tokenizer, model_dtype, cache_dtype, agree
+):
     """A bfloat16/float16 KV cache, or a whole model cast to bfloat16, changes the numbers a
     little, never what batch a request ran in."""
     import copy
 
     model = copy.deepcopy(gpt).to(getattr(torch, model_dtype))
     expected = model_dtype if cache_dtype == "auto" else cache_dtype
-    requests = [(PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=24 + 2 * i, **params))
-                for i, params in enumerate(MIXED_PARAMS)]
+    requests = [
+        (PROMPTS[i % len(PROMPTS)], dict(max_new_tokens=24 + 2 * i, **params))
+        for i, params in enumerate(MIXED_PARAMS)
+    ]
 
     def generate(batch: list) -> list[list[int]]:
         engine = Engine(model, char_tokenizer, max_batch=8, kv_cache_dtype=cache_dtype)
@@ -532,8 +593,9 @@ def test_narrower_precision_keeps_requests_batch_independent(gpt, char_tokenizer
     alone = [generate([request])[0] for request in requests]
     assert generate(requests) == alone
     # Greedy text stays close to float32's: the first tokens agree.
-    full = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0,
-                   kv_cache_dtype="float32")
+    full = run_one(
+        gpt, char_tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0.0, kv_cache_dtype="float32"
+    )
     narrow = generate([(PROMPTS[0], dict(max_new_tokens=8, temperature=0.0))])[0]
     assert narrow[:agree] == full.generated[:agree]
 
@@ -566,8 +628,10 @@ def test_stream_interval_sends_several_tokens_per_output(gpt, char_tokenizer):
 
 def _generate_all(model, tokenizer, prompts: list[str], **params) -> tuple[list, Engine]:
     engine = Engine(model, tokenizer, max_batch=8, kv_cache_dtype="float32")
-    seqs = [engine.submit(tokenizer.encode(p), SamplingParams(seed=i, **params))
-            for i, p in enumerate(prompts)]
+    seqs = [
+        engine.submit(tokenizer.encode(p), SamplingParams(seed=i, **params))
+        for i, p in enumerate(prompts)
+    ]
     engine.run_until_idle()
     return [s.generated for s in seqs], engine
 
@@ -578,8 +642,10 @@ def test_admissions_take_at_most_the_prefill_budget_per_step(monkeypatch, char_t
     expected, _ = _generate_all(model, char_tokenizer, prompts, max_new_tokens=12)
     monkeypatch.setattr("lm.engine.PREFILL_TOKENS", 10)
     engine = Engine(model, char_tokenizer, max_batch=8, kv_cache_dtype="float32")
-    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(seed=i, max_new_tokens=12))
-            for i, p in enumerate(prompts)]
+    seqs = [
+        engine.submit(char_tokenizer.encode(p), SamplingParams(seed=i, max_new_tokens=12))
+        for i, p in enumerate(prompts)
+    ]
     admitted = []
     while engine.has_work():
         engine.step()
@@ -603,11 +669,18 @@ def test_context_shifts_beyond_the_budget_wait_a_step(monkeypatch, char_tokenize
 def test_penalties_and_bias_change_only_their_own_rows(gpt, char_tokenizer):
     plain = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0)
     banned = plain.generated[0]
-    biased = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0,
-                     logit_bias={banned: -100.0})
+    biased = run_one(
+        gpt,
+        char_tokenizer,
+        PROMPTS[0],
+        max_new_tokens=40,
+        temperature=0.0,
+        logit_bias={banned: -100.0},
+    )
     assert banned not in biased.generated
-    repeated = run_one(gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0,
-                       frequency_penalty=2.0)
+    repeated = run_one(
+        gpt, char_tokenizer, PROMPTS[0], max_new_tokens=40, temperature=0.0, frequency_penalty=2.0
+    )
     assert repeated.generated != plain.generated
 
 
@@ -629,15 +702,19 @@ def test_nonfinite_logits_fail_only_their_request(kind, stream, char_tokenizer):
     token = char_tokenizer.encode("?")[0]
     clean = tiny_model(kind, char_tokenizer.vocab_size)
     poisoned = poison(tiny_model(kind, char_tokenizer.vocab_size), token)
-    requests = [("The king speaks of ", dict(max_new_tokens=30, temperature=0.0)),
-                ("Who goes there? ", dict(max_new_tokens=30, seed=3)),
-                ("A young poet", dict(max_new_tokens=25, temperature=0.8, seed=5)),
-                ("We defend", dict(max_new_tokens=20, top_k=5, seed=7))]
+    requests = [
+        ("The king speaks of ", dict(max_new_tokens=30, temperature=0.0)),
+        ("Who goes there? ", dict(max_new_tokens=30, seed=3)),
+        ("A young poet", dict(max_new_tokens=25, temperature=0.8, seed=5)),
+        ("We defend", dict(max_new_tokens=20, top_k=5, seed=7)),
+    ]
     expected = [run_one(clean, char_tokenizer, p, **kw).generated for p, kw in requests]
 
     engine = Engine(poisoned, char_tokenizer, max_batch=4)
-    seqs = [engine.submit(char_tokenizer.encode(p), SamplingParams(**kw), stream=stream)
-            for p, kw in requests]
+    seqs = [
+        engine.submit(char_tokenizer.encode(p), SamplingParams(**kw), stream=stream)
+        for p, kw in requests
+    ]
     engine.run_until_idle()
 
     bad = seqs[1]

@@ -40,26 +40,32 @@ def test_template_without_a_tail_has_no_default_stop():
     assert stop == []
 
 
-@pytest.mark.parametrize("template", [
-    "{input} => \n",  # no {output}
-    "{output}\n",  # no {input}
-    "plain text",
-    "{input} {input} => {output}\n",
-    "{input} => {output} {output}\n",
-    "{output} => {input}\n",  # output before input
-    "{input}{output}\n",  # no separator between them
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{input} => \n",  # no {output}
+        "{output}\n",  # no {input}
+        "plain text",
+        "{input} {input} => {output}\n",
+        "{input} => {output} {output}\n",
+        "{output} => {input}\n",  # output before input
+        "{input}{output}\n",  # no separator between them
+    ],
+)
 def test_bad_templates_are_refused(template):
     with pytest.raises(LMError, match="template"):
         build_prompt(EXAMPLES, "xyz", template)
 
 
-@pytest.mark.parametrize(("example", "number", "field"), [
-    (Example("a => b", "c"), 2, "input"),
-    (Example("a", "b => c"), 2, "output"),
-    (Example("two\nlines", "c"), 2, "input"),
-    (Example("a", "line\n"), 2, "output"),
-])
+@pytest.mark.parametrize(
+    ("example", "number", "field"),
+    [
+        (Example("a => b", "c"), 2, "input"),
+        (Example("a", "b => c"), 2, "output"),
+        (Example("two\nlines", "c"), 2, "input"),
+        (Example("a", "line\n"), 2, "output"),
+    ],
+)
 def test_an_example_holding_a_separator_is_refused_by_number(example, number, field):
     with pytest.raises(LMError) as error:
         build_prompt([EXAMPLES[0], example], "xyz")
@@ -83,12 +89,15 @@ def test_separators_of_a_custom_template_are_the_ones_checked():
         build_prompt([Example("a -> b", "c")], "q", "{input} -> {output}\n")
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("a=>b", Example("a", "b")),
-    ("abc=>cba", Example("abc", "cba")),
-    (" a b => c d ", Example("a b", "c d")),
-    ("a=>b=>c", Example("a", "b=>c")),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a=>b", Example("a", "b")),
+        ("abc=>cba", Example("abc", "cba")),
+        (" a b => c d ", Example("a b", "c d")),
+        ("a=>b=>c", Example("a", "b=>c")),
+    ],
+)
 def test_parse_example(text, expected):
     assert parse_example(text) == expected
 
@@ -101,23 +110,32 @@ def test_parse_example_refuses_malformed_text(text):
 
 def test_load_examples(tmp_path):
     path = tmp_path / "examples.jsonl"
-    lines = [json.dumps({"input": "abc", "output": "cba"}), "",
-             json.dumps({"input": "日本", "output": "本日", "note": "extra keys are fine"}),
-             json.dumps({"input": 12, "output": 21})]
+    lines = [
+        json.dumps({"input": "abc", "output": "cba"}),
+        "",
+        json.dumps({"input": "日本", "output": "本日", "note": "extra keys are fine"}),
+        json.dumps({"input": 12, "output": 21}),
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert load_examples(path) == [Example("abc", "cba"), Example("日本", "本日"),
-                                   Example("12", "21")]
+    assert load_examples(path) == [
+        Example("abc", "cba"),
+        Example("日本", "本日"),
+        Example("12", "21"),
+    ]
     assert load_examples(str(path)) == load_examples(path)
 
 
-@pytest.mark.parametrize("bad_line", [
-    "not json",
-    json.dumps({"input": "a"}),
-    json.dumps({"output": "a"}),
-    json.dumps(["a", "b"]),
-    json.dumps("a=>b"),
-    json.dumps(3),
-])
+@pytest.mark.parametrize(
+    "bad_line",
+    [
+        "not json",
+        json.dumps({"input": "a"}),
+        json.dumps({"output": "a"}),
+        json.dumps(["a", "b"]),
+        json.dumps("a=>b"),
+        json.dumps(3),
+    ],
+)
 def test_load_examples_names_the_bad_line(tmp_path, bad_line):
     path = tmp_path / "examples.jsonl"
     good = json.dumps({"input": "a", "output": "b"})

@@ -12,16 +12,19 @@ from lm.tasks import eval_episodes, is_heldout
 from service.app import create_app
 from service.settings import Settings
 
-pytestmark = pytest.mark.skipif("fewshot-char-gpt" not in shipped_checkpoints(),
-                                reason="fewshot-char-gpt is not shipped")
+pytestmark = pytest.mark.skipif(
+    "fewshot-char-gpt" not in shipped_checkpoints(), reason="fewshot-char-gpt is not shipped"
+)
 
 
 @pytest.fixture(scope="module")
 def server(launch):
     checkpoint = load_checkpoint("fewshot-char-gpt")
     if Path(checkpoint.training.get("corpus", [""])[0]).name == "fewshot-tasks.txt":
-        pytest.skip("fewshot-char-gpt is still v1 (pseudo-words only; issue 13): "
-                    "retrain it with recipe-v2.toml")
+        pytest.skip(
+            "fewshot-char-gpt is still v1 (pseudo-words only; issue 13): "
+            "retrain it with recipe-v2.toml"
+        )
     return launch(create_app(Settings(checkpoints=["fewshot-char-gpt"]), [checkpoint]))
 
 
@@ -32,9 +35,13 @@ def test_examples_and_a_heldout_query_give_the_answer(server, task):
     assert episodes
     for episode in episodes:
         assert is_heldout(episode.query)
-        body = {"model": "fewshot-char-gpt", "prompt": episode.query, "temperature": 0,
-                "max_tokens": 24,
-                "examples": [{"input": e.input, "output": e.output} for e in episode.examples]}
+        body = {
+            "model": "fewshot-char-gpt",
+            "prompt": episode.query,
+            "temperature": 0,
+            "max_tokens": 24,
+            "examples": [{"input": e.input, "output": e.output} for e in episode.examples],
+        }
         response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]

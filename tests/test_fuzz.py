@@ -21,8 +21,13 @@ from service.app import create_app
 from service.settings import Settings
 
 # Small limits keep every generated request cheap (at most 8 tokens x 4 completions).
-LIMITS = {"max_tokens_limit": 8, "max_n": 4, "max_prompts": 4, "max_prompt_chars": 256,
-          "max_batch": 8}
+LIMITS = {
+    "max_tokens_limit": 8,
+    "max_n": 4,
+    "max_prompts": 4,
+    "max_prompt_chars": 256,
+    "max_batch": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,12 @@ def api_schema(app):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 def operations(api_schema) -> list:
@@ -46,9 +55,16 @@ def operations(api_schema) -> list:
 
 def test_schema_has_the_routes(api_schema):
     labels = {operation.label for operation in operations(api_schema)}
-    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/chat/render",
-            "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /v1/models",
-            "GET /health"} <= labels
+    assert {
+        "POST /v1/completions",
+        "POST /v1/chat/completions",
+        "POST /v1/chat/render",
+        "POST /tokenize",
+        "POST /detokenize",
+        "GET /tokenizer_info",
+        "GET /v1/models",
+        "GET /health",
+    } <= labels
 
 
 def servable(case):
@@ -75,8 +91,10 @@ def servable(case):
             if isinstance(message, dict) and isinstance(message.get("content"), str):
                 message["content"] = message["content"][:32]
     if isinstance(body.get("tokens"), list):
-        body["tokens"] = [t % 16 if isinstance(t, int) and not isinstance(t, bool) else t
-                          for t in body["tokens"][:64]]
+        body["tokens"] = [
+            t % 16 if isinstance(t, int) and not isinstance(t, bool) else t
+            for t in body["tokens"][:64]
+        ]
     prompt = body.get("prompt")
     if _token_ids(prompt):
         body["prompt"] = [t % 16 for t in prompt[:32]] or [1]
@@ -99,8 +117,11 @@ def servable(case):
 
 
 def _token_ids(value) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 # `schema.parametrize()` over `schemathesis.pytest.from_fixture` breaks under pytest 9
@@ -119,15 +140,22 @@ def test_api(api_schema, mode):
                 strategy = strategy.map(servable)
 
         @given(case=strategy)
-        @settings(max_examples=100, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=100,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case):
             response = case.call_and_validate(checks=CHECKS)
             statuses.append((case.operation.label, response.status_code))
 
         fuzz()
-    print(f"\nfuzz {mode}: {len(statuses)} requests, status counts "
-          f"{dict(sorted(Counter(status for _, status in statuses).items()))}")
+    print(
+        f"\nfuzz {mode}: {len(statuses)} requests, status counts "
+        f"{dict(sorted(Counter(status for _, status in statuses).items()))}"
+    )
     assert not [s for s in statuses if s[1] >= 500]
     for route in ("POST /v1/completions", "POST /v1/chat/completions"):
         completions = [status for label, status in statuses if label == route]
@@ -141,8 +169,11 @@ def test_healthy_afterwards(api_schema):
     response = api_schema["/health"]["GET"].Case().call()
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
-    response = api_schema["/v1/completions"]["POST"].Case(
-        body={"prompt": "The king", "max_tokens": 4}).call()
+    response = (
+        api_schema["/v1/completions"]["POST"]
+        .Case(body={"prompt": "The king", "max_tokens": 4})
+        .call()
+    )
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 4
     # Without max_tokens the default (16) is cut to this server's lower limit, not refused.

@@ -32,9 +32,11 @@ def small_bpe() -> BPETokenizer:
 
 def test_stream_joins_to_the_completed_text(checkpoint):
     generator = Generator(checkpoint)
-    for params in (SamplingParams(max_new_tokens=40, seed=3),
-                   SamplingParams(max_new_tokens=40, temperature=0.7, top_k=5, seed=4),
-                   SamplingParams(max_new_tokens=40, temperature=0.0)):
+    for params in (
+        SamplingParams(max_new_tokens=40, seed=3),
+        SamplingParams(max_new_tokens=40, temperature=0.7, top_k=5, seed=4),
+        SamplingParams(max_new_tokens=40, temperature=0.0),
+    ):
         pieces = list(generator.stream("The king", params))
         [completion] = generator.complete(["The king"], params)
         assert len(pieces) > 1
@@ -80,8 +82,9 @@ def test_complete_n_samples_for_each_prompt(checkpoint):
     again = generator.complete(prompts, params, n=3)
     assert [r.text for r in again] == [r.text for r in results]
     # Sample i is drawn with seed + i: the same as asking for that seed alone.
-    alone = generator.complete(["A young poet"],
-                               SamplingParams(max_new_tokens=24, temperature=1.0, seed=12))
+    alone = generator.complete(
+        ["A young poet"], SamplingParams(max_new_tokens=24, temperature=1.0, seed=12)
+    )
     assert alone[0].text == results[5].text
 
 
@@ -170,8 +173,12 @@ def test_streaming_through_the_engine_never_splits_a_character(small_bpe, tmp_pa
     script = small_bpe.encode(target)
     assert len(script) > len(target)  # characters split over several tokens
     model = ScriptedModel(script, small_bpe.vocab_size)
-    checkpoint = Checkpoint(model=model, tokenizer=small_bpe, path=tmp_path,
-                            config=ModelConfig(vocab_size=small_bpe.vocab_size))
+    checkpoint = Checkpoint(
+        model=model,
+        tokenizer=small_bpe,
+        path=tmp_path,
+        config=ModelConfig(vocab_size=small_bpe.vocab_size),
+    )
     generator = Generator(checkpoint)
     assert len(encode_prompt(checkpoint, "")) == 1
     params = SamplingParams(max_new_tokens=len(script), temperature=0.0)

@@ -18,18 +18,31 @@ from lm.models.gpt import apply_rotary, rotary_tables
 
 VOCAB = 23
 ATOL = 1e-5
-MODERN = dict(position="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu",
-              tie_embeddings=False, zero_init_proj=True, logit_softcap=15.0)
-OPTIONS = [{}, *({key: value} for key, value in MODERN.items()), {"mlp": "relu2"},
-           {"position": "rope", "rope_theta": 100.0}, MODERN,
-           {**MODERN, "mlp": "relu2", "bias": True}]
+MODERN = dict(
+    position="rope",
+    norm="rmsnorm",
+    qk_norm=True,
+    mlp="swiglu",
+    tie_embeddings=False,
+    zero_init_proj=True,
+    logit_softcap=15.0,
+)
+OPTIONS = [
+    {},
+    *({key: value} for key, value in MODERN.items()),
+    {"mlp": "relu2"},
+    {"position": "rope", "rope_theta": 100.0},
+    MODERN,
+    {**MODERN, "mlp": "relu2", "bias": True},
+]
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def tiny_gpt(**options) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = ModelConfig(kind="gpt", vocab_size=VOCAB, n_layer=2, n_embd=16, n_head=2,
-                         block_size=16, **options)
+    config = ModelConfig(
+        kind="gpt", vocab_size=VOCAB, n_layer=2, n_embd=16, n_head=2, block_size=16, **options
+    )
     model = build_model(config).eval()
     with torch.no_grad():  # random weights (zero-initialised ones would hide mistakes)
         for param in model.parameters():
@@ -109,8 +122,9 @@ def test_modern_model_has_no_position_table_and_an_untied_head():
 
 def test_zero_init_proj_starts_each_block_as_the_identity():
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=VOCAB, n_layer=2, n_embd=16, n_head=2, block_size=16,
-                         zero_init_proj=True)
+    config = ModelConfig(
+        vocab_size=VOCAB, n_layer=2, n_embd=16, n_head=2, block_size=16, zero_init_proj=True
+    )
     model = build_model(config)
     for block in model.blocks:
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
@@ -130,24 +144,36 @@ def test_logit_softcap_bounds_the_logits():
     assert logits.abs().max() < 2.0
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"position": "alibi"}, "--position"), ({"norm": "batch"}, "--norm"),
-    ({"mlp": "geglu"}, "--mlp"), ({"position": "rope", "n_embd": 18, "n_head": 2}, "even"),
-    ({"logit_softcap": -1.0}, "softcap"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"position": "alibi"}, "--position"),
+        ({"norm": "batch"}, "--norm"),
+        ({"mlp": "geglu"}, "--mlp"),
+        ({"position": "rope", "n_embd": 18, "n_head": 2}, "even"),
+        ({"logit_softcap": -1.0}, "softcap"),
+    ],
+)
 def test_bad_options_are_lm_errors(settings, message):
     with pytest.raises(LMError, match=message):
         ModelConfig(**settings)
 
 
-@pytest.mark.parametrize("name", ["shakespeare-char-gpt", "shakespeare-bpe-gpt", "fewshot-char-gpt"])
+@pytest.mark.parametrize(
+    "name", ["shakespeare-char-gpt", "shakespeare-bpe-gpt", "fewshot-char-gpt"]
+)
 def test_shipped_configs_without_the_new_keys_are_the_classic_block(name):
     saved = json.loads((SHIPPED / name / "config.json").read_text())["model"]
     assert "position" not in saved
     config = ModelConfig.from_dict(saved)
-    assert (config.position, config.norm, config.mlp, config.tie_embeddings,
-            config.qk_norm, config.logit_softcap) == ("learned", "layernorm", "gelu", True,
-                                                      False, 0.0)
+    assert (
+        config.position,
+        config.norm,
+        config.mlp,
+        config.tie_embeddings,
+        config.qk_norm,
+        config.logit_softcap,
+    ) == ("learned", "layernorm", "gelu", True, False, 0.0)
     from lm.checkpoint import load_checkpoint
 
     model = load_checkpoint(SHIPPED / name).model

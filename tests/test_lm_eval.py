@@ -35,10 +35,25 @@ def served(tiny_checkpoint_dir: Path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(tiny_checkpoint_dir),
-         "--port", str(port), "--torch-threads", "1", "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint_dir),
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
         env={**os.environ, "PYTHONUNBUFFERED": "1", "LM_API_KEY": "eval-key"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -64,18 +79,33 @@ def served(tiny_checkpoint_dir: Path):
 def results(served: str, tmp_path_factory) -> dict[str, list[dict]]:
     """Run lm_eval's CLI once on both tasks; its logged samples by task."""
     out = tmp_path_factory.mktemp("lm_eval")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(out / "hf"), "OPENAI_API_KEY": "eval-key", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(out / "hf"),
+        "OPENAI_API_KEY": "eval-key",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     command = [
-        sys.executable, "-m", "lm_eval", "--model", "local-completions",
-        "--model_args", f"model=tiny,base_url={served}/v1/completions,"
-                        "tokenizer_backend=remote,auth_token=eval-key,num_concurrent=1,max_retries=1,"
-                        "max_length=64",
-        "--tasks", "lm_tiny_choice,lm_tiny_continue", "--include_path", ".",
-        "--output_path", str(out / "results"), "--log_samples",
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        f"model=tiny,base_url={served}/v1/completions,"
+        "tokenizer_backend=remote,auth_token=eval-key,num_concurrent=1,max_retries=1,"
+        "max_length=64",
+        "--tasks",
+        "lm_tiny_choice,lm_tiny_continue",
+        "--include_path",
+        ".",
+        "--output_path",
+        str(out / "results"),
+        "--log_samples",
     ]
-    run = subprocess.run(command, cwd=TASKS, env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(command, cwd=TASKS, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     samples: dict[str, list[dict]] = {}
     for path in (out / "results").rglob("samples_*.jsonl"):
@@ -104,8 +134,9 @@ def test_loglikelihoods_equal_ours(results, tiny_checkpoint_dir):
         for arguments, response in zip(sample["arguments"].values(), sample["resps"]):
             context, continuation = arguments["arg_0"], arguments["arg_1"]
             reported = float(response[0][0])
-            assert reported == pytest.approx(loglikelihood(checkpoint, context, continuation),
-                                             abs=1e-3)
+            assert reported == pytest.approx(
+                loglikelihood(checkpoint, context, continuation), abs=1e-3
+            )
             compared += 1
     assert compared == 8
 
@@ -115,7 +146,10 @@ def test_generations_equal_greedy_completions(results, served):
     assert len(samples) == 2
     for sample in samples:
         context = sample["arguments"]["gen_args_0"]["arg_0"]
-        ours = httpx.post(f"{served}/v1/completions", headers={"Authorization": "Bearer eval-key"},
-                          json={"prompt": context, "max_tokens": 8, "temperature": 0,
-                                "stop": ["\n"]}, timeout=60).json()["choices"][0]["text"]
+        ours = httpx.post(
+            f"{served}/v1/completions",
+            headers={"Authorization": "Bearer eval-key"},
+            json={"prompt": context, "max_tokens": 8, "temperature": 0, "stop": ["\n"]},
+            timeout=60,
+        ).json()["choices"][0]["text"]
         assert sample["resps"][0][0] == ours

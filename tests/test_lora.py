@@ -19,8 +19,21 @@ from lm.models import ModelConfig, build_model
 from lm.sampling import SamplingParams
 from lm.tokenizers import CharTokenizer
 
-TRAIN = ["--batch-size", "4", "--block-size", "16", "--max-steps", "4", "--eval-interval", "2",
-         "--warmup-steps", "1", "--device", "cpu", "--no-progress"]
+TRAIN = [
+    "--batch-size",
+    "4",
+    "--block-size",
+    "16",
+    "--max-steps",
+    "4",
+    "--eval-interval",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +41,9 @@ def base_dir(tmp_path_factory, tiny_gpt_saver, corpus_text) -> Path:
     return tiny_gpt_saver(tmp_path_factory.mktemp("base") / "base", corpus_text)
 
 
-def make_adapter(base_dir: Path, out: Path, rank: int, seed: int,
-                 targets=lora.DEFAULT_TARGETS) -> Path:
+def make_adapter(
+    base_dir: Path, out: Path, rank: int, seed: int, targets=lora.DEFAULT_TARGETS
+) -> Path:
     """An adapter of `base_dir` with random (non-zero) matrices, as if trained."""
     model = load_checkpoint(base_dir).model
     lora.add_lora(model, rank, alpha=2.0 * rank, targets=targets)
@@ -46,8 +60,10 @@ def make_adapter(base_dir: Path, out: Path, rank: int, seed: int,
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, base_dir) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return [make_adapter(base_dir, root / "one", rank=2, seed=1),
-            make_adapter(base_dir, root / "two", rank=4, seed=2, targets=("c_attn", "c_fc"))]
+    return [
+        make_adapter(base_dir, root / "one", rank=2, seed=1),
+        make_adapter(base_dir, root / "two", rank=4, seed=2, targets=("c_attn", "c_fc")),
+    ]
 
 
 def adapted_model(base_dir: Path, adapter_dir: Path) -> torch.nn.Module:
@@ -69,12 +85,18 @@ def test_new_adapter_trains_only_its_matrices_and_starts_as_the_base(base_dir):
     trainable = lora.add_lora(model, rank=3, alpha=6.0)
     c = model.config
     hidden = 4 * c.n_embd
-    per_block = 3 * ((c.n_embd + 3 * c.n_embd) + (c.n_embd + c.n_embd)
-                     + (c.n_embd + hidden) + (hidden + c.n_embd))
+    per_block = 3 * (
+        (c.n_embd + 3 * c.n_embd)
+        + (c.n_embd + c.n_embd)
+        + (c.n_embd + hidden)
+        + (hidden + c.n_embd)
+    )
     assert trainable == c.n_layer * per_block
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"blocks.0.{layer}.lora_{m}" for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
-                                                   "mlp.c_proj") for m in "AB"}
+        f"blocks.0.{layer}.lora_{m}"
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        for m in "AB"
+    }
     ids = torch.randint(1, c.vocab_size, (2, 10))
     torch.testing.assert_close(model.eval()(ids), base(ids))
 
@@ -90,8 +112,7 @@ def test_lora_step_equals_forward(base_dir, adapters):
             torch.testing.assert_close(logits, whole[:, t], atol=1e-5, rtol=1e-5)
 
 
-def test_merge_writes_a_checkpoint_with_the_adapters_outputs(base_dir, adapters, tmp_path,
-                                                             capsys):
+def test_merge_writes_a_checkpoint_with_the_adapters_outputs(base_dir, adapters, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["merge", str(adapters[0]), str(out)]) == 0
     assert (out / CONFIG_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
@@ -108,8 +129,20 @@ def test_merge_writes_a_checkpoint_with_the_adapters_outputs(base_dir, adapters,
 def test_generate_accepts_an_adapter_directory(base_dir, adapters, capsys):
     loaded = load_checkpoint(adapters[0])  # the base, the adapter merged in
     assert loaded.name == "one" and loaded.meta["adapter"]["base"]["name"] == "base"
-    code = main(["generate", "--checkpoint", str(adapters[0]), "--max-new-tokens", "12",
-                 "--seed", "3", "--device", "cpu", "The king"])
+    code = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(adapters[0]),
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "The king",
+        ]
+    )
     assert code == 0
     assert len(capsys.readouterr().out.strip()) > 0
 
@@ -149,12 +182,14 @@ def test_engine_serves_adapters_in_one_batch_as_each_alone(base_dir, adapters):
             torch.testing.assert_close(logits[row : row + 1], expected, atol=1e-5, rtol=0)
 
 
-def test_adapter_that_does_not_fit_is_a_clear_error(adapters, tmp_path, corpus_text,
-                                                    tiny_gpt_saver):
+def test_adapter_that_does_not_fit_is_a_clear_error(
+    adapters, tmp_path, corpus_text, tiny_gpt_saver
+):
     adapter = lora.load_adapter(adapters[0])
     narrow = build_model(ModelConfig(kind="gpt", vocab_size=40, n_layer=1, n_embd=16, n_head=2))
-    with pytest.raises(LMError, match="blocks.0.attn.c_attn is 96x32 with rank 2, the base's "
-                                      "layer is 48x16"):
+    with pytest.raises(
+        LMError, match="blocks.0.attn.c_attn is 96x32 with rank 2, the base's layer is 48x16"
+    ):
         lora.attach_adapters(narrow, [adapter])
     other = tiny_gpt_saver(tmp_path / "other", corpus_text + "#@%")
     with pytest.raises(LMError, match="was trained on 'base'"):
@@ -192,11 +227,27 @@ def test_init_from_fine_tunes_the_parent(base_dir, tmp_path, caplog):
     corpus = tmp_path / "new.txt"
     corpus.write_text("The queen writes {code} & #hashes; " * 40, encoding="utf-8")
     out = tmp_path / "ft"
-    code = main(["train", "--init-from", str(base_dir), "--corpus", str(corpus),
-                 "--out", str(out), "--lr", "3e-3", *TRAIN])
+    code = main(
+        [
+            "train",
+            "--init-from",
+            str(base_dir),
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--lr",
+            "3e-3",
+            *TRAIN,
+        ]
+    )
     err = caplog.text
     assert code == 0
-    assert "160 of 1,400 characters (4 distinct) are not in the parent's vocabulary" in err and "'{'" in err and "mapped to <unk>" in err
+    assert (
+        "160 of 1,400 characters (4 distinct) are not in the parent's vocabulary" in err
+        and "'{'" in err
+        and "mapped to <unk>" in err
+    )
     child = load_checkpoint(out)
     parent = load_checkpoint(base_dir)
     assert child.config == parent.config
@@ -205,8 +256,10 @@ def test_init_from_fine_tunes_the_parent(base_dir, tmp_path, caplog):
     assert child.training["parent"]["weights_hash"] == lora.weights_hash(base_dir)
     assert child.training["unknown_tokens"]["distinct"] == 4  # { } & #
     assert child.training["trainable_params"] == parent.model.num_params() + 64 * 32
-    changed = any(not torch.equal(a, b) for a, b in zip(child.model.state_dict().values(),
-                                                          parent.model.state_dict().values()))
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(child.model.state_dict().values(), parent.model.state_dict().values())
+    )
     assert changed
 
 
@@ -214,9 +267,24 @@ def test_lora_training_writes_a_small_adapter_naming_its_base(base_dir, tmp_path
     corpus = tmp_path / "new.txt"
     corpus.write_text("The sailor sings about the sea. " * 40, encoding="utf-8")
     out = tmp_path / "adapter"
-    code = main(["train", "--init-from", str(base_dir), "--corpus", str(corpus), "--out",
-                 str(out), "--lora-rank", "2", "--lora-targets", "c_attn", "--unknown", "drop",
-                 *TRAIN])
+    code = main(
+        [
+            "train",
+            "--init-from",
+            str(base_dir),
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--lora-rank",
+            "2",
+            "--lora-targets",
+            "c_attn",
+            "--unknown",
+            "drop",
+            *TRAIN,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert not (out / WEIGHTS_FILE).exists()
     meta = json.loads((out / lora.ADAPTER_CONFIG).read_text())
@@ -230,8 +298,19 @@ def test_lora_training_writes_a_small_adapter_naming_its_base(base_dir, tmp_path
 
 
 def test_lora_needs_a_parent(tmp_path, corpus_path, capsys):
-    code = main(["train", "--corpus", str(corpus_path), "--out", str(tmp_path / "x"),
-                 "--lora-rank", "2", *TRAIN])
+    code = main(
+        [
+            "train",
+            "--corpus",
+            str(corpus_path),
+            "--out",
+            str(tmp_path / "x"),
+            "--lora-rank",
+            "2",
+            *TRAIN,
+        ]
+    )
     assert code == 2
-    assert "--lora-rank trains adapters of a trained model: add --init-from" in \
-        capsys.readouterr().err
+    assert (
+        "--lora-rank trains adapters of a trained model: add --init-from" in capsys.readouterr().err
+    )

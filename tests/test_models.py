@@ -118,8 +118,11 @@ def test_long_gpt_prefill_uses_bfloat16_products_and_stays_close(monkeypatch):
     ids = ids_of(2, 300)  # 600 tokens: one block and a padded part
     monkeypatch.setattr(gpt, "bf16_matmul_is_fast", lambda: True)
     calls = []
-    monkeypatch.setattr(gpt.F, "linear", lambda x, w, b=None: calls.append((x.dtype, x.shape))
-                        or torch._C._nn.linear(x, w, b))
+    monkeypatch.setattr(
+        gpt.F,
+        "linear",
+        lambda x, w, b=None: calls.append((x.dtype, x.shape)) or torch._C._nn.linear(x, w, b),
+    )
     logits, state = model.step(ids, model.init_state(2))
     assert (torch.bfloat16, (1024, 32)) in calls  # 600 rows padded to 1024
     expected = model(ids)[:, -1]
@@ -203,10 +206,12 @@ def test_config_dict_round_trip_ignores_unknown_keys():
 def test_registry_builds_every_kind_and_refuses_the_rest():
     assert KINDS == tuple(MODELS) == ("rnn", "gru", "lstm", "gpt")
     for kind in KINDS:
-        model = model_builder(kind)(ModelConfig(kind=kind, vocab_size=11, n_layer=1, n_embd=8,
-                                                n_head=2, block_size=8))
+        model = model_builder(kind)(
+            ModelConfig(kind=kind, vocab_size=11, n_layer=1, n_embd=8, n_head=2, block_size=8)
+        )
         assert model.config.kind == kind
     for kind in ("transformer", "", None, "GPT"):
-        with pytest.raises(LMError, match=f"unknown model {kind!r}; choose one of "
-                                          "rnn, gru, lstm, gpt"):
+        with pytest.raises(
+            LMError, match=f"unknown model {kind!r}; choose one of rnn, gru, lstm, gpt"
+        ):
             model_builder(kind)

@@ -24,8 +24,10 @@ from lm.tokenizers import CharTokenizer
 HEADS, DIM, CTX = 3, 8, 24
 NARROW_DTYPES = (torch.float16, torch.bfloat16)
 
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                    reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="no C compiler on this machine",
+)
 
 
 @pytest.fixture
@@ -55,8 +57,7 @@ def rebuild(tmp_path, monkeypatch):
     native.decode_attention.cache_clear()
 
 
-def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0,
-                dim: int = DIM):
+def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0, dim: int = DIM):
     """A layer cache of `rows` rows holding random vectors, and a step for `batch` rows."""
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(rows, HEADS, dim, CTX, generator=generator).to(dtype)
@@ -116,8 +117,12 @@ def test_each_row_is_independent_of_its_batch(kernel, threads):
     finally:
         torch.set_num_threads(before)
     for row in range(qkv.shape[0]):
-        alone = kernel(qkv[row : row + 1], LayerCache(*(t[row : row + 1].clone() for t in cache)),
-                       positions[row : row + 1], 0.3)
+        alone = kernel(
+            qkv[row : row + 1],
+            LayerCache(*(t[row : row + 1].clone() for t in cache)),
+            positions[row : row + 1],
+            0.3,
+        )
         assert torch.equal(alone[0], together[row])
 
 
@@ -131,33 +136,49 @@ def test_half_to_float_is_exact_for_every_float16(kernel):
     v_new[: values.numel()] = values
     qkv = torch.zeros(batch, 3, 1, DIM)
     qkv[:, 2, 0] = v_new.view(batch, DIM).float()
-    cache = LayerCache(torch.zeros(batch, 1, DIM, 1, dtype=torch.float16),
-                       torch.zeros(batch, 1, 1, DIM, dtype=torch.float16))
+    cache = LayerCache(
+        torch.zeros(batch, 1, DIM, 1, dtype=torch.float16),
+        torch.zeros(batch, 1, 1, DIM, dtype=torch.float16),
+    )
     out = kernel(qkv.view(batch, -1), cache, torch.zeros(batch, dtype=torch.long), 1.0)
     assert torch.equal(out.view(-1), v_new.float())
 
 
 def _replace(case: dict, **changes) -> dict:
     cache = case["cache"]._replace(**{k: v for k, v in changes.items() if k in LayerCache._fields})
-    return {**case, "cache": cache,
-            **{k: v for k, v in changes.items() if k not in LayerCache._fields}}
+    return {
+        **case,
+        "cache": cache,
+        **{k: v for k, v in changes.items() if k not in LayerCache._fields},
+    }
 
 
-@pytest.mark.parametrize("mistake, message", [
-    (lambda c: _replace(c, keys=c["cache"].keys.transpose(2, 3).contiguous().transpose(2, 3)),
-     "contiguous"),
-    (lambda c: _replace(c, values=c["cache"].values.half()), "share a dtype"),
-    (lambda c: _replace(c, keys=c["cache"].keys.double(), values=c["cache"].values.double()),
-     "float32 projections"),
-    (lambda c: _replace(c, qkv=c["qkv"].half()), "float32 projections"),
-    (lambda c: _replace(c, qkv=c["qkv"][:, :-1]), "qkv must be"),
-    (lambda c: _replace(c, positions=c["positions"] + CTX), r"positions must lie in \[0, 24\)"),
-    (lambda c: _replace(c, positions=c["positions"] - 1), r"positions must lie in \[0, 24\)"),
-    (lambda c: _replace(c, positions=c["positions"].int()), "int64"),
-    (lambda c: _replace(c, positions=c["positions"][:2]), "one entry per row"),
-    (lambda c: _replace(c, keys=c["cache"].keys[:3], values=c["cache"].values[:3]),
-     "contiguous"),
-])
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (
+            lambda c: _replace(
+                c, keys=c["cache"].keys.transpose(2, 3).contiguous().transpose(2, 3)
+            ),
+            "contiguous",
+        ),
+        (lambda c: _replace(c, values=c["cache"].values.half()), "share a dtype"),
+        (
+            lambda c: _replace(c, keys=c["cache"].keys.double(), values=c["cache"].values.double()),
+            "float32 projections",
+        ),
+        (lambda c: _replace(c, qkv=c["qkv"].half()), "float32 projections"),
+        (lambda c: _replace(c, qkv=c["qkv"][:, :-1]), "qkv must be"),
+        (lambda c: _replace(c, positions=c["positions"] + CTX), r"positions must lie in \[0, 24\)"),
+        (lambda c: _replace(c, positions=c["positions"] - 1), r"positions must lie in \[0, 24\)"),
+        (lambda c: _replace(c, positions=c["positions"].int()), "int64"),
+        (lambda c: _replace(c, positions=c["positions"][:2]), "one entry per row"),
+        (
+            lambda c: _replace(c, keys=c["cache"].keys[:3], values=c["cache"].values[:3]),
+            "contiguous",
+        ),
+    ],
+)
 def test_layouts_it_was_not_written_for_are_refused(kernel, mistake, message):
     """The kernel indexes raw memory: anything else must fail before it runs."""
     qkv, cache, positions = random_case(torch.float32)
@@ -185,8 +206,9 @@ def test_without_a_compiler_the_pytorch_path_runs(rebuild, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="lm.native"):
         assert native.decode_attention() is None
     assert "PyTorch path" in caplog.text
-    model = build_model(ModelConfig(kind="gpt", vocab_size=11, n_layer=1, n_embd=8, n_head=2,
-                                    block_size=8)).eval()
+    model = build_model(
+        ModelConfig(kind="gpt", vocab_size=11, n_layer=1, n_embd=8, n_head=2, block_size=8)
+    ).eval()
     assert resolve_kv_cache_dtype(model, torch.device("cpu")) == torch.float32
     with torch.inference_mode():
         logits, _ = model.step(torch.tensor([[1], [2]]), model.init_state(2))
@@ -202,14 +224,26 @@ def test_lm_native_0_turns_it_off(rebuild, monkeypatch):
 def test_native_and_pytorch_paths_generate_the_same_text(kernel, monkeypatch, char_tokenizer):
     """Whole requests through the engine, float32 cache: the same tokens either way."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="gpt", vocab_size=char_tokenizer.vocab_size,
-                                    n_layer=2, n_embd=32, n_head=4, block_size=32)).eval()
+    model = build_model(
+        ModelConfig(
+            kind="gpt",
+            vocab_size=char_tokenizer.vocab_size,
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            block_size=32,
+        )
+    ).eval()
     prompts = ["ROMEO:", "What light through yonder", "a"]
 
     def generate() -> list[list[int]]:
         engine = Engine(model, char_tokenizer, max_batch=4, kv_cache_dtype="float32")
-        seqs = [engine.submit(char_tokenizer.encode(p),
-                              SamplingParams(max_new_tokens=40, temperature=0.0)) for p in prompts]
+        seqs = [
+            engine.submit(
+                char_tokenizer.encode(p), SamplingParams(max_new_tokens=40, temperature=0.0)
+            )
+            for p in prompts
+        ]
         engine.run_until_idle()
         return [s.generated for s in seqs]
 
@@ -219,16 +253,30 @@ def test_native_and_pytorch_paths_generate_the_same_text(kernel, monkeypatch, ch
 
 
 def test_auto_cache_is_bfloat16_on_the_cpu_with_the_kernel(kernel, char_tokenizer):
-    model = build_model(ModelConfig(kind="gpt", vocab_size=char_tokenizer.vocab_size,
-                                    n_layer=1, n_embd=8, n_head=2, block_size=8))
+    model = build_model(
+        ModelConfig(
+            kind="gpt",
+            vocab_size=char_tokenizer.vocab_size,
+            n_layer=1,
+            n_embd=8,
+            n_head=2,
+            block_size=8,
+        )
+    )
     assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.bfloat16
     assert resolve_kv_cache_dtype(model.to(torch.float16), torch.device("cpu")) == torch.float16
 
 
 @settings(max_examples=60, deadline=None)
-@given(heads=st.integers(1, 4), dim=st.sampled_from([1, 3, 16, 32, 40, 64]),
-       ctx=st.integers(1, 40), rows=st.integers(0, 5), extra_rows=st.integers(0, 2),
-       dtype=st.sampled_from([torch.float32, *NARROW_DTYPES]), seed=st.integers(0, 1000))
+@given(
+    heads=st.integers(1, 4),
+    dim=st.sampled_from([1, 3, 16, 32, 40, 64]),
+    ctx=st.integers(1, 40),
+    rows=st.integers(0, 5),
+    extra_rows=st.integers(0, 2),
+    dtype=st.sampled_from([torch.float32, *NARROW_DTYPES]),
+    seed=st.integers(0, 1000),
+)
 def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, seed):
     """Head counts and sizes, contexts and batch sizes (empty included), rows at any
     position: the kernel agrees with the row-by-row reference and writes only its rows."""
@@ -236,8 +284,10 @@ def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, see
     if attend is None:
         pytest.skip("the native kernel is not available here")
     generator = torch.Generator().manual_seed(seed)
-    cache = LayerCache(torch.randn(rows + extra_rows, heads, dim, ctx, generator=generator).to(dtype),
-                       torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype))
+    cache = LayerCache(
+        torch.randn(rows + extra_rows, heads, dim, ctx, generator=generator).to(dtype),
+        torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype),
+    )
     qkv = torch.randn(rows, 3 * heads * dim, generator=generator)
     positions = torch.randint(0, ctx, (rows,), generator=generator)
     expected_cache = copy(cache)
@@ -246,4 +296,3 @@ def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, see
     assert out.shape == (rows, heads * dim)
     assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert same(cache, expected_cache)
-

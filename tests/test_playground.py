@@ -26,8 +26,13 @@ API_KEY = "playground-test-key"
 PROMPT = "The king"
 # The sampling fields the page's controls set, by element id.
 PARAMS = {"max_tokens": 48, "temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 1234}
-FIELDS = {"max_tokens": "#max-tokens", "temperature": "#temperature", "top_k": "#top-k",
-          "top_p": "#top-p", "seed": "#seed"}
+FIELDS = {
+    "max_tokens": "#max-tokens",
+    "temperature": "#temperature",
+    "top_k": "#top-k",
+    "top_p": "#top-p",
+    "seed": "#seed",
+}
 RUNNING_METRICS = ("vllm:num_requests_running", "lm_requests_running")
 
 
@@ -72,10 +77,27 @@ def served(tiny_checkpoint_dir: Path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LM_API_KEY": API_KEY}
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(tiny_checkpoint_dir),
-         "--port", str(port), "--torch-threads", "1", "--log-level", "warning",
-         "--max-tokens-limit", "200000"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint_dir),
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+            "--log-level",
+            "warning",
+            "--max-tokens-limit",
+            "200000",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -101,8 +123,9 @@ def served(tiny_checkpoint_dir: Path):
 def browser():
     executable = shutil.which("chromium")
     if executable is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); "
-                    ".ci/run installs it")
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -119,8 +142,14 @@ def page(browser, served: str):
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     # Console errors (a CSP violation among them), but not the browser's note of each 4xx.
-    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error"
-            and not msg.text.startswith("Failed to load resource") else None)
+    page.on(
+        "console",
+        lambda msg: (
+            problems.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource")
+            else None
+        ),
+    )
     page.goto(f"{served}/")
     page.fill("#api-key", API_KEY)
     page.press("#api-key", "Tab")  # a change event: the page loads the models with the key
@@ -142,15 +171,20 @@ def _set_params(page, params: dict) -> None:
 def _generate(page) -> str:
     """Ctrl+Enter, wait for the finish, and return exactly the text the page shows."""
     page.press("#prompt", "Control+Enter")
-    page.wait_for_function("() => document.querySelector('#generate').disabled === false && "
-                           "/finished|Failed/.test(document.querySelector('#status').textContent)")
+    page.wait_for_function(
+        "() => document.querySelector('#generate').disabled === false && "
+        "/finished|Failed/.test(document.querySelector('#status').textContent)"
+    )
     return page.evaluate("document.querySelector('#completion').textContent")
 
 
 def _running(url: str) -> float:
     text = httpx.get(f"{url}/metrics", headers=_api_headers()).text
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.split("{")[0].split(" ")[0] in RUNNING_METRICS]
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{")[0].split(" ")[0] in RUNNING_METRICS
+    ]
     assert values, "no running-requests metric in /metrics"
     return sum(values)
 
@@ -178,8 +212,11 @@ def test_page_shows_exactly_the_api_text_for_a_seeded_request(page, served: str,
     page.fill("#prompt", PROMPT)
     _set_params(page, PARAMS)
     shown = _generate(page)
-    answer = httpx.post(f"{served}/v1/completions", headers=_api_headers(),
-                        json={"model": "tiny", "prompt": PROMPT, **PARAMS}).json()
+    answer = httpx.post(
+        f"{served}/v1/completions",
+        headers=_api_headers(),
+        json={"model": "tiny", "prompt": PROMPT, **PARAMS},
+    ).json()
     assert shown == answer["choices"][0]["text"]
     assert len(shown) > 0
     assert page.is_hidden("#error")
@@ -216,9 +253,18 @@ def test_few_shot_examples_reach_the_api(page, served: str):
     page.fill("#prompt", "zoli")
     _set_params(page, {"max_tokens": 12, "temperature": 0.5, "seed": 7})
     shown = _generate(page)
-    answer = httpx.post(f"{served}/v1/completions", headers=_api_headers(),
-                        json={"model": "tiny", "prompt": "zoli", "examples": examples,
-                              "max_tokens": 12, "temperature": 0.5, "seed": 7}).json()
+    answer = httpx.post(
+        f"{served}/v1/completions",
+        headers=_api_headers(),
+        json={
+            "model": "tiny",
+            "prompt": "zoli",
+            "examples": examples,
+            "max_tokens": 12,
+            "temperature": 0.5,
+            "seed": 7,
+        },
+    ).json()
     assert shown == answer["choices"][0]["text"]
 
 
@@ -241,9 +287,19 @@ def test_a_bad_value_shows_the_api_message(page, served: str):
     page.fill("#temperature", "-1")
     page.press("#temperature", "Enter")  # Enter in a field generates too
     page.wait_for_selector("#error", state="visible")
-    answer = httpx.post(f"{served}/v1/completions", headers=_api_headers(),
-                        json={"model": "tiny", "prompt": PROMPT, "max_tokens": 128,
-                              "temperature": -1, "top_k": 0, "top_p": 1, "stream": True})
+    answer = httpx.post(
+        f"{served}/v1/completions",
+        headers=_api_headers(),
+        json={
+            "model": "tiny",
+            "prompt": PROMPT,
+            "max_tokens": 128,
+            "temperature": -1,
+            "top_k": 0,
+            "top_p": 1,
+            "stream": True,
+        },
+    )
     assert answer.status_code == 400
     assert page.inner_text("#error-message") == answer.json()["error"]["message"]
     assert "400" in page.inner_text("#error-title")
@@ -255,9 +311,17 @@ def test_chat_mode_shows_the_reply(page, served: str):
     _set_params(page, {"max_tokens": 16, "temperature": 0.7, "seed": 3})
     page.press("#prompt", "Control+Enter")
     page.wait_for_function("() => document.querySelector('#generate').disabled === false")
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
-            "max_tokens": 16, "temperature": 0.7, "top_k": 0, "top_p": 1, "seed": 3,
-            "logprobs": True, "top_logprobs": 5}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 16,
+        "temperature": 0.7,
+        "top_k": 0,
+        "top_p": 1,
+        "seed": 3,
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
     answer = httpx.post(f"{served}/v1/chat/completions", headers=_api_headers(), json=body)
     assert answer.status_code == 200, answer.text
     shown = page.evaluate("document.querySelector('#completion').textContent")
@@ -270,8 +334,12 @@ def test_chat_mode_shows_the_api_error(page, served: str):
     page.fill("#temperature", "-1")
     page.press("#prompt", "Control+Enter")
     page.wait_for_selector("#error", state="visible")
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
-            "temperature": -1, "stream": True}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "temperature": -1,
+        "stream": True,
+    }
     answer = httpx.post(f"{served}/v1/chat/completions", headers=_api_headers(), json=body)
     assert answer.status_code == 400
     assert page.inner_text("#error-message") == answer.json()["error"]["message"]
@@ -290,5 +358,17 @@ def test_every_control_has_a_label_and_is_reachable_by_keyboard(page):
     for _ in range(40):
         page.keyboard.press("Tab")
         reached.add(page.evaluate("document.activeElement.id"))
-    assert {"model", "prompt", "generate", "max-tokens", "temperature", "top-k", "top-p",
-            "seed", "logprobs", "add-example", "template", "output"} <= reached
+    assert {
+        "model",
+        "prompt",
+        "generate",
+        "max-tokens",
+        "temperature",
+        "top-k",
+        "top-p",
+        "seed",
+        "logprobs",
+        "add-example",
+        "template",
+        "output",
+    } <= reached

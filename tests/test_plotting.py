@@ -18,13 +18,39 @@ WITHOUT_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from lm.cli 
 
 def test_training_without_matplotlib_skips_the_plot_with_one_warning(corpus_path, tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "--corpus", str(corpus_path), "--out", str(out), "--n-layer", "1",
-            "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-            "--max-steps", "4", "--eval-interval", "2", "--device", "cpu", "--threads", "1",
-            "--no-progress"]
+    argv = [
+        "train",
+        "--corpus",
+        str(corpus_path),
+        "--out",
+        str(out),
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_MATPLOTLIB + f"sys.exit(main({argv!r}))"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "saved in" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if MISSING in line]

@@ -21,8 +21,7 @@ from lm.sampling import (
 V = 12
 
 
-def batch(rows: int, temperature=1.0, top_k=0, top_p=1.0, uniform=0.5,
-          min_p=0.0) -> SamplingBatch:
+def batch(rows: int, temperature=1.0, top_k=0, top_p=1.0, uniform=0.5, min_p=0.0) -> SamplingBatch:
     """Per-row parameters; each argument is a scalar (the same for every row) or a list."""
 
     def column(value, dtype):
@@ -73,8 +72,9 @@ def test_top_k_never_picks_outside_the_k_largest(k):
     allowed = logits.topk(k, dim=-1).indices
     n = 500
     for row in range(4):
-        tokens = sample(logits[row].expand(n, -1), batch(n, temperature=2.0, top_k=k,
-                                                         uniform=grid(n)))
+        tokens = sample(
+            logits[row].expand(n, -1), batch(n, temperature=2.0, top_k=k, uniform=grid(n))
+        )
         assert set(tokens.tolist()) <= set(allowed[row].tolist())
         assert len(set(tokens.tolist())) == k  # and every one of them is reachable
 
@@ -122,17 +122,23 @@ def test_rows_are_independent_of_the_rest_of_the_batch():
     own_params = dict(temperature=0.9, top_k=0, top_p=1.0)
     for u in grid(40):
         alone = sample(own, batch(1, uniform=u, **own_params)).item()
-        for seed, others in enumerate([
-            dict(temperature=[0.0, 0.0, 0.0], top_k=[0, 0, 0], top_p=[1.0, 1.0, 1.0]),
-            dict(temperature=[2.0, 0.7, 1.0], top_k=[3, 0, 1], top_p=[1.0, 1.0, 1.0]),
-            dict(temperature=[0.5, 1.0, 0.0], top_k=[0, 5, 0], top_p=[0.3, 0.9, 1.0]),
-        ]):
-            logits = torch.cat([random_logits(1, seed=100 + seed), own,
-                                random_logits(2, seed=200 + seed)])
+        for seed, others in enumerate(
+            [
+                dict(temperature=[0.0, 0.0, 0.0], top_k=[0, 0, 0], top_p=[1.0, 1.0, 1.0]),
+                dict(temperature=[2.0, 0.7, 1.0], top_k=[3, 0, 1], top_p=[1.0, 1.0, 1.0]),
+                dict(temperature=[0.5, 1.0, 0.0], top_k=[0, 5, 0], top_p=[0.3, 0.9, 1.0]),
+            ]
+        ):
+            logits = torch.cat(
+                [random_logits(1, seed=100 + seed), own, random_logits(2, seed=200 + seed)]
+            )
             params = batch(
                 4,
-                temperature=[others["temperature"][0], own_params["temperature"],
-                             *others["temperature"][1:]],
+                temperature=[
+                    others["temperature"][0],
+                    own_params["temperature"],
+                    *others["temperature"][1:],
+                ],
                 top_k=[others["top_k"][0], own_params["top_k"], *others["top_k"][1:]],
                 top_p=[others["top_p"][0], own_params["top_p"], *others["top_p"][1:]],
                 uniform=[0.9, u, 0.1, 0.5],
@@ -145,14 +151,20 @@ def test_rows_with_filters_are_independent_of_the_rest_of_the_batch():
     for u in grid(40):
         alone = sample(own, batch(1, temperature=1.3, top_k=6, top_p=0.8, uniform=u)).item()
         logits = torch.cat([own, random_logits(2, seed=9)])
-        params = batch(3, temperature=[1.3, 0.0, 0.4], top_k=[6, 0, 2],
-                       top_p=[0.8, 1.0, 0.2], uniform=[u, 0.7, 0.2])
+        params = batch(
+            3,
+            temperature=[1.3, 0.0, 0.4],
+            top_k=[6, 0, 2],
+            top_p=[0.8, 1.0, 0.2],
+            uniform=[u, 0.7, 0.2],
+        )
         assert sample(logits, params)[0].item() == alone
 
 
 @pytest.mark.parametrize("uniform", [0.0, 1e-12, 0.5, 1 - 1e-9, 1 - 2**-53])
-@pytest.mark.parametrize("filters", [dict(), dict(top_k=3), dict(top_p=0.95),
-                                     dict(top_k=5, top_p=0.9)])
+@pytest.mark.parametrize(
+    "filters", [dict(), dict(top_k=3), dict(top_p=0.95), dict(top_k=5, top_p=0.9)]
+)
 def test_a_token_of_zero_probability_is_never_picked(uniform, filters):
     logits = random_logits(3, seed=10)
     impossible = [0, V - 1, 4]  # first and last in vocabulary order, and one in the middle
@@ -228,8 +240,7 @@ def test_min_p_is_per_row_in_a_mixed_batch():
         for own_min_p in (0.0, 0.2, 0.6):
             alone = sample(own, batch(1, min_p=own_min_p, uniform=u)).item()
             logits = torch.cat([random_logits(1, seed=16), own, random_logits(1, seed=17)])
-            params = batch(3, min_p=[0.9, own_min_p, 0.05], top_k=[0, 0, 3],
-                           uniform=[0.3, u, 0.8])
+            params = batch(3, min_p=[0.9, own_min_p, 0.05], top_k=[0, 0, 3], uniform=[0.3, u, 0.8])
             assert sample(logits, params)[1].item() == alone
 
 
@@ -244,24 +255,27 @@ def test_slots_build_the_batch_from_the_parameters():
     assert_close(got.min_p, torch.tensor([0.1, 0.0]))
 
 
-@pytest.mark.parametrize("bad, param", [
-    (dict(min_p=-0.1), "min_p"),
-    (dict(min_p=1.5), "min_p"),
-    (dict(min_p=float("nan")), "min_p"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=-1), "top_k"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(stop=[""]), "stop"),
-    (dict(stop=["x"] * (MAX_STOP_SEQUENCES + 1)), "stop"),
-    (dict(logprobs=6), "logprobs"),
-    (dict(presence_penalty=2.5), "presence_penalty"),
-    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(logit_bias={3: 101.0}), "logit_bias"),
-    (dict(logit_bias={-1: 1.0}), "logit_bias"),
-    (dict(prompt_logprobs=6), "prompt_logprobs"),
-])
+@pytest.mark.parametrize(
+    "bad, param",
+    [
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(min_p=float("nan")), "min_p"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop=["x"] * (MAX_STOP_SEQUENCES + 1)), "stop"),
+        (dict(logprobs=6), "logprobs"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(logit_bias={3: 101.0}), "logit_bias"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+        (dict(prompt_logprobs=6), "prompt_logprobs"),
+    ],
+)
 def test_bad_parameters_name_the_parameter(bad, param):
     with pytest.raises(LMError) as info:
         SamplingParams(**bad).validate()
@@ -271,9 +285,11 @@ def test_bad_parameters_name_the_parameter(bad, param):
 def test_limits_are_checked_in_the_same_place():
     limits = Limits(max_new_tokens=10, max_stop=2, max_stop_chars=3)
     SamplingParams(max_new_tokens=10, stop=["abc", "d"]).validate(limits)
-    for bad, param in ((dict(max_new_tokens=11), "max_new_tokens"),
-                       (dict(stop=["a", "b", "c"]), "stop"),
-                       (dict(stop=["abcd"]), "stop")):
+    for bad, param in (
+        (dict(max_new_tokens=11), "max_new_tokens"),
+        (dict(stop=["a", "b", "c"]), "stop"),
+        (dict(stop=["abcd"]), "stop"),
+    ):
         with pytest.raises(LMError) as info:
             SamplingParams(**{"max_new_tokens": 5, **bad}).validate(limits)
         assert info.value.param == param
@@ -282,8 +298,9 @@ def test_limits_are_checked_in_the_same_place():
         SamplingParams(stop=["x"] * (MAX_STOP_SEQUENCES + 1)).validate(Limits(max_stop=99))
 
 
-def _slots_batch(params: list[SamplingParams], prompts: list[list[int]],
-                 generated: list[list[int]]) -> SamplingBatch:
+def _slots_batch(
+    params: list[SamplingParams], prompts: list[list[int]], generated: list[list[int]]
+) -> SamplingBatch:
     slots = SamplingSlots(len(params), vocab_size=V)
     for row, (p, prompt, done) in enumerate(zip(params, prompts, generated)):
         slots.set(row, p, prompt, done)
@@ -292,8 +309,12 @@ def _slots_batch(params: list[SamplingParams], prompts: list[list[int]],
 
 def test_penalties_follow_vllm_per_row():
     logits = torch.linspace(-2.0, 3.0, V).expand(4, -1).clone()
-    params = [SamplingParams(), SamplingParams(presence_penalty=0.5),
-              SamplingParams(frequency_penalty=0.25), SamplingParams(repetition_penalty=2.0)]
+    params = [
+        SamplingParams(),
+        SamplingParams(presence_penalty=0.5),
+        SamplingParams(frequency_penalty=0.25),
+        SamplingParams(repetition_penalty=2.0),
+    ]
     prompts, generated = [[1]] * 4, [[11, 11, 0]] * 4
     got = process(logits, _slots_batch(params, prompts, generated))
     assert_close(got[0], logits[0])  # no penalty: untouched, whatever the others ask

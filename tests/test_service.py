@@ -73,13 +73,14 @@ def test_streaming_ends_with_done(server):
         events = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events)
     assert events[-1] == "data: [DONE]"
-    last = json.loads(events[-2][len("data: "):])
+    last = json.loads(events[-2][len("data: ") :])
     assert last["choices"][0]["finish_reason"] == "length"
 
 
 def test_streaming_include_usage(client):
-    chunks = list(complete(client, max_tokens=10, seed=5, stream=True,
-                           stream_options={"include_usage": True}))
+    chunks = list(
+        complete(client, max_tokens=10, seed=5, stream=True, stream_options={"include_usage": True})
+    )
     usage_chunks = [c for c in chunks if c.usage is not None]
     assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
     assert chunks[-1].choices == []
@@ -117,9 +118,11 @@ def test_stop_sequence(client):
     assert stop not in choice.text
     assert choice.finish_reason == "stop"
     assert choice.text == greedy[: greedy.index(stop)]
-    streamed = "".join(c.choices[0].text
-                       for c in complete(client, max_tokens=40, temperature=0, stop=stop,
-                                         stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in complete(client, max_tokens=40, temperature=0, stop=stop, stream=True)
+        if c.choices
+    )
     assert streamed == choice.text
 
 
@@ -155,20 +158,28 @@ def test_echo_prefixes_prompt(client):
     plain = complete(client, max_tokens=6, seed=4).choices[0].text
     echoed = complete(client, max_tokens=6, seed=4, echo=True).choices[0].text
     assert echoed == PROMPT + plain
-    streamed = "".join(c.choices[0].text
-                       for c in complete(client, max_tokens=6, seed=4, echo=True, stream=True)
-                       if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in complete(client, max_tokens=6, seed=4, echo=True, stream=True)
+        if c.choices
+    )
     assert streamed == echoed
 
 
 def test_few_shot_extension(client):
     examples = [{"input": "cat", "output": "tac"}, {"input": "dog", "output": "god"}]
-    response = complete(client, prompt="sun", max_tokens=20, temperature=0, echo=True,
-                        extra_body={"examples": examples})
+    response = complete(
+        client,
+        prompt="sun",
+        max_tokens=20,
+        temperature=0,
+        echo=True,
+        extra_body={"examples": examples},
+    )
     [choice] = response.choices
     prompt = "cat => tac\ndog => god\nsun => "
     assert choice.text.startswith(prompt)
-    assert "\n" not in choice.text[len(prompt):]  # the template's line end is the default stop
+    assert "\n" not in choice.text[len(prompt) :]  # the template's line end is the default stop
     assert response.usage.prompt_tokens == len(prompt)
 
 
@@ -178,8 +189,9 @@ def test_top_k_extension(client):
 
 
 def test_default_model_when_omitted(server):
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 3},
-                   timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 3}, timeout=30
+    )
     assert r.status_code == 200
     assert r.json()["model"] == "tiny"
 
@@ -207,8 +219,9 @@ def test_min_p(client):
     0 is the default; a small one changes nothing but the tail."""
     greedy = greedy_text(client, max_tokens=24)
     for seed in (1, 2):
-        top_only = complete(client, max_tokens=24, temperature=1.5, seed=seed,
-                            extra_body={"min_p": 1.0})
+        top_only = complete(
+            client, max_tokens=24, temperature=1.5, seed=seed, extra_body={"min_p": 1.0}
+        )
         assert top_only.choices[0].text == greedy
         default = complete(client, max_tokens=24, seed=seed).choices[0].text
         zero = complete(client, max_tokens=24, seed=seed, extra_body={"min_p": 0.0})
@@ -218,8 +231,11 @@ def test_min_p(client):
 def scrape(server) -> dict[str, float]:
     """/metrics as {series with labels: value}."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_metrics_have_vllm_names_and_meanings(client, server):
@@ -243,8 +259,11 @@ def test_metrics_have_vllm_names_and_meanings(client, server):
     assert grew(f'vllm:request_success_total{{finish_reason="length",{tiny}}}') == 2
     assert after[f"vllm:num_requests_running{{{tiny}}}"] == 0
     assert after[f"vllm:num_requests_waiting{{{tiny}}}"] == 0
-    assert not [name for name in after if name.startswith("lm_") and "rejected" not in name
-                and "failed" not in name]
+    assert not [
+        name
+        for name in after
+        if name.startswith("lm_") and "rejected" not in name and "failed" not in name
+    ]
 
 
 def test_docs_and_openapi(server):
@@ -280,10 +299,19 @@ def test_batched_http_output_equals_solo(server, client):
 
     async def burst() -> list[dict]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            bodies = [{"model": "tiny", "prompt": _prompt(i), "max_tokens": 24 + i % 7,
-                       "seed": 1000 + i, **SAMPLED} for i in range(64)]
-            responses = await asyncio.gather(*(http.post("/v1/completions", json=b)
-                                               for b in bodies))
+            bodies = [
+                {
+                    "model": "tiny",
+                    "prompt": _prompt(i),
+                    "max_tokens": 24 + i % 7,
+                    "seed": 1000 + i,
+                    **SAMPLED,
+                }
+                for i in range(64)
+            ]
+            responses = await asyncio.gather(
+                *(http.post("/v1/completions", json=b) for b in bodies)
+            )
         assert all(r.status_code == 200 for r in responses)
         return [r.json() for r in responses]
 
@@ -296,8 +324,14 @@ def test_batched_http_output_equals_solo(server, client):
         watcher.join()
     assert peak[0] > 1, "the 64 requests never shared a batch"
     for i in (0, 1, 2, 3, 17, 63):
-        solo = complete(client, prompt=_prompt(i), max_tokens=24 + i % 7, seed=1000 + i,
-                        extra_body={"top_k": 0}, temperature=1.0)
+        solo = complete(
+            client,
+            prompt=_prompt(i),
+            max_tokens=24 + i % 7,
+            seed=1000 + i,
+            extra_body={"top_k": 0},
+            temperature=1.0,
+        )
         assert together[i]["choices"][0]["text"] == solo.choices[0].text, f"request {i}"
 
 
@@ -307,8 +341,7 @@ def test_engine_batch_equals_solo(tiny_checkpoint_dir):
 
     def params(i: int) -> SamplingParams:
         # Lengths differ (rows leave and move mid-batch); some outgrow the 64-token context.
-        return SamplingParams(max_new_tokens=20 + (i * 7) % 61, temperature=1.0, top_k=0,
-                              seed=i)
+        return SamplingParams(max_new_tokens=20 + (i * 7) % 61, temperature=1.0, top_k=0, seed=i)
 
     engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=64)
     together = [engine.submit(prompts[i], params(i)) for i in range(64)]
@@ -327,14 +360,16 @@ def test_stream_interval_server(start_server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
     kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=24, seed=4, temperature=1.0)
     whole = client.completions.create(**kwargs).choices[0].text
-    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs)
-              if c.choices]
+    chunks = [
+        c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices
+    ]
     assert "".join(chunks) == whole
     assert len(chunks) <= 24 // 3 + 1
 
 
 def test_kv_cache_dtype_setting_serves_gpts_and_leaves_recurrent_models_alone(
-        tiny_checkpoint_dir, launch):
+    tiny_checkpoint_dir, launch
+):
     """LM_KV_CACHE_DTYPE picks the GPT's cache precision; a recurrent model served beside it
     (which has no KV cache) starts and answers all the same."""
     import torch
@@ -347,8 +382,13 @@ def test_kv_cache_dtype_setting_serves_gpts_and_leaves_recurrent_models_alone(
     server = launch(create_app(settings, [gpt, lstm]))
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
     for model in ("tiny", "shakespeare-char-lstm"):
-        text = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, seed=1,
-                                         temperature=0.0).choices[0].text
+        text = (
+            client.completions.create(
+                model=model, prompt=PROMPT, max_tokens=8, seed=1, temperature=0.0
+            )
+            .choices[0]
+            .text
+        )
         assert len(text) > 0
     models = server.app.state.models
     assert models["tiny"].engine.state["k0"].dtype == torch.float32
@@ -374,8 +414,9 @@ def test_health_is_503_from_the_signal_on(tiny_checkpoint_dir):
     from service.app import create_app, draining_server
     from service.settings import Settings
 
-    app = create_app(Settings(checkpoints=[str(tiny_checkpoint_dir)]),
-                     [load_checkpoint(tiny_checkpoint_dir)])
+    app = create_app(
+        Settings(checkpoints=[str(tiny_checkpoint_dir)]), [load_checkpoint(tiny_checkpoint_dir)]
+    )
 
     async def health() -> int:
         transport = httpx.ASGITransport(app=app)

@@ -40,29 +40,40 @@ def make_adapter(base_dir, out, rank: int, seed: int):
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory, tiny_checkpoint_dir):
     root = tmp_path_factory.mktemp("served-adapters")
-    return {"poet": make_adapter(tiny_checkpoint_dir, root / "poet", 2, 1),
-            "sailor": make_adapter(tiny_checkpoint_dir, root / "sailor", 4, 2)}
+    return {
+        "poet": make_adapter(tiny_checkpoint_dir, root / "poet", 2, 1),
+        "sailor": make_adapter(tiny_checkpoint_dir, root / "sailor", 4, 2),
+    }
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dir, adapter_dirs, launch):
-    settings = Settings(checkpoints=[str(tiny_checkpoint_dir)],
-                        adapters=[f"{name}={path}" for name, path in adapter_dirs.items()])
+    settings = Settings(
+        checkpoints=[str(tiny_checkpoint_dir)],
+        adapters=[f"{name}={path}" for name, path in adapter_dirs.items()],
+    )
     return launch(create_app(settings, load_checkpoints(settings)))
 
 
 def test_models_lists_adapters_with_their_parent(server):
     data = httpx.get(f"{server.url}/v1/models").json()["data"]
-    assert {m["id"]: m["parent"] for m in data} == {"tiny": None, "poet": "tiny",
-                                                    "sailor": "tiny"}
+    assert {m["id"]: m["parent"] for m in data} == {"tiny": None, "poet": "tiny", "sailor": "tiny"}
 
 
 def test_adapters_share_one_batch_and_answer_as_alone(server):
     engine = server.app.state.models["tiny"].engine
     assert server.app.state.models["poet"].engine is engine
     models = ["tiny", "poet", "sailor"]
-    bodies = [{"model": models[i % 3], "prompt": "The king speaks of"[: 6 + i % 9],
-               "max_tokens": 30, "seed": 100 + i, **SAMPLED} for i in range(24)]
+    bodies = [
+        {
+            "model": models[i % 3],
+            "prompt": "The king speaks of"[: 6 + i % 9],
+            "max_tokens": 30,
+            "seed": 100 + i,
+            **SAMPLED,
+        }
+        for i in range(24)
+    ]
     peak, done = [set()], threading.Event()
 
     def watch():  # which adapters ran in one step together
@@ -85,12 +96,19 @@ def test_adapters_share_one_batch_and_answer_as_alone(server):
     assert peak[0] == {0, 1, 2}, "the base and both adapters never shared a step"
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
     for i, body in enumerate(bodies):
-        alone = client.completions.create(**{k: v for k, v in body.items() if k != "top_k"},
-                                          extra_body={"top_k": 0})
+        alone = client.completions.create(
+            **{k: v for k, v in body.items() if k != "top_k"}, extra_body={"top_k": 0}
+        )
         assert together[i].json()["choices"][0]["text"] == alone.choices[0].text, f"request {i}"
         assert together[i].json()["model"] == body["model"]
-    same = {client.completions.create(model=m, prompt="The king", max_tokens=20, seed=5,
-                                      temperature=1.0).choices[0].text for m in models}
+    same = {
+        client.completions.create(
+            model=m, prompt="The king", max_tokens=20, seed=5, temperature=1.0
+        )
+        .choices[0]
+        .text
+        for m in models
+    }
     assert len(same) == 3  # each adapter changes the text
 
 
@@ -100,21 +118,30 @@ def test_embeddings_of_an_adapter_are_refused(server):
     assert "LoRA adapter" in response.json()["error"]["message"]
 
 
-def test_adapter_errors_at_start_up(tiny_checkpoint_dir, adapter_dirs, tmp_path,
-                                    tiny_gpt_saver, corpus_text):
+def test_adapter_errors_at_start_up(
+    tiny_checkpoint_dir, adapter_dirs, tmp_path, tiny_gpt_saver, corpus_text
+):
     other = tiny_gpt_saver(tmp_path / "other", corpus_text + "#@%")
-    with pytest.raises(LMError, match="poet=.*trained on 'tiny'.*which is not served "
-                                      r"\(served: other\)"):
-        load_checkpoints(Settings(checkpoints=[str(other)],
-                                  adapters=[f"poet={adapter_dirs['poet']}"]))
+    with pytest.raises(
+        LMError,
+        match="poet=.*trained on 'tiny'.*which is not served "
+        r"\(served: other\)",
+    ):
+        load_checkpoints(
+            Settings(checkpoints=[str(other)], adapters=[f"poet={adapter_dirs['poet']}"])
+        )
     with pytest.raises(LMError, match="expected NAME=DIR"):
         load_checkpoints(Settings(checkpoints=[str(tiny_checkpoint_dir)], adapters=["poet"]))
     with pytest.raises(LMError, match="shares a name"):
-        load_checkpoints(Settings(checkpoints=[str(tiny_checkpoint_dir)],
-                                  adapters=[f"tiny={adapter_dirs['poet']}"]))
+        load_checkpoints(
+            Settings(
+                checkpoints=[str(tiny_checkpoint_dir)], adapters=[f"tiny={adapter_dirs['poet']}"]
+            )
+        )
     with pytest.raises(LMError, match="not an lm adapter"):
-        load_checkpoints(Settings(checkpoints=[str(tiny_checkpoint_dir)],
-                                  adapters=[f"x={tmp_path}"]))
+        load_checkpoints(
+            Settings(checkpoints=[str(tiny_checkpoint_dir)], adapters=[f"x={tmp_path}"])
+        )
 
 
 def test_adapters_from_the_environment_and_flags(monkeypatch, adapter_dirs):

@@ -14,8 +14,7 @@ from lm.checkpoint import load_checkpoint
 from service.app import create_app
 from service.settings import Settings
 
-MESSAGES = [{"role": "system", "content": "Speak well."},
-            {"role": "user", "content": "The king"}]
+MESSAGES = [{"role": "system", "content": "Speak well."}, {"role": "user", "content": "The king"}]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,18 @@ def client(server) -> openai.OpenAI:
 
 
 def completion_text(server, prompt: str, **kwargs) -> str:
-    r = httpx.post(f"{server.url}/v1/completions",
-                   json={"model": "tiny", "prompt": prompt, **kwargs}, timeout=60)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "tiny", "prompt": prompt, **kwargs},
+        timeout=60,
+    )
     return r.json()["choices"][0]["text"]
 
 
 def test_chat_is_the_completion_of_the_rendered_prompt(client, server):
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12,
-                                           temperature=0)
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0
+    )
     [choice] = reply.choices
     assert reply.object == "chat.completion" and choice.message.role == "assistant"
     prompt = ChatTemplate().render(MESSAGES)
@@ -49,8 +52,11 @@ def test_chat_is_the_completion_of_the_rendered_prompt(client, server):
 def test_chat_stream_shapes_and_text(client):
     kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0.8, seed=5, n=2)
     whole = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(**kwargs, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     texts, roles, finishes = ["", ""], [[], []], [[], []]
     for chunk in chunks[:-1]:
@@ -69,14 +75,17 @@ def test_chat_stream_shapes_and_text(client):
 
 
 def test_chat_stop_seed_and_logprobs(client):
-    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, seed=11, logprobs=True,
-                  top_logprobs=3)
+    kwargs = dict(
+        model="tiny", messages=MESSAGES, max_tokens=8, seed=11, logprobs=True, top_logprobs=3
+    )
     first = client.chat.completions.create(**kwargs)
     again = client.chat.completions.create(**kwargs)
     assert first.choices[0].message.content == again.choices[0].message.content
     content = first.choices[0].logprobs.content
-    assert "".join(t.token for t in content) == first.choices[0].message.content or \
-        first.choices[0].finish_reason == "stop"
+    assert (
+        "".join(t.token for t in content) == first.choices[0].message.content
+        or first.choices[0].finish_reason == "stop"
+    )
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
     text = first.choices[0].message.content
     if text:
@@ -86,36 +95,63 @@ def test_chat_stop_seed_and_logprobs(client):
 
 
 def test_chat_refuses_what_it_does_not_do(server):
-    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"stream": "yes"}, "stream"),
-                         ({"logprobs": 1}, "logprobs"),
-                         ({"top_logprobs": 2}, "top_logprobs"),
-                         ({"messages": []}, "messages"),
-                         ({"messages": [{"role": "user", "content": [
-                             {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages")]:
-        r = httpx.post(f"{server.url}/v1/chat/completions",
-                       json={"messages": MESSAGES, "max_tokens": 2, **extra}, timeout=30)
+    for extra, param in [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"stream": "yes"}, "stream"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"messages": []}, "messages"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
+            "messages",
+        ),
+    ]:
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 2, **extra},
+            timeout=30,
+        )
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == param, (extra, r.text)
-    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
-        "messages": MESSAGES, "user": "me", "metadata": {"a": "b"},
-        "tool_choice": "none", "response_format": {"type": "text"}, "max_tokens": None})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=30,
+        json={
+            "messages": MESSAGES,
+            "user": "me",
+            "metadata": {"a": "b"},
+            "tool_choice": "none",
+            "response_format": {"type": "text"},
+            "max_tokens": None,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
 def test_render_shows_the_prompt(server):
     r = httpx.post(f"{server.url}/v1/chat/render", json={"messages": MESSAGES}, timeout=30)
     assert r.status_code == 200
-    assert r.json() == {"model": "tiny", "prompt": ChatTemplate().render(MESSAGES),
-                        "stop": ["\nUser:"]}
+    assert r.json() == {
+        "model": "tiny",
+        "prompt": ChatTemplate().render(MESSAGES),
+        "stop": ["\nUser:"],
+    }
 
 
 def test_tokenize_and_detokenize(server, tiny_checkpoint_dir):
     tokenizer = load_checkpoint(tiny_checkpoint_dir).tokenizer
     r = httpx.post(f"{server.url}/tokenize", json={"model": "tiny", "prompt": "The king"})
-    assert r.json() == {"count": 8, "max_model_len": 64, "tokens": tokenizer.encode("The king"),
-                        "token_strs": None}
+    assert r.json() == {
+        "count": 8,
+        "max_model_len": 64,
+        "tokens": tokenizer.encode("The king"),
+        "token_strs": None,
+    }
     r = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES})
     assert r.json()["tokens"] == tokenizer.encode(ChatTemplate().render(MESSAGES))
     r = httpx.post(f"{server.url}/detokenize", json={"tokens": tokenizer.encode("The king")})
@@ -129,9 +165,13 @@ def test_tokenize_and_detokenize(server, tiny_checkpoint_dir):
 
 def test_tokenize_routes_need_the_key(start_server):
     keyed = start_server(api_key="k")
-    for method, path in [("POST", "/tokenize"), ("POST", "/detokenize"),
-                         ("GET", "/tokenizer_info"), ("POST", "/v1/chat/completions"),
-                         ("POST", "/v1/chat/render")]:
+    for method, path in [
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+        ("GET", "/tokenizer_info"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/chat/render"),
+    ]:
         assert httpx.request(method, f"{keyed.url}{path}", json={}).status_code == 401
     r = httpx.get(f"{keyed.url}/tokenizer_info", headers={"Authorization": "Bearer k"})
     assert r.status_code == 200
@@ -160,15 +200,15 @@ def failing_server(tiny_checkpoint_dir, launch):
 
 def test_engine_failure_is_a_500_or_an_error_event(failing_server):
     url = failing_server.url
-    for path, body in [("/v1/completions", {"prompt": "The king", "max_tokens": 4}),
-                       ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})]:
+    for path, body in [
+        ("/v1/completions", {"prompt": "The king", "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4}),
+    ]:
         r = httpx.post(f"{url}{path}", json=body, timeout=30)
         assert r.status_code == 500, r.text
         assert r.json()["error"]["type"] == "server_error"
-        with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True},
-                          timeout=30) as r:
-            events = [json.loads(line[6:]) for line in r.iter_lines()
-                      if line.startswith("data: {")]
+        with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert events[-1]["error"]["code"] == "engine_error"
         finishes = [c.get("finish_reason") for e in events for c in e.get("choices", [])]
         assert not any(finishes), events  # never a normal finish
@@ -186,5 +226,11 @@ def test_a_failing_prompt_scoring_is_a_500(tiny_checkpoint_dir, launch):
     body = {"prompt": "The king", "echo": True, "logprobs": 1, "max_tokens": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
-    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 2},  # still serving
-                      timeout=30).status_code == 200
+    assert (
+        httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "We", "max_tokens": 2},  # still serving
+            timeout=30,
+        ).status_code
+        == 200
+    )

@@ -8,8 +8,14 @@ import json
 import httpx
 import pytest
 
-LIMITS = {"max_tokens_limit": 64, "max_n": 4, "max_prompt_chars": 500, "max_body_bytes": 4096,
-          "max_stop": 4, "max_stop_chars": 16}
+LIMITS = {
+    "max_tokens_limit": 64,
+    "max_n": 4,
+    "max_prompt_chars": 500,
+    "max_body_bytes": 4096,
+    "max_stop": 4,
+    "max_stop_chars": 16,
+}
 OK = {"prompt": "The king", "max_tokens": 3}
 
 statuses: list[int] = []  # every status this module saw, checked by the last test
@@ -38,8 +44,9 @@ def post(server, body=None, *, content=None, headers=None, path="/v1/completions
     return r
 
 
-def assert_error(r: httpx.Response, status: int, names: str | None = None,
-                 param: str | None = None) -> dict:
+def assert_error(
+    r: httpx.Response, status: int, names: str | None = None, param: str | None = None
+) -> dict:
     """An OpenAI error body with `status`; its message mentions `names` (the field)."""
     assert r.status_code == status, r.text
     body = r.json()
@@ -85,64 +92,67 @@ def test_invalid_utf8_is_a_client_error(server):
 # -- field values ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"prompt": "a", "max_tokens": "ten"}, "max_tokens"),
-    ({"max_tokens": 3}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", ""]}, "prompt"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
-    ({"prompt": [1, 2.5]}, "prompt"),
-    ({"prompt": [-1, 2]}, "prompt"),
-    ({"prompt": [10**9]}, "prompt"),
-    ({"prompt": [[1, 2], []]}, "prompt"),
-    ({"prompt": [True]}, "prompt"),
-    ({"prompt": "a", "echo": True, "max_tokens": 0}, "max_tokens"),  # 0 only with logprobs
-    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "a", "max_tokens": -3}, "max_tokens"),
-    ({"prompt": "a", "max_tokens": 65}, "max_tokens"),  # over max_tokens_limit
-    ({"prompt": "a", "n": 0}, "n"),
-    ({"prompt": "a", "n": 5}, "n"),  # over max_n
-    ({"prompt": ["a", "b", "c"], "n": 2}, "n"),  # prompts x n over max_n
-    ({"prompt": "a", "temperature": -0.1}, "temperature"),
-    ({"prompt": "a", "temperature": "hot"}, "temperature"),
-    ({"prompt": "a", "top_p": 0}, "top_p"),
-    ({"prompt": "a", "top_p": 1.5}, "top_p"),
-    ({"prompt": "a", "top_k": -1}, "top_k"),
-    ({"prompt": "a", "min_p": -0.1}, "min_p"),
-    ({"prompt": "a", "min_p": 1.5}, "min_p"),
-    ({"prompt": "a", "min_p": "some"}, "min_p"),
-    ({"prompt": "a", "logprobs": 6}, "logprobs"),
-    ({"prompt": "a", "logprobs": -1}, "logprobs"),
-    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # over max_stop
-    ({"prompt": "a", "stop": "x" * 17}, "stop"),  # over max_stop_chars
-    ({"prompt": "a", "stop": ""}, "stop"),
-    ({"prompt": "a", "stop": 3}, "stop"),
-    ({"prompt": "a", "seed": "abc"}, "seed"),
-    ({"prompt": "a", "seed": 1.5}, "seed"),
-    ({"prompt": "a", "stream": "maybe"}, "stream"),
-    ({"prompt": "a", "stream": "yes"}, "stream"),
-    ({"prompt": "a", "stream": 1}, "stream"),
-    ({"prompt": "a", "echo": "true"}, "echo"),
-    ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
-    ({"prompt": "a", "max_tokens": 5.0}, "max_tokens"),
-    ({"prompt": "a", "n": "2"}, "n"),
-    ({"prompt": "a", "temperature": "0.5"}, "temperature"),
-    ({"prompt": "a", "logprobs": True}, "logprobs"),
-    ({"prompt": "a", "best_of": 2}, "best_of"),
-    ({"prompt": "a", "suffix": "end"}, "suffix"),
-    ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
-    ({"prompt": "a", "frequency_penalty": "x"}, "frequency_penalty"),
-    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
-    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
-    ({"prompt": "a", "logit_bias": {"1": 101}}, "logit_bias"),
-    ({"prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias"),
-    ({"prompt": "a", "echo": [1]}, "echo"),
-    ({"prompt": "a", "stream_options": 1}, "stream_options"),
-    ({"prompt": "a", "stream_options": {"include_usage": "often"}}, "stream_options"),
-    ({"prompt": "a", "model": 7}, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "a", "max_tokens": "ten"}, "max_tokens"),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [1, 2.5]}, "prompt"),
+        ({"prompt": [-1, 2]}, "prompt"),
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [True]}, "prompt"),
+        ({"prompt": "a", "echo": True, "max_tokens": 0}, "max_tokens"),  # 0 only with logprobs
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 65}, "max_tokens"),  # over max_tokens_limit
+        ({"prompt": "a", "n": 0}, "n"),
+        ({"prompt": "a", "n": 5}, "n"),  # over max_n
+        ({"prompt": ["a", "b", "c"], "n": 2}, "n"),  # prompts x n over max_n
+        ({"prompt": "a", "temperature": -0.1}, "temperature"),
+        ({"prompt": "a", "temperature": "hot"}, "temperature"),
+        ({"prompt": "a", "top_p": 0}, "top_p"),
+        ({"prompt": "a", "top_p": 1.5}, "top_p"),
+        ({"prompt": "a", "top_k": -1}, "top_k"),
+        ({"prompt": "a", "min_p": -0.1}, "min_p"),
+        ({"prompt": "a", "min_p": 1.5}, "min_p"),
+        ({"prompt": "a", "min_p": "some"}, "min_p"),
+        ({"prompt": "a", "logprobs": 6}, "logprobs"),
+        ({"prompt": "a", "logprobs": -1}, "logprobs"),
+        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # over max_stop
+        ({"prompt": "a", "stop": "x" * 17}, "stop"),  # over max_stop_chars
+        ({"prompt": "a", "stop": ""}, "stop"),
+        ({"prompt": "a", "stop": 3}, "stop"),
+        ({"prompt": "a", "seed": "abc"}, "seed"),
+        ({"prompt": "a", "seed": 1.5}, "seed"),
+        ({"prompt": "a", "stream": "maybe"}, "stream"),
+        ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "stream": 1}, "stream"),
+        ({"prompt": "a", "echo": "true"}, "echo"),
+        ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 5.0}, "max_tokens"),
+        ({"prompt": "a", "n": "2"}, "n"),
+        ({"prompt": "a", "temperature": "0.5"}, "temperature"),
+        ({"prompt": "a", "logprobs": True}, "logprobs"),
+        ({"prompt": "a", "best_of": 2}, "best_of"),
+        ({"prompt": "a", "suffix": "end"}, "suffix"),
+        ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "a", "frequency_penalty": "x"}, "frequency_penalty"),
+        ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"1": 101}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"prompt": "a", "echo": [1]}, "echo"),
+        ({"prompt": "a", "stream_options": 1}, "stream_options"),
+        ({"prompt": "a", "stream_options": {"include_usage": "often"}}, "stream_options"),
+        ({"prompt": "a", "model": 7}, "model"),
+    ],
+)
 def test_bad_field(server, body, field):
     assert_error(post(server, body), 400, field, param=field)
 
@@ -197,28 +207,45 @@ def test_small_chunked_body_is_fine(server):
 # -- few-shot errors ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"prompt": "a", "examples": []}, "examples"),
-    ({"prompt": "a", "examples": [{"input": "x => y", "output": "z"}]}, "examples"),
-    ({"prompt": "a", "examples": [{"input": "x", "output": "y\nz"}]}, "examples"),
-    ({"prompt": "a", "examples": [{"input": "", "output": "z"}]}, "examples"),
-    ({"prompt": "a", "examples": [{"input": "x"}]}, "examples"),
-    ({"prompt": "a", "examples": "x => y"}, "examples"),
-    ({"prompt": "a", "examples": ["x => y"]}, "examples"),
-    ({"prompt": "a => b", "examples": [{"input": "x", "output": "y"}]}, "prompt"),
-    ({"prompt": "a", "template": "{input} {output}"}, "examples"),  # a template, no examples
-    ({"prompt": "a", "examples": [{"input": "x", "output": "y"}], "template": "{input}"},
-     "template"),
-    ({"prompt": "a", "examples": [{"input": "x", "output": "y"}],
-      "template": "{output} -> {input}"}, "template"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "a", "examples": []}, "examples"),
+        ({"prompt": "a", "examples": [{"input": "x => y", "output": "z"}]}, "examples"),
+        ({"prompt": "a", "examples": [{"input": "x", "output": "y\nz"}]}, "examples"),
+        ({"prompt": "a", "examples": [{"input": "", "output": "z"}]}, "examples"),
+        ({"prompt": "a", "examples": [{"input": "x"}]}, "examples"),
+        ({"prompt": "a", "examples": "x => y"}, "examples"),
+        ({"prompt": "a", "examples": ["x => y"]}, "examples"),
+        ({"prompt": "a => b", "examples": [{"input": "x", "output": "y"}]}, "prompt"),
+        ({"prompt": "a", "template": "{input} {output}"}, "examples"),  # a template, no examples
+        (
+            {"prompt": "a", "examples": [{"input": "x", "output": "y"}], "template": "{input}"},
+            "template",
+        ),
+        (
+            {
+                "prompt": "a",
+                "examples": [{"input": "x", "output": "y"}],
+                "template": "{output} -> {input}",
+            },
+            "template",
+        ),
+    ],
+)
 def test_few_shot_errors(server, body, field):
     assert_error(post(server, body), 400, field, param=field)
 
 
 def test_few_shot_custom_template(server):
-    body = {"prompt": "sun", "max_tokens": 4, "temperature": 0, "echo": True,
-            "examples": [{"input": "cat", "output": "tac"}], "template": "Q: {input} A: {output};"}
+    body = {
+        "prompt": "sun",
+        "max_tokens": 4,
+        "temperature": 0,
+        "echo": True,
+        "examples": [{"input": "cat", "output": "tac"}],
+        "template": "Q: {input} A: {output};",
+    }
     r = post(server, body)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].startswith("Q: cat A: tac;Q: sun A: ")
@@ -236,21 +263,45 @@ def test_unseen_characters_are_served(server):
 
 
 def test_unknown_fields_ignored(server):
-    body = {**OK, "user": "me", "metadata": {"team": "x"}, "presence_penalty": 0.5,
-            "frequency_penalty": 0.1, "logit_bias": {"5": -100}, "best_of": 1, "suffix": None,
-            "whatever": [1, {}]}
+    body = {
+        **OK,
+        "user": "me",
+        "metadata": {"team": "x"},
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.1,
+        "logit_bias": {"5": -100},
+        "best_of": 1,
+        "suffix": None,
+        "whatever": [1, {}],
+    }
     r = post(server, body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
 
 
-@pytest.mark.parametrize("extra", [
-    {"top_k": 2**70}, {"top_k": 2**63}, {"seed": 2**70}, {"seed": -(2**70)}, {"seed": -1},
-    {"model": None, "stop": None, "stream_options": None, "logprobs": None},
-    {"temperature": None, "n": None, "stream": None, "echo": None, "top_p": None,
-     "seed": None, "presence_penalty": None, "stream_options": {"include_usage": None}},
-    {"temperature": 100, "top_p": 1e-9}, {"logprobs": 5, "n": 2, "echo": True},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"top_k": 2**70},
+        {"top_k": 2**63},
+        {"seed": 2**70},
+        {"seed": -(2**70)},
+        {"seed": -1},
+        {"model": None, "stop": None, "stream_options": None, "logprobs": None},
+        {
+            "temperature": None,
+            "n": None,
+            "stream": None,
+            "echo": None,
+            "top_p": None,
+            "seed": None,
+            "presence_penalty": None,
+            "stream_options": {"include_usage": None},
+        },
+        {"temperature": 100, "top_p": 1e-9},
+        {"logprobs": 5, "n": 2, "echo": True},
+    ],
+)
 def test_extreme_but_valid_values(server, extra):
     r = post(server, {**OK, **extra})
     assert r.status_code == 200, r.text
@@ -265,8 +316,10 @@ def test_null_max_tokens_is_the_default(server):
 
 def test_huge_seed_is_reproducible(server):
     body = {**OK, "max_tokens": 8, "seed": 2**70 + 5}
-    assert post(server, body).json()["choices"][0]["text"] == \
+    assert (
         post(server, body).json()["choices"][0]["text"]
+        == post(server, body).json()["choices"][0]["text"]
+    )
 
 
 # -- routes and methods ---------------------------------------------------------------------
@@ -284,11 +337,17 @@ def test_unknown_path_and_method(server):
 # -- API key ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [
-    {}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
-    {"authorization": "Basic s3cret"}, {"authorization": "Bearer"},
-    {"authorization": "Bearer s3cret-and-more"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": "s3cret"},
+        {"authorization": "Basic s3cret"},
+        {"authorization": "Bearer"},
+        {"authorization": "Bearer s3cret-and-more"},
+    ],
+)
 def test_api_key_required(keyed_server, headers):
     error = assert_error(post(keyed_server, OK, headers=headers), 401, "key")
     assert error["code"] == "invalid_api_key"
@@ -318,14 +377,18 @@ def test_api_key_with_openai_client(keyed_server):
 def test_every_router_but_health_and_metrics_needs_the_key(keyed_server):
     """The key is checked by each router, before the body or the model is looked at."""
     open_paths = {"/health", "/metrics"}
-    paths = {path: methods for path, methods in keyed_server.app.openapi()["paths"].items()
-             if path not in open_paths}
+    paths = {
+        path: methods
+        for path, methods in keyed_server.app.openapi()["paths"].items()
+        if path not in open_paths
+    }
     assert {"/v1/models", "/v1/completions", "/v1/embeddings"} <= set(paths)
     for path, methods in paths.items():
         for method in methods:
             for body in ({"prompt": "We", "input": "We"}, {"model": "nope", "prompt": 3}):
-                r = httpx.request(method.upper(), f"{keyed_server.url}{path}", json=body,
-                                  timeout=10)
+                r = httpx.request(
+                    method.upper(), f"{keyed_server.url}{path}", json=body, timeout=10
+                )
                 error = assert_error(r, 401, "key")
                 assert error["code"] == "invalid_api_key" and error["param"] is None
 

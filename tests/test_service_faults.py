@@ -29,7 +29,7 @@ POISONED = "The king speaks of the quiet sea, and my good lord defends it."  # 6
 
 @pytest.fixture(scope="module")
 def poisoned_server(tiny_checkpoint_dir, launch):
-    """"tiny" with its position embedding 60 set to NaN: every sequence that reaches 60
+    """ "tiny" with its position embedding 60 set to NaN: every sequence that reaches 60
     tokens gets NaN logits, no other (what a fault in memory does at run time, after
     loading validated the weights)."""
     import torch
@@ -46,12 +46,15 @@ assert len(POISONED) == 62  # past position 60, inside the 64-token context: no 
 
 def scrape(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def events(body: str) -> list[dict | str]:
-    data = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    data = [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
     return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
@@ -62,12 +65,20 @@ def test_nonfinite_logits_fail_that_request_only_and_are_counted(poisoned_server
 
     async def send_together():
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            def post(prompt: str, **extra):
-                return client.post("/v1/completions", json={
-                    "model": "tiny", "prompt": prompt, "max_tokens": 40, "seed": 1, **extra})
 
-            return await asyncio.gather(post(HEALTHY), post(POISONED), post(HEALTHY, n=2),
-                                        post(POISONED, stream=True), post(HEALTHY, stream=True))
+            def post(prompt: str, **extra):
+                return client.post(
+                    "/v1/completions",
+                    json={"model": "tiny", "prompt": prompt, "max_tokens": 40, "seed": 1, **extra},
+                )
+
+            return await asyncio.gather(
+                post(HEALTHY),
+                post(POISONED),
+                post(HEALTHY, n=2),
+                post(POISONED, stream=True),
+                post(HEALTHY, stream=True),
+            )
 
     healthy, bad, healthy_n, bad_stream, healthy_stream = asyncio.run(send_together())
 
@@ -80,8 +91,13 @@ def test_nonfinite_logits_fail_that_request_only_and_are_counted(poisoned_server
     sent = events(bad_stream.text)
     [failure] = [e for e in sent if isinstance(e, dict) and "error" in e]
     assert failure["error"]["code"] == "nonfinite_logits"
-    assert not [e for e in sent if isinstance(e, dict) and e.get("choices")
-                and e["choices"][0]["finish_reason"] in ("stop", "length")]
+    assert not [
+        e
+        for e in sent
+        if isinstance(e, dict)
+        and e.get("choices")
+        and e["choices"][0]["finish_reason"] in ("stop", "length")
+    ]
 
     for response in (healthy, healthy_n):
         assert response.status_code == 200, response.text
@@ -90,8 +106,10 @@ def test_nonfinite_logits_fail_that_request_only_and_are_counted(poisoned_server
         assert body["usage"]["completion_tokens"] == 40 * len(body["choices"])
     streamed = events(healthy_stream.text)
     assert streamed[-1] == "[DONE]"
-    assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == healthy.json()[
-        "choices"][0]["text"]
+    assert (
+        "".join(e["choices"][0]["text"] for e in streamed[:-1])
+        == healthy.json()["choices"][0]["text"]
+    )
 
     after = scrape(url)
     assert after[series] - before == 2
@@ -101,7 +119,8 @@ def test_nonfinite_logits_fail_that_request_only_and_are_counted(poisoned_server
 
 
 def test_an_engine_failure_is_a_500_or_an_error_event_never_a_normal_finish(
-        tiny_checkpoint_dir, launch):
+    tiny_checkpoint_dir, launch
+):
     checkpoint = load_checkpoint(tiny_checkpoint_dir)
 
     def broken_step(*args):
@@ -113,13 +132,18 @@ def test_an_engine_failure_is_a_500_or_an_error_event_never_a_normal_finish(
     response = httpx.post(f"{server.url}/v1/completions", json=request, timeout=30)
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "engine_error"
-    streamed = httpx.post(f"{server.url}/v1/completions", json={**request, "stream": True},
-                          timeout=30)
+    streamed = httpx.post(
+        f"{server.url}/v1/completions", json={**request, "stream": True}, timeout=30
+    )
     sent = events(streamed.text)
     assert [e["error"]["code"] for e in sent if isinstance(e, dict) and "error" in e] == [
-        "engine_error"]
-    assert not [e for e in sent if isinstance(e, dict) and e.get("choices")
-                and e["choices"][0]["finish_reason"] is not None]
+        "engine_error"
+    ]
+    assert not [
+        e
+        for e in sent
+        if isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"] is not None
+    ]
 
 
 # -- clients that stall mid-body, and the bound on connections -------------------------------
@@ -134,9 +158,26 @@ def lm_serve(checkpoint_dir: Path, *flags: str):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LM_API_KEY", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm", "serve", "--checkpoint", str(checkpoint_dir),
-         "--port", str(port), "--torch-threads", "1", "--log-level", "error", *flags],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "lm",
+            "serve",
+            "--checkpoint",
+            str(checkpoint_dir),
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+            "--log-level",
+            "error",
+            *flags,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -162,8 +203,10 @@ def stall(url: str, count: int) -> list[socket.socket]:
     """`count` connections that send their headers (with Content-Length) and half the body,
     then nothing more."""
     port = int(url.rsplit(":", 1)[1])
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+    ).encode()
     sockets = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -189,8 +232,9 @@ def normal_requests(url: str, count: int = 5) -> list[tuple[int, float]]:
     with httpx.Client(timeout=30) as client:
         for _ in range(count):
             start = time.monotonic()
-            response = client.post(f"{url}/v1/completions", content=BODY,
-                                   headers={"Content-Type": "application/json"})
+            response = client.post(
+                f"{url}/v1/completions", content=BODY, headers={"Content-Type": "application/json"}
+            )
             results.append((response.status_code, time.monotonic() - start))
     return results
 
@@ -224,8 +268,15 @@ HEADER_TIMEOUT = 2.0
 
 
 def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoint_dir):
-    with lm_serve(tiny_checkpoint_dir, "--body-timeout", str(BODY_TIMEOUT),
-                  "--header-timeout", str(HEADER_TIMEOUT), "--limit-concurrency", "400") as url:
+    with lm_serve(
+        tiny_checkpoint_dir,
+        "--body-timeout",
+        str(BODY_TIMEOUT),
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--limit-concurrency",
+        "400",
+    ) as url:
         assert normal_requests(url, 1)[0][0] == 200  # warm: first-request costs not counted
         started = time.monotonic()
         sockets = stall(url, STALLED)

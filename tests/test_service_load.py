@@ -63,8 +63,7 @@ def test_overload_gets_429_fast_and_admitted_complete(small_server):
     max_tokens = 1500  # long enough to keep both slots busy while the flood arrives
 
     async def one(http: httpx.AsyncClient, i: int) -> tuple[int, float, dict, dict | None]:
-        body = {"prompt": "The king", "max_tokens": max_tokens, "seed": i,
-                "stream": i % 5 == 0}
+        body = {"prompt": "The king", "max_tokens": max_tokens, "seed": i, "stream": i % 5 == 0}
         start = time.perf_counter()
         async with http.stream("POST", "/v1/completions", json=body) as r:
             raw = await r.aread()
@@ -76,15 +75,17 @@ def test_overload_gets_429_fast_and_admitted_complete(small_server):
             assert events[-1] == "[DONE]"
             chunks = [json.loads(e) for e in events[:-1]]
             text = "".join(c["choices"][0]["text"] for c in chunks)
-            return 200, elapsed, dict(r.headers), {
-                "stream": True, "text": text,
-                "finish": chunks[-1]["choices"][0]["finish_reason"]}
+            return (
+                200,
+                elapsed,
+                dict(r.headers),
+                {"stream": True, "text": text, "finish": chunks[-1]["choices"][0]["finish_reason"]},
+            )
         return 200, elapsed, dict(r.headers), json.loads(raw)
 
     async def flood():
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=small_server.url, timeout=60,
-                                     limits=limits) as http:
+        async with httpx.AsyncClient(base_url=small_server.url, timeout=60, limits=limits) as http:
             return await asyncio.gather(*(one(http, i) for i in range(30)))
 
     results = asyncio.run(flood())
@@ -108,18 +109,24 @@ def test_overload_gets_429_fast_and_admitted_complete(small_server):
             assert choice["finish_reason"] == "length" and choice["index"] == 0
             assert body["usage"]["completion_tokens"] == max_tokens
     refused = [elapsed for status, elapsed, *_ in results if status == 429]
-    print(f"\noverload: 30 requests at max_batch 2, max_queue 2: {statuses.count(200)} served, "
-          f"{len(refused)} refused with 429 in at most {1000 * max(refused):.0f} ms")
+    print(
+        f"\noverload: 30 requests at max_batch 2, max_queue 2: {statuses.count(200)} served, "
+        f"{len(refused)} refused with 429 in at most {1000 * max(refused):.0f} ms"
+    )
     wait_for_gauges(small_server, 0, 0)
     metrics = httpx.get(f"{small_server.url}/metrics", timeout=10).text
-    rejected = [line for line in metrics.splitlines()
-                if line.startswith('lm_requests_rejected_total{model_name="tiny"}')]
+    rejected = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('lm_requests_rejected_total{model_name="tiny"}')
+    ]
     assert float(rejected[0].split()[-1]) == statuses.count(429)
 
 
 def test_after_overload_requests_are_served(small_server):
-    r = httpx.post(f"{small_server.url}/v1/completions", json={"prompt": "We", "max_tokens": 5},
-                   timeout=30)
+    r = httpx.post(
+        f"{small_server.url}/v1/completions", json={"prompt": "We", "max_tokens": 5}, timeout=30
+    )
     assert r.status_code == 200
     assert httpx.get(f"{small_server.url}/health", timeout=10).json()["waiting"] == 0
 
@@ -139,9 +146,12 @@ def long_server(start_server):
 def raw_request(server, body: dict) -> socket.socket:
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
-                 b"Content-Type: application/json\r\n"
-                 + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
     return sock
 
 
@@ -153,8 +163,7 @@ class Beside(threading.Thread):
         self.server, self.body, self.response = server, body, None
 
     def run(self):
-        self.response = httpx.post(f"{self.server.url}/v1/completions", json=self.body,
-                                   timeout=60)
+        self.response = httpx.post(f"{self.server.url}/v1/completions", json=self.body, timeout=60)
 
 
 def _solo_text(server, body: dict) -> str:
@@ -193,8 +202,9 @@ def test_disconnect_streaming_frees_slot(long_server):
     body = {"prompt": "The king", "max_tokens": 3000, "seed": 8}
     expected = _solo_text(long_server, body)
     with httpx.Client(base_url=long_server.url, timeout=30) as http:
-        with http.stream("POST", "/v1/completions",
-                         json={"prompt": "We", "max_tokens": LONG, "stream": True}) as r:
+        with http.stream(
+            "POST", "/v1/completions", json={"prompt": "We", "max_tokens": LONG, "stream": True}
+        ) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(line for line in lines if line).startswith("data: ")
@@ -212,8 +222,11 @@ def test_disconnect_streaming_frees_slot(long_server):
 def test_read_timeout_frees_slot(long_server):
     """A client that gives up (a read timeout closes its connection) frees its slot."""
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{long_server.url}/v1/completions", json={"prompt": "We", "max_tokens": LONG},
-                   timeout=httpx.Timeout(10.0, read=0.3))
+        httpx.post(
+            f"{long_server.url}/v1/completions",
+            json={"prompt": "We", "max_tokens": LONG},
+            timeout=httpx.Timeout(10.0, read=0.3),
+        )
     wait_for_gauges(long_server, running=0, timeout=2.0)
 
 
@@ -228,26 +241,46 @@ def _free_port() -> int:
 
 # The start-up that `lm serve` runs, called the way lm/commands/serve.py does: flags from
 # Settings, then service.app.run.
-_RUN = ("import argparse, sys\n"
-        "from service.app import run\n"
-        "from service.settings import add_arguments, settings_from_args\n"
-        "parser = argparse.ArgumentParser()\n"
-        "add_arguments(parser)\n"
-        "sys.exit(run(settings_from_args(parser.parse_args(sys.argv[1:]))))\n")
+_RUN = (
+    "import argparse, sys\n"
+    "from service.app import run\n"
+    "from service.settings import add_arguments, settings_from_args\n"
+    "parser = argparse.ArgumentParser()\n"
+    "add_arguments(parser)\n"
+    "sys.exit(run(settings_from_args(parser.parse_args(sys.argv[1:]))))\n"
+)
 
 
-@pytest.mark.parametrize("launcher", [["-m", "lm", "serve"], ["-c", _RUN]],
-                         ids=["lm-serve", "service.app.run"])
+@pytest.mark.parametrize(
+    "launcher", [["-m", "lm", "serve"], ["-c", _RUN]], ids=["lm-serve", "service.app.run"]
+)
 def test_sigterm_finishes_running_requests_then_exits(tiny_checkpoint_dir: Path, launcher):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LM_API_KEY", None)
     process = subprocess.Popen(
-        [sys.executable, *launcher, "--checkpoint", str(tiny_checkpoint_dir),
-         "--port", str(port), "--torch-threads", "1", "--log-level", "warning",
-         "--max-tokens-limit", "100000", "--shutdown-timeout", "30"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            *launcher,
+            "--checkpoint",
+            str(tiny_checkpoint_dir),
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+            "--log-level",
+            "warning",
+            "--max-tokens-limit",
+            "100000",
+            "--shutdown-timeout",
+            "30",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

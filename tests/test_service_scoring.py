@@ -80,18 +80,23 @@ def test_max_tokens_zero_scores_only_the_prompt(server, checkpoint):
     [choice] = body["choices"]
     assert choice["text"] == PROMPT
     assert choice["logprobs"]["top_logprobs"] is None
-    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(reference(checkpoint, ids),
-                                                                     abs=1e-4)
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
-                             "total_tokens": len(ids)}
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        reference(checkpoint, ids), abs=1e-4
+    )
+    assert body["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+    }
 
 
 def test_streamed_echo_logprobs_equal_the_response(server):
     body = {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0}
     whole = post(server, body).json()["choices"][0]
     tokens, values, text = [], [], ""
-    with httpx.stream("POST", f"{server.url}/v1/completions",
-                      json={**body, "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 import json
@@ -126,16 +131,19 @@ def test_logit_bias_forces_and_bans_tokens(server, checkpoint):
     assert r.json()["choices"][0]["text"] == "q" * 5
     greedy = post(server, {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}).json()
     first = checkpoint.tokenizer.encode(greedy["choices"][0]["text"])[0]
-    banned = post(server, {"prompt": PROMPT, "max_tokens": 1, "temperature": 0,
-                           "logit_bias": {str(first): -100}}).json()
+    banned = post(
+        server,
+        {"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "logit_bias": {str(first): -100}},
+    ).json()
     assert banned["choices"][0]["text"] != greedy["choices"][0]["text"]
 
 
 def test_penalties_change_greedy_output_only_when_used(server):
     base = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0}
     plain = post(server, base).json()["choices"][0]["text"]
-    neutral = post(server, {**base, "presence_penalty": 0, "frequency_penalty": 0,
-                            "repetition_penalty": 1}).json()["choices"][0]["text"]
+    neutral = post(
+        server, {**base, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
+    ).json()["choices"][0]["text"]
     assert neutral == plain
     penalized = post(server, {**base, "frequency_penalty": 2.0}).json()["choices"][0]["text"]
     assert penalized != plain
@@ -144,8 +152,12 @@ def test_penalties_change_greedy_output_only_when_used(server):
 
 
 def test_request_id_echoed_or_made(server):
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 1},
-                   headers={"X-Request-Id": "abc-123"}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "We", "max_tokens": 1},
+        headers={"X-Request-Id": "abc-123"},
+        timeout=30,
+    )
     assert r.headers["x-request-id"] == "abc-123"
     assert r.json()["id"] == "cmpl-abc-123"
     made = httpx.get(f"{server.url}/v1/nothing", timeout=30).headers["x-request-id"]
@@ -156,8 +168,12 @@ def test_request_id_is_logged_with_the_request(server, caplog):
     import time
 
     with caplog.at_level("INFO", logger="service.requests"):
-        httpx.post(f"{server.url}/v1/completions", json={"prompt": "We", "max_tokens": 1},
-                   headers={"X-Request-Id": "log-me-7"}, timeout=30)
+        httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "We", "max_tokens": 1},
+            headers={"X-Request-Id": "log-me-7"},
+            timeout=30,
+        )
         deadline = time.monotonic() + 5  # logged just after the response's last byte
         while time.monotonic() < deadline:
             lines = [r.getMessage() for r in caplog.records if "log-me-7" in r.getMessage()]

@@ -30,9 +30,11 @@ SAMPLES = {
     "max_body_bytes": ("2048", "2048", 2048),
     "max_stop": ("2", "2", 2),
     "max_stop_chars": ("8", "8", 8),
-    "cors_origins": (["http://a.example", "http://b.example"],
-                     "http://a.example,http://b.example",
-                     ["http://a.example", "http://b.example"]),
+    "cors_origins": (
+        ["http://a.example", "http://b.example"],
+        "http://a.example,http://b.example",
+        ["http://a.example", "http://b.example"],
+    ),
     "body_timeout": ("1.5", "1.5", 1.5),
     "header_timeout": ("2.5", "2.5", 2.5),
     "limit_concurrency": ("64", "64", 64),
@@ -78,25 +80,53 @@ def test_flag_and_variable_set_the_same_field(field, monkeypatch):
     monkeypatch.setenv(env_name(field), env_text)
     assert value(settings_from_args(parser().parse_args([])), field) == expected
     # The flag wins over the variable.
-    other = {"api_key": "other", "torch_threads": "5", "checkpoints": "z", "cors_origins": "z",
-             "adapters": "z=/z"}
+    other = {
+        "api_key": "other",
+        "torch_threads": "5",
+        "checkpoints": "z",
+        "cors_origins": "z",
+        "adapters": "z=/z",
+    }
     monkeypatch.setenv(env_name(field), other.get(field, str(default)))
     assert value(settings_from_args(parser().parse_args(argv(field, flag_text))), field) == expected
 
 
 def test_todays_flag_names_still_work():
-    args = parser().parse_args(["--checkpoint", "a", "--checkpoint", "b", "--cors-origin", "x",
-                                "--api-key", "k", "--max-tokens-limit", "9",
-                                "--kv-cache-dtype", "bfloat16", "--torch-threads", "2"])
+    args = parser().parse_args(
+        [
+            "--checkpoint",
+            "a",
+            "--checkpoint",
+            "b",
+            "--cors-origin",
+            "x",
+            "--api-key",
+            "k",
+            "--max-tokens-limit",
+            "9",
+            "--kv-cache-dtype",
+            "bfloat16",
+            "--torch-threads",
+            "2",
+        ]
+    )
     settings = settings_from_args(args)
     assert settings.checkpoints == ["a", "b"] and settings.cors_origins == ["x"]
     assert settings.max_tokens_limit == 9 and settings.kv_cache_dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("bad", [["--max-batch", "0"], ["--port", "70000"],
-                                 ["--kv-cache-dtype", "int8"], ["--shutdown-timeout", "soon"],
-                                 ["--max-stop", "17"], ["--body-timeout", "0"],
-                                 ["--limit-concurrency", "0"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--max-batch", "0"],
+        ["--port", "70000"],
+        ["--kv-cache-dtype", "int8"],
+        ["--shutdown-timeout", "soon"],
+        ["--max-stop", "17"],
+        ["--body-timeout", "0"],
+        ["--limit-concurrency", "0"],
+    ],
+)
 def test_bad_flags_are_refused_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as info:
         parser().parse_args(bad)
@@ -112,12 +142,15 @@ def test_a_bad_variable_names_flag_and_variable(monkeypatch):
     assert "--max-batch" in str(info.value) and "LM_MAX_BATCH" in str(info.value)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"max_tokens": 11}, "max_tokens"),
-    ({"stop": ["a", "b", "c"]}, "stop"),
-    ({"stop": "abcd"}, "stop"),
-    ({"stop": ""}, "stop"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": 11}, "max_tokens"),
+        ({"stop": ["a", "b", "c"]}, "stop"),
+        ({"stop": "abcd"}, "stop"),
+        ({"stop": ""}, "stop"),
+    ],
+)
 def test_to_sampling_params_names_the_request_field(body, param):
     settings = Settings(checkpoints=[], max_tokens_limit=10, max_stop=2, max_stop_chars=3)
     with pytest.raises(LMError) as info:
@@ -127,8 +160,9 @@ def test_to_sampling_params_names_the_request_field(body, param):
 
 def test_to_sampling_params_converts_every_control():
     settings = Settings(checkpoints=[], max_tokens_limit=10)
-    params = CompletionRequest(prompt="We", temperature=0.5, top_k=3, top_p=0.9, min_p=0.1,
-                               seed=4, stop="x", logprobs=2).to_sampling_params(settings)
+    params = CompletionRequest(
+        prompt="We", temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, seed=4, stop="x", logprobs=2
+    ).to_sampling_params(settings)
     assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.5, 3, 0.9, 0.1)
     assert (params.seed, params.stop, params.logprobs) == (4, ["x"], 2)
     assert params.max_new_tokens == 10  # the default (16) cut to the server's limit

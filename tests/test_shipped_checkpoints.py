@@ -18,8 +18,12 @@ from lm.cli import main
 from lm.data import corpus_hash
 from lm.evaluate import evaluate_checkpoint
 
-SHAKESPEARE = ["shakespeare-char-gpt", "shakespeare-char-lstm", "shakespeare-bpe-gpt",
-               "shakespeare-word-lstm"]
+SHAKESPEARE = [
+    "shakespeare-char-gpt",
+    "shakespeare-char-lstm",
+    "shakespeare-bpe-gpt",
+    "shakespeare-word-lstm",
+]
 # The corpus the few-shot checkpoints were trained on: `lm make-tasks` in train_all.sh.
 FEWSHOT_EPISODES, FEWSHOT_SEED = 300000, 1234
 FEWSHOT_V1_CORPUS = "fewshot-tasks.txt"  # made by lm/tasks.py before issue 13; gone
@@ -28,8 +32,10 @@ FEWSHOT_V1_CORPUS = "fewshot-tasks.txt"  # made by lm/tasks.py before issue 13; 
 def skip_fewshot_v1(meta: dict) -> None:
     corpus = meta["training"].get("corpus", [""])[0]
     if corpus.replace("\\", "/").rsplit("/", 1)[-1] == FEWSHOT_V1_CORPUS:
-        pytest.skip("trained on the v1 task corpus, which lm make-tasks no longer makes: "
-                    "retrain with recipe-v2.toml (checkpoints/train_all.sh)")
+        pytest.skip(
+            "trained on the v1 task corpus, which lm make-tasks no longer makes: "
+            "retrain with recipe-v2.toml (checkpoints/train_all.sh)"
+        )
 
 
 def card_loss(name: str) -> float:
@@ -80,7 +86,9 @@ def test_every_shipped_checkpoint_is_finished_and_generates(name):
     checkpoint = load_checkpoint(name)
     assert checkpoint.training.get("finished"), f"{name} did not finish training"
     assert (shipped_dir() / name / "recipe.toml").is_file()
-    [completion] = Generator(checkpoint).complete(["The "], SamplingParams(max_new_tokens=8, seed=0))
+    [completion] = Generator(checkpoint).complete(
+        ["The "], SamplingParams(max_new_tokens=8, seed=0)
+    )
     assert len(completion.token_ids) == 8
 
 

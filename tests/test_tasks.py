@@ -35,7 +35,8 @@ from lm.tasks import (
 )
 
 TRAIN_TASKS = [task for family in PRIMITIVE_FAMILIES for task in family] + list(
-    train_compositions())
+    train_compositions()
+)
 
 
 def parse_corpus(text: str) -> list[list[tuple[str, str]]]:
@@ -184,8 +185,12 @@ def test_unseen_task_variants_never_in_training(episodes):
     """No training episode (of lowercase words, the inputs "unseen" is scored on) is an
     episode of a held-out variant: not shift by 3, rotate by 3, nor a held-out pair."""
     for task in UNSEEN_TASKS:
-        hits = [pairs for pairs in episodes if consistent(task, pairs)
-                and any(left.islower() and left.isalpha() and len(left) >= 4 for left, _ in pairs)]
+        hits = [
+            pairs
+            for pairs in episodes
+            if consistent(task, pairs)
+            and any(left.islower() and left.isalpha() and len(left) >= 4 for left, _ in pairs)
+        ]
         assert not hits, (task.name, hits[:1])
     names = {task.name for task in TRAIN_TASKS}
     for pair in HELDOUT_PAIRS:
@@ -263,8 +268,12 @@ def tiny_checkpoint(directory: Path, kind: str) -> Path:
 
 
 def all_episodes(shots_list, n, seed=0):
-    return [e for shots in shots_list for category in CATEGORIES
-            for e in eval_episodes(category, n, seed=seed, shots=shots)]
+    return [
+        e
+        for shots in shots_list
+        for category in CATEGORIES
+        for e in eval_episodes(category, n, seed=seed, shots=shots)
+    ]
 
 
 def test_fewshot_accuracy_scores_exact_matches(tmp_path, monkeypatch):

@@ -73,15 +73,22 @@ def test_registry_maps_each_kind_to_its_class(corpus_text, tmp_path):
 @pytest.mark.parametrize("kind", ["morse", "", None, "CHAR"])
 def test_unknown_kind_is_an_error_naming_the_choices(kind, corpus_text, tmp_path):
     CharTokenizer.train(corpus_text).save(tmp_path)  # a loadable file is no excuse to guess
-    for call in (lambda: tokenizer_class(kind), lambda: load_tokenizer(tmp_path, kind),
-                 lambda: train_tokenizer(kind, corpus_text)):
-        with pytest.raises(LMError, match=f"unknown tokenizer {kind!r}; choose one of "
-                                          "char, word, bpe, spm"):
+    for call in (
+        lambda: tokenizer_class(kind),
+        lambda: load_tokenizer(tmp_path, kind),
+        lambda: train_tokenizer(kind, corpus_text),
+    ):
+        with pytest.raises(
+            LMError, match=f"unknown tokenizer {kind!r}; choose one of char, word, bpe, spm"
+        ):
             call()
 
 
-VOCAB_CHECKPOINTS = [n for n in shipped_checkpoints()
-                     if read_config(shipped_dir() / n)["tokenizer"]["kind"] in ("char", "word")]
+VOCAB_CHECKPOINTS = [
+    n
+    for n in shipped_checkpoints()
+    if read_config(shipped_dir() / n)["tokenizer"]["kind"] in ("char", "word")
+]
 LEGACY = Path(__file__).parent / "data" / "legacy_tokenizers"  # the files before issue 15
 
 
@@ -94,7 +101,8 @@ def test_shipped_vocabulary_saves_back_byte_identical(name, tmp_path):
     saved = (tmp_path / "tokenizer.json").read_bytes()
     assert saved == (directory / "tokenizer.json").read_bytes()
     assert tokenizer.decode(tokenizer.encode(SAMPLE)) == load_tokenizer(tmp_path, kind).decode(
-        load_tokenizer(tmp_path, kind).encode(SAMPLE))
+        load_tokenizer(tmp_path, kind).encode(SAMPLE)
+    )
 
 
 @pytest.mark.parametrize("name", VOCAB_CHECKPOINTS)
@@ -116,14 +124,18 @@ def test_shipped_vocabulary_rewritten_as_hf_encodes_as_before(name, shakespeare_
 def shipped_corpora(corpus_text) -> dict[str, str]:
     """Every corpus a shipped char/word checkpoint was trained on (few-shot: a sample), by name."""
     shakespeare = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
-    return {"tinyshakespeare": shakespeare.read_text(encoding="utf-8"),
-            "fewshot-tasks": make_tasks_corpus(2000, seed=1234), "synthetic": corpus_text}
+    return {
+        "tinyshakespeare": shakespeare.read_text(encoding="utf-8"),
+        "fewshot-tasks": make_tasks_corpus(2000, seed=1234),
+        "synthetic": corpus_text,
+    }
 
 
 @pytest.mark.parametrize("kind", ["char", "word"])
 @pytest.mark.parametrize("corpus", ["tinyshakespeare", "fewshot-tasks", "synthetic"])
-def test_vocabulary_file_is_a_hf_tokenizer_that_encodes_as_ours(kind, corpus, shipped_corpora,
-                                                                 tmp_path):
+def test_vocabulary_file_is_a_hf_tokenizer_that_encodes_as_ours(
+    kind, corpus, shipped_corpora, tmp_path
+):
     from tokenizers import Tokenizer as HFTokenizer
 
     text = shipped_corpora[corpus]

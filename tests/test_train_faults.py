@@ -64,10 +64,32 @@ CHILD = textwrap.dedent("""
 
 
 def train_args(corpus: Path, out: Path) -> list[str]:
-    return ["train", "--corpus", str(corpus), "--out", str(out), "--model", "gpt",
-            "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
-            "--batch-size", "4", "--max-steps", "30", "--eval-interval", "10", "--no-progress",
-            "--threads", "1"]
+    return [
+        "train",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--model",
+        "gpt",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "30",
+        "--eval-interval",
+        "10",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize("target", ["weights", "train_state"])
@@ -75,9 +97,11 @@ def test_sigkill_while_saving_then_resume(tmp_path, corpus_path, target):
     out, ready = tmp_path / "run", tmp_path / "ready"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), target, str(ready),
-                              *train_args(corpus_path, out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(script), target, str(ready), *train_args(corpus_path, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
     while not ready.exists():
         assert child.poll() is None, child.stderr.read().decode()
@@ -116,17 +140,51 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 def wider_args(corpus: Path, out: Path, max_steps: int = 30) -> list[str]:
     """A model whose resume state (about 1.4 MB) outweighs the other files."""
-    return ["train", "--corpus", str(corpus), "--out", str(out), "--model", "gpt",
-            "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "16",
-            "--batch-size", "4", "--max-steps", str(max_steps), "--eval-interval", "10",
-            "--no-progress", "--threads", "1", "--device", "cpu"]
+    return [
+        "train",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--model",
+        "gpt",
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "64",
+        "--n-head",
+        "2",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        str(max_steps),
+        "--eval-interval",
+        "10",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
 
 
 def first_checkpoint(corpus: Path, out: Path) -> None:
     """Train `wider_args` to its first checkpoint (step 10) and stop, as if interrupted."""
-    config = TrainConfig(corpus=[str(corpus)], out=str(out), n_layer=2, n_embd=64, n_head=2,
-                         block_size=16, batch_size=4, max_steps=30, eval_interval=10,
-                         device="cpu", threads=1)
+    config = TrainConfig(
+        corpus=[str(corpus)],
+        out=str(out),
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        block_size=16,
+        batch_size=4,
+        max_steps=30,
+        eval_interval=10,
+        device="cpu",
+        threads=1,
+    )
     Trainer(config, progress=False).train(stop_at=10)
 
 
@@ -148,8 +206,11 @@ def tmpfs(tmp_path):
     mount.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command here")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
     try:
@@ -211,15 +272,17 @@ def fill_weights(monkeypatch):
         original(model, filename, *args, **kwargs)
         data = Path(filename).read_bytes()
         Path(filename).write_bytes(data[: len(data) // 2])
-        raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                              "(os error 28)")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
 
     monkeypatch.setattr(st, "save_model", save_model)
 
 
 @pytest.mark.parametrize("fill", [fill_train_state, fill_weights], ids=["train_state", "weights"])
-def test_an_injected_enospc_stops_with_one_line_and_resumes(fill, tmp_path, corpus_path,
-                                                           capsys, monkeypatch):
+def test_an_injected_enospc_stops_with_one_line_and_resumes(
+    fill, tmp_path, corpus_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     first_checkpoint(corpus_path, out)
     before = (out / "model.safetensors").read_bytes()
@@ -254,7 +317,8 @@ def poison_resume_state(out: Path) -> None:
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
-        tmp_path, corpus_path, capsys):
+    tmp_path, corpus_path, capsys
+):
     out = tmp_path / "run"
     first_checkpoint(corpus_path, out)
     poison_resume_state(out)
@@ -262,9 +326,12 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
     status, err = run_cli(capsys, [*wider_args(corpus_path, out), "--resume"])
     assert status == 2
     [line] = err.strip().splitlines()
-    assert re.fullmatch(r"lm train: error: training stopped: the loss is nan at step 11; "
-                        rf"the checkpoint in {re.escape(str(out))} \(best at step 10\) is kept\. "
-                        r"Lower --lr or --grad-clip and --resume, or pass --skip-nonfinite", line)
+    assert re.fullmatch(
+        r"lm train: error: training stopped: the loss is nan at step 11; "
+        rf"the checkpoint in {re.escape(str(out))} \(best at step 10\) is kept\. "
+        r"Lower --lr or --grad-clip and --resume, or pass --skip-nonfinite",
+        line,
+    )
     after = (out / "model.safetensors").read_bytes(), (out / TRAIN_STATE_FILE).read_bytes()
     assert after == before
     model = load_checkpoint(out).model
@@ -272,9 +339,19 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
 
 
 def test_skip_nonfinite_skips_the_batch_and_finishes(tmp_path, corpus_path, monkeypatch):
-    config = TrainConfig(corpus=[str(corpus_path)], out=str(tmp_path / "run"), n_layer=1,
-                         n_embd=16, n_head=2, block_size=16, batch_size=4, max_steps=12,
-                         eval_interval=6, device="cpu", skip_nonfinite=True)
+    config = TrainConfig(
+        corpus=[str(corpus_path)],
+        out=str(tmp_path / "run"),
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        block_size=16,
+        batch_size=4,
+        max_steps=12,
+        eval_interval=6,
+        device="cpu",
+        skip_nonfinite=True,
+    )
     trainer = Trainer(config, progress=False)
     compute_loss, seen = trainer._loss, {}
 

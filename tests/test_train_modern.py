@@ -15,15 +15,35 @@ from lm.errors import LMError
 from lm.optim import Muon, orthogonalize
 from lm.train import TrainConfig, Trainer, effective_step, lr_at
 
-MODERN = dict(position="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu",
-              tie_embeddings=False, zero_init_proj=True)
+MODERN = dict(
+    position="rope",
+    norm="rmsnorm",
+    qk_norm=True,
+    mlp="swiglu",
+    tie_embeddings=False,
+    zero_init_proj=True,
+)
 
 
 def tiny_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(corpus=[str(corpus)], out=str(out), tokenizer="char", model="gpt",
-                    n_layer=2, n_embd=32, n_head=2, block_size=16, batch_size=8, lr=1e-2,
-                    warmup_steps=5, max_steps=30, eval_interval=10, device="cpu", seed=7,
-                    threads=1)
+    settings = dict(
+        corpus=[str(corpus)],
+        out=str(out),
+        tokenizer="char",
+        model="gpt",
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        block_size=16,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=5,
+        max_steps=30,
+        eval_interval=10,
+        device="cpu",
+        seed=7,
+        threads=1,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -33,24 +53,40 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(corpus_path, tmp_path):
-    trainer = Trainer(tiny_config(corpus_path, tmp_path / "m", optimizer="muon", **MODERN),
-                      progress=False)
+    trainer = Trainer(
+        tiny_config(corpus_path, tmp_path / "m", optimizer="muon", **MODERN), progress=False
+    )
     adamw, muon = trainer.optimizers
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in trainer.model.named_parameters()}
     muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     adamw_names = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
-    assert muon_names == {n for n in names.values() if n.startswith("blocks.") and "norm" not in n
-                          and "ln_" not in n}
-    assert {"wte.weight", "lm_head.weight", "ln_f.weight", "blocks.0.attn.q_norm.weight"} <= adamw_names
+    assert muon_names == {
+        n for n in names.values() if n.startswith("blocks.") and "norm" not in n and "ln_" not in n
+    }
+    assert {
+        "wte.weight",
+        "lm_head.weight",
+        "ln_f.weight",
+        "blocks.0.attn.q_norm.weight",
+    } <= adamw_names
     assert not muon_names & adamw_names
     assert muon.param_groups[0]["lr"] == 0.02
 
 
 def test_muon_run_learns_and_resumes_exactly(corpus_path, tmp_path):
     def config(out: str, **extra) -> TrainConfig:
-        return tiny_config(corpus_path, tmp_path / out, optimizer="muon", schedule="warmdown",
-                           max_steps=20, eval_interval=5, dropout=0.1, **MODERN, **extra)
+        return tiny_config(
+            corpus_path,
+            tmp_path / out,
+            optimizer="muon",
+            schedule="warmdown",
+            max_steps=20,
+            eval_interval=5,
+            dropout=0.1,
+            **MODERN,
+            **extra,
+        )
 
     Trainer(config("a"), progress=False).train()
     Trainer(config("b"), progress=False).train(stop_at=10)
@@ -60,7 +96,8 @@ def test_muon_run_learns_and_resumes_exactly(corpus_path, tmp_path):
     losses = [r["train_loss"] for r in a if "train_loss" in r]
     assert losses[-1] < losses[0]
     assert [r.get("train_loss", r.get("val_loss")) for r in a] == pytest.approx(
-        [r.get("train_loss", r.get("val_loss")) for r in b], abs=1e-6)
+        [r.get("train_loss", r.get("val_loss")) for r in b], abs=1e-6
+    )
     weights_a = load_checkpoint(tmp_path / "a").model.state_dict()
     weights_b = load_checkpoint(tmp_path / "b").model.state_dict()
     for name, tensor in weights_a.items():
@@ -68,16 +105,27 @@ def test_muon_run_learns_and_resumes_exactly(corpus_path, tmp_path):
 
 
 def test_resume_with_another_optimizer_is_an_lm_error(corpus_path, tmp_path):
-    Trainer(tiny_config(corpus_path, tmp_path / "a", max_steps=10, eval_interval=5),
-            progress=False).train(stop_at=5)
+    Trainer(
+        tiny_config(corpus_path, tmp_path / "a", max_steps=10, eval_interval=5), progress=False
+    ).train(stop_at=5)
     with pytest.raises(LMError, match="optimizer"):
-        Trainer(tiny_config(corpus_path, tmp_path / "a", max_steps=10, eval_interval=5, optimizer="muon",
-                            resume=True), progress=False)
+        Trainer(
+            tiny_config(
+                corpus_path,
+                tmp_path / "a",
+                max_steps=10,
+                eval_interval=5,
+                optimizer="muon",
+                resume=True,
+            ),
+            progress=False,
+        )
 
 
 def test_warmdown_is_flat_then_a_line_to_zero():
-    config = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100, schedule="warmdown",
-                         warmdown_frac=0.2)
+    config = TrainConfig(
+        lr=1e-3, warmup_steps=10, max_steps=100, schedule="warmdown", warmdown_frac=0.2
+    )
     assert lr_at(0, config) == pytest.approx(1e-4)
     assert lr_at(10, config) == lr_at(80, config) == pytest.approx(1e-3)
     assert lr_at(90, config) == pytest.approx(5e-4)
@@ -90,17 +138,30 @@ def test_schedule_follows_the_larger_of_step_and_time_fractions():
     assert effective_step(700, 30.0, config) == 700
     assert effective_step(10, 120.0, config) == 1000
     assert effective_step(10, 120.0, TrainConfig(max_steps=1000)) == 10  # no budget
-    warmdown = TrainConfig(lr=1.0, warmup_steps=10, max_steps=10**6, max_time=60.0,
-                           schedule="warmdown", warmdown_frac=0.5)
+    warmdown = TrainConfig(
+        lr=1.0,
+        warmup_steps=10,
+        max_steps=10**6,
+        max_time=60.0,
+        schedule="warmdown",
+        warmdown_frac=0.5,
+    )
     assert lr_at(4, warmdown, elapsed=59.0) == 0.5  # warm-up counts steps, even late
     assert lr_at(100, warmdown, elapsed=15.0) == 1.0
     assert lr_at(100, warmdown, elapsed=45.0) == pytest.approx(0.5)  # half-way down by time
 
 
 def test_max_time_ends_the_run_and_resume_keeps_the_elapsed_time(corpus_path, tmp_path):
-    config = tiny_config(corpus_path, tmp_path / "t", max_steps=100_000, eval_interval=1000,
-                         max_time=1.0, schedule="warmdown", warmdown_frac=1.0,
-                         warmup_steps=0)
+    config = tiny_config(
+        corpus_path,
+        tmp_path / "t",
+        max_steps=100_000,
+        eval_interval=1000,
+        max_time=1.0,
+        schedule="warmdown",
+        warmdown_frac=1.0,
+        warmup_steps=0,
+    )
     summary = Trainer(config, progress=False).train()
     assert summary["finished"] and 1 <= summary["step"] < 100_000
     assert summary["train_seconds"] >= 1.0
@@ -114,18 +175,26 @@ def test_max_time_ends_the_run_and_resume_keeps_the_elapsed_time(corpus_path, tm
 
 
 def test_bfloat16_autocast_trains_float32_weights(corpus_path, tmp_path):
-    trainer = Trainer(tiny_config(corpus_path, tmp_path / "b", dtype="bfloat16", max_steps=10,
-                                  **MODERN), progress=False)
+    trainer = Trainer(
+        tiny_config(corpus_path, tmp_path / "b", dtype="bfloat16", max_steps=10, **MODERN),
+        progress=False,
+    )
     summary = trainer.train()
     assert summary["val_loss"] < 4.0
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"optimizer": "sgd"}, "--optimizer"), ({"schedule": "step"}, "--schedule"),
-    ({"dtype": "float16"}, "--dtype"), ({"max_time": 0}, "--max-time"),
-    ({"warmdown_frac": 0}, "--warmdown-frac"), ({"optimizer": "muon", "model": "lstm"}, "GPT"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"optimizer": "sgd"}, "--optimizer"),
+        ({"schedule": "step"}, "--schedule"),
+        ({"dtype": "float16"}, "--dtype"),
+        ({"max_time": 0}, "--max-time"),
+        ({"warmdown_frac": 0}, "--warmdown-frac"),
+        ({"optimizer": "muon", "model": "lstm"}, "GPT"),
+    ],
+)
 def test_bad_training_options_are_lm_errors(settings, message, corpus_path, tmp_path):
     with pytest.raises(LMError, match=message):
         tiny_config(corpus_path, tmp_path / "x", **settings).validate()
@@ -168,17 +237,67 @@ def test_cli_flags_reach_the_model_and_optimizer(corpus_path, tmp_path):
     from lm.cli import main
 
     out = tmp_path / "cli"
-    assert main(["train", "--corpus", str(corpus_path), "--out", str(out), "--n-layer", "1",
-                 "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-                 "--max-steps", "4", "--eval-interval", "2", "--threads", "1",
-                 "--position", "rope", "--norm", "rmsnorm", "--qk-norm", "--mlp", "relu2",
-                 "--no-tie-embeddings", "--zero-init-proj", "--logit-softcap", "20",
-                 "--optimizer", "muon", "--muon-lr", "0.01", "--schedule", "warmdown",
-                 "--warmdown-frac", "0.5", "--max-time", "600", "--dtype", "float32",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--corpus",
+                str(corpus_path),
+                "--out",
+                str(out),
+                "--n-layer",
+                "1",
+                "--n-embd",
+                "16",
+                "--n-head",
+                "2",
+                "--block-size",
+                "16",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "4",
+                "--eval-interval",
+                "2",
+                "--threads",
+                "1",
+                "--position",
+                "rope",
+                "--norm",
+                "rmsnorm",
+                "--qk-norm",
+                "--mlp",
+                "relu2",
+                "--no-tie-embeddings",
+                "--zero-init-proj",
+                "--logit-softcap",
+                "20",
+                "--optimizer",
+                "muon",
+                "--muon-lr",
+                "0.01",
+                "--schedule",
+                "warmdown",
+                "--warmdown-frac",
+                "0.5",
+                "--max-time",
+                "600",
+                "--dtype",
+                "float32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     model = json.loads((out / "config.json").read_text())["model"]
-    assert (model["position"], model["norm"], model["qk_norm"], model["mlp"],
-            model["tie_embeddings"], model["zero_init_proj"], model["logit_softcap"]) == (
-        "rope", "rmsnorm", True, "relu2", False, True, 20.0)
+    assert (
+        model["position"],
+        model["norm"],
+        model["qk_norm"],
+        model["mlp"],
+        model["tie_embeddings"],
+        model["zero_init_proj"],
+        model["logit_softcap"],
+    ) == ("rope", "rmsnorm", True, "relu2", False, True, 20.0)
     settings = load_checkpoint(out).training["settings"]
     assert (settings["optimizer"], settings["muon_lr"], settings["max_time"]) == ("muon", 0.01, 600)

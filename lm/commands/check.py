@@ -12,8 +12,12 @@ def add_parser(subparsers) -> None:
         description="Load each checkpoint as `lm serve` would and check every weight against "
         "config.json (shape, dtype, finite values). With no argument: every shipped checkpoint.",
     )
-    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
-                   help="shipped name or directory (default: all shipped)")
+    p.add_argument(
+        "checkpoints",
+        nargs="*",
+        metavar="CHECKPOINT",
+        help="shipped name or directory (default: all shipped)",
+    )
     p.set_defaults(func=run)
 
 

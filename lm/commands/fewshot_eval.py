@@ -28,7 +28,9 @@ def add_parser(subparsers) -> None:
         default=[0, 1, 2, 4, 8],
         help="comma-separated numbers of examples (default 0,1,2,4,8)",
     )
-    p.add_argument("--episodes", type=positive_int, default=200, help="per category and number of shots")
+    p.add_argument(
+        "--episodes", type=positive_int, default=200, help="per category and number of shots"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument(

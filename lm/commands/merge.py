@@ -25,10 +25,15 @@ def run(args) -> int:
         raise LMError(f"{out} already holds a checkpoint; choose another directory")
     merged = load_adapter_checkpoint(args.adapter)
     adapter = merged.meta["adapter"]
-    training = dict(merged.training, merged_from={"adapter": Path(args.adapter).resolve().name,
-                                                  "base": adapter["base"],
-                                                  "rank": adapter["rank"],
-                                                  "alpha": adapter["alpha"]})
+    training = dict(
+        merged.training,
+        merged_from={
+            "adapter": Path(args.adapter).resolve().name,
+            "base": adapter["base"],
+            "rank": adapter["rank"],
+            "alpha": adapter["alpha"],
+        },
+    )
     save_checkpoint(out, merged.model, merged.tokenizer, training)
     print(f"merged {args.adapter} into {adapter['base']['name']}: {out}")
     return 0

@@ -27,37 +27,69 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-head", type=positive_int)
     p.add_argument("--block-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--grad-accum-steps", type=positive_int,
-                   help="micro-batches of --batch-size per optimizer step (1)")
+    p.add_argument(
+        "--grad-accum-steps",
+        type=positive_int,
+        help="micro-batches of --batch-size per optimizer step (1)",
+    )
     p.add_argument("--dropout", type=float)
     p.add_argument("--position", choices=["learned", "rope"], help="GPT positions (learned)")
     p.add_argument("--rope-theta", type=float, help="rotary base (10000)")
     p.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="GPT norm (layernorm)")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="RMSNorm per head on queries and keys")
+    p.add_argument(
+        "--qk-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="RMSNorm per head on queries and keys",
+    )
     p.add_argument("--mlp", choices=["gelu", "relu2", "swiglu"], help="GPT MLP (gelu)")
     p.add_argument("--mlp-hidden", type=positive_int, help="MLP width (4x; swiglu 8/3x)")
-    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="output layer shares the token embedding (default yes)")
-    p.add_argument("--zero-init-proj", action=argparse.BooleanOptionalAction, default=None,
-                   help="zero-initialise the blocks' output projections")
+    p.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="output layer shares the token embedding (default yes)",
+    )
+    p.add_argument(
+        "--zero-init-proj",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero-initialise the blocks' output projections",
+    )
     p.add_argument("--logit-softcap", type=float, help="cap*tanh(logits/cap); 0 = off")
-    p.add_argument("--optimizer", choices=["adamw", "muon"],
-                   help="muon: Muon for the blocks' matrices, AdamW for the rest")
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "muon"],
+        help="muon: Muon for the blocks' matrices, AdamW for the rest",
+    )
     p.add_argument("--muon-lr", type=float, help="Muon's peak lr (0.02)")
     p.add_argument("--muon-momentum", type=float)
     p.add_argument("--muon-weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "warmdown"],
-                   help="after warm-up: cosine to --min-lr, or constant then linear to 0")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "warmdown"],
+        help="after warm-up: cosine to --min-lr, or constant then linear to 0",
+    )
     p.add_argument("--warmdown-frac", type=float, help="last fraction that warmdown decays (0.3)")
-    p.add_argument("--max-time", type=float, metavar="SECONDS",
-                   help="stop when this much training time is spent; the lr schedule "
-                        "follows the larger of the step and time fractions")
-    p.add_argument("--dtype", choices=["auto", "best", "float32", "bfloat16"],
-                   help="training precision: bfloat16 autocast; auto: bfloat16 on CUDA; "
-                        "best: also on CPUs with bfloat16 hardware (AVX512-BF16, AMX)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model for training")
+    p.add_argument(
+        "--max-time",
+        type=float,
+        metavar="SECONDS",
+        help="stop when this much training time is spent; the lr schedule "
+        "follows the larger of the step and time fractions",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "best", "float32", "bfloat16"],
+        help="training precision: bfloat16 autocast; auto: bfloat16 on CUDA; "
+        "best: also on CPUs with bfloat16 hardware (AVX512-BF16, AMX)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model for training",
+    )
     p.add_argument("--lr", type=float)
     p.add_argument("--min-lr", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -79,18 +111,29 @@ def add_parser(subparsers) -> None:
         default=None,
         help="skip a batch whose loss is NaN or infinite (default: stop the run there)",
     )
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="fine-tune this checkpoint (shipped name or directory): its tokenizer "
-                        "and architecture, this run's schedule")
-    p.add_argument("--unknown", choices=["map", "drop"],
-                   help="characters/words the parent's tokenizer lacks: map to <unk> "
-                        "(default) or drop")
-    p.add_argument("--lora-rank", type=positive_int,
-                   help="train a LoRA adapter of this rank (with --init-from; GPT only)")
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="fine-tune this checkpoint (shipped name or directory): its tokenizer "
+        "and architecture, this run's schedule",
+    )
+    p.add_argument(
+        "--unknown",
+        choices=["map", "drop"],
+        help="characters/words the parent's tokenizer lacks: map to <unk> (default) or drop",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        help="train a LoRA adapter of this rank (with --init-from; GPT only)",
+    )
     p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
-    p.add_argument("--lora-targets", metavar="NAMES",
-                   help="comma-separated GPT linear layers to adapt (default "
-                        "c_attn,c_proj,c_fc: attention and MLP)")
+    p.add_argument(
+        "--lora-targets",
+        metavar="NAMES",
+        help="comma-separated GPT linear layers to adapt (default "
+        "c_attn,c_proj,c_fc: attention and MLP)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -52,15 +52,17 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise LMError(f"--{name.replace('_', '-')} must be at least 1")
         if self.kind == "gpt" and self.n_embd % self.n_head:
-            raise LMError(
-                f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})"
-            )
-        choices = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "relu2", "swiglu")}
+            raise LMError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        choices = {
+            "position": ("learned", "rope"),
+            "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "relu2", "swiglu"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise LMError(f"--{name} must be one of {', '.join(allowed)}, "
-                              f"got {getattr(self, name)!r}")
+                raise LMError(
+                    f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.kind == "gpt" and self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise LMError("rotary positions need an even head size (--n-embd / --n-head)")
         if self.rope_theta <= 0 or self.logit_softcap < 0:

@@ -82,8 +82,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         return torch.stack((q, k, v), dim=2)
 
-    def _heads(self, x: torch.Tensor, rotary: Rotary | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(
+        self, x: torch.Tensor, rotary: Rotary | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, time, _ = x.shape
         qkv = self.c_attn(x).view(batch, time, 3, self.n_head, self.head_dim)
         q, k, v = self._position(qkv, rotary).unbind(2)
@@ -111,12 +112,18 @@ class CausalSelfAttention(nn.Module):
         batch, time, _ = x.shape
         qkv = _project(self.c_attn, x, where)
         if self.q_norm is not None or where.rotary is not None:  # before the cache and kernel
-            qkv = self._position(qkv.view(batch, time, 3, self.n_head, self.head_dim),
-                                 where.rotary).reshape(batch, time, -1)
+            qkv = self._position(
+                qkv.view(batch, time, 3, self.n_head, self.head_dim), where.rotary
+            ).reshape(batch, time, -1)
         scale = 1.0 / math.sqrt(self.head_dim)
         if where.native is not None:
-            y = where.native(qkv.view(batch, -1), cache, where.positions.view(-1), scale,
-                             (where.first, where.length - 1))
+            y = where.native(
+                qkv.view(batch, -1),
+                cache,
+                where.positions.view(-1),
+                scale,
+                (where.first, where.length - 1),
+            )
             return _project(self.c_proj, y.view(batch, 1, -1), where)
         q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
         # Both caches seen as [B, T, H, D], the new keys and values as [B, t, H, D].
@@ -213,8 +220,9 @@ class Block(nn.Module):
         return x + _project(mlp.c_proj, h, where)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            where: StepIndex) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, where: StepIndex
+) -> torch.Tensor:
     """`F.linear`; in a long prefill on the CPU, in bfloat16 with float32 results.
 
     A prefill's matrix products are large enough for the CPU's bfloat16 dot-product
@@ -255,8 +263,9 @@ class GPT(nn.Module):
         self.config = config
         self.context_size = config.block_size
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = (nn.Embedding(config.block_size, config.n_embd)
-                    if config.position == "learned" else None)
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config, config.n_embd)
@@ -287,8 +296,9 @@ class GPT(nn.Module):
     def _rotary(self, positions: torch.Tensor) -> Rotary | None:
         if self.config.position != "rope":
             return None
-        return rotary_tables(positions, self.config.n_embd // self.config.n_head,
-                             self.config.rope_theta)
+        return rotary_tables(
+            positions, self.config.n_embd // self.config.n_head, self.config.rope_theta
+        )
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h, self.lm_head.weight)
@@ -298,7 +308,9 @@ class GPT(nn.Module):
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         time = ids.shape[1]
         if time > self.config.block_size:
-            raise ValueError(f"sequence of {time} tokens exceeds block size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {time} tokens exceeds block size {self.config.block_size}"
+            )
         positions = torch.arange(time, device=ids.device)
         x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
         x = self.drop(x)
@@ -310,8 +322,12 @@ class GPT(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._logits(self.hidden(ids))
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None,
-                   cache_dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ) -> State:
         """Empty state for `batch_size` rows: positions and a KV cache per layer (in
         `cache_dtype`, by default the model's)."""
         c = self.config
@@ -320,10 +336,12 @@ class GPT(nn.Module):
         head_dim = c.n_embd // c.n_head
         state = {"pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
         for layer in range(c.n_layer):  # keys [B, H, D, T], values [B, H, T, D]
-            state[f"k{layer}"] = torch.zeros((batch_size, c.n_head, head_dim, c.block_size),
-                                             device=device, dtype=dtype)
-            state[f"v{layer}"] = torch.zeros((batch_size, c.n_head, c.block_size, head_dim),
-                                             device=device, dtype=dtype)
+            state[f"k{layer}"] = torch.zeros(
+                (batch_size, c.n_head, head_dim, c.block_size), device=device, dtype=dtype
+            )
+            state[f"v{layer}"] = torch.zeros(
+                (batch_size, c.n_head, c.block_size, head_dim), device=device, dtype=dtype
+            )
         if getattr(self, "adapter_count", 0):  # serving LoRA adapters: each row's (0: none)
             state["adapter"] = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
@@ -338,11 +356,18 @@ class GPT(nn.Module):
         first, last = int(pos.min()), int(pos.max())
         length = last + time
         if length > self.config.block_size:
-            raise ValueError(f"state of {length} tokens exceeds block size {self.config.block_size}")
+            raise ValueError(
+                f"state of {length} tokens exceeds block size {self.config.block_size}"
+            )
         positions = pos[:, None] + torch.arange(time, device=ids.device)  # [B, t]
         native = None
-        if (time == 1 and ids.device.type == "cpu" and not torch.is_grad_enabled()
-                and self.wte.weight.dtype == torch.float32 and state["k0"].dtype in CACHE_DTYPES):
+        if (
+            time == 1
+            and ids.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and self.wte.weight.dtype == torch.float32
+            and state["k0"].dtype in CACHE_DTYPES
+        ):
             native = decode_attention()
         bias = None  # the attention mask, where rows or queries see different keys
         fresh = time > 1 and first == last == 0  # a prefill of empty rows: causal attention
@@ -351,14 +376,25 @@ class GPT(nn.Module):
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
             bias.masked_fill_(blocked, -math.inf)
-        bf16_prefill = (time > 1 and batch * time >= BF16_PREFILL_BLOCK
-                        and ids.device.type == "cpu" and self.wte.weight.dtype == torch.float32
-                        and bf16_matmul_is_fast())
-        where = StepIndex(positions=positions, rows=torch.arange(batch, device=ids.device)[:, None],
-                          first=first, length=length,
-                          same_position=first if first == last else None, bias=bias,
-                          native=native, bf16_prefill=bf16_prefill,
-                          rotary=self._rotary(positions), adapter=_adapters(state))
+        bf16_prefill = (
+            time > 1
+            and batch * time >= BF16_PREFILL_BLOCK
+            and ids.device.type == "cpu"
+            and self.wte.weight.dtype == torch.float32
+            and bf16_matmul_is_fast()
+        )
+        where = StepIndex(
+            positions=positions,
+            rows=torch.arange(batch, device=ids.device)[:, None],
+            first=first,
+            length=length,
+            same_position=first if first == last else None,
+            bias=bias,
+            native=native,
+            bf16_prefill=bf16_prefill,
+            rotary=self._rotary(positions),
+            adapter=_adapters(state),
+        )
         x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
             x = block.step(x, LayerCache(state[f"k{layer}"], state[f"v{layer}"]), where)

@@ -83,8 +83,11 @@ def bf16_matmul_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_FUNCTIONS = {torch.float32: "lm_decode_attention_f32", torch.float16: "lm_decode_attention_f16",
-              torch.bfloat16: "lm_decode_attention_bf16"}
+_FUNCTIONS = {
+    torch.float32: "lm_decode_attention_f32",
+    torch.float16: "lm_decode_attention_f16",
+    torch.bfloat16: "lm_decode_attention_bf16",
+}
 CACHE_DTYPES = tuple(_FUNCTIONS)  # what the kernel's KV cache may hold
 
 
@@ -94,26 +97,56 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: decode attention runs on the slower PyTorch "
-                       "path (install gcc or clang, or set CC)")
+        logger.warning(
+            "no C compiler found: decode attention runs on the slower PyTorch "
+            "path (install gcc or clang, or set CC)"
+        )
         return None
-    key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), compiler, *COMPILE_FLAGS, OPENMP_FLAG, _cpu_signature(),
-    ]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                SOURCE.read_text(),
+                compiler,
+                *COMPILE_FLAGS,
+                OPENMP_FLAG,
+                _cpu_signature(),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     target = cache_dir() / "native" / f"attention-{key}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
         library = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as err:
-        logger.warning("could not build the native attention kernel with %s (%s): decode "
-                       "attention runs on the slower PyTorch path", compiler, err)
+        logger.warning(
+            "could not build the native attention kernel with %s (%s): decode "
+            "attention runs on the slower PyTorch path",
+            compiler,
+            err,
+        )
         return None
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     for function in _FUNCTIONS.values():
         function = getattr(library, function)
-        function.argtypes = [pointer, i64, pointer, pointer, i64, pointer, pointer, i64,
-                             pointer, pointer, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        function.argtypes = [
+            pointer,
+            i64,
+            pointer,
+            pointer,
+            i64,
+            pointer,
+            pointer,
+            i64,
+            pointer,
+            pointer,
+            i64,
+            i64,
+            i64,
+            i64,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
         function.restype = ctypes.c_int
     return library
 
@@ -152,11 +185,23 @@ def decode_attention() -> DecodeAttention | None:
             new = new.to(dtype)
         out = torch.empty(batch, width)
         failed = functions[dtype](
-            qkv.data_ptr(), qkv.stride(0), new.data_ptr(),
-            new.data_ptr() + width * new.element_size(), new.stride(0),
-            cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.stride(0),
-            positions.data_ptr(), out.data_ptr(), batch, heads, dim, ctx, scale,
-            torch.get_num_threads())
+            qkv.data_ptr(),
+            qkv.stride(0),
+            new.data_ptr(),
+            new.data_ptr() + width * new.element_size(),
+            new.stride(0),
+            cache.keys.data_ptr(),
+            cache.values.data_ptr(),
+            cache.keys.stride(0),
+            positions.data_ptr(),
+            out.data_ptr(),
+            batch,
+            heads,
+            dim,
+            ctx,
+            scale,
+            torch.get_num_threads(),
+        )
         if failed:
             raise MemoryError("native decode attention could not allocate its scratch")
         return out
@@ -170,18 +215,25 @@ def _check(qkv, cache, positions, batch, heads, dim, ctx) -> None:
     if not all(t.device.type == "cpu" for t in (qkv, keys, values, positions)):
         raise ValueError("native decode attention takes CPU tensors")
     if qkv.dtype != torch.float32 or keys.dtype not in CACHE_DTYPES:
-        raise ValueError(f"native decode attention takes float32 projections and a cache "
-                         f"of {', '.join(str(d) for d in CACHE_DTYPES)}")
+        raise ValueError(
+            f"native decode attention takes float32 projections and a cache "
+            f"of {', '.join(str(d) for d in CACHE_DTYPES)}"
+        )
     if qkv.shape[1:] != (3 * heads * dim,) or qkv.stride(1) != 1:
         raise ValueError(f"qkv must be [batch, {3 * heads * dim}] with unit inner stride")
     if values.dtype != keys.dtype:
         raise ValueError("the key and value caches must share a dtype")
-    if (keys.shape[0] < batch
-            or values.shape != (keys.shape[0], heads, ctx, dim)
-            or keys.stride()[1:] != (dim * ctx, ctx, 1)
-            or values.stride()[1:] != (ctx * dim, dim, 1)
-            or values.stride(0) != keys.stride(0)):
+    if (
+        keys.shape[0] < batch
+        or values.shape != (keys.shape[0], heads, ctx, dim)
+        or keys.stride()[1:] != (dim * ctx, ctx, 1)
+        or values.stride()[1:] != (ctx * dim, dim, 1)
+        or values.stride(0) != keys.stride(0)
+    ):
         raise ValueError("KV cache rows must be contiguous [H, D, T] keys and [H, T, D] values")
-    if (positions.dtype != torch.int64 or positions.shape != (batch,)
-            or not positions.is_contiguous()):
+    if (
+        positions.dtype != torch.int64
+        or positions.shape != (batch,)
+        or not positions.is_contiguous()
+    ):
         raise ValueError("positions must be a contiguous int64 tensor of one entry per row")

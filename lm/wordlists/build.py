@@ -55,7 +55,9 @@ def docstring_words(min_count: int = 20) -> set[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dictionary", default="/usr/share/dict/american-english")
-    parser.add_argument("--shakespeare", default=str(HERE.parents[2] / "shared/data/tinyshakespeare.txt"))
+    parser.add_argument(
+        "--shakespeare", default=str(HERE.parents[2] / "shared/data/tinyshakespeare.txt")
+    )
     args = parser.parse_args()
     words = dictionary_words(Path(args.dictionary))
     words |= corpus_words(Path(args.shakespeare))

@@ -38,13 +38,18 @@ async def tokenize(
     else:
         text = body.prompt
         if len(text) > settings.max_prompt_chars:
-            raise APIError(413, f"prompt: longer than {settings.max_prompt_chars} characters",
-                           param="prompt", code="prompt_too_long")
+            raise APIError(
+                413,
+                f"prompt: longer than {settings.max_prompt_chars} characters",
+                param="prompt",
+                code="prompt_too_long",
+            )
     tokenizer = served.checkpoint.tokenizer
     tokens = tokenizer.encode(text) if text else []
     strs = [tokenizer.id_to_token(t) for t in tokens] if body.return_token_strs else None
-    return TokenizeResponse(count=len(tokens), max_model_len=served.engine.context_size,
-                            tokens=tokens, token_strs=strs)
+    return TokenizeResponse(
+        count=len(tokens), max_model_len=served.engine.context_size, tokens=tokens, token_strs=strs
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
