@@ -64,7 +64,7 @@ def test_two_processes_train_one_checkpoint(tmp_path, corpus_path, model):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env=env,
     )
     # The head of stderr holds a rank's own error; torchrun's summary follows it.
@@ -117,7 +117,7 @@ def torchrun(corpus: Path, out: Path, stop_at: int = 0, **overrides) -> list[dic
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env=env,
     )
     assert result.returncode == 0, result.stderr[:3000]
