@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from subprocess_server import lm_serve
 
 from lm.checkpoint import load_checkpoint
 
@@ -24,55 +23,10 @@ pytest.importorskip("lm_eval")
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint_dir: Path):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lm",
-            "serve",
-            "--checkpoint",
-            str(tiny_checkpoint_dir),
-            "--port",
-            str(port),
-            "--torch-threads",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "LM_API_KEY": "eval-key"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "lm serve did not start"
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with lm_serve(tiny_checkpoint_dir, env={"LM_API_KEY": "eval-key"}) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from subprocess_server import lm_serve
 
 from service.routes.playground import page_html
 
@@ -64,59 +62,13 @@ def test_page_ships_in_the_wheel():
 # -- in Chromium ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint_dir: Path):
     """`lm serve` in a subprocess, with an API key and room for very long generations."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LM_API_KEY": API_KEY}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lm",
-            "serve",
-            "--checkpoint",
-            str(tiny_checkpoint_dir),
-            "--port",
-            str(port),
-            "--torch-threads",
-            "1",
-            "--log-level",
-            "warning",
-            "--max-tokens-limit",
-            "200000",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "lm serve did not start"
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with lm_serve(
+        tiny_checkpoint_dir, "--max-tokens-limit", "200000", env={"LM_API_KEY": API_KEY}
+    ) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

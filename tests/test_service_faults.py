@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import selectors
 import socket
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from subprocess_server import lm_serve
 
 from lm.checkpoint import load_checkpoint
 from service.app import create_app
@@ -150,50 +149,10 @@ def test_an_engine_failure_is_a_500_or_an_error_event_never_a_normal_finish(
 
 
 @contextlib.contextmanager
-def lm_serve(checkpoint_dir: Path, *flags: str):
-    """A real `lm serve` subprocess on a free loopback port; yields its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("LM_API_KEY", None)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lm",
-            "serve",
-            "--checkpoint",
-            str(checkpoint_dir),
-            "--port",
-            str(port),
-            "--torch-threads",
-            "1",
-            "--log-level",
-            "error",
-            *flags,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "lm serve did not start"
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.kill()
-        process.wait()
+def serving(checkpoint_dir: Path, *flags: str) -> Iterator[str]:
+    """A real `lm serve` subprocess (tests/subprocess_server.py); yields its URL."""
+    with lm_serve(checkpoint_dir, *flags, log_level="error") as server:
+        yield server.url
 
 
 BODY = b'{"model": "tiny", "prompt": "The king speaks of", "max_tokens": 5, "seed": 1}'
@@ -268,7 +227,7 @@ HEADER_TIMEOUT = 2.0
 
 
 def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoint_dir):
-    with lm_serve(
+    with serving(
         tiny_checkpoint_dir,
         "--body-timeout",
         str(BODY_TIMEOUT),
@@ -312,7 +271,7 @@ def test_stalled_bodies_are_cut_and_normal_requests_still_answered(tiny_checkpoi
 
 
 def test_connections_beyond_the_limit_get_503_at_once(tiny_checkpoint_dir):
-    with lm_serve(tiny_checkpoint_dir, "--limit-concurrency", "40", "--body-timeout", "60") as url:
+    with serving(tiny_checkpoint_dir, "--limit-concurrency", "40", "--body-timeout", "60") as url:
         sockets = stall(url, 40)
         try:
             [(status, seconds)] = normal_requests(url, 1)
