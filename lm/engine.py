@@ -26,6 +26,7 @@ from lm import native
 from lm.detokenize import TextTracker
 from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
+from lm.prefix_cache import DEFAULT_CAPACITY_MB, PrefixCache
 from lm.sampling import SamplingParams, SamplingSlots, sample, token_logprobs
 from lm.tokenizers import Tokenizer
 
@@ -222,9 +223,12 @@ class Engine:
         threads: int | None = None,
         kv_cache_dtype: str = "auto",
         stream_interval: int = 1,
+        prefix_cache_mb: float = DEFAULT_CAPACITY_MB,
     ):
         if max_batch < 1:
             raise LMError("max_batch must be at least 1")
+        if prefix_cache_mb < 0:
+            raise LMError(f"prefix_cache_mb must not be negative, got {prefix_cache_mb}")
         if stream_interval < 1:
             raise LMError(f"stream_interval must be at least 1, got {stream_interval}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -253,6 +257,10 @@ class Engine:
             {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
         )
         self.state = model.init_state(max_batch, self.device, **self._cache_dtype)
+        # Prompt-prefix KV blocks for later requests (GPT models; 0 MB turns it off).
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_mb > 0 and hasattr(model, "read_prefix"):
+            self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         config = getattr(model, "config", None)
         self.vocab_size: int = getattr(config, "vocab_size", None) or tokenizer.vocab_size
         self.sampling = SamplingSlots(max_batch, self.vocab_size, self.device)
@@ -352,7 +360,7 @@ class Engine:
                 if not self.waiting:
                     break
                 seq = self.waiting[0]
-                cost = 0 if seq.cancelled else len(self._context(seq))
+                cost = 0 if seq.cancelled else self._prefill_cost(seq)
                 if admitted and cost > budget:
                     break
                 self.waiting.popleft()
@@ -399,23 +407,36 @@ class Engine:
             context = context[len(context) - self.context_size // 2 :]
         return context
 
+    def _prefill_cost(self, seq: Sequence) -> int:
+        """Tokens a prefill of `seq` would run: its context less what the prefix cache holds."""
+        context = self._context(seq)
+        if self.prefix_cache is None:
+            return len(context)
+        return len(context) - self.prefix_cache.peek(context, seq.adapter)
+
     def _fill_rows(self, rows: list[int]) -> None:
-        """Reset rows and prefill each with its context. Rows whose contexts have the same
-        length run as one batch, up to PREFILL_TOKENS tokens at a time."""
-        by_length: dict[int, list[tuple[int, list[int]]]] = {}
+        """Reset rows and prefill each with its context: the cached blocks of its prefix are
+        copied in, the rest runs through the model. Rows with the same number of tokens to
+        run go as one batch, up to PREFILL_TOKENS tokens at a time."""
+        by_length: dict[int, list[tuple[int, list[int], list]]] = {}
         for row in rows:
             seq = self.active[row]
             context = self._context(seq)
             seq.cached = len(context)
-            by_length.setdefault(len(context), []).append((row, context))
+            chain = []
+            if self.prefix_cache is not None and context:
+                chain = self.prefix_cache.match(context, seq.adapter)
+            remaining = len(context) - len(chain) * getattr(self.prefix_cache, "block_tokens", 0)
+            by_length.setdefault(remaining, []).append((row, context, chain))
         for length, group in by_length.items():
             size = max(1, PREFILL_TOKENS // max(1, length))
             for start in range(0, len(group), size):
                 self._prefill(group[start : start + size])
 
-    def _prefill(self, group: list[tuple[int, list[int]]]) -> None:
-        """Prefill rows with contexts of one length in one model step."""
-        rows = [row for row, _ in group]
+    def _prefill(self, group: list[tuple[int, list[int], list]]) -> None:
+        """Prefill rows in one model step: each row's cached prefix blocks are written in,
+        then its remaining context tokens (the same count in every row) run."""
+        rows = [row for row, _, _ in group]
         first, count = rows[0], len(rows)
         if rows == list(range(first, first + count)):  # adjacent rows: work in place
             state = {name: tensor[first : first + count] for name, tensor in self.state.items()}
@@ -427,12 +448,22 @@ class Engine:
             index = torch.tensor(rows, device=self.device)
         if "adapter" in state:  # the rows' LoRA adapters, moved with the rows from now on
             state["adapter"].copy_(torch.tensor([self.active[row].adapter for row in rows]))
-        if group[0][1]:
-            ids = torch.tensor(
-                [context for _, context in group], dtype=torch.long, device=self.device
-            )
+        starts = [0] * count
+        for i, (_, _, chain) in enumerate(group):
+            if chain:
+                starts[i] = self.model.write_prefix(state, i, [block.kv for block in chain])
+        remaining = [context[start:] for (_, context, _), start in zip(group, starts)]
+        if remaining[0]:
+            ids = torch.tensor(remaining, dtype=torch.long, device=self.device)
             _, new_state = self.model.step(ids, state)
             _write_back(state, new_state)
+        if self.prefix_cache is not None:
+            for i, (row, context, _) in enumerate(group):
+                self.prefix_cache.insert(
+                    context,
+                    lambda start, end, i=i: self.model.read_prefix(state, i, start, end),
+                    self.active[row].adapter,
+                )
         if index is not None:
             for name, tensor in self.state.items():
                 tensor.index_copy_(0, index, state[name])

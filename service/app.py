@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from lm.checkpoint import Checkpoint
 from service.errors import add_error_handlers
 from service.loader import load_checkpoints, start_engines
-from service.metrics import Metrics
+from service.metrics import Metrics, engine_counts
 from service.middleware import BodySizeLimit, BodyTimeout, RequestId
 from service.protocol import with_header_timeout
 from service.routes import (
@@ -65,7 +65,7 @@ def create_app(
     app.state.draining = False
     app.state.metrics = Metrics(
         lambda: {
-            name: (m.engine.num_running, m.engine.num_waiting, m.engine.nonfinite_rows)
+            name: engine_counts(m.engine)
             for name, m in app.state.models.items()
             if not m.adapter  # an adapter's requests run in its base's engine
         }

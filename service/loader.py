@@ -109,6 +109,7 @@ def start_engines(
             threads=threads,
             stream_interval=settings.stream_interval,
             kv_cache_dtype=settings.kv_cache_dtype if is_gpt else "auto",
+            prefix_cache_mb=settings.prefix_cache_mb,
         )
         engine.start()
         template = load_chat_template(ckpt.path, ckpt.meta)

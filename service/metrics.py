@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,10 +17,31 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _LABELS = ["model_name"]
 
 
+class EngineCounts(NamedTuple):
+    """What the metrics read from one engine at a scrape."""
+
+    running: int
+    waiting: int
+    nonfinite: int  # sequences failed for non-finite logits
+    prefix_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_hits: int  # of those, tokens found cached
+
+
+def engine_counts(engine) -> EngineCounts:
+    """An `lm.engine.Engine`'s counts now."""
+    cache = engine.prefix_cache
+    return EngineCounts(
+        engine.num_running,
+        engine.num_waiting,
+        engine.nonfinite_rows,
+        cache.queries if cache is not None else 0,
+        cache.hits if cache is not None else 0,
+    )
+
+
 class Metrics:
-    def __init__(self, engine_counts: Callable[[], dict[str, tuple[int, int, int]]]):
-        """`engine_counts`: per model, its engine's running, waiting and non-finite-logits
-        counts, read at every scrape."""
+    def __init__(self, engine_counts: Callable[[], dict[str, EngineCounts]]):
+        """`engine_counts`: per model, its engine's counts, read at every scrape."""
         self.registry = CollectorRegistry()
 
         def histogram(name: str, doc: str) -> Histogram:
@@ -88,7 +110,7 @@ class _EngineGauges:
     """Running and waiting requests per model, and sequences failed for non-finite logits,
     read from the engines at scrape time."""
 
-    def __init__(self, counts: Callable[[], dict[str, tuple[int, int, int]]]):
+    def __init__(self, counts: Callable[[], dict[str, EngineCounts]]):
         self.counts = counts
 
     def collect(self):
@@ -103,10 +125,20 @@ class _EngineGauges:
             "Sequences failed because the model's logits held NaN or inf",
             labels=_LABELS,
         )
-        for model, (n_running, n_waiting, n_nonfinite) in self.counts().items():
-            running.add_metric([model], n_running)
-            waiting.add_metric([model], n_waiting)
-            nonfinite.add_metric([model], n_nonfinite)
-        yield running
-        yield waiting
-        yield nonfinite
+        queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens",
+            labels=_LABELS,
+        )
+        hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens",
+            labels=_LABELS,
+        )
+        for model, counts in self.counts().items():
+            running.add_metric([model], counts.running)
+            waiting.add_metric([model], counts.waiting)
+            nonfinite.add_metric([model], counts.nonfinite)
+            queries.add_metric([model], counts.prefix_queries)
+            hits.add_metric([model], counts.prefix_hits)
+        yield from (running, waiting, nonfinite, queries, hits)

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from lm.checkpoint import DEFAULT_CHECKPOINT
 from lm.device import KV_CACHE_DTYPES
 from lm.errors import LMError
+from lm.prefix_cache import DEFAULT_CAPACITY_MB
 from lm.sampling import MAX_STOP_SEQUENCES, Limits
 
 ENV_PREFIX = "LM_"
@@ -61,6 +62,14 @@ class Settings(BaseSettings):
         description=(
             "GPT KV cache precision (auto: bfloat16 on the CPU when the native attention kernel "
             "is built, else the model's)"
+        ),
+    )
+    prefix_cache_mb: float = Field(
+        DEFAULT_CAPACITY_MB,
+        ge=0,
+        description=(
+            "memory for the KV state of prompt prefixes that later requests reuse (GPT "
+            "models; least recently used blocks are evicted; 0 turns prefix caching off)"
         ),
     )
     # Limits on what one request may ask for.

@@ -235,6 +235,8 @@ def test_grafana_provisions_prometheus_and_a_dashboard_of_the_vllm_metrics():
         "vllm:generation_tokens_total",
         "vllm:prompt_tokens_total",
         "vllm:request_success_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
         'up{job="lm"}',
     ):
         assert metric in exprs

@@ -266,6 +266,21 @@ def test_metrics_have_vllm_names_and_meanings(client, server):
     ]
 
 
+def test_prefix_cache_hits_are_counted_in_the_metrics(client, server):
+    """The same prompt twice: the second request finds its whole blocks cached."""
+    tiny = 'model_name="tiny"'
+    prompt = "The king speaks of the young poet and her sister "  # within the 64-token context
+    before = scrape(server)
+    complete(client, prompt=prompt, max_tokens=1, temperature=0)
+    middle = scrape(server)
+    complete(client, prompt=prompt, max_tokens=1, temperature=0)
+    after = scrape(server)
+    queries, hits = (f"vllm:prefix_cache_{name}_total{{{tiny}}}" for name in ("queries", "hits"))
+    context = len(server.app.state.models["tiny"].checkpoint.tokenizer.encode(prompt)) - 1
+    assert after[queries] - middle[queries] == middle[queries] - before[queries] == context
+    assert after[hits] - middle[hits] == context // 16 * 16
+
+
 def test_docs_and_openapi(server):
     docs = httpx.get(f"{server.url}/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()

@@ -23,6 +23,7 @@ SAMPLES = {
     "torch_threads": ("3", "3", 3),
     "stream_interval": ("4", "4", 4),
     "kv_cache_dtype": ("float16", "float16", "float16"),
+    "prefix_cache_mb": ("0", "0", 0.0),
     "max_tokens_limit": ("99", "99", 99),
     "max_n": ("3", "3", 3),
     "max_prompts": ("5", "5", 5),

@@ -66,7 +66,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
@@ -345,6 +345,27 @@ class GPT(nn.Module):
         if getattr(self, "adapter_count", 0):  # serving LoRA adapters: each row's (0: none)
             state["adapter"] = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
+
+    def read_prefix(self, state: State, row: int, start: int, end: int) -> State:
+        """A copy of row `row`'s KV cache for positions [start, end) (lm.prefix_cache)."""
+        pieces = {}
+        for layer in range(self.config.n_layer):
+            pieces[f"k{layer}"] = state[f"k{layer}"][row, :, :, start:end].clone()
+            pieces[f"v{layer}"] = state[f"v{layer}"][row, :, start:end].clone()
+        return pieces
+
+    def write_prefix(self, state: State, row: int, pieces: list[State]) -> int:
+        """Write consecutive `read_prefix` pieces into row `row` from position 0 and set its
+        position after them; return that position."""
+        start = 0
+        for piece in pieces:
+            end = start + piece["k0"].shape[-1]
+            for layer in range(self.config.n_layer):
+                state[f"k{layer}"][row, :, :, start:end] = piece[f"k{layer}"]
+                state[f"v{layer}"][row, :, start:end] = piece[f"v{layer}"]
+            start = end
+        state["pos"][row] = start
+        return start
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume `ids[B,t]` after what `state` holds; return next-token logits[B,V].

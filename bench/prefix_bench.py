@@ -1,0 +1,158 @@
+"""Prefix caching through HTTP: 64 concurrent few-shot requests that share their 8 examples
+against 64 whose examples all differ, with the prefix cache on and off.
+
+Starts `lm serve` with a shipped few-shot checkpoint and sends each wave of `--clients`
+streaming completions at once through the API's `examples` field (8 reversal examples of
+ordinary English words, then a query; greedy, the answer ends at the template's line end).
+"shared": every request has the same 8 examples and its own query, so after the first
+request the examples' KV blocks are cached; "distinct": each request draws its own 8
+examples, so nothing but the template's first characters is shared. Reports requests/s,
+mean and p50 time to first token, the server's prefix-cache hit rate and its memory, as the
+mean over `--rounds` waves of each kind, interleaved.
+
+    python -m bench.prefix_bench [--checkpoint fewshot-char-gpt] [--clients 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import time
+import urllib.request
+
+from bench.common import save_result
+from bench.serve_bench import free_port, rss_mb, start_server
+from lm.tasks import word_list
+
+SHOTS = 8
+
+
+def _examples(words: list[str], rng: random.Random) -> list[dict]:
+    return [{"input": w, "output": w[::-1]} for w in rng.sample(words, SHOTS)]
+
+
+async def one(session, url: str, model: str, examples: list[dict], query: str) -> dict:
+    body = {
+        "model": model,
+        "prompt": query,
+        "examples": examples,
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    first = None
+    text = ""
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            return {"ok": False, "status": response.status, "body": await response.text()}
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            piece = json.loads(line[6:])["choices"][0]["text"]
+            if piece and first is None:
+                first = time.perf_counter()
+            text += piece
+    end = time.perf_counter()
+    return {"ok": True, "ttft": (first or end) - start, "e2e": end - start, "text": text}
+
+
+async def wave(port: int, model: str, requests: list[tuple[list[dict], str]]) -> dict:
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    connector = aiohttp.TCPConnector(limit=len(requests) + 4)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(session, url, model, e, q) for e, q in requests))
+        elapsed = time.perf_counter() - start
+    bad = [r for r in results if not r["ok"]]
+    if bad:
+        raise SystemExit(f"{len(bad)} requests failed: {bad[0]}")
+    ttft = [r["ttft"] for r in results]
+    return {
+        "requests_per_s": len(results) / elapsed,
+        "ttft_mean_ms": statistics.mean(ttft) * 1000,
+        "ttft_p50_ms": statistics.median(ttft) * 1000,
+        "correct": sum(r["text"].strip() == q[::-1] for r, (_, q) in zip(results, requests)),
+    }
+
+
+def prefix_counts(port: int) -> tuple[float, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+
+    return total("vllm:prefix_cache_queries"), total("vllm:prefix_cache_hits")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="fewshot-char-gpt")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    words = sorted(w for n, ws in word_list("heldout").items() if 3 <= n <= 8 for w in ws)
+    rng = random.Random(0)
+    rows = []
+    for cache_mb in ("64", "0"):
+        port = free_port()
+        server = start_server(args.checkpoint, port, ["--prefix-cache-mb", cache_mb])
+        try:
+            model = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
+            model = model["data"][0]["id"]
+            results: dict[str, list[dict]] = {"shared": [], "distinct": []}
+            for _ in range(args.rounds):
+                for kind in results:  # interleaved: shared, distinct, shared, ...
+                    shared = _examples(words, rng)
+                    requests = [
+                        (shared if kind == "shared" else _examples(words, rng), rng.choice(words))
+                        for _ in range(args.clients)
+                    ]
+                    before = prefix_counts(port)
+                    result = asyncio.run(wave(port, model, requests))
+                    after = prefix_counts(port)
+                    queried = after[0] - before[0]
+                    result["hit_rate"] = (after[1] - before[1]) / queried if queried else 0.0
+                    results[kind].append(result)
+            for kind, waves in results.items():
+                row = {
+                    "prefix_cache_mb": float(cache_mb),
+                    "examples": kind,
+                    **{k: statistics.mean(w[k] for w in waves) for k in waves[0]},
+                    "rss_mb": rss_mb(server.pid),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    on = {r["examples"]: r for r in rows if r["prefix_cache_mb"]}
+    ratios = {
+        "requests_per_s": on["shared"]["requests_per_s"] / on["distinct"]["requests_per_s"],
+        "ttft_mean": on["distinct"]["ttft_mean_ms"] / on["shared"]["ttft_mean_ms"],
+    }
+    print(json.dumps({"shared_vs_distinct": ratios}))
+    save_result(
+        "prefix",
+        {
+            "command": "python -m bench.prefix_bench "
+            f"--checkpoint {args.checkpoint} --clients {args.clients} --rounds {args.rounds}",
+            "checkpoint": args.checkpoint,
+            "clients": args.clients,
+            "shots": SHOTS,
+            "rows": rows,
+            "shared_vs_distinct": ratios,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

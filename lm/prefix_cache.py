@@ -1,0 +1,135 @@
+"""Prefix caching: the KV state of prompt prefixes, kept for later requests that share them.
+
+A prompt's context is cut into blocks of `block_tokens` tokens. A block is keyed by its own
+tokens and the block before it (an integer id that stands for every token before it), so a
+block matches only after the same whole prefix, as vLLM's hashed blocks; the key is exact
+(the tokens themselves, not a hash of them), so a match can never be a collision. A block
+holds the model's cache for its positions (`model.read_prefix`), and a hit writes the chain
+back into a batch row (`model.write_prefix`): the row's prefill then runs over the
+remaining tokens only.
+
+Eviction is least-recently-used within `capacity_bytes`. Every lookup and insert touches a
+chain from its last block to its first, so a block is always at least as recent as any
+block after it: the oldest block is a leaf, and evicting it never strands a reachable
+block behind a missing one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_TOKENS = 16
+DEFAULT_CAPACITY_MB = 64
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Block:
+    id: int
+    key: tuple
+    kv: State  # the model's cache for this block's positions
+    nbytes: int
+
+
+class PrefixCache:
+    """Blocks of prompt-prefix KV state, keyed by token prefix, LRU within a byte budget.
+
+    `namespace` separates caches that the same tokens must not share (a LoRA adapter
+    changes the keys and values of every token)."""
+
+    def __init__(self, capacity_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS):
+        if block_tokens < 1:
+            raise ValueError("block_tokens must be at least 1")
+        self.capacity_bytes = capacity_bytes
+        self.block_tokens = block_tokens
+        self.blocks: OrderedDict[tuple, Block] = OrderedDict()
+        self.nbytes = 0
+        self._ids = itertools.count(1)
+        self.queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+        self.hits = 0  # of those, tokens found cached (vLLM's prefix_cache_hits)
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _keys(self, tokens: list[int], namespace: Hashable):
+        """(key, block index) for each whole block of `tokens`, given the chain before it
+        exists; the caller stops at the first missing block."""
+        parent: Hashable = ("root", namespace)
+        size = self.block_tokens
+        for index in range(len(tokens) // size):
+            key = (parent, tuple(tokens[index * size : (index + 1) * size]))
+            yield key, index
+            block = self.blocks.get(key)
+            if block is None:
+                return
+            parent = block.id
+
+    def match(self, tokens: list[int], namespace: Hashable = None) -> list[Block]:
+        """The longest chain of cached blocks that begins `tokens` (counted as a query of
+        len(tokens) tokens and a hit of the chain's)."""
+        chain = []
+        for key, _ in self._keys(tokens, namespace):
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            chain.append(block)
+        self._touch(chain)
+        self.queries += len(tokens)
+        self.hits += len(chain) * self.block_tokens
+        return chain
+
+    def peek(self, tokens: list[int], namespace: Hashable = None) -> int:
+        """How many leading tokens of `tokens` are cached (no query counted, nothing touched)."""
+        found = 0
+        for key, _ in self._keys(tokens, namespace):
+            if key not in self.blocks:
+                break
+            found += self.block_tokens
+        return found
+
+    def insert(
+        self,
+        tokens: list[int],
+        read: Callable[[int, int], State],
+        namespace: Hashable = None,
+    ) -> None:
+        """Cache every whole block of `tokens` not cached yet; `read(start, end)` gives the
+        model's cache for positions [start, end) (copied: the row will be overwritten)."""
+        if self.capacity_bytes <= 0:
+            return
+        chain = []
+        for key, index in self._keys(tokens, namespace):
+            block = self.blocks.get(key)
+            if block is None:
+                start = index * self.block_tokens
+                kv = read(start, start + self.block_tokens)
+                nbytes = sum(t.numel() * t.element_size() for t in kv.values())
+                if nbytes > self.capacity_bytes:
+                    break
+                block = Block(next(self._ids), key, kv, nbytes)
+                self.blocks[key] = block
+                self.nbytes += nbytes
+            chain.append(block)
+        self._touch(chain)
+        self._evict()
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.nbytes = 0
+
+    def _touch(self, chain: list[Block]) -> None:
+        for block in reversed(chain):  # the first block ends up the most recent
+            self.blocks.move_to_end(block.key)
+
+    def _evict(self) -> None:
+        while self.nbytes > self.capacity_bytes and self.blocks:
+            _, block = self.blocks.popitem(last=False)
+            self.nbytes -= block.nbytes
+            self.evictions += 1
