@@ -239,6 +239,78 @@ def fewshot_section(r: dict) -> list[str]:
     return lines
 
 
+def prefix_section(r: dict) -> list[str]:
+    lines = ["## Prefix caching", ""] + header(r)
+    lines += [
+        f"{r['clients']} concurrent streaming few-shot requests ({r['checkpoint']}, "
+        f"{r['shots']} examples each through the API's `examples` field, greedy), whose "
+        'examples are the same in every request ("shared") or differ ("distinct"); '
+        "means over interleaved waves.",
+        "",
+        "| prefix cache | examples | requests/s | mean TTFT ms | p50 TTFT ms | hit rate | "
+        "resident MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        cache = f"{row['prefix_cache_mb']:.0f} MB" if row["prefix_cache_mb"] else "off"
+        lines.append(
+            f"| {cache} | {row['examples']} | {fmt(row['requests_per_s'], 1)} | "
+            f"{fmt(row['ttft_mean_ms'])} | {fmt(row['ttft_p50_ms'])} | "
+            f"{row['hit_rate']:.0%} | {fmt(row['rss_mb'])} |"
+        )
+    ratios = r["shared_vs_distinct"]
+    lines += [
+        "",
+        f"Shared over distinct examples, cache on: {ratios['requests_per_s']:.2f}x the "
+        f"requests/s, {ratios['ttft_mean']:.2f}x lower mean time to first token.",
+        "",
+    ]
+    return lines
+
+
+def blocks_section(r: dict) -> list[str]:
+    lines = ["## Classic and modern GPT blocks: generation speed", ""] + header(r)
+    lines += [
+        f"The shipped char GPT before ({r['old']}: GPT-2 blocks, context 128) and after "
+        f"({r['new']}: Qwen3 blocks, context 256), interleaved rounds, medians; "
+        f"{r['new_tokens']} new tokens per request, inside both contexts.",
+        "",
+        "| measure | classic | modern | modern / classic |",
+        "|---|---|---|---|",
+    ]
+    for key, ratio in r["new_over_old"].items():
+        lines.append(
+            f"| {key.replace('_', ' ')} | {fmt(r['median']['old'][key])} | "
+            f"{fmt(r['median']['new'][key])} | {ratio:.2f}x |"
+        )
+    return lines + [""]
+
+
+def context_section(r: dict) -> list[str]:
+    lines = ["## Engine speed as the context grows", ""] + header(r)
+    model = r["model"]
+    lines += [
+        f"The default model's shape ({model['n_layer']} layers x {model['n_embd']}, "
+        f"{model.get('position', 'learned')} positions), random weights, with each "
+        "context: prompts of half the context, then new tokens up to the end of it.",
+        "",
+        "| context | streams | tokens/s |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {row['context']} | {row['streams']} | {fmt(row['tokens_per_s'])} |" for row in r["rows"]
+    ]
+    return lines + [""]
+
+
+def ablation_section(r: dict) -> list[str]:
+    lines = ["## GPT ablation", ""]
+    table = ROOT / "docs" / "gpt_ablation.md"
+    if table.is_file():
+        lines += [table.read_text().rstrip(), ""]
+    return lines + ["![validation curves](gpt_ablation.png)", ""]
+
+
 def main() -> None:
     parts = [
         "# Benchmarks",
@@ -256,6 +328,10 @@ def main() -> None:
         ("precision", precision_section),
         ("serve", serve_section),
         ("fewshot", fewshot_section),
+        ("prefix", prefix_section),
+        ("blocks", blocks_section),
+        ("context", context_section),
+        ("gpt_ablation", ablation_section),
     ):
         result = load(name)
         if result is not None:

@@ -29,9 +29,21 @@ def cpu_name() -> str:
 
 def describe_model(model: dict) -> str:
     if model["kind"] == "gpt":
+        blocks = "classic GPT-2 blocks"
+        if model.get("position") == "rope":
+            parts = [
+                "rotary positions",
+                model.get("norm", "layernorm").replace("rmsnorm", "RMSNorm"),
+                "QK-norm" if model.get("qk_norm") else "",
+                {"swiglu": "SwiGLU", "relu2": "ReLU-squared", "gelu": "GELU"}[
+                    model.get("mlp", "gelu")
+                ],
+                "tied output" if model.get("tie_embeddings", True) else "untied output",
+            ]
+            blocks = ", ".join(p for p in parts if p)
         return (
             f"GPT: {model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, "
-            f"context {model['block_size']} tokens, dropout {model['dropout']}"
+            f"context {model['block_size']} tokens, dropout {model['dropout']} ({blocks})"
         )
     return (
         f"{model['kind'].upper()}: {model['n_layer']} layers of {model['n_embd']} units, "
@@ -86,6 +98,10 @@ def write_card(name: str, description: str = "") -> Path:
     training = meta["training"]
     settings = training.get("settings", {})
     tokens_per_step = settings.get("batch_size", 0) * settings.get("block_size", 0)
+    # A run on a time budget stops where the clock says; max_steps is then only a cap.
+    steps = training.get("step", 0) if training.get("max_time") else training.get("max_steps", 0)
+    optimizer = settings.get("optimizer", "adamw")
+    optimizer = "Muon + AdamW" if optimizer == "muon" else "AdamW"
     prompt = {"fewshot": "cat => tac\nstone => enots\nplover => "}.get(
         name.split("-")[0], "ROMEO:\n"
     )
@@ -113,9 +129,9 @@ def write_card(name: str, description: str = "") -> Path:
         f"| tokenizer | {meta['tokenizer']['kind']}, {meta['tokenizer']['vocab_size']:,} tokens |",
         f"| model | {describe_model(meta['model'])} |",
         f"| parameters | {meta['num_params']:,} |",
-        f"| training | {training.get('max_steps', 0):,} steps of {settings.get('batch_size')} x "
-        f"{settings.get('block_size')} tokens ({tokens_per_step * training.get('max_steps', 0):,} "
-        f"tokens); best checkpoint at step {training.get('step')} |",
+        f"| training | {steps:,} steps of {settings.get('batch_size')} x "
+        f"{settings.get('block_size')} tokens ({tokens_per_step * steps:,} "
+        f"tokens), {optimizer}; best checkpoint at step {training.get('step')} |",
         f"| hardware | {minutes:.1f} minutes on {training.get('threads')} CPU threads "
         f"({cpu_name()}), device {training.get('device')} |",
         f"| validation loss | {training['val_loss']:.4f} |",

@@ -86,6 +86,7 @@ class TrainConfig:
     batch_size: int = 12  # per process and micro-step
     grad_accum_steps: int = 1  # micro-batches summed into each optimizer step
     dropout: float = 0.0
+    attn_dropout: float | None = None  # on attention probabilities; None = dropout
     bias: bool = False
     position: str = "learned"  # GPT block options: see lm.models.ModelConfig
     rope_theta: float = 10000.0
@@ -196,6 +197,7 @@ class TrainConfig:
 
 
 GPT_OPTIONS = (
+    "attn_dropout",
     "position",
     "rope_theta",
     "norm",

@@ -159,9 +159,28 @@ def test_bad_options_are_lm_errors(settings, message):
         ModelConfig(**settings)
 
 
-@pytest.mark.parametrize(
-    "name", ["shakespeare-char-gpt", "shakespeare-bpe-gpt", "fewshot-char-gpt"]
-)
+CLASSIC_SHIPPED = [  # shipped GPTs trained before the block options: their configs lack them
+    path.name
+    for path in sorted(SHIPPED.iterdir())
+    if (path / "config.json").is_file()
+    and json.loads((path / "config.json").read_text())["model"]["kind"] == "gpt"
+    and "position" not in json.loads((path / "config.json").read_text())["model"]
+]
+
+
+def test_the_shipped_char_gpt_has_qwen3_blocks():
+    saved = json.loads((SHIPPED / "shakespeare-char-gpt" / "config.json").read_text())["model"]
+    config = ModelConfig.from_dict(saved)
+    assert (config.position, config.norm, config.mlp, config.qk_norm) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        True,
+    )
+    assert not config.tie_embeddings and not config.bias and config.block_size >= 256
+
+
+@pytest.mark.parametrize("name", CLASSIC_SHIPPED)
 def test_shipped_configs_without_the_new_keys_are_the_classic_block(name):
     saved = json.loads((SHIPPED / name / "config.json").read_text())["model"]
     assert "position" not in saved

@@ -222,11 +222,11 @@ def test_orthogonalize_in_float32_pushes_singular_values_near_one():
     assert singular.min() > 0.5 and singular.max() < 1.5
 
 
-def test_modern_recipe_is_valid_with_a_long_context_and_an_hour(tmp_path):
+def test_shipped_char_gpt_recipe_is_modern_with_a_long_context_and_an_hour(tmp_path):
     import tomllib
 
     recipe = Path(__file__).resolve().parent.parent / "checkpoints" / "shakespeare-char-gpt"
-    settings = tomllib.loads((recipe / "recipe-modern.toml").read_text())
+    settings = tomllib.loads((recipe / "recipe.toml").read_text())
     config = TrainConfig.from_dict(settings)
     config.validate()
     assert config.block_size >= 256 and config.max_time == 3600

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
         help="micro-batches of --batch-size per optimizer step (1)",
     )
     p.add_argument("--dropout", type=float)
+    p.add_argument(
+        "--attn-dropout", type=float, help="dropout on attention probabilities (default: --dropout)"
+    )
     p.add_argument("--position", choices=["learned", "rope"], help="GPT positions (learned)")
     p.add_argument("--rope-theta", type=float, help="rotary base (10000)")
     p.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="GPT norm (layernorm)")
