@@ -158,7 +158,7 @@ def print_agreement(rows: list[dict], tie: float) -> int:
         failures += not tolerated
         where = "" if row["same"] else f", first differs at token {row['first_difference']}"
         print(
-            f"  {row['peer']:17} {'SAME' if row['same'] else 'DIFFERENT'}{where}; "
+            f"  {row['peer']:19} {'SAME' if row['same'] else 'DIFFERENT'}{where}; "
             f"{row['off_argmax']} tokens off lm's argmax, within {row['worst_gap']:.4f}, "
             f"prompt={row['prompt']!r}"
         )
