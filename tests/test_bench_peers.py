@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.peers import ratios, summarize
+from bench.peers import http_table, ratios, summarize
 from bench.peers_engines import generated_rates, parse_batched_bench
 from bench.report import peers_section
 
@@ -80,6 +80,18 @@ def test_ratio_is_lm_over_the_best_peer():
 
 def test_report_shows_the_table_and_the_ratio():
     table = summarize(SAMPLES, ("engine", "batch"), "variant")
+    http = http_table(
+        [
+            {"server": server, "clients": 64, "stream": True, "round": r, "tokens_per_s": rate}
+            | {"mean_ttft_ms": ttft, "failed": 0, "short": 0}
+            for server, r, rate, ttft in [
+                ("lm serve", 0, 6000.0, 30.0),
+                ("lm serve", 1, 5000.0, 40.0),
+                ("llama-server", 0, 2000.0, 90.0),
+                ("llama-server", 1, 2400.0, 110.0),
+            ]
+        ]
+    )
     result = {
         "command": "python -m bench.peers",
         "date": "2026-11-30 10:00",
@@ -107,8 +119,8 @@ def test_report_shows_the_table_and_the_ratio():
                 ],
                 "engines": table,
                 "engine_ratios": ratios(table, "engine", ("batch",)),
-                "http": [],
-                "http_ratios": [],
+                "http": http,
+                "http_ratios": ratios(http, "server", ("clients", "stream")),
             }
         ],
     }
@@ -117,3 +129,5 @@ def test_report_shows_the_table_and_the_ratio():
     assert "**0.30x** (CTranslate2 int8)" in text
     assert "1 of 2 continuations equal to lm's" in text
     assert "CTranslate2 int8 from token 40 of 112" in text
+    assert "| lm serve | 64 | yes | 5,500 (5,000-6,000) | 35.0 | 0 | 0 |" in text
+    assert "64 clients streaming **2.50x**" in text
