@@ -1,7 +1,8 @@
 """llama.cpp runs lm's exported GGUF with lm's greedy continuation (issue 15).
 
 Builds llama.cpp once from the llama-cpp-python source package (its vendor/llama.cpp,
-`llama-simple` only; cached under ~/.cache/lm/llama.cpp/), exports a checkpoint with
+`llama-simple` here; bench/peers.py adds its bench and server; cached under
+~/.cache/lm/llama.cpp/), exports a checkpoint with
 `lm export --format gguf`, runs it greedily in llama.cpp and compares the continuation
 with lm's greedy one on the same prompt.
 
@@ -27,7 +28,7 @@ CMAKE_FLAGS = [
     "-DLLAMA_CURL=OFF",
     "-DGGML_NATIVE=ON",
     "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",  # llama-server, for bench/peers.py (built only when asked)
 ]
 
 
@@ -60,20 +61,27 @@ def source_dir() -> Path:
     return root / "vendor" / "llama.cpp"
 
 
-def build_llama_simple() -> Path:
-    """Build llama.cpp's `llama-simple` (Release, native) once; return the binary's path."""
+def build_llama_cpp(targets: tuple[str, ...] = ("llama-simple",)) -> dict[str, Path]:
+    """Build llama.cpp's `targets` (Release, native) once; return each binary's path by name."""
     src = source_dir()
     build = CACHE / "build"
-    binary = build / "bin" / "llama-simple"
-    if binary.is_file():
-        return binary
+    binaries = {target: build / "bin" / target for target in targets}
+    missing = [target for target, binary in binaries.items() if not binary.is_file()]
+    if not missing:
+        return binaries
     nice = ["nice", "-n", "15"]
+    # configured every time something is missing: an older cache may lack the server option
     subprocess.run(nice + ["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS], check=True)
     jobs = str(os.cpu_count() or 2)
     subprocess.run(
-        nice + ["cmake", "--build", str(build), "--target", "llama-simple", "-j", jobs], check=True
+        nice + ["cmake", "--build", str(build), "--target", *missing, "-j", jobs], check=True
     )
-    return binary
+    return binaries
+
+
+def build_llama_simple() -> Path:
+    """Build llama.cpp's `llama-simple` once; return the binary's path."""
+    return build_llama_cpp(("llama-simple",))["llama-simple"]
 
 
 def lm_greedy(ckpt, prompt: str, new_tokens: int, kv_cache_dtype: str) -> str:
@@ -117,10 +125,15 @@ def llamacpp_greedy(binary: Path, gguf: Path, prompt: str, new_tokens: int) -> s
 def near_ties(ckpt, prompt: str, continuation: str) -> list[float]:
     """Where `continuation` leaves lm's greedy path: lm's best logit minus that of the token
     taken, at every step whose token is not lm's argmax (teacher-forced, one forward pass)."""
+    prompt_ids = ckpt.tokenizer.encode(prompt)
+    return near_ties_ids(ckpt, prompt_ids, llamacpp_ids(ckpt.tokenizer, continuation))
+
+
+def near_ties_ids(ckpt, prompt_ids: list[int], generated: list[int]) -> list[float]:
+    """`near_ties` for token ids: the logit gaps where `generated` is not lm's argmax."""
     import torch
 
-    prompt_ids = ckpt.tokenizer.encode(prompt)
-    ids = prompt_ids + llamacpp_ids(ckpt.tokenizer, continuation)
+    ids = list(prompt_ids) + list(generated)
     with torch.no_grad():
         logits = ckpt.model(torch.tensor([ids[:-1]]))[0, len(prompt_ids) - 1 :]
     taken = torch.tensor(ids[len(prompt_ids) :])

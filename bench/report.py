@@ -311,6 +311,98 @@ def ablation_section(r: dict) -> list[str]:
     return lines + ["![validation curves](gpt_ablation.png)", ""]
 
 
+def peers_section(r: dict) -> list[str]:
+    lines = ["## Peers: llama.cpp and CTranslate2 on the same weights", ""] + header(r)
+    lines += [
+        "The checkpoint exported with `lm export` (transformers folder, f32 GGUF), the folder "
+        "converted to CTranslate2 (float32, int8); greedy outputs checked against lm's before "
+        "timing. Generated tokens/s including prefill, a 16-token prompt per sequence (each "
+        "different) plus enough new tokens to fill the context; every engine timed with 1 and "
+        "2 threads (CTranslate2 at batch 1 with 1), the best shown; cells interleaved round "
+        f"robin, {r['rounds']} rounds, median (range). llama.cpp is `llama-batched-bench` "
+        "(it feeds tokens without sampling).",
+        "",
+    ]
+    for model in r["models"]:
+        lines += _peers_model(model)
+    return lines
+
+
+def _peers_model(m: dict) -> list[str]:
+    batches = sorted({row["batch"] for row in m["engines"]})
+    engines = list(dict.fromkeys(row["engine"] for row in m["engines"]))
+    cell = {(row["engine"], row["batch"]): row for row in m["engines"]}
+    lines = [
+        f"### {m['checkpoint']} ({m['shape']}, {fmt(m['params'])} parameters, context "
+        f"{m['block_size']}; {m['prompt_tokens']} + {m['new_tokens']} tokens)",
+        "",
+    ]
+    differing = [a for a in m["agreement"] if not a["same"]]
+    lines += [
+        f"Greedy agreement: {len(m['agreement']) - len(differing)} of {len(m['agreement'])} "
+        "continuations equal to lm's"
+        + (
+            "; differing: "
+            + "; ".join(
+                f"{a['peer']} from token {a['first_difference']} of {a['tokens']} "
+                f"({a['off_argmax']} tokens off lm's argmax, within {a['worst_gap']:.3f} logits)"
+                for a in differing
+            )
+            if differing
+            else ""
+        )
+        + ".",
+        "",
+        "| engine | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for engine in engines:
+        cells = []
+        for b in batches:
+            row = cell.get((engine, b))
+            cells.append(
+                f"{fmt(row['median'])} ({fmt(row['min'])}-{fmt(row['max'])}), {row['variant']}"
+                if row
+                else "-"
+            )
+        lines.append(f"| {engine} | " + " | ".join(cells) + " |")
+    ratio = {row["batch"]: row for row in m["engine_ratios"]}
+    lines.append(
+        "| **lm / best peer** | "
+        + " | ".join(
+            f"**{ratio[b]['ratio']:.2f}x** ({ratio[b]['best_peer']})" if b in ratio else "-"
+            for b in batches
+        )
+        + " |"
+    )
+    lines.append("")
+    if m["http"]:
+        lines += [
+            f"Through HTTP (`lm serve` and `llama-server` on the same GGUF, aiohttp clients, "
+            f"greedy, {m['new_tokens'] - 1} tokens per answer):",
+            "",
+            "| server | clients | stream | tokens/s | mean TTFT ms | failed | short |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in sorted(m["http"], key=lambda x: (x["stream"], x["clients"], x["server"])):
+            lines.append(
+                f"| {row['server']} | {row['clients']} | {'yes' if row['stream'] else 'no'} | "
+                f"{fmt(row['median'])} ({fmt(row['min'])}-{fmt(row['max'])}) | "
+                f"{fmt(row['mean_ttft_ms'], 1)} | {row['failed']} | {row['short']} |"
+            )
+        lines += ["", "lm serve / llama-server: "]
+        lines[-1] += (
+            "; ".join(
+                f"{row['clients']} clients{' streaming' if row['stream'] else ''} "
+                f"**{row['ratio']:.2f}x**"
+                for row in sorted(m["http_ratios"], key=lambda x: (x["stream"], x["clients"]))
+            )
+            + "."
+        )
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     parts = [
         "# Benchmarks",
@@ -327,6 +419,7 @@ def main() -> None:
         ("engine", engine_section),
         ("precision", precision_section),
         ("serve", serve_section),
+        ("peers", peers_section),
         ("fewshot", fewshot_section),
         ("prefix", prefix_section),
         ("blocks", blocks_section),
