@@ -461,7 +461,9 @@ class Engine:
             for i, (row, context, _) in enumerate(group):
                 self.prefix_cache.insert(
                     context,
-                    lambda start, end, i=i: self.model.read_prefix(state, i, start, end),
+                    lambda start, end, i=i: self.model.read_prefix(
+                        state, i, start, end, self.prefix_cache.block_tokens
+                    ),
                     self.active[row].adapter,
                 )
         if index is not None:

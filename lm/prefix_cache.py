@@ -97,26 +97,41 @@ class PrefixCache:
     def insert(
         self,
         tokens: list[int],
-        read: Callable[[int, int], State],
+        read: Callable[[int, int], list[State]],
         namespace: Hashable = None,
     ) -> None:
         """Cache every whole block of `tokens` not cached yet; `read(start, end)` gives the
-        model's cache for positions [start, end) (copied: the row will be overwritten)."""
+        model's cache for positions [start, end) as one piece per block (copied: the row
+        will be overwritten). Blocks read together share one copy, freed with the last."""
         if self.capacity_bytes <= 0:
             return
-        chain = []
-        for key, index in self._keys(tokens, namespace):
+        chain: list[Block] = []
+        missing: list[tuple[tuple, int]] = []
+        parent: Hashable = ("root", namespace)
+        size = self.block_tokens
+        for index in range(len(tokens) // size):
+            key = (parent, tuple(tokens[index * size : (index + 1) * size]))
             block = self.blocks.get(key)
-            if block is None:
-                start = index * self.block_tokens
-                kv = read(start, start + self.block_tokens)
+            if block is None:  # from here on nothing is cached: every later block is new
+                missing = [
+                    ((None, tuple(tokens[i * size : (i + 1) * size])), i)
+                    for i in range(index, len(tokens) // size)
+                ]
+                missing[0] = (key, index)
+                break
+            chain.append(block)
+            parent = block.id
+        if missing:
+            first = missing[0][1] * size
+            pieces = read(first, (missing[-1][1] + 1) * size)
+            for (key, _), kv in zip(missing, pieces):
+                if key[0] is None:
+                    key = (chain[-1].id, key[1])
                 nbytes = sum(t.numel() * t.element_size() for t in kv.values())
-                if nbytes > self.capacity_bytes:
-                    break
                 block = Block(next(self._ids), key, kv, nbytes)
                 self.blocks[key] = block
                 self.nbytes += nbytes
-            chain.append(block)
+                chain.append(block)
         self._touch(chain)
         self._evict()
 

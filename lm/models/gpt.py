@@ -346,12 +346,15 @@ class GPT(nn.Module):
             state["adapter"] = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
 
-    def read_prefix(self, state: State, row: int, start: int, end: int) -> State:
-        """A copy of row `row`'s KV cache for positions [start, end) (lm.prefix_cache)."""
-        pieces = {}
+    def read_prefix(self, state: State, row: int, start: int, end: int, block: int) -> list[State]:
+        """Row `row`'s KV cache for positions [start, end), copied once and cut into pieces
+        of `block` positions (lm.prefix_cache)."""
+        pieces: list[State] = [{} for _ in range(0, end - start, block)]
         for layer in range(self.config.n_layer):
-            pieces[f"k{layer}"] = state[f"k{layer}"][row, :, :, start:end].clone()
-            pieces[f"v{layer}"] = state[f"v{layer}"][row, :, start:end].clone()
+            keys = state[f"k{layer}"][row, :, :, start:end].clone()
+            values = state[f"v{layer}"][row, :, start:end].clone()
+            for piece, k, v in zip(pieces, keys.split(block, -1), values.split(block, -2)):
+                piece[f"k{layer}"], piece[f"v{layer}"] = k, v
         return pieces
 
     def write_prefix(self, state: State, row: int, pieces: list[State]) -> int:
