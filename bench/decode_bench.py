@@ -8,7 +8,7 @@ wall time, prefill included.
 The "native step" rows time a bare `GPT.step` of the shipped char GPT (`--step-gpt`, or
 random weights of its shape) per decode step, through the compiled whole-model step
 (`lm.native.decode`) and through the PyTorch path, interleaved, rows at positions spread
-over the context.
+over the context, in one thread, as CPU time (meaningful even on a busy machine).
 
     python -m bench.decode_bench [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
 """
@@ -42,34 +42,43 @@ def lm_engine_rate(model, tokenizer, streams: int, new_tokens: int, prompt: str)
 
 
 def step_ms(model, batch: int, native: bool, steps: int) -> float:
-    """Median milliseconds of one decode step of `batch` rows (positions spread out)."""
+    """Median CPU milliseconds of one decode step of `batch` rows (positions spread out),
+    in one thread: the thread's CPU time, so that other work on a busy machine does not
+    count (its cache pollution still does)."""
     import lm.models.gpt as gpt
 
     context = model.config.block_size
     state = model.init_state(batch, cache_dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1))
     times = []
-    original = gpt.decode_step
-    if not native:
+    original, max_rows = gpt.decode_step, gpt.NATIVE_DECODE_MAX_ROWS
+    if native:
+        gpt.NATIVE_DECODE_MAX_ROWS = batch  # time it at every batch size
+    else:
         gpt.decode_step = lambda: None
     try:
         with torch.inference_mode():
             for i in range(steps):
                 state["pos"] = (torch.arange(batch) * 7 + i) % (context - 1)
-                start = time.perf_counter()
+                start = time.thread_time()
                 model.step(ids, state)
-                times.append(time.perf_counter() - start)
+                times.append(time.thread_time() - start)
     finally:
-        gpt.decode_step = original
+        gpt.decode_step, gpt.NATIVE_DECODE_MAX_ROWS = original, max_rows
     return 1000 * sorted(times)[len(times) // 2]
 
 
 def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dict:
     """The native and PyTorch step, interleaved over `rounds` (medians of medians)."""
     native, pytorch = [], []
-    for _ in range(rounds):
-        native.append(step_ms(model, batch, True, steps))
-        pytorch.append(step_ms(model, batch, False, steps))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            native.append(step_ms(model, batch, True, steps))
+            pytorch.append(step_ms(model, batch, False, steps))
+    finally:
+        torch.set_num_threads(threads)
     native_ms, pytorch_ms = sorted(native)[rounds // 2], sorted(pytorch)[rounds // 2]
     return {
         "streams": batch,

@@ -224,6 +224,17 @@ def test_lora_layers_keep_the_pytorch_path(native_step, monkeypatch):
 
 
 @torch.inference_mode()
+def test_large_batches_keep_the_pytorch_path(native_step, monkeypatch):
+    """Past NATIVE_DECODE_MAX_ROWS rows per thread, PyTorch's matrix products are faster."""
+    model = tiny_gpt()
+    state = prefilled(model, [2, 3, 4], torch.float32)
+    monkeypatch.setattr("lm.models.gpt.NATIVE_DECODE_MAX_ROWS", 2)
+    monkeypatch.setattr("lm.models.gpt.pack", lambda *a, **k: pytest.fail("packed"))
+    logits, _ = model.step(ids_of(3, 1), state)
+    assert logits.shape == (3, VOCAB)
+
+
+@torch.inference_mode()
 def test_bad_input_is_refused_before_any_write(native_step):
     model = tiny_gpt()
     state = prefilled(model, [3], torch.float16)

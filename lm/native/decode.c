@@ -32,6 +32,7 @@ enum {
     LN2_W, LN2_B, FC_W, FC_B, MLP_PROJ_W, MLP_PROJ_B, SLOTS_PER_LAYER
 };
 enum { GELU, RELU2, SWIGLU };
+#define PAD(n) (((n) + 15) & ~(int64_t)15) /* floats, to a multiple of 64 bytes */
 
 /* Float to IEEE half, rounding to nearest even as PyTorch's `Tensor.to` does
    (F. Giesen's float_to_half_fast3_rtne). */
@@ -76,16 +77,17 @@ static void store(void *to, const float *from, int64_t n, enum element kind)
     }
 }
 
-/* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows: four outputs at a time, each
-   block of weight rows read once for all the rows of the batch. */
+/* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows `x_stride` and `y_stride`
+   apart: four outputs at a time, each block of weight rows read once for all the rows. */
 static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
-                   float *restrict y, int64_t batch, int64_t in, int64_t out, int accumulate)
+                   int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
+                   int64_t in, int64_t out, int accumulate)
 {
     int64_t o = 0;
     for (; o + 4 <= out; o += 4) {
         const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
         for (int64_t b = 0; b < batch; b++) {
-            const float *xb = x + b * in;
+            const float *xb = x + b * x_stride;
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
             for (int64_t i = 0; i < in; i++) {
@@ -94,7 +96,7 @@ static void linear(const float *restrict w, const float *restrict bias, const fl
                 s2 += w2[i] * xb[i];
                 s3 += w3[i] * xb[i];
             }
-            float *yb = y + b * out + o;
+            float *yb = y + b * y_stride + o;
             if (bias) {
                 s0 += bias[o], s1 += bias[o + 1], s2 += bias[o + 2], s3 += bias[o + 3];
             }
@@ -108,23 +110,24 @@ static void linear(const float *restrict w, const float *restrict bias, const fl
     for (; o < out; o++) {
         const float *wo = w + o * in;
         for (int64_t b = 0; b < batch; b++) {
-            const float *xb = x + b * in;
+            const float *xb = x + b * x_stride;
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t i = 0; i < in; i++) s += wo[i] * xb[i];
             if (bias) s += bias[o];
-            y[b * out + o] = accumulate ? y[b * out + o] + s : s;
+            y[b * y_stride + o] = accumulate ? y[b * y_stride + o] + s : s;
         }
     }
 }
 
-/* LayerNorm (with `bias` or none) or, when `rms`, RMSNorm of each of `rows` vectors. */
-static void norm(const float *x, float *y, const float *weight,
-                 const float *bias, int64_t rows, int64_t n, float eps, int rms)
+/* LayerNorm (with `bias` or none) or, when `rms`, RMSNorm of each of `rows` vectors of
+   size `n`, `stride` apart. */
+static void norm(const float *x, float *y, const float *weight, const float *bias, int64_t rows,
+                 int64_t n, int64_t stride, float eps, int rms)
 {
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * n;
-        float *yr = y + r * n;
+        const float *xr = x + r * stride;
+        float *yr = y + r * stride;
         float mean = 0.0f, var = 0.0f;
         if (!rms) {
 #pragma omp simd reduction(+ : mean)
@@ -154,23 +157,22 @@ static void rotate(float *restrict x, const float *cos_table, const float *sin_t
     }
 }
 
-static void activate(const float *restrict f, float *restrict a, int64_t batch, int64_t hidden,
-                     int kind)
+static void activate(const float *restrict f, int64_t f_stride, float *restrict a,
+                     int64_t a_stride, int64_t batch, int64_t hidden, int kind)
 {
     for (int64_t b = 0; b < batch; b++) {
-        float *ab = a + b * hidden;
+        float *ab = a + b * a_stride;
+        const float *fb = f + b * f_stride;
         if (kind == SWIGLU) {
-            const float *gate = f + b * 2 * hidden, *up = gate + hidden;
+            const float *gate = fb, *up = gate + hidden;
             for (int64_t i = 0; i < hidden; i++)
                 ab[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         } else if (kind == RELU2) {
-            const float *fb = f + b * hidden;
             for (int64_t i = 0; i < hidden; i++) {
                 float r = fb[i] > 0.0f ? fb[i] : 0.0f;
                 ab[i] = r * r;
             }
         } else {
-            const float *fb = f + b * hidden;
             for (int64_t i = 0; i < hidden; i++)
                 ab[i] = 0.5f * fb[i] * (1.0f + erff(fb[i] * 0.70710678118654752f));
         }
@@ -220,34 +222,38 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
         if (ids[b] < 0 || ids[b] >= vocab) return 2;
         if (pos[b] < 0 || pos[b] >= ctx) return 3;
     }
-    size_t floats = (size_t)batch * (2 * n_embd + 3 * n_embd + n_embd + fc_out + hidden)
-                    + (size_t)ctx + (size_t)(2 * n_embd);
-    float *scratch = malloc(sizeof(float) * floats);
+    /* Every row of every scratch array starts 64 bytes aligned, whatever the batch: the
+       vectorised loops then sum in one order, and a row's result is its own. */
+    const int64_t row = PAD(n_embd), qkv_row = PAD(3 * n_embd), f_row = PAD(fc_out);
+    const int64_t a_row = PAD(hidden);
+    size_t floats = (size_t)(batch * (3 * row + qkv_row + f_row + a_row) + PAD(ctx)
+                             + PAD(2 * n_embd));
+    float *scratch = aligned_alloc(64, sizeof(float) * floats);
     if (scratch == NULL) return 1;
-    float *x = scratch, *h = x + batch * n_embd, *qkv = h + batch * n_embd;
-    float *att = qkv + batch * 3 * n_embd, *f = att + batch * n_embd, *a = f + batch * fc_out;
-    float *scores = a + batch * hidden;
-    void *new_kv = scores + ctx; /* one row's new key and value in the cache's type */
+    float *x = scratch, *h = x + batch * row, *qkv = h + batch * row, *att = qkv + batch * qkv_row;
+    float *f = att + batch * row, *a = f + batch * f_row, *scores = a + batch * a_row;
+    void *new_kv = scores + PAD(ctx); /* one row's new key and value in the cache's type */
 
     const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
     for (int64_t b = 0; b < batch; b++) {
         const float *token = wte + ids[b] * n_embd;
         for (int64_t i = 0; i < n_embd; i++)
-            x[b * n_embd + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
+            x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
     }
     const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
     for (int64_t layer = 0; layer < n_layer; layer++) {
-        norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), batch, n_embd, eps, rms);
-        linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, qkv, batch, n_embd,
-               3 * n_embd, 0);
+        norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), batch, n_embd, row, eps,
+             rms);
+        linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row, batch,
+               n_embd, 3 * n_embd, 0);
         const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
         char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
         for (int64_t b = 0; b < batch; b++) {
-            float *q = qkv + b * 3 * n_embd, *k = q + n_embd, *v = k + n_embd;
+            float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
             for (int64_t head = 0; head < heads; head++) {
                 if (q_norm) {
-                    norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, qk_eps, 1);
-                    norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, qk_eps, 1);
+                    norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
+                    norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
                 }
                 if (cos_table) {
                     rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
@@ -260,25 +266,27 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
             char *values = v_cache + b * cache_row_stride * size;
             const void *new_value = (char *)new_kv + n_embd * size;
             if (kind == F32)
-                attend_row_f32(q, new_kv, new_value, keys, values, pos, b, att + b * n_embd,
+                attend_row_f32(q, new_kv, new_value, keys, values, pos, b, att + b * row,
                                heads, dim, ctx, scale, scores);
             else if (kind == F16)
-                attend_row_f16(q, new_kv, new_value, keys, values, pos, b, att + b * n_embd,
+                attend_row_f16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
                                heads, dim, ctx, scale, scores);
             else
-                attend_row_bf16(q, new_kv, new_value, keys, values, pos, b, att + b * n_embd,
-                                heads, dim, ctx, scale, scores);
+                attend_row_bf16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                               heads, dim, ctx, scale, scores);
         }
-        linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, x, batch, n_embd,
-               n_embd, 1);
-        norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), batch, n_embd, eps, rms);
-        linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, f, batch, n_embd, fc_out, 0);
-        activate(f, a, batch, hidden, (int)mlp);
-        linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, x, batch, hidden,
-               n_embd, 1);
+        linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, row, x, row, batch,
+               n_embd, n_embd, 1);
+        norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), batch, n_embd, row, eps,
+             rms);
+        linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, row, f, f_row, batch, n_embd,
+               fc_out, 0);
+        activate(f, f_row, a, a_row, batch, hidden, (int)mlp);
+        linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x, row,
+               batch, hidden, n_embd, 1);
     }
-    norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, eps, rms);
-    linear(SLOT(HEAD), NULL, h, logits, batch, n_embd, vocab, 0);
+    norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, row, eps, rms);
+    linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0);
     if (softcap > 0.0f)
         for (int64_t i = 0; i < batch * vocab; i++)
             logits[i] = softcap * tanhf(logits[i] / softcap);
