@@ -71,6 +71,7 @@ def torch_path(monkeypatch):
     return Off
 
 
+@torch.inference_mode(False)  # parameters with version counters, as a loaded model's
 def tiny_gpt(n_head: int = 2, n_embd: int = 16, **options) -> torch.nn.Module:
     torch.manual_seed(0)
     config = ModelConfig(
@@ -166,7 +167,7 @@ def test_greedy_generation_is_the_same_either_way(native_step, torch_path, optio
     """50 greedy tokens for prompts of different lengths, through the engine."""
     tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvw")
     model = tiny_gpt(**options)
-    prompts = ["abc", "hello world", "w"]
+    prompts = ["abc", "helloworld", "w"]
 
     def generate() -> list[list[int]]:
         engine = Engine(model, tokenizer, max_batch=4, kv_cache_dtype="float32")
@@ -204,6 +205,21 @@ def test_changed_weights_are_packed_again(native_step, torch_path):
         with torch_path():
             expected, _ = model.step(ids, clone(state))
         assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_model_made_in_inference_mode_runs_natively(native_step, monkeypatch):
+    """Its parameters have no version counters; the pack then watches their storage."""
+    from lm.models import gpt
+
+    packs = []
+    monkeypatch.setattr(gpt, "pack", lambda *a, **k: packs.append(1) or decode.pack(*a, **k))
+    with torch.inference_mode():
+        model = build_model(
+            ModelConfig(kind="gpt", vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2, block_size=8)
+        ).eval()
+        for _ in range(3):
+            model.step(ids_of(1, 1), model.init_state(1))
+    assert packs == [1]
 
 
 @torch.inference_mode()

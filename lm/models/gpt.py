@@ -435,7 +435,7 @@ class GPT(nn.Module):
         layers = range(self.config.n_layer)
         return step(
             packed,
-            ids.reshape(-1),
+            ids.reshape(-1).contiguous(),
             state["pos"],
             [state[f"k{layer}"] for layer in layers],
             [state[f"v{layer}"] for layer in layers],
@@ -448,10 +448,7 @@ class GPT(nn.Module):
         cached = self.__dict__.get("_native_pack")
         if cached is not None and cached.unchanged():
             return cached.packed
-        watch = _Watch.of(self)
-        if watch is None:
-            return None
-        packed = None
+        watch, packed = _Watch.of(self), None
         linears = [
             layer
             for block in self.blocks
@@ -514,34 +511,34 @@ def _eps(norm: nn.Module) -> float:
 @dataclass
 class _Watch:
     """What a packed copy of a model's weights was made from: every module and parameter
-    slot with what it held, and each parameter's version counter and storage."""
+    slot with what it held, each parameter's storage and version counter. (Parameters made
+    in inference mode have no version counter: changing those in place goes unnoticed.)"""
 
     slots: list[tuple[dict, str, object]]
     parameters: list[torch.Tensor]
-    stamps: list[tuple[int, int]]
+    inference: list[torch.Tensor]
+    stamps: tuple[list[tuple[int, int]], list[int]]
 
     @classmethod
-    def of(cls, model: nn.Module) -> _Watch | None:
-        """None for parameters without a version counter (made in inference mode)."""
-        slots, parameters = [], []
+    def of(cls, model: nn.Module) -> _Watch:
+        slots, parameters, inference = [], [], []
         for module in model.modules():
             for container in (module._modules, module._parameters):
                 slots += [(container, name, held) for name, held in container.items()]
-            parameters += [p for p in module._parameters.values() if p is not None]
-        try:
-            return cls(slots, parameters, _stamps(parameters))
-        except RuntimeError:
-            return None
+            for p in module._parameters.values():
+                if p is not None:
+                    (inference if p.is_inference() else parameters).append(p)
+        return cls(slots, parameters, inference, _stamps(parameters, inference))
 
     def unchanged(self) -> bool:
         return (
             all(container.get(name) is held for container, name, held in self.slots)
-            and _stamps(self.parameters) == self.stamps
+            and _stamps(self.parameters, self.inference) == self.stamps
         )
 
 
-def _stamps(parameters: list[torch.Tensor]) -> list[tuple[int, int]]:
-    return [(p._version, p.data_ptr()) for p in parameters]
+def _stamps(parameters: list[torch.Tensor], inference: list[torch.Tensor]):
+    return [(p._version, p.data_ptr()) for p in parameters], [p.data_ptr() for p in inference]
 
 
 class _NativePack(NamedTuple):
