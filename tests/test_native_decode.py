@@ -72,11 +72,11 @@ def torch_path(monkeypatch):
 
 
 @torch.inference_mode(False)  # parameters with version counters, as a loaded model's
-def tiny_gpt(n_head: int = 2, n_embd: int = 16, **options) -> torch.nn.Module:
+def tiny_gpt(n_head: int = 2, n_embd: int = 16, vocab_size: int = VOCAB, **options):
     torch.manual_seed(0)
     config = ModelConfig(
         kind="gpt",
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         n_layer=2,
         n_embd=n_embd,
         n_head=n_head,
@@ -166,7 +166,7 @@ def test_a_row_does_not_depend_on_its_batch(native_step):
 def test_greedy_generation_is_the_same_either_way(native_step, torch_path, options):
     """50 greedy tokens for prompts of different lengths, through the engine."""
     tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvw")
-    model = tiny_gpt(**options)
+    model = tiny_gpt(vocab_size=tokenizer.vocab_size, **options)
     prompts = ["abc", "helloworld", "w"]
 
     def generate() -> list[list[int]]:

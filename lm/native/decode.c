@@ -287,9 +287,10 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
     }
     norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, row, eps, rms);
     linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0);
-    if (softcap > 0.0f)
-        for (int64_t i = 0; i < batch * vocab; i++)
-            logits[i] = softcap * tanhf(logits[i] / softcap);
+    if (softcap > 0.0f) /* row by row: vector and scalar tanhf differ in the last bit */
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t i = 0; i < vocab; i++)
+                logits[b * vocab + i] = softcap * tanhf(logits[b * vocab + i] / softcap);
     free(scratch);
     return 0;
 #undef LAYER_SLOT
