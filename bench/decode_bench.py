@@ -5,6 +5,11 @@ block 256; also the shipped LSTM. Each stream starts from a short prompt and mak
 `--new-tokens` tokens by sampling (temperature 1). Tokens/s counts generated tokens over
 wall time, prefill included.
 
+The "native step" rows time a bare `GPT.step` of the shipped char GPT (`--step-gpt`, or
+random weights of its shape) per decode step, through the compiled whole-model step
+(`lm.native.decode`) and through the PyTorch path, interleaved, rows at positions spread
+over the context, in one thread, as CPU time (meaningful even on a busy machine).
+
     python -m bench.decode_bench [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
 """
 
@@ -34,6 +39,53 @@ def lm_engine_rate(model, tokenizer, streams: int, new_tokens: int, prompt: str)
     engine.run_until_idle()
     elapsed = time.perf_counter() - start
     return sum(len(s.generated) for s in seqs) / elapsed
+
+
+def step_ms(model, batch: int, native: bool, steps: int) -> float:
+    """Median CPU milliseconds of one decode step of `batch` rows (positions spread out),
+    in one thread: the thread's CPU time, so that other work on a busy machine does not
+    count (its cache pollution still does)."""
+    import lm.models.gpt as gpt
+
+    context = model.config.block_size
+    state = model.init_state(batch, cache_dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1))
+    times = []
+    original, max_rows = gpt.decode_step, gpt.NATIVE_DECODE_MAX_ROWS
+    if native:
+        gpt.NATIVE_DECODE_MAX_ROWS = batch  # time it at every batch size
+    else:
+        gpt.decode_step = lambda: None
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                state["pos"] = (torch.arange(batch) * 7 + i) % (context - 1)
+                start = time.thread_time()
+                model.step(ids, state)
+                times.append(time.thread_time() - start)
+    finally:
+        gpt.decode_step, gpt.NATIVE_DECODE_MAX_ROWS = original, max_rows
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dict:
+    """The native and PyTorch step, interleaved over `rounds` (medians of medians)."""
+    native, pytorch = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            native.append(step_ms(model, batch, True, steps))
+            pytorch.append(step_ms(model, batch, False, steps))
+    finally:
+        torch.set_num_threads(threads)
+    native_ms, pytorch_ms = sorted(native)[rounds // 2], sorted(pytorch)[rounds // 2]
+    return {
+        "streams": batch,
+        "native_step_ms": native_ms,
+        "pytorch_step_ms": pytorch_ms,
+        "native_speedup": pytorch_ms / native_ms,
+    }
 
 
 def hf_rate(vocab_size: int, streams: int, new_tokens: int, prompt_len: int) -> float | None:
@@ -78,9 +130,15 @@ def main() -> None:
         default="shakespeare-char-lstm",
         help="shipped LSTM checkpoint to measure too ('' to skip)",
     )
+    parser.add_argument(
+        "--step-gpt",
+        default="shakespeare-char-gpt",
+        help="shipped GPT whose bare decode step is timed, native vs PyTorch ('' to skip)",
+    )
+    parser.add_argument("--step-streams", default="1,8,64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    streams = [int(s) for s in args.streams.split(",")]
+    streams = [int(s) for s in args.streams.split(",") if s]  # "": step rows only
     text = corpus_path().read_text(encoding="utf-8")
     tokenizer = CharTokenizer.train(text)
     torch.manual_seed(0)
@@ -114,6 +172,20 @@ def main() -> None:
             row["ratio_vs_hf"] = row["lm_gpt"] / row["hf_gpt2"]
         rows.append(row)
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    step_rows = []
+    if args.step_gpt:
+        try:
+            step_model = load_checkpoint(args.step_gpt).model.eval()
+        except Exception as exc:  # noqa: BLE001 - time random weights of its shape instead
+            print(f"{args.step_gpt}: {exc}; timing random weights of its shape")
+            step_model = build_model(
+                ModelConfig(
+                    kind="gpt", vocab_size=66, n_layer=6, n_embd=192, n_head=6, block_size=128
+                )
+            ).eval()
+        for n in (int(s) for s in args.step_streams.split(",")):
+            step_rows.append(native_step_row(step_model, n))
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in step_rows[-1].items()})
     save_result(
         "decode",
         {
@@ -125,6 +197,7 @@ def main() -> None:
             "lstm": args.lstm if lstm is not None else None,
             "lstm_params": lstm.model.num_params() if lstm is not None else None,
             "rows": rows,
+            "native_step": step_rows,
         },
     )
 

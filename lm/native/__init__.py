@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled from C on first use with the machine's C compiler.
 
 Decode attention (`attention.c`) is the one hot loop PyTorch has no fused CPU kernel for:
-one query per row over a cache whose rows hold different lengths. The shared library is
-built once per source, compiler and CPU into a cache directory (`LM_CACHE_DIR`, else
+one query per row over a cache whose rows hold different lengths; `decode.c` is a whole
+GPT decode step around it (`lm.native.decode`). Each shared library is built once per
+source, compiler and CPU into a cache directory (`LM_CACHE_DIR`, else
 `$XDG_CACHE_HOME/lm`, else `~/.cache/lm`) and loaded with ctypes. Without a compiler, or
 with `LM_NATIVE=0`, `decode_attention()` returns None and the models use their PyTorch
 path, which computes the same thing more slowly. `bf16_matmul_is_fast()` tells whether the
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +34,8 @@ SOURCE = Path(__file__).with_name("attention.c")
 # that linking does not add crtfastmath.o (which would flush denormals process-wide).
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11"]
 OPENMP_FLAG = "-fopenmp"  # the kernel's threads; without it, it runs in one thread
+# A compile is a few CPU seconds, but minutes of wall time on a machine busy training.
+COMPILE_TIMEOUT_S = 600
 
 
 def cache_dir() -> Path:
@@ -51,18 +55,20 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile SOURCE into the shared library `target` (written atomically)."""
+def _compile(compiler: str, source: Path, target: Path) -> None:
+    """Compile `source` into the shared library `target` (written atomically)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "attention.o", Path(tmp) / target.name
+        obj, lib = Path(tmp) / f"{source.stem}.o", Path(tmp) / target.name
         errors = []
         for openmp in ([OPENMP_FLAG], []):
-            compile_cmd = [compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)]
+            compile_cmd = [compiler, *COMPILE_FLAGS, *openmp, "-c", str(source), "-o", str(obj)]
             link_cmd = [compiler, "-shared", *openmp, str(obj), "-o", str(lib), "-lm"]
             try:
                 for cmd in (compile_cmd, link_cmd):
-                    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+                    subprocess.run(
+                        cmd, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+                    )
                 os.replace(lib, target)
                 return
             except subprocess.CalledProcessError as err:
@@ -91,21 +97,28 @@ _FUNCTIONS = {
 CACHE_DTYPES = tuple(_FUNCTIONS)  # what the kernel's KV cache may hold
 
 
-def _library() -> ctypes.CDLL | None:
-    """Build (once per source, compiler and CPU) and load the shared library, or None."""
-    if os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+def native_off() -> bool:
+    """Whether `LM_NATIVE` turns the compiled kernels off."""
+    return os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off")
+
+
+def load_library(source: Path, purpose: str) -> ctypes.CDLL | None:
+    """Build `source` (once per sources, compiler and CPU) and load it, or None where it
+    cannot be built; `purpose` names what then runs on the PyTorch path, for the log."""
+    if native_off():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning(
-            "no C compiler found: decode attention runs on the slower PyTorch "
-            "path (install gcc or clang, or set CC)"
+            "no C compiler found: %s runs on the slower PyTorch path (install gcc or "
+            "clang, or set CC)",
+            purpose,
         )
         return None
     key = hashlib.sha256(
         "\0".join(
             [
-                SOURCE.read_text(),
+                *(path.read_text() for path in _sources(source)),
                 compiler,
                 *COMPILE_FLAGS,
                 OPENMP_FLAG,
@@ -113,18 +126,32 @@ def _library() -> ctypes.CDLL | None:
             ]
         ).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / "native" / f"attention-{key}.so"
+    target = cache_dir() / "native" / f"{source.stem}-{key}.so"
     try:
         if not target.exists():
-            _compile(compiler, target)
-        library = ctypes.CDLL(str(target))
+            _compile(compiler, source, target)
+        return ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as err:
         logger.warning(
-            "could not build the native attention kernel with %s (%s): decode "
-            "attention runs on the slower PyTorch path",
+            "could not build the native kernel %s with %s (%s): %s runs on the slower PyTorch path",
+            source.name,
             compiler,
             err,
+            purpose,
         )
+        return None
+
+
+def _sources(source: Path) -> list[Path]:
+    """`source` and the files it includes with `#include "..."` (the library's key)."""
+    included = re.findall(r'^#include "([^"]+)"', source.read_text(), flags=re.MULTILINE)
+    return [source, *(source.with_name(name) for name in included)]
+
+
+def _library() -> ctypes.CDLL | None:
+    """The decode-attention library with its functions' signatures, or None."""
+    library = load_library(SOURCE, "decode attention")
+    if library is None:
         return None
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     for function in _FUNCTIONS.values():

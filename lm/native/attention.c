@@ -118,6 +118,8 @@ static inline __attribute__((always_inline)) void attend_one(
     for (int64_t d = 0; d < dim; d++) o[d] = acc[d] / sum;
 }
 
+#ifndef LM_ATTENTION_HELPERS_ONLY /* decode.c includes the helpers above, not these */
+
 /* One (row, head) item, with the common head sizes as constants: the compiler then keeps
    the output accumulator in registers and unrolls the head-size loops. */
 #define ATTEND_ITEM(DIM, KIND)                                                               \
@@ -158,3 +160,5 @@ static inline __attribute__((always_inline)) void attend_one(
 DEFINE_DECODE_ATTENTION(lm_decode_attention_f32, F32)
 DEFINE_DECODE_ATTENTION(lm_decode_attention_f16, F16)
 DEFINE_DECODE_ATTENTION(lm_decode_attention_bf16, BF16)
+
+#endif

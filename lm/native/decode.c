@@ -1,0 +1,312 @@
+/* A whole GPT decode step on the CPU: one new token per row, every layer, in one call.
+ *
+ * The per-token cost of a small GPT in eager PyTorch is mostly dispatch and Python over
+ * two dozen small matrix products; here, as in llama2.c, the step is plain loops over
+ * float32 weights packed into one buffer (lm/native/decode.py packs them, lm/models/gpt.py
+ * says which tensor is which). Per layer: norm, qkv projection, QK-norm, rotary positions
+ * at each row's own position, the new key and value rounded to the cache's type and
+ * written at that position, attention over the row's cache (attention.c's kernel, so a
+ * row computes what the layer-by-layer path computes), output projection, residual, norm,
+ * MLP, residual; then the final norm, the output layer and the logit soft-cap. Rows may
+ * sit at different positions; a row's result does not depend on the others in its batch.
+ *
+ * Arguments:
+ *   shape    n_layer, n_embd, n_head, mlp hidden width, vocab, context, norm (0 LayerNorm,
+ *            1 RMSNorm), mlp (0 GELU, 1 ReLU squared, 2 SwiGLU)
+ *   numbers  eps of the block norms, eps of the QK-norm, logit soft-cap (0: none)
+ *   weights  the packed float32 tensors; `offsets` says where each slot starts (-1: absent)
+ *   ids, pos [batch] int64: each row's new token and its position (< context)
+ *   k_caches, v_caches  per layer, keys [rows, heads, dim, ctx], values [rows, heads, ctx,
+ *            dim] in the cache's type, rows `cache_row_stride` elements apart
+ *   logits   [batch, vocab] float32, written
+ * Returns 0; or, with nothing written, 1 when the scratch could not be allocated, 2 for a
+ * token outside the vocabulary, 3 for a position outside the context.
+ */
+#define LM_ATTENTION_HELPERS_ONLY /* attend_one and friends, not attention.c's exports */
+#include "attention.c"
+
+/* Global slots, then SLOTS_PER_LAYER slots for each layer (lm/native/decode.py: SLOTS). */
+enum { WTE, WPE, LNF_W, LNF_B, HEAD, ROPE_COS, ROPE_SIN, GLOBAL_SLOTS };
+enum {
+    LN1_W, LN1_B, ATTN_W, ATTN_B, Q_NORM, K_NORM, PROJ_W, PROJ_B,
+    LN2_W, LN2_B, FC_W, FC_B, MLP_PROJ_W, MLP_PROJ_B, SLOTS_PER_LAYER
+};
+enum { GELU, RELU2, SWIGLU };
+#define PAD(n) (((n) + 15) & ~(int64_t)15) /* floats, to a multiple of 64 bytes */
+
+/* Float to IEEE half, rounding to nearest even as PyTorch's `Tensor.to` does
+   (F. Giesen's float_to_half_fast3_rtne). */
+static inline uint16_t float_to_half(float value)
+{
+    const uint32_t infinity = 255u << 23, too_big = (127u + 16) << 23;
+    const uint32_t subnormal_magic = ((127u - 15) + (23 - 10) + 1) << 23;
+    uint32_t f = float_to_bits(value);
+    uint32_t sign = f & 0x80000000u;
+    uint16_t h;
+    f ^= sign;
+    if (f >= too_big) {
+        h = f > infinity ? 0x7e00 : 0x7c00;
+    } else if (f < 113u << 23) {
+        /* A float addition rounds the mantissa into half subnormal position. */
+        float shifted = bits_to_float(f) + bits_to_float(subnormal_magic);
+        h = (uint16_t)(float_to_bits(shifted) - subnormal_magic);
+    } else {
+        uint32_t odd = (f >> 13) & 1;
+        f += ((uint32_t)(15 - 127) << 23) + 0xfff + odd;
+        h = (uint16_t)(f >> 13);
+    }
+    return h | (uint16_t)(sign >> 16);
+}
+
+/* Float to bfloat16, rounding to nearest even (NaN stays NaN), as PyTorch does. */
+static inline uint16_t float_to_bf16(float value)
+{
+    uint32_t bits = float_to_bits(value);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+}
+
+static void store(void *to, const float *from, int64_t n, enum element kind)
+{
+    if (kind == F32) {
+        memcpy(to, from, n * sizeof(float));
+    } else {
+        uint16_t *out = to;
+        for (int64_t i = 0; i < n; i++)
+            out[i] = kind == F16 ? float_to_half(from[i]) : float_to_bf16(from[i]);
+    }
+}
+
+/* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows `x_stride` and `y_stride`
+   apart: four outputs at a time, each block of weight rows read once for all the rows. */
+static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
+                   int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
+                   int64_t in, int64_t out, int accumulate)
+{
+    int64_t o = 0;
+    for (; o + 4 <= out; o += 4) {
+        const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + b * x_stride;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t i = 0; i < in; i++) {
+                s0 += w0[i] * xb[i];
+                s1 += w1[i] * xb[i];
+                s2 += w2[i] * xb[i];
+                s3 += w3[i] * xb[i];
+            }
+            float *yb = y + b * y_stride + o;
+            if (bias) {
+                s0 += bias[o], s1 += bias[o + 1], s2 += bias[o + 2], s3 += bias[o + 3];
+            }
+            if (accumulate) {
+                yb[0] += s0, yb[1] += s1, yb[2] += s2, yb[3] += s3;
+            } else {
+                yb[0] = s0, yb[1] = s1, yb[2] = s2, yb[3] = s3;
+            }
+        }
+    }
+    for (; o < out; o++) {
+        const float *wo = w + o * in;
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + b * x_stride;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < in; i++) s += wo[i] * xb[i];
+            if (bias) s += bias[o];
+            y[b * y_stride + o] = accumulate ? y[b * y_stride + o] + s : s;
+        }
+    }
+}
+
+/* LayerNorm (with `bias` or none) or, when `rms`, RMSNorm of each of `rows` vectors of
+   size `n`, `stride` apart. */
+static void norm(const float *x, float *y, const float *weight, const float *bias, int64_t rows,
+                 int64_t n, int64_t stride, float eps, int rms)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * stride;
+        float *yr = y + r * stride;
+        float mean = 0.0f, var = 0.0f;
+        if (!rms) {
+#pragma omp simd reduction(+ : mean)
+            for (int64_t i = 0; i < n; i++) mean += xr[i];
+            mean /= (float)n;
+        }
+#pragma omp simd reduction(+ : var)
+        for (int64_t i = 0; i < n; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        float inv = 1.0f / sqrtf(var / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) {
+            float v = (xr[i] - mean) * inv * weight[i];
+            yr[i] = bias ? v + bias[i] : v;
+        }
+    }
+}
+
+/* Rotate one head's vector by position `p` (rotate-half convention; tables [ctx, dim]). */
+static void rotate(float *restrict x, const float *cos_table, const float *sin_table, int64_t p,
+                   int64_t dim)
+{
+    const float *c = cos_table + p * dim, *s = sin_table + p * dim;
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float first = x[i], second = x[i + half];
+        x[i] = first * c[i] - second * s[i];
+        x[i + half] = second * c[i + half] + first * s[i + half];
+    }
+}
+
+static void activate(const float *restrict f, int64_t f_stride, float *restrict a,
+                     int64_t a_stride, int64_t batch, int64_t hidden, int kind)
+{
+    for (int64_t b = 0; b < batch; b++) {
+        float *ab = a + b * a_stride;
+        const float *fb = f + b * f_stride;
+        if (kind == SWIGLU) {
+            const float *gate = fb, *up = gate + hidden;
+            for (int64_t i = 0; i < hidden; i++)
+                ab[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        } else if (kind == RELU2) {
+            for (int64_t i = 0; i < hidden; i++) {
+                float r = fb[i] > 0.0f ? fb[i] : 0.0f;
+                ab[i] = r * r;
+            }
+        } else {
+            for (int64_t i = 0; i < hidden; i++)
+                ab[i] = 0.5f * fb[i] * (1.0f + erff(fb[i] * 0.70710678118654752f));
+        }
+    }
+}
+
+/* One head of one row: attention.c's item, with the head size as a constant where common. */
+#define ATTEND_HEAD(DIM, KIND)                                                                \
+    attend_one(q, 0, new_key, new_value, 0, keys, values, 0, pos + b, out, heads, DIM, ctx,  \
+               scale, h, h + 1 < heads ? h + 1 : -1, scores, KIND)
+
+#define DEFINE_ATTEND_ROW(NAME, KIND)                                                         \
+    static void NAME(const float *q, const void *new_key, const void *new_value, char *keys,  \
+                     char *values, const int64_t *pos, int64_t b, float *out, int64_t heads,  \
+                     int64_t dim, int64_t ctx, float scale, float *scores)                    \
+    {                                                                                         \
+        for (int64_t h = 0; h < heads; h++) {                                                 \
+            switch (dim) {                                                                    \
+            case 16: ATTEND_HEAD(16, KIND); break;                                            \
+            case 32: ATTEND_HEAD(32, KIND); break;                                            \
+            case 64: ATTEND_HEAD(64, KIND); break;                                            \
+            default: ATTEND_HEAD(dim, KIND);                                                  \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+DEFINE_ATTEND_ROW(attend_row_f32, F32)
+DEFINE_ATTEND_ROW(attend_row_f16, F16)
+DEFINE_ATTEND_ROW(attend_row_bf16, BF16)
+
+static int decode_step(const int64_t *shape, const float *numbers, const float *weights,
+                       const int64_t *offsets, const int64_t *ids, const int64_t *pos,
+                       int64_t batch, void *const *k_caches, void *const *v_caches,
+                       int64_t cache_row_stride, float *logits, enum element kind)
+{
+    const int64_t n_layer = shape[0], n_embd = shape[1], heads = shape[2], hidden = shape[3];
+    const int64_t vocab = shape[4], ctx = shape[5], mlp = shape[7];
+    const int rms = (int)shape[6];
+    const int64_t dim = n_embd / heads, fc_out = mlp == SWIGLU ? 2 * hidden : hidden;
+    const float eps = numbers[0], qk_eps = numbers[1], softcap = numbers[2];
+    const float scale = 1.0f / sqrtf((float)dim);
+    const size_t size = kind == F32 ? 4 : 2;
+#define SLOT(i) (offsets[i] < 0 ? NULL : weights + offsets[i])
+#define LAYER_SLOT(layer, i) SLOT(GLOBAL_SLOTS + (layer) * SLOTS_PER_LAYER + (i))
+
+    for (int64_t b = 0; b < batch; b++) {
+        if (ids[b] < 0 || ids[b] >= vocab) return 2;
+        if (pos[b] < 0 || pos[b] >= ctx) return 3;
+    }
+    /* Every row of every scratch array starts 64 bytes aligned, whatever the batch: the
+       vectorised loops then sum in one order, and a row's result is its own. */
+    const int64_t row = PAD(n_embd), qkv_row = PAD(3 * n_embd), f_row = PAD(fc_out);
+    const int64_t a_row = PAD(hidden);
+    size_t floats = (size_t)(batch * (3 * row + qkv_row + f_row + a_row) + PAD(ctx)
+                             + PAD(2 * n_embd));
+    float *scratch = aligned_alloc(64, sizeof(float) * floats);
+    if (scratch == NULL) return 1;
+    float *x = scratch, *h = x + batch * row, *qkv = h + batch * row, *att = qkv + batch * qkv_row;
+    float *f = att + batch * row, *a = f + batch * f_row, *scores = a + batch * a_row;
+    void *new_kv = scores + PAD(ctx); /* one row's new key and value in the cache's type */
+
+    const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
+    for (int64_t b = 0; b < batch; b++) {
+        const float *token = wte + ids[b] * n_embd;
+        for (int64_t i = 0; i < n_embd; i++)
+            x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
+    }
+    const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
+    for (int64_t layer = 0; layer < n_layer; layer++) {
+        norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), batch, n_embd, row, eps,
+             rms);
+        linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row, batch,
+               n_embd, 3 * n_embd, 0);
+        const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
+        char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
+        for (int64_t b = 0; b < batch; b++) {
+            float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
+            for (int64_t head = 0; head < heads; head++) {
+                if (q_norm) {
+                    norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
+                    norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
+                }
+                if (cos_table) {
+                    rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
+                    rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
+                }
+            }
+            store(new_kv, k, n_embd, kind);
+            store((char *)new_kv + n_embd * size, v, n_embd, kind);
+            char *keys = k_cache + b * cache_row_stride * size;
+            char *values = v_cache + b * cache_row_stride * size;
+            const void *new_value = (char *)new_kv + n_embd * size;
+            if (kind == F32)
+                attend_row_f32(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                               heads, dim, ctx, scale, scores);
+            else if (kind == F16)
+                attend_row_f16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                               heads, dim, ctx, scale, scores);
+            else
+                attend_row_bf16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                               heads, dim, ctx, scale, scores);
+        }
+        linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, row, x, row, batch,
+               n_embd, n_embd, 1);
+        norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), batch, n_embd, row, eps,
+             rms);
+        linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, row, f, f_row, batch, n_embd,
+               fc_out, 0);
+        activate(f, f_row, a, a_row, batch, hidden, (int)mlp);
+        linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x, row,
+               batch, hidden, n_embd, 1);
+    }
+    norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, row, eps, rms);
+    linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0);
+    if (softcap > 0.0f) /* row by row: vector and scalar tanhf differ in the last bit */
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t i = 0; i < vocab; i++)
+                logits[b * vocab + i] = softcap * tanhf(logits[b * vocab + i] / softcap);
+    free(scratch);
+    return 0;
+#undef LAYER_SLOT
+#undef SLOT
+}
+
+#define DEFINE_DECODE_STEP(NAME, KIND)                                                        \
+    int NAME(const int64_t *shape, const float *numbers, const float *weights,                \
+             const int64_t *offsets, const int64_t *ids, const int64_t *pos, int64_t batch,   \
+             void *const *k_caches, void *const *v_caches, int64_t cache_row_stride,          \
+             float *logits)                                                                   \
+    {                                                                                         \
+        return decode_step(shape, numbers, weights, offsets, ids, pos, batch, k_caches,       \
+                           v_caches, cache_row_stride, logits, KIND);                         \
+    }
+
+DEFINE_DECODE_STEP(lm_gpt_decode_f32, F32)
+DEFINE_DECODE_STEP(lm_gpt_decode_f16, F16)
+DEFINE_DECODE_STEP(lm_gpt_decode_bf16, BF16)

@@ -1,0 +1,210 @@
+"""A whole GPT decode step in one C call (`decode.c`), over weights packed once.
+
+`pack()` copies a model's float32 tensors into one contiguous buffer, in the slots that
+`decode.c` reads (named in `GLOBAL_SLOTS` and `LAYER_SLOTS`); `decode_step()` returns the
+compiled step, which takes a pack, one new token per row, the rows' positions and the
+per-layer KV caches, writes the new keys and values into the caches and returns the
+next-token logits. `lm.models.gpt.GPT.step` uses it for decode steps on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lm.native import CACHE_DTYPES, load_library
+
+SOURCE = Path(__file__).with_name("decode.c")
+GLOBAL_SLOTS = ("wte", "wpe", "ln_f.weight", "ln_f.bias", "lm_head", "rope_cos", "rope_sin")
+LAYER_SLOTS = (
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.q_norm",
+    "attn.k_norm",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
+MLP_KINDS = ("gelu", "relu2", "swiglu")
+_FUNCTIONS = {
+    torch.float32: "lm_gpt_decode_f32",
+    torch.float16: "lm_gpt_decode_f16",
+    torch.bfloat16: "lm_gpt_decode_bf16",
+}
+_ALIGN = 16  # floats: each tensor starts on a 64-byte boundary
+
+
+@dataclass(frozen=True)
+class PackedGPT:
+    """A GPT's weights in `decode.c`'s layout, and the numbers that describe it."""
+
+    weights: torch.Tensor  # float32, every tensor of `slots` one after the other
+    offsets: torch.Tensor  # int64, where each slot starts in `weights` (-1: absent)
+    shape: torch.Tensor  # int64: n_layer, n_embd, n_head, hidden, vocab, context, norm, mlp
+    numbers: torch.Tensor  # float32: norm eps, QK-norm eps, logit soft-cap
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.shape[0])
+
+
+def pack(
+    tensors: dict[str, torch.Tensor | None],
+    *,
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    hidden: int,
+    vocab: int,
+    context: int,
+    rmsnorm: bool,
+    mlp: str,
+    eps: float,
+    qk_eps: float,
+    softcap: float,
+) -> PackedGPT:
+    """Copy `tensors` (named as `GLOBAL_SLOTS`, and `LAYER_SLOTS` prefixed `blocks.{i}.`;
+    absent or None where the model has no such part) into one float32 buffer. A tensor
+    that fills two slots (a tied output layer) is stored once."""
+    names = [*GLOBAL_SLOTS, *(f"blocks.{i}.{s}" for i in range(n_layer) for s in LAYER_SLOTS)]
+    offsets, chunks, seen, size = [], [], {}, 0
+    for name in names:
+        tensor = tensors.get(name)
+        if tensor is None:
+            offsets.append(-1)
+            continue
+        if id(tensor) in seen:
+            offsets.append(seen[id(tensor)])
+            continue
+        seen[id(tensor)] = size
+        offsets.append(size)
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        padding = -flat.numel() % _ALIGN
+        chunks += [flat, flat.new_zeros(padding)]
+        size += flat.numel() + padding
+    weights = torch.cat(chunks) if chunks else torch.zeros(0)
+    if weights.data_ptr() % 64:  # realign the whole buffer (torch's CPU allocator aligns)
+        aligned = torch.empty(weights.numel() + _ALIGN)
+        start = (-aligned.data_ptr() // 4) % _ALIGN
+        aligned[start : start + weights.numel()] = weights
+        weights = aligned[start : start + weights.numel()]
+    shape = [n_layer, n_embd, n_head, hidden, vocab, context, int(rmsnorm), MLP_KINDS.index(mlp)]
+    return PackedGPT(
+        weights=weights,
+        offsets=torch.tensor(offsets, dtype=torch.int64),
+        shape=torch.tensor(shape, dtype=torch.int64),
+        numbers=torch.tensor([eps, qk_eps, softcap], dtype=torch.float32),
+    )
+
+
+DecodeStep = Callable[
+    [PackedGPT, torch.Tensor, torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    torch.Tensor,
+]
+
+
+@functools.cache  # GPT.step asks at every decode step: built once per process
+def decode_step() -> DecodeStep | None:
+    """The compiled whole-model decode step, or None where it cannot be built.
+
+    The returned function takes a `PackedGPT`, `ids[B]` and `positions[B]` (contiguous
+    int64 CPU tensors: each row's new token and where it goes) and the per-layer caches,
+    keys `[*, H, D, T]` and values `[*, H, T, D]` of one of `CACHE_DTYPES`, contiguous rows
+    whose first `B` are the batch. It writes each row's new keys and values at its position
+    and returns the logits `[B, vocab]` in float32.
+    """
+    library = load_library(SOURCE, "the GPT decode step")
+    if library is None:
+        return None
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    functions = {}
+    for dtype, name in _FUNCTIONS.items():
+        function = getattr(library, name)
+        function.argtypes = [pointer] * 6 + [i64, pointer, pointer, i64, pointer]
+        function.restype = ctypes.c_int
+        functions[dtype] = function
+
+    def step(packed, ids, positions, keys, values):
+        batch = ids.shape[0]
+        dtype, row_stride = _check(packed, ids, positions, keys, values)
+        logits = torch.empty(batch, int(packed.shape[4]))
+        layers = len(keys)
+        failed = functions[dtype](
+            packed.shape.data_ptr(),
+            packed.numbers.data_ptr(),
+            packed.weights.data_ptr(),
+            packed.offsets.data_ptr(),
+            ids.data_ptr(),
+            positions.data_ptr(),
+            batch,
+            (pointer * layers)(*(k.data_ptr() for k in keys)),
+            (pointer * layers)(*(v.data_ptr() for v in values)),
+            row_stride,
+            logits.data_ptr(),
+        )
+        if failed == 1:
+            raise MemoryError("the native decode step could not allocate its scratch")
+        if failed == 2:
+            raise IndexError(f"token ids must lie in [0, {int(packed.shape[4])})")
+        if failed == 3:
+            raise ValueError(
+                f"state of {int(positions.max()) + 1} tokens exceeds block size "
+                f"{int(packed.shape[5])}"
+            )
+        return logits
+
+    return step
+
+
+def _check(packed: PackedGPT, ids, positions, keys, values) -> tuple[torch.dtype, int]:
+    """The step reads raw memory: refuse anything but the layouts it was written for.
+    Returns the caches' dtype and row stride."""
+    batch = ids.shape[0]
+    for name, t in (("ids", ids), ("positions", positions)):
+        if (
+            t.dtype != torch.int64
+            or t.shape != (batch,)
+            or not t.is_contiguous()
+            or t.device.type != "cpu"
+        ):
+            raise ValueError(f"{name} must be a contiguous int64 CPU tensor, one entry per row")
+    n_layer, n_embd, heads = (int(n) for n in packed.shape[:3])
+    dim, ctx = n_embd // heads, int(packed.shape[5])
+    if len(keys) != n_layer or len(values) != n_layer:
+        raise ValueError(f"the caches must hold {n_layer} layers")
+    dtype, row_stride = keys[0].dtype, keys[0].stride(0)
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(
+            f"the native decode step takes a cache of {', '.join(map(str, CACHE_DTYPES))}"
+        )
+    key_strides, value_strides = (row_stride, dim * ctx, ctx, 1), (row_stride, ctx * dim, dim, 1)
+    for k, v in zip(keys, values):
+        if (
+            k.dtype != dtype
+            or v.dtype != dtype
+            or k.shape[0] < batch
+            or v.shape[0] < batch
+            or k.shape[1:] != (heads, dim, ctx)
+            or v.shape[1:] != (heads, ctx, dim)
+            or k.stride() != key_strides
+            or v.stride() != value_strides
+            or k.device.type != "cpu"
+            or v.device.type != "cpu"
+        ):
+            raise ValueError(
+                "KV caches must be CPU tensors of one dtype with contiguous [H, D, T] keys "
+                "and [H, T, D] values, rows equally far apart"
+            )
+    return dtype, row_stride

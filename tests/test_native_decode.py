@@ -1,0 +1,292 @@
+"""The compiled whole-model decode step: the logits and caches of GPT.step's PyTorch path,
+for every block option and cache dtype, rows at different positions; repacked when the
+weights change; not used where it does not apply."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lm import native
+from lm.engine import Engine
+from lm.lora import add_lora
+from lm.models import ModelConfig, build_model
+from lm.native import decode
+from lm.sampling import SamplingParams
+from lm.tokenizers import CharTokenizer
+
+VOCAB = 23
+MODERN = dict(
+    position="rope",
+    norm="rmsnorm",
+    qk_norm=True,
+    mlp="swiglu",
+    tie_embeddings=False,
+    logit_softcap=15.0,
+)
+OPTIONS = [
+    {},
+    {"bias": True},
+    *({key: value} for key, value in MODERN.items()),
+    {"mlp": "relu2"},
+    {"position": "rope", "rope_theta": 100.0},
+    MODERN,
+    {**MODERN, "mlp": "relu2", "bias": True},
+    {**MODERN, "norm": "layernorm", "mlp": "gelu", "bias": True},
+]
+CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# float32 caches: the step's own rounding only; narrower caches: a new key or value may
+# round to the neighbouring float16/bfloat16 when the two paths differ in the last bit.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def native_step():
+    """The compiled step (built afresh in the test session's cache directory)."""
+    step = decode.decode_step()
+    if step is None and os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        pytest.skip("LM_NATIVE=0 turns the native code off")
+    if step is None and (shutil.which("cc") or shutil.which("gcc")):
+        pytest.fail("a C compiler is here, yet the native decode step did not build")
+    if step is None:
+        pytest.skip("no C compiler on this machine")
+    return step
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """A context in which GPT.step runs without the compiled whole-model step."""
+
+    class Off:
+        def __enter__(self):
+            monkeypatch.setattr("lm.models.gpt.decode_step", lambda: None)
+
+        def __exit__(self, *exc):
+            monkeypatch.undo()
+
+    return Off
+
+
+@torch.inference_mode(False)  # parameters with version counters, as a loaded model's
+def tiny_gpt(n_head: int = 2, n_embd: int = 16, vocab_size: int = VOCAB, **options):
+    torch.manual_seed(0)
+    config = ModelConfig(
+        kind="gpt",
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=n_head,
+        block_size=24,
+        **options,
+    )
+    model = build_model(config).eval()
+    with torch.no_grad():  # random weights: near-zero initial ones would hide mistakes
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+def ids_of(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def prefilled(model, prompt_lengths, cache_dtype):
+    """A state whose rows hold prompts of different lengths (so, at different positions)."""
+    states = [
+        model.step(ids_of(1, n, seed=n), model.init_state(1, cache_dtype=cache_dtype))[1]
+        for n in prompt_lengths
+    ]
+    return {key: torch.cat([s[key] for s in states]) for key in states[0]}
+
+
+def clone(state):
+    return {key: tensor.clone() for key, tensor in state.items()}
+
+
+def assert_same_state(state, expected, atol):
+    assert torch.equal(state["pos"], expected["pos"])
+    for key in expected:
+        if key != "pos":
+            assert state[key].dtype == expected[key].dtype
+            assert_close(state[key].float(), expected[key].float(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "classic")
+@pytest.mark.parametrize("prompt_lengths", [[5], [1, 9, 3]], ids=["batch1", "batch3"])
+@torch.inference_mode()
+def test_native_step_equals_the_pytorch_path(
+    native_step, torch_path, options, cache_dtype, prompt_lengths
+):
+    model = tiny_gpt(**options)
+    native_state = prefilled(model, prompt_lengths, cache_dtype)
+    torch_state = clone(native_state)
+    for t in range(8):
+        ids = ids_of(len(prompt_lengths), 1, seed=50 + t)
+        logits, native_state = model.step(ids, native_state)
+        with torch_path():
+            expected, torch_state = model.step(ids, torch_state)
+        assert logits.shape == (len(prompt_lengths), VOCAB) and logits.dtype == torch.float32
+        assert_close(logits, expected, atol=TOLERANCE[cache_dtype], rtol=0)
+        assert_same_state(native_state, torch_state, TOLERANCE[cache_dtype])
+
+
+@pytest.mark.parametrize("n_head, n_embd", [(1, 16), (2, 64), (3, 24), (2, 128)])
+@torch.inference_mode()
+def test_head_sizes_the_kernel_specialises_and_others(native_step, torch_path, n_head, n_embd):
+    model = tiny_gpt(n_head=n_head, n_embd=n_embd, **MODERN)
+    native_state = prefilled(model, [2, 7], torch.float32)
+    torch_state = clone(native_state)
+    ids = ids_of(2, 1, seed=7)
+    logits, native_state = model.step(ids, native_state)
+    with torch_path():
+        expected, torch_state = model.step(ids, torch_state)
+    assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert_same_state(native_state, torch_state, 1e-5)
+
+
+@torch.inference_mode()
+def test_a_row_does_not_depend_on_its_batch(native_step):
+    """Bit for bit: the same row alone or among others gives the same logits."""
+    model = tiny_gpt(**MODERN)
+    state = prefilled(model, [4, 11, 1], torch.bfloat16)
+    ids = ids_of(3, 1, seed=3)
+    together, _ = model.step(ids, clone(state))
+    for row in range(3):
+        alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
+        logits, _ = model.step(ids[row : row + 1], alone)
+        assert torch.equal(logits[0], together[row])
+
+
+@pytest.mark.parametrize("options", [{}, MODERN], ids=["classic", "modern"])
+def test_greedy_generation_is_the_same_either_way(native_step, torch_path, options):
+    """50 greedy tokens for prompts of different lengths, through the engine."""
+    tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvw")
+    model = tiny_gpt(vocab_size=tokenizer.vocab_size, **options)
+    prompts = ["abc", "helloworld", "w"]
+
+    def generate() -> list[list[int]]:
+        engine = Engine(model, tokenizer, max_batch=4, kv_cache_dtype="float32")
+        seqs = [
+            engine.submit(tokenizer.encode(p), SamplingParams(max_new_tokens=50, temperature=0))
+            for p in prompts
+        ]
+        engine.run_until_idle()
+        return [s.generated for s in seqs]
+
+    with_native = generate()
+    with torch_path():
+        assert generate() == with_native
+    assert all(len(tokens) == 50 for tokens in with_native)
+
+
+@torch.inference_mode()
+def test_changed_weights_are_packed_again(native_step, torch_path):
+    model = tiny_gpt(**MODERN)
+    state = prefilled(model, [3, 6], torch.float32)
+    ids = ids_of(2, 1, seed=5)
+    model.step(ids, clone(state))  # packs the weights
+    other = tiny_gpt(**MODERN)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.normal_(0.0, 0.3)
+    changes = [
+        lambda: model.load_state_dict(other.state_dict()),  # copied in place
+        lambda: model.blocks[1].mlp.c_fc.weight.mul_(-1.0),  # changed in place
+        lambda: model.load_state_dict(other.state_dict(), assign=True),  # new parameters
+    ]
+    for change in changes:
+        change()
+        logits, _ = model.step(ids, clone(state))
+        with torch_path():
+            expected, _ = model.step(ids, clone(state))
+        assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_model_made_in_inference_mode_runs_natively(native_step, monkeypatch):
+    """Its parameters have no version counters; the pack then watches their storage."""
+    from lm.models import gpt
+
+    packs = []
+    monkeypatch.setattr(gpt, "pack", lambda *a, **k: packs.append(1) or decode.pack(*a, **k))
+    with torch.inference_mode():
+        model = build_model(
+            ModelConfig(kind="gpt", vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2, block_size=8)
+        ).eval()
+        for _ in range(3):
+            model.step(ids_of(1, 1), model.init_state(1))
+    assert packs == [1]
+
+
+@torch.inference_mode()
+def test_lora_layers_keep_the_pytorch_path(native_step, monkeypatch):
+    """A trainable adapter applies to every row: the native step (base weights only) must
+    not run, and decoding keeps the adapter's delta."""
+    model = tiny_gpt()
+    model.step(ids_of(1, 1), prefilled(model, [4], torch.float32))  # packed without adapter
+    add_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    monkeypatch.setattr("lm.models.gpt.pack", lambda *a, **k: pytest.fail("packed"))
+    logits, _ = model.step(ids_of(1, 1), prefilled(model, [4], torch.float32))
+    prompt = torch.cat([ids_of(1, 4, seed=4), ids_of(1, 1)], dim=1)
+    assert_close(logits[0], model(prompt)[0, -1], atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_large_batches_keep_the_pytorch_path(native_step, monkeypatch):
+    """Past NATIVE_DECODE_MAX_ROWS rows per thread, PyTorch's matrix products are faster."""
+    model = tiny_gpt()
+    state = prefilled(model, [2, 3, 4], torch.float32)
+    monkeypatch.setattr("lm.models.gpt.NATIVE_DECODE_MAX_ROWS", 2)
+    monkeypatch.setattr("lm.models.gpt.pack", lambda *a, **k: pytest.fail("packed"))
+    logits, _ = model.step(ids_of(3, 1), state)
+    assert logits.shape == (3, VOCAB)
+
+
+@torch.inference_mode()
+def test_bad_input_is_refused_before_any_write(native_step):
+    model = tiny_gpt()
+    state = prefilled(model, [3], torch.float16)
+    before = clone(state)
+    with pytest.raises(IndexError, match=r"\[0, 23\)"):
+        model.step(torch.tensor([[VOCAB]]), state)
+    full = {**state, "pos": torch.tensor([24])}
+    with pytest.raises(ValueError, match="block size"):
+        model.step(ids_of(1, 1), full)
+    assert_same_state(state, before, 0)
+    packed = model._native_weights()
+    keys = [state[f"k{i}"] for i in range(2)]
+    values = [state[f"v{i}"] for i in range(2)]
+    with pytest.raises(ValueError, match="contiguous"):
+        native_step(packed, ids_of(1), state["pos"], [k.transpose(2, 3) for k in keys], values)
+    with pytest.raises(ValueError, match="one dtype"):
+        native_step(packed, ids_of(1), state["pos"], keys, [v.float() for v in values])
+    with pytest.raises(ValueError, match="int64"):
+        native_step(packed, ids_of(1).int(), state["pos"], keys, values)
+    assert_same_state(state, before, 0)
+
+
+def test_lm_native_0_or_no_compiler_leave_the_pytorch_path(monkeypatch, tmp_path):
+    model = tiny_gpt()
+    with torch.inference_mode():
+        state = prefilled(model, [2], torch.float32)
+        expected, _ = model.step(ids_of(1, 1), clone(state))
+    for env, value in (("LM_NATIVE", "0"), ("CC", str(tmp_path / "no-such-compiler"))):
+        monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv(env, value)
+        decode.decode_step.cache_clear()
+        native.decode_attention.cache_clear()
+        assert decode.decode_step() is None
+        with torch.inference_mode():
+            logits, _ = model.step(ids_of(1, 1), clone(state))
+        assert_close(logits, expected, atol=1e-4, rtol=0)
+        monkeypatch.undo()
+    decode.decode_step.cache_clear()
+    native.decode_attention.cache_clear()
