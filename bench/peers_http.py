@@ -193,4 +193,8 @@ def time_http(
     finally:
         for proc in processes:
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # llama-server may not stop on SIGTERM
+                proc.kill()
+                proc.wait(timeout=20)
