@@ -417,21 +417,39 @@ class Engine:
     def _fill_rows(self, rows: list[int]) -> None:
         """Reset rows and prefill each with its context: the cached blocks of its prefix are
         copied in, the rest runs through the model. Rows with the same number of tokens to
-        run go as one batch, up to PREFILL_TOKENS tokens at a time."""
-        by_length: dict[int, list[tuple[int, list[int], list]]] = {}
-        for row in rows:
-            seq = self.active[row]
-            context = self._context(seq)
-            seq.cached = len(context)
-            chain = []
-            if self.prefix_cache is not None and context:
-                chain = self.prefix_cache.match(context, seq.adapter)
-            remaining = len(context) - len(chain) * getattr(self.prefix_cache, "block_tokens", 0)
-            by_length.setdefault(remaining, []).append((row, context, chain))
-        for length, group in by_length.items():
-            size = max(1, PREFILL_TOKENS // max(1, length))
-            for start in range(0, len(group), size):
-                self._prefill(group[start : start + size])
+        run go as one batch, up to PREFILL_TOKENS tokens at a time.
+
+        Rows whose first uncached block is the same (requests that share a prefix not yet
+        cached) do not all compute it: one goes first, and the others follow in a second
+        round that finds the prefix cached."""
+        pending = rows
+        while pending:
+            by_length: dict[int, list[tuple[int, list[int], list]]] = {}
+            later, leaders = [], set()
+            for row in pending:
+                seq = self.active[row]
+                context = self._context(seq)
+                seq.cached = len(context)
+                chain = []
+                if self.prefix_cache is not None and context:
+                    size = self.prefix_cache.block_tokens
+                    cached = self.prefix_cache.peek(context, seq.adapter)
+                    if len(context) - cached >= size:  # a whole block to compute and keep
+                        first_new = (seq.adapter, tuple(context[: cached + size]))
+                        if first_new in leaders:
+                            later.append(row)
+                            continue
+                        leaders.add(first_new)
+                    chain = self.prefix_cache.match(context, seq.adapter)
+                remaining = len(context) - len(chain) * getattr(
+                    self.prefix_cache, "block_tokens", 0
+                )
+                by_length.setdefault(remaining, []).append((row, context, chain))
+            for length, group in by_length.items():
+                size = max(1, PREFILL_TOKENS // max(1, length))
+                for start in range(0, len(group), size):
+                    self._prefill(group[start : start + size])
+            pending = later
 
     def _prefill(self, group: list[tuple[int, list[int], list]]) -> None:
         """Prefill rows in one model step: each row's cached prefix blocks are written in,

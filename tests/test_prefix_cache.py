@@ -169,3 +169,17 @@ def test_a_negative_budget_is_refused(tokenizer):
     model = random_gpt(tokenizer.vocab_size, block_size=32)
     with pytest.raises(Exception, match="prefix_cache_mb"):
         Engine(model, tokenizer, prefix_cache_mb=-1)
+
+
+def test_requests_sharing_an_uncached_prefix_compute_it_once(tokenizer):
+    """Four requests with one new prefix admitted in the same step: the prefix is computed
+    by the first, and the other three find it cached."""
+    model = random_gpt(tokenizer.vocab_size, block_size=128)
+    engine = Engine(model, tokenizer, max_batch=8)
+    prompts = [tokenizer.encode(PREFIX + f"Q: {query}\nA:") for query in QUERIES[:4]]
+    for ids in prompts:
+        engine.submit(ids, SamplingParams(max_new_tokens=1))
+    engine.run_until_idle()
+    block = engine.prefix_cache.block_tokens
+    shared = len(tokenizer.encode(PREFIX + "Q: ")) // block * block
+    assert engine.prefix_cache.hits == 3 * shared
