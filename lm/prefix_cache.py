@@ -58,28 +58,23 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def _keys(self, tokens: list[int], namespace: Hashable):
-        """(key, block index) for each whole block of `tokens`, given the chain before it
-        exists; the caller stops at the first missing block."""
+    def _chain(self, tokens: list[int], namespace: Hashable) -> list[Block]:
+        """The cached blocks that begin `tokens`, in order (nothing counted or touched)."""
+        chain: list[Block] = []
         parent: Hashable = ("root", namespace)
         size = self.block_tokens
         for index in range(len(tokens) // size):
-            key = (parent, tuple(tokens[index * size : (index + 1) * size]))
-            yield key, index
-            block = self.blocks.get(key)
+            block = self.blocks.get((parent, tuple(tokens[index * size : (index + 1) * size])))
             if block is None:
-                return
+                break
+            chain.append(block)
             parent = block.id
+        return chain
 
     def match(self, tokens: list[int], namespace: Hashable = None) -> list[Block]:
         """The longest chain of cached blocks that begins `tokens` (counted as a query of
         len(tokens) tokens and a hit of the chain's)."""
-        chain = []
-        for key, _ in self._keys(tokens, namespace):
-            block = self.blocks.get(key)
-            if block is None:
-                break
-            chain.append(block)
+        chain = self._chain(tokens, namespace)
         self._touch(chain)
         self.queries += len(tokens)
         self.hits += len(chain) * self.block_tokens
@@ -87,12 +82,7 @@ class PrefixCache:
 
     def peek(self, tokens: list[int], namespace: Hashable = None) -> int:
         """How many leading tokens of `tokens` are cached (no query counted, nothing touched)."""
-        found = 0
-        for key, _ in self._keys(tokens, namespace):
-            if key not in self.blocks:
-                break
-            found += self.block_tokens
-        return found
+        return len(self._chain(tokens, namespace)) * self.block_tokens
 
     def insert(
         self,
@@ -105,33 +95,19 @@ class PrefixCache:
         will be overwritten). Blocks read together share one copy, freed with the last."""
         if self.capacity_bytes <= 0:
             return
-        chain: list[Block] = []
-        missing: list[tuple[tuple, int]] = []
-        parent: Hashable = ("root", namespace)
         size = self.block_tokens
-        for index in range(len(tokens) // size):
-            key = (parent, tuple(tokens[index * size : (index + 1) * size]))
-            block = self.blocks.get(key)
-            if block is None:  # from here on nothing is cached: every later block is new
-                missing = [
-                    ((None, tuple(tokens[i * size : (i + 1) * size])), i)
-                    for i in range(index, len(tokens) // size)
-                ]
-                missing[0] = (key, index)
-                break
-            chain.append(block)
-            parent = block.id
-        if missing:
-            first = missing[0][1] * size
-            pieces = read(first, (missing[-1][1] + 1) * size)
-            for (key, _), kv in zip(missing, pieces):
-                if key[0] is None:
-                    key = (chain[-1].id, key[1])
+        chain = self._chain(tokens, namespace)
+        first, total = len(chain), len(tokens) // size
+        if first < total:  # every block after the first missing one is new too
+            parent: Hashable = chain[-1].id if chain else ("root", namespace)
+            for index, kv in enumerate(read(first * size, total * size), first):
+                key = (parent, tuple(tokens[index * size : (index + 1) * size]))
                 nbytes = sum(t.numel() * t.element_size() for t in kv.values())
                 block = Block(next(self._ids), key, kv, nbytes)
                 self.blocks[key] = block
                 self.nbytes += nbytes
                 chain.append(block)
+                parent = block.id
         self._touch(chain)
         self._evict()
 
