@@ -21,6 +21,31 @@ def corpus_path() -> Path:
     return path
 
 
+def reference_gpt(vocab_size: int):
+    """The benchmarks' reference GPT: 4 layers, 4 heads, 128 wide, context 256, random
+    weights from seed 0 (which cost the same to run as trained ones)."""
+    import torch
+
+    from lm.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        kind="gpt", vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=128, block_size=256
+    )
+    return build_model(config)
+
+
+def save_reference_gpt(directory: Path) -> Path:
+    """The reference GPT with a character tokenizer of the reference corpus, saved as a
+    checkpoint in `directory`."""
+    from lm.checkpoint import save_checkpoint
+    from lm.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer.train(corpus_path().read_text(encoding="utf-8"))
+    save_checkpoint(directory, reference_gpt(tokenizer.vocab_size), tokenizer, {})
+    return directory
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import corpus_path, save_result
+from bench.common import corpus_path, reference_gpt, save_result
 from lm.checkpoint import load_checkpoint
 from lm.engine import Engine
 from lm.models import ModelConfig, build_model
@@ -141,17 +141,7 @@ def main() -> None:
     streams = [int(s) for s in args.streams.split(",") if s]  # "": step rows only
     text = corpus_path().read_text(encoding="utf-8")
     tokenizer = CharTokenizer.train(text)
-    torch.manual_seed(0)
-    reference = build_model(
-        ModelConfig(
-            kind="gpt",
-            vocab_size=tokenizer.vocab_size,
-            n_layer=4,
-            n_head=4,
-            n_embd=128,
-            block_size=256,
-        )
-    ).eval()
+    reference = reference_gpt(tokenizer.vocab_size).eval()
     prompt = "ROMEO:\n"
     rows = []
     lstm = None

@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 
-from bench.common import save_result
+from bench.common import reference_gpt, save_result
 
 CONFIGS = [
     {"name": "main thread, 1 thread", "threads": 1, "where": "main"},
@@ -89,21 +89,10 @@ def run_config(config: dict, streams: int, new_tokens: int) -> dict:
         torch.set_num_threads(config["threads"])
     if config.get("main_parallel_op"):
         torch.ones(512, 128) + torch.ones(512, 128)  # large enough to run in parallel
-    from lm.models import ModelConfig, build_model
     from lm.tokenizers import CharTokenizer
 
     tokenizer = CharTokenizer.train("ROMEO: What light through yonder window breaks?\n")
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(
-            kind="gpt",
-            vocab_size=tokenizer.vocab_size,
-            n_layer=4,
-            n_head=4,
-            n_embd=128,
-            block_size=256,
-        )
-    ).eval()
+    model = reference_gpt(tokenizer.vocab_size).eval()
     model.to(getattr(torch, config.get("model_dtype", "float32")))
     prompt = tokenizer.encode("ROMEO:\nWhat light through yonder window breaks?\n")
 

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import corpus_path
+from bench.common import save_reference_gpt
 
 CACHE = Path(os.environ.get("LM_PEERS_CACHE", Path.home() / ".cache" / "lm" / "peers"))
 REFERENCE = "reference"
@@ -44,26 +44,7 @@ def reference_checkpoint() -> Path:
     directory = CACHE / "reference-gpt"
     if (directory / "model.safetensors").is_file():
         return directory
-    import torch
-
-    from lm.checkpoint import save_checkpoint
-    from lm.models import ModelConfig, build_model
-    from lm.tokenizers import CharTokenizer
-
-    tokenizer = CharTokenizer.train(corpus_path().read_text(encoding="utf-8"))
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(
-            kind="gpt",
-            vocab_size=tokenizer.vocab_size,
-            n_layer=4,
-            n_head=4,
-            n_embd=128,
-            block_size=256,
-        )
-    )
-    save_checkpoint(directory, model, tokenizer, {})
-    return directory
+    return save_reference_gpt(directory)
 
 
 def checkpoint_dir(name: str) -> Path:

@@ -21,13 +21,9 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
-from bench.common import corpus_path, save_result
+from bench.common import save_reference_gpt, save_result
 from bench.serve_bench import free_port, run_level, start_server
-from lm.checkpoint import save_checkpoint
-from lm.models import ModelConfig, build_model
-from lm.tokenizers import CharTokenizer
 from tests.loopback_nginx import loopback_config, nginx_binary, nginx_command
 
 MODEL = "reference-gpt"
@@ -120,23 +116,10 @@ def main() -> None:
         "other work shares the cores, as OpenMP threads then stall",
     )
     args = parser.parse_args()
-    text = corpus_path().read_text(encoding="utf-8")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / MODEL
-        tokenizer = CharTokenizer.train(text)
-        torch.manual_seed(0)
-        model = build_model(
-            ModelConfig(
-                kind="gpt",
-                vocab_size=tokenizer.vocab_size,
-                n_layer=4,
-                n_head=4,
-                n_embd=128,
-                block_size=256,
-            )
-        )
-        save_checkpoint(directory, model, tokenizer, {})
+        save_reference_gpt(directory)
         for setup, replicas, via_nginx in (
             ("1 replica, direct", 1, False),
             ("1 replica, nginx", 1, True),

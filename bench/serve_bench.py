@@ -24,12 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from bench.common import ROOT, corpus_path, save_result
-from lm.checkpoint import save_checkpoint
-from lm.models import ModelConfig, build_model
-from lm.tokenizers import CharTokenizer
+from bench.common import ROOT, save_reference_gpt, save_result
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 
@@ -231,22 +226,9 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     extra = args.server_args.split()
-    text = corpus_path().read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "reference-gpt"
-        tokenizer = CharTokenizer.train(text)
-        torch.manual_seed(0)
-        model = build_model(
-            ModelConfig(
-                kind="gpt",
-                vocab_size=tokenizer.vocab_size,
-                n_layer=4,
-                n_head=4,
-                n_embd=128,
-                block_size=256,
-            )
-        )
-        save_checkpoint(directory, model, tokenizer, {})
+        save_reference_gpt(directory)
         port = free_port()
         server = start_server(str(directory), port, extra)
         try:
