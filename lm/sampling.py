@@ -269,6 +269,8 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Draw one token id per row of `logits[B, V]`."""
     logits = process(logits.float(), params)
     greedy_rows = params.temperature <= 0
+    if bool(greedy_rows.all()):  # nothing to draw (a fast path for greedy batches)
+        return logits.argmax(dim=-1)
     temperature = torch.where(greedy_rows, torch.ones_like(params.temperature), params.temperature)
     # Shift each row so its largest logit is 0: dividing by a tiny temperature then gives
     # -inf at worst, never inf (whose softmax would be NaN and pick an arbitrary token).

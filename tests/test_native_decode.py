@@ -240,14 +240,30 @@ def test_lora_layers_keep_the_pytorch_path(native_step, monkeypatch):
 
 
 @torch.inference_mode()
-def test_large_batches_keep_the_pytorch_path(native_step, monkeypatch):
-    """Past NATIVE_DECODE_MAX_ROWS rows per thread, PyTorch's matrix products are faster."""
-    model = tiny_gpt()
-    state = prefilled(model, [2, 3, 4], torch.float32)
-    monkeypatch.setattr("lm.models.gpt.NATIVE_DECODE_MAX_ROWS", 2)
-    monkeypatch.setattr("lm.models.gpt.pack", lambda *a, **k: pytest.fail("packed"))
-    logits, _ = model.step(ids_of(3, 1), state)
-    assert logits.shape == (3, VOCAB)
+def test_large_batches_and_threads_give_each_row_the_same_logits(native_step, torch_path):
+    """The native step runs at every batch size. 37 rows (pairs of rows and a last one alone
+    in the matrix kernels, output widths that are not multiples of 8): bit for bit the same
+    with 1 or 2 threads and for a row alone, and the PyTorch path's logits."""
+    model = tiny_gpt(n_head=2, n_embd=40, **MODERN)
+    lengths = [1 + (7 * row) % 20 for row in range(37)]
+    state = prefilled(model, lengths, torch.float32)
+    ids = ids_of(37, 1, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = model.step(ids, clone(state))
+        torch.set_num_threads(2)
+        two, _ = model.step(ids, clone(state))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    for row in (0, 17, 36):
+        alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
+        logits, _ = model.step(ids[row : row + 1], alone)
+        assert torch.equal(logits[0], one[row])
+    with torch_path():
+        expected, _ = model.step(ids, clone(state))
+    assert_close(one, expected, atol=1e-4, rtol=0)
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ zero-initialised output projections and logit soft-capping.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,11 +25,6 @@ from lm.native.decode import PackedGPT, decode_step, pack
 
 BF16_PREFILL_BLOCK = 512  # prefills of this many tokens or more: bfloat16 matrix products
 RMS_NORM_EPS = 1e-6  # as Qwen3 and Llama
-# Decode steps of up to this many rows per thread run in the native whole-model step. It
-# runs in one thread, with matrix-vector loops: per decode step of the shipped char GPT, in
-# CPU time, 4.7x faster than the PyTorch path at 1 row and 1.9x at 8, but 0.93x at 64,
-# where PyTorch's matrix products (which also use every thread) win.
-NATIVE_DECODE_MAX_ROWS = 16
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin, [..., t, 1, head_dim]
 
@@ -440,12 +436,11 @@ class GPT(nn.Module):
 
     def _native_decode(self, ids: torch.Tensor, state: State) -> torch.Tensor | None:
         """A decode step's logits from the compiled whole-model step (`lm.native.decode`),
-        or None where it does not apply: off the CPU, a large batch, not float32, a cache
+        or None where it does not apply: off the CPU, not float32, a cache
         dtype it does not take, rows with LoRA adapters, or no compiler (then `step` runs in
         PyTorch)."""
         if (
             ids.device.type != "cpu"
-            or len(ids) * torch.get_num_threads() > NATIVE_DECODE_MAX_ROWS
             or self.wte.weight.dtype != torch.float32
             or state["k0"].dtype not in CACHE_DTYPES
             or _adapters(state) is not None
@@ -538,25 +533,32 @@ class _Watch:
     slot with what it held, each parameter's storage and version counter. (Parameters made
     in inference mode have no version counter: changing those in place goes unnoticed.)"""
 
-    slots: list[tuple[dict, str, object]]
+    containers: list[dict]  # every module's _modules and _parameters, once per entry
+    names: list[str]  # the entry's name in its container
+    held: list[object]  # what the entry held
     parameters: list[torch.Tensor]
     inference: list[torch.Tensor]
     stamps: tuple[list[tuple[int, int]], list[int]]
 
     @classmethod
     def of(cls, model: nn.Module) -> _Watch:
-        slots, parameters, inference = [], [], []
+        containers, names, held, parameters, inference = [], [], [], [], []
         for module in model.modules():
             for container in (module._modules, module._parameters):
-                slots += [(container, name, held) for name, held in container.items()]
+                for name, value in container.items():
+                    containers.append(container)
+                    names.append(name)
+                    held.append(value)
             for p in module._parameters.values():
                 if p is not None:
                     (inference if p.is_inference() else parameters).append(p)
-        return cls(slots, parameters, inference, _stamps(parameters, inference))
+        stamps = _stamps(parameters, inference)
+        return cls(containers, names, held, parameters, inference, stamps)
 
     def unchanged(self) -> bool:
+        # Asked at every decode step: the comparisons run in C (map), not a Python loop.
         return (
-            all(container.get(name) is held for container, name, held in self.slots)
+            all(map(operator.is_, map(dict.get, self.containers, self.names), self.held))
             and _stamps(self.parameters, self.inference) == self.stamps
         )
 

@@ -24,6 +24,9 @@
  */
 #define LM_ATTENTION_HELPERS_ONLY /* attend_one and friends, not attention.c's exports */
 #include "attention.c"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Global slots, then SLOTS_PER_LAYER slots for each layer (lm/native/decode.py: SLOTS). */
 enum { WTE, WPE, LNF_W, LNF_B, HEAD, ROPE_COS, ROPE_SIN, GLOBAL_SLOTS };
@@ -77,45 +80,102 @@ static void store(void *to, const float *from, int64_t n, enum element kind)
     }
 }
 
+/* Eight floats: GCC and Clang turn arithmetic on these into one vector instruction each
+   (AVX2 with -march=native; two SSE or NEON ones elsewhere). */
+typedef float v8 __attribute__((vector_size(32)));
+#define PANEL 8 /* outputs per panel */
+
+/* The accumulators of `R` rows x `P` panels, the inputs' positions split two ways (even
+   and odd): eight independent sums keep both FMA units busy at batch 1 and at batch 64.
+   Every kernel below sums an output in this same order, so a row's result does not depend
+   on which kernel, batch or thread computed it. */
+#define PANEL_KERNEL(R, P)                                                                    \
+    static inline __attribute__((always_inline)) void panel_kernel_##R##x##P(                 \
+        const float *restrict w, const float *restrict x, int64_t x_stride, int64_t in,       \
+        v8 out[R][P])                                                                         \
+    {                                                                                         \
+        v8 even[R][P], odd[R][P];                                                             \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int p = 0; p < P; p++) even[r][p] = odd[r][p] = (v8){0};                     \
+        int64_t i = 0;                                                                        \
+        for (; i + 2 <= in; i += 2) {                                                         \
+            for (int p = 0; p < P; p++) {                                                     \
+                v8 w0 = *(const v8 *)(w + (p * in + i) * PANEL);                              \
+                v8 w1 = *(const v8 *)(w + (p * in + i + 1) * PANEL);                          \
+                for (int r = 0; r < R; r++) {                                                 \
+                    even[r][p] += w0 * x[r * x_stride + i];                                   \
+                    odd[r][p] += w1 * x[r * x_stride + i + 1];                                \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        if (i < in)                                                                           \
+            for (int p = 0; p < P; p++)                                                       \
+                for (int r = 0; r < R; r++)                                                   \
+                    even[r][p] += *(const v8 *)(w + (p * in + i) * PANEL) * x[r * x_stride + i]; \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int p = 0; p < P; p++) out[r][p] = even[r][p] + odd[r][p];                   \
+    }
+
+PANEL_KERNEL(1, 1)
+PANEL_KERNEL(1, 4)
+PANEL_KERNEL(2, 2)
+
+/* Write one panel's sums (plus bias) into y's row, or add them to it; the last panel of a
+   width that is not a multiple of 8 writes only the outputs that exist. */
+static inline void panel_store(v8 sums, const float *bias, float *y, int64_t o, int64_t out,
+                               int accumulate)
+{
+    float lanes[PANEL];
+    memcpy(lanes, &sums, sizeof lanes);
+    int64_t n = out - o < PANEL ? out - o : PANEL;
+    for (int64_t l = 0; l < n; l++) {
+        float value = bias ? lanes[l] + bias[o + l] : lanes[l];
+        y[o + l] = accumulate ? y[o + l] + value : value;
+    }
+}
+
 /* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows `x_stride` and `y_stride`
-   apart: four outputs at a time, each block of weight rows read once for all the rows. */
+   apart. W is packed in panels (lm/native/decode.py): outputs 8p..8p+7 are the panel p,
+   [in][8], so one vector load holds one input's weights for eight outputs and no sum is
+   reduced across vector lanes. Threads (inside the step's parallel region) take groups
+   of four panels; each group is read once for all the rows. */
 static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
                    int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
                    int64_t in, int64_t out, int accumulate)
 {
-    int64_t o = 0;
-    for (; o + 4 <= out; o += 4) {
-        const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        for (int64_t b = 0; b < batch; b++) {
-            const float *xb = x + b * x_stride;
-            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-            for (int64_t i = 0; i < in; i++) {
-                s0 += w0[i] * xb[i];
-                s1 += w1[i] * xb[i];
-                s2 += w2[i] * xb[i];
-                s3 += w3[i] * xb[i];
+    const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + 3) / 4;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t p0 = 4 * g, count = panels - p0 < 4 ? panels - p0 : 4;
+        const float *wg = w + p0 * in * PANEL;
+        int64_t b = 0;
+        if (count == 4) {
+            for (; b + 2 <= batch; b += 2) {
+                for (int64_t half = 0; half < 2; half++) {
+                    v8 sums[2][2];
+                    panel_kernel_2x2(wg + 2 * half * in * PANEL, x + b * x_stride, x_stride, in,
+                                     sums);
+                    for (int r = 0; r < 2; r++)
+                        for (int p = 0; p < 2; p++)
+                            panel_store(sums[r][p], bias, y + (b + r) * y_stride,
+                                        (p0 + 2 * half + p) * PANEL, out, accumulate);
+                }
             }
-            float *yb = y + b * y_stride + o;
-            if (bias) {
-                s0 += bias[o], s1 += bias[o + 1], s2 += bias[o + 2], s3 += bias[o + 3];
+            for (; b < batch; b++) {
+                v8 sums[1][4];
+                panel_kernel_1x4(wg, x + b * x_stride, x_stride, in, sums);
+                for (int p = 0; p < 4; p++)
+                    panel_store(sums[0][p], bias, y + b * y_stride, (p0 + p) * PANEL, out,
+                                accumulate);
             }
-            if (accumulate) {
-                yb[0] += s0, yb[1] += s1, yb[2] += s2, yb[3] += s3;
-            } else {
-                yb[0] = s0, yb[1] = s1, yb[2] = s2, yb[3] = s3;
-            }
-        }
-    }
-    for (; o < out; o++) {
-        const float *wo = w + o * in;
-        for (int64_t b = 0; b < batch; b++) {
-            const float *xb = x + b * x_stride;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < in; i++) s += wo[i] * xb[i];
-            if (bias) s += bias[o];
-            y[b * y_stride + o] = accumulate ? y[b * y_stride + o] + s : s;
+        } else {
+            for (; b < batch; b++)
+                for (int64_t p = 0; p < count; p++) {
+                    v8 sums[1][1];
+                    panel_kernel_1x1(wg + p * in * PANEL, x + b * x_stride, x_stride, in, sums);
+                    panel_store(sums[0][0], bias, y + b * y_stride, (p0 + p) * PANEL, out,
+                                accumulate);
+                }
         }
     }
 }
@@ -206,7 +266,7 @@ DEFINE_ATTEND_ROW(attend_row_bf16, BF16)
 static int decode_step(const int64_t *shape, const float *numbers, const float *weights,
                        const int64_t *offsets, const int64_t *ids, const int64_t *pos,
                        int64_t batch, void *const *k_caches, void *const *v_caches,
-                       int64_t cache_row_stride, float *logits, enum element kind)
+                       int64_t cache_row_stride, float *logits, int threads, enum element kind)
 {
     const int64_t n_layer = shape[0], n_embd = shape[1], heads = shape[2], hidden = shape[3];
     const int64_t vocab = shape[4], ctx = shape[5], mlp = shape[7];
@@ -222,75 +282,98 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
         if (ids[b] < 0 || ids[b] >= vocab) return 2;
         if (pos[b] < 0 || pos[b] >= ctx) return 3;
     }
+    if (threads < 1) threads = 1;
     /* Every row of every scratch array starts 64 bytes aligned, whatever the batch: the
-       vectorised loops then sum in one order, and a row's result is its own. */
+       vectorised loops then sum in one order, and a row's result is its own. Each thread
+       has its own attention scores and new key and value. */
     const int64_t row = PAD(n_embd), qkv_row = PAD(3 * n_embd), f_row = PAD(fc_out);
-    const int64_t a_row = PAD(hidden);
-    size_t floats = (size_t)(batch * (3 * row + qkv_row + f_row + a_row) + PAD(ctx)
-                             + PAD(2 * n_embd));
+    const int64_t a_row = PAD(hidden), own = PAD(ctx) + PAD(2 * n_embd);
+    size_t floats = (size_t)(batch * (3 * row + qkv_row + f_row + a_row) + threads * own);
     float *scratch = aligned_alloc(64, sizeof(float) * floats);
     if (scratch == NULL) return 1;
     float *x = scratch, *h = x + batch * row, *qkv = h + batch * row, *att = qkv + batch * qkv_row;
-    float *f = att + batch * row, *a = f + batch * f_row, *scores = a + batch * a_row;
-    void *new_kv = scores + PAD(ctx); /* one row's new key and value in the cache's type */
+    float *f = att + batch * row, *a = f + batch * f_row, *owned = a + batch * a_row;
 
     const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
-    for (int64_t b = 0; b < batch; b++) {
-        const float *token = wte + ids[b] * n_embd;
-        for (int64_t i = 0; i < n_embd; i++)
-            x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
-    }
     const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
-    for (int64_t layer = 0; layer < n_layer; layer++) {
-        norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), batch, n_embd, row, eps,
-             rms);
-        linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row, batch,
-               n_embd, 3 * n_embd, 0);
-        const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
-        char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
+    /* One parallel region for the whole step: each stage is a work-shared loop (over rows,
+       or over groups of output panels in `linear`) whose end is a barrier. */
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        float *scores = owned + omp_get_thread_num() * own;
+#else
+        float *scores = owned;
+#endif
+        void *new_kv = scores + PAD(ctx); /* one row's new key and value, the cache's type */
+#pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; b++) {
-            float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
-            for (int64_t head = 0; head < heads; head++) {
-                if (q_norm) {
-                    norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
-                    norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
-                }
-                if (cos_table) {
-                    rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
-                    rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
-                }
-            }
-            store(new_kv, k, n_embd, kind);
-            store((char *)new_kv + n_embd * size, v, n_embd, kind);
-            char *keys = k_cache + b * cache_row_stride * size;
-            char *values = v_cache + b * cache_row_stride * size;
-            const void *new_value = (char *)new_kv + n_embd * size;
-            if (kind == F32)
-                attend_row_f32(q, new_kv, new_value, keys, values, pos, b, att + b * row,
-                               heads, dim, ctx, scale, scores);
-            else if (kind == F16)
-                attend_row_f16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
-                               heads, dim, ctx, scale, scores);
-            else
-                attend_row_bf16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
-                               heads, dim, ctx, scale, scores);
+            const float *token = wte + ids[b] * n_embd;
+            for (int64_t i = 0; i < n_embd; i++)
+                x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
         }
-        linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, row, x, row, batch,
-               n_embd, n_embd, 1);
-        norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), batch, n_embd, row, eps,
-             rms);
-        linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, row, f, f_row, batch, n_embd,
-               fc_out, 0);
-        activate(f, f_row, a, a_row, batch, hidden, (int)mlp);
-        linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x, row,
-               batch, hidden, n_embd, 1);
-    }
-    norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, row, eps, rms);
-    linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0);
-    if (softcap > 0.0f) /* row by row: vector and scalar tanhf differ in the last bit */
+        for (int64_t layer = 0; layer < n_layer; layer++) {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < batch; b++)
+                norm(x + b * row, h + b * row, LAYER_SLOT(layer, LN1_W),
+                     LAYER_SLOT(layer, LN1_B), 1, n_embd, row, eps, rms);
+            linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row,
+                   batch, n_embd, 3 * n_embd, 0);
+            const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
+            char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < batch; b++) {
+                float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
+                for (int64_t head = 0; head < heads; head++) {
+                    if (q_norm) {
+                        norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
+                        norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
+                    }
+                    if (cos_table) {
+                        rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
+                        rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
+                    }
+                }
+                store(new_kv, k, n_embd, kind);
+                store((char *)new_kv + n_embd * size, v, n_embd, kind);
+                char *keys = k_cache + b * cache_row_stride * size;
+                char *values = v_cache + b * cache_row_stride * size;
+                const void *new_value = (char *)new_kv + n_embd * size;
+                if (kind == F32)
+                    attend_row_f32(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                                   heads, dim, ctx, scale, scores);
+                else if (kind == F16)
+                    attend_row_f16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                                   heads, dim, ctx, scale, scores);
+                else
+                    attend_row_bf16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                                    heads, dim, ctx, scale, scores);
+            }
+            linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, row, x, row, batch,
+                   n_embd, n_embd, 1);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < batch; b++)
+                norm(x + b * row, h + b * row, LAYER_SLOT(layer, LN2_W),
+                     LAYER_SLOT(layer, LN2_B), 1, n_embd, row, eps, rms);
+            linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, row, f, f_row, batch,
+                   n_embd, fc_out, 0);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < batch; b++)
+                activate(f + b * f_row, f_row, a + b * a_row, a_row, 1, hidden, (int)mlp);
+            linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x,
+                   row, batch, hidden, n_embd, 1);
+        }
+#pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; b++)
-            for (int64_t i = 0; i < vocab; i++)
-                logits[b * vocab + i] = softcap * tanhf(logits[b * vocab + i] / softcap);
+            norm(x + b * row, h + b * row, SLOT(LNF_W), SLOT(LNF_B), 1, n_embd, row, eps, rms);
+        linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0);
+        if (softcap > 0.0f) { /* row by row: vector and scalar tanhf differ in the last bit */
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < batch; b++)
+                for (int64_t i = 0; i < vocab; i++)
+                    logits[b * vocab + i] = softcap * tanhf(logits[b * vocab + i] / softcap);
+        }
+    }
     free(scratch);
     return 0;
 #undef LAYER_SLOT
@@ -301,10 +384,10 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
     int NAME(const int64_t *shape, const float *numbers, const float *weights,                \
              const int64_t *offsets, const int64_t *ids, const int64_t *pos, int64_t batch,   \
              void *const *k_caches, void *const *v_caches, int64_t cache_row_stride,          \
-             float *logits)                                                                   \
+             float *logits, int threads)                                                      \
     {                                                                                         \
         return decode_step(shape, numbers, weights, offsets, ids, pos, batch, k_caches,       \
-                           v_caches, cache_row_stride, logits, KIND);                         \
+                           v_caches, cache_row_stride, logits, threads, KIND);                \
     }
 
 DEFINE_DECODE_STEP(lm_gpt_decode_f32, F32)

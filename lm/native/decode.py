@@ -37,6 +37,17 @@ LAYER_SLOTS = (
     "mlp.c_proj.weight",
     "mlp.c_proj.bias",
 )
+# Matrices [out, in] that decode.c multiplies: packed in panels of PANEL outputs, [in][PANEL]
+# each (the last panel padded with zeros), so that one vector load holds eight outputs'
+# weights for one input.
+PANELLED = {
+    "lm_head",
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+}
+PANEL = 8
 MLP_KINDS = ("gelu", "relu2", "swiglu")
 _FUNCTIONS = {
     torch.float32: "lm_gpt_decode_f32",
@@ -76,8 +87,8 @@ def pack(
     softcap: float,
 ) -> PackedGPT:
     """Copy `tensors` (named as `GLOBAL_SLOTS`, and `LAYER_SLOTS` prefixed `blocks.{i}.`;
-    absent or None where the model has no such part) into one float32 buffer. A tensor
-    that fills two slots (a tied output layer) is stored once."""
+    absent or None where the model has no such part) into one float32 buffer, matrices in
+    panels (`PANELLED`). A tensor that fills two slots in one layout is stored once."""
     names = [*GLOBAL_SLOTS, *(f"blocks.{i}.{s}" for i in range(n_layer) for s in LAYER_SLOTS)]
     offsets, chunks, seen, size = [], [], {}, 0
     for name in names:
@@ -85,12 +96,15 @@ def pack(
         if tensor is None:
             offsets.append(-1)
             continue
-        if id(tensor) in seen:
-            offsets.append(seen[id(tensor)])
+        panelled = name.split(".", 2)[-1] in PANELLED
+        key = (id(tensor), panelled)
+        if key in seen:
+            offsets.append(seen[key])
             continue
-        seen[id(tensor)] = size
+        seen[key] = size
         offsets.append(size)
-        flat = tensor.detach().reshape(-1).to(torch.float32)
+        flat = tensor.detach().to(torch.float32)
+        flat = _panels(flat) if panelled else flat.reshape(-1)
         padding = -flat.numel() % _ALIGN
         chunks += [flat, flat.new_zeros(padding)]
         size += flat.numel() + padding
@@ -107,6 +121,15 @@ def pack(
         shape=torch.tensor(shape, dtype=torch.int64),
         numbers=torch.tensor([eps, qk_eps, softcap], dtype=torch.float32),
     )
+
+
+def _panels(matrix: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [ceil(out / PANEL), in, PANEL], flattened: panel p holds outputs
+    PANEL*p .. PANEL*p + PANEL-1, input by input (zeros past the last output)."""
+    out, width = matrix.shape
+    padded = matrix.new_zeros(-(-out // PANEL) * PANEL, width)
+    padded[:out] = matrix
+    return padded.reshape(-1, PANEL, width).transpose(1, 2).reshape(-1)
 
 
 DecodeStep = Callable[
@@ -132,7 +155,7 @@ def decode_step() -> DecodeStep | None:
     functions = {}
     for dtype, name in _FUNCTIONS.items():
         function = getattr(library, name)
-        function.argtypes = [pointer] * 6 + [i64, pointer, pointer, i64, pointer]
+        function.argtypes = [pointer] * 6 + [i64, pointer, pointer, i64, pointer, ctypes.c_int]
         function.restype = ctypes.c_int
         functions[dtype] = function
 
@@ -153,6 +176,7 @@ def decode_step() -> DecodeStep | None:
             (pointer * layers)(*(v.data_ptr() for v in values)),
             row_stride,
             logits.data_ptr(),
+            torch.get_num_threads(),
         )
         if failed == 1:
             raise MemoryError("the native decode step could not allocate its scratch")
