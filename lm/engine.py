@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # Most tokens prefilled in one step: bounds the pause that running sequences see when
 # requests arrive or reach the end of their context (and the prefill's scratch memory).
 PREFILL_TOKENS = 4096
+# Most tokens one compiled call generates for a sequence running alone (`Engine._run`): a
+# request that arrives meanwhile waits at most this many tokens' time to be admitted.
+RUN_TOKENS = 32
 
 
 @dataclass
@@ -488,7 +491,56 @@ class Engine:
             for name, tensor in self.state.items():
                 tensor.index_copy_(0, index, state[name])
 
+    def _run(self, events) -> bool:
+        """A sequence running alone, with nobody waiting, sampling by temperature only:
+        generate up to RUN_TOKENS of its tokens in one compiled call (the model's
+        `generate_run`), without a round trip through Python per token. Its draws come from
+        its own generator in the same order and go through the same sampling code as the
+        per-step path's, so it gets the same tokens. Returns False where this does not apply
+        (the per-step path runs instead)."""
+        if len(self.active) != 1 or self.waiting or not hasattr(self.model, "generate_run"):
+            return False
+        seq, params = self.active[0], self.active[0].params
+        if (
+            not seq.generated  # the first token goes alone: its time is the time to first token
+            or params.logprobs is not None
+            or params.penalized
+            or params.logit_bias
+            or params.top_k
+            or params.top_p < 1.0
+            or params.min_p > 0.0
+        ):
+            return False
+        count = min(RUN_TOKENS, params.max_new_tokens - len(seq.generated))
+        if self.context_size is not None:
+            count = min(count, self.context_size - seq.cached)
+        if count < 2:
+            return False
+        before = seq.rng.getstate()
+        uniform = [seq.rng.random() for _ in range(count)]
+        tokens = self.model.generate_run(
+            seq.generated[-1], 0, self.state, params.temperature, uniform
+        )
+        if tokens is None or len(tokens) < count:  # not run, or stopped at non-finite logits
+            seq.rng.setstate(before)  # the draws not used are drawn again by the next steps
+            for _ in range(len(tokens or ())):
+                seq.rng.random()
+        if not tokens:
+            return False
+        now = time.perf_counter()
+        for token in tokens:
+            seq.cached += 1
+            out = seq.add_token(token, None, None, now)
+            if out is not None:
+                events.append((seq, out))
+            if seq.finished:  # a stop sequence: the tokens after it are dropped
+                self._remove_row(0)
+                break
+        return True
+
     def _decode(self, events) -> None:
+        if self._run(events):
+            return
         n = len(self.active)
         if self.context_size is not None:
             full = [

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lm.errors import LMError
+from lm.native.decode import draw
 
 MAX_STOP_SEQUENCES = 16  # the most any request may give; a server may allow fewer
 MAX_TOP_LOGPROBS = 5
@@ -275,26 +276,35 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     # Shift each row so its largest logit is 0: dividing by a tiny temperature then gives
     # -inf at worst, never inf (whose softmax would be NaN and pick an arbitrary token).
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
+    drop = None  # tokens that min-p, top-k or top-p rule out
     if params.min_p is not None and bool((params.min_p > 0).any()):
         # min-p (vLLM's meaning): drop tokens less likely than min_p times the top token.
         # The top token's scaled logit is 0, so a token's ratio to it is exp(scaled).
-        scaled = scaled.masked_fill(scaled < params.min_p.log()[:, None], float("-inf"))
+        drop = scaled < params.min_p.log()[:, None]
+        scaled = scaled.masked_fill(drop, float("-inf"))
     use_top_k = bool((params.top_k > 0).any())
     use_top_p = bool((params.top_p < 1.0).any())
     if use_top_k or use_top_p:
         # Decide what to drop in sorted order, but sample in vocabulary order: a row's token
         # then does not depend on whether another row in the batch asked for top-k or top-p.
         ranked, order = scaled.sort(dim=-1, descending=True)
-        drop = torch.zeros_like(ranked, dtype=torch.bool)
+        ranked_drop = torch.zeros_like(ranked, dtype=torch.bool)
         if use_top_k:
             ranks = torch.arange(ranked.shape[-1], device=ranked.device)
             k = torch.where(params.top_k > 0, params.top_k, ranked.shape[-1])
-            drop |= ranks[None, :] >= k[:, None]
+            ranked_drop |= ranks[None, :] >= k[:, None]
         if use_top_p:
-            probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
+            probs = torch.softmax(ranked.masked_fill(ranked_drop, float("-inf")), dim=-1)
             before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-            drop |= before >= params.top_p[:, None]
-        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+            ranked_drop |= before >= params.top_p[:, None]
+        top_drop = torch.zeros_like(ranked_drop).scatter(1, order, ranked_drop)
+        drop = top_drop if drop is None else drop | top_drop
+        scaled = scaled.masked_fill(top_drop, float("-inf"))
+    native = draw() if logits.device.type == "cpu" else None
+    if native is not None:  # the code lm.native.decode's runs of tokens draw with
+        if drop is not None:
+            logits = logits.masked_fill(drop, float("-inf"))
+        return native(logits, params.temperature, params.uniform)
     probs = torch.softmax(scaled, dim=-1)
     cdf = torch.cumsum(probs.double(), dim=-1)
     u = params.uniform.to(cdf.device) * cdf[:, -1]

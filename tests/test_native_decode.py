@@ -64,6 +64,7 @@ def torch_path(monkeypatch):
     class Off:
         def __enter__(self):
             monkeypatch.setattr("lm.models.gpt.decode_step", lambda: None)
+            monkeypatch.setattr("lm.models.gpt.generate_step", lambda: None)
 
         def __exit__(self, *exc):
             monkeypatch.undo()
@@ -297,12 +298,59 @@ def test_lm_native_0_or_no_compiler_leave_the_pytorch_path(monkeypatch, tmp_path
     for env, value in (("LM_NATIVE", "0"), ("CC", str(tmp_path / "no-such-compiler"))):
         monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
         monkeypatch.setenv(env, value)
-        decode.decode_step.cache_clear()
-        native.decode_attention.cache_clear()
+        clear_native_caches()
         assert decode.decode_step() is None
+        assert decode.generate_step() is None and decode.draw() is None
         with torch.inference_mode():
             logits, _ = model.step(ids_of(1, 1), clone(state))
+            assert model.generate_run(3, 0, clone(state), 0.0, [0.5, 0.5]) is None
         assert_close(logits, expected, atol=1e-4, rtol=0)
         monkeypatch.undo()
-    decode.decode_step.cache_clear()
+    clear_native_caches()
+
+
+def clear_native_caches() -> None:
+    for function in (decode.decode_step, decode.generate_step, decode.draw):
+        function.cache_clear()
     native.decode_attention.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=0.0),
+        dict(temperature=0.9, seed=11),
+        dict(temperature=1.3, seed=5, stop=["ab"]),
+    ],
+    ids=["greedy", "sampled", "stop"],
+)
+def test_a_sequence_alone_runs_in_compiled_calls_with_the_per_step_tokens(
+    native_step, monkeypatch, params
+):
+    """One sequence, nobody waiting: runs of up to RUN_TOKENS tokens per compiled call
+    (through context shifts: 70 tokens in a context of 24), the tokens and text of the
+    per-step path for the same seed."""
+    tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvw")
+    model = tiny_gpt(vocab_size=tokenizer.vocab_size, **MODERN)
+    runs = []
+    real_run = model.generate_run
+    monkeypatch.setattr(
+        model, "generate_run", lambda *args: runs.append(len(args[-1])) or real_run(*args)
+    )
+
+    def generate() -> tuple[list[int], str, str]:
+        engine = Engine(model, tokenizer, max_batch=4)
+        seq = engine.submit(
+            tokenizer.encode("abc"), SamplingParams(max_new_tokens=70, **params), stream=True
+        )
+        engine.run_until_idle()
+        return seq.generated, seq.text, seq.finish_reason
+
+    in_runs = generate()
+    assert runs and max(runs) > 1
+    monkeypatch.setattr("lm.engine.RUN_TOKENS", 1)  # every token its own step
+    runs.clear()
+    assert generate() == in_runs
+    assert not runs
+    if "stop" not in params:
+        assert len(in_runs[0]) == 70

@@ -21,7 +21,7 @@ from torch import nn
 from lm.lora import MultiLoRALinear
 from lm.models import ModelConfig, State
 from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
-from lm.native.decode import PackedGPT, decode_step, pack
+from lm.native.decode import PackedGPT, decode_step, generate_step, pack
 
 BF16_PREFILL_BLOCK = 512  # prefills of this many tokens or more: bfloat16 matrix products
 RMS_NORM_EPS = 1e-6  # as Qwen3 and Llama
@@ -434,18 +434,58 @@ class GPT(nn.Module):
         logits = self._logits(_norm(x[:, -1], self.ln_f))
         return logits, {**state, "pos": pos + time}
 
+    def generate_run(
+        self, token: int, row: int, state: State, temperature: float, uniform: list[float]
+    ) -> list[int] | None:
+        """Feed `token` to row `row` of `state`, draw the next token from its logits at
+        `temperature` (0: greedy) with `uniform[0]`, feed that, and so on: one compiled call
+        (`lm.native.decode.generate_step`) for `len(uniform)` tokens, drawn as the engine's
+        sampler draws them. Returns the drawn tokens (fewer where a step's logits were not
+        finite) and advances the row's position by as many; None where the native step
+        does not apply (then nothing has changed)."""
+        position = int(state["pos"][row])
+        if position + len(uniform) > self.config.block_size:
+            raise ValueError(
+                f"state of {position + len(uniform)} tokens exceeds block size "
+                f"{self.config.block_size}"
+            )
+        one = {name: tensor[row : row + 1] for name, tensor in state.items()}
+        run = generate_step()
+        if run is None or not self._native_applies(one):
+            return None
+        packed = self._native_weights()
+        if packed is None:
+            return None
+        layers = range(self.config.n_layer)
+        tokens = run(
+            packed,
+            token,
+            position,
+            [one[f"k{layer}"] for layer in layers],
+            [one[f"v{layer}"] for layer in layers],
+            temperature,
+            uniform,
+        )
+        state["pos"][row] += len(tokens)
+        return tokens
+
+    def _native_applies(self, state: State) -> bool:
+        """Whether the compiled step can run this model on `state`: on the CPU, float32,
+        a cache dtype it takes, no row with a LoRA adapter, and a compiler."""
+        return (
+            state["k0"].device.type == "cpu"
+            and self.wte.weight.dtype == torch.float32
+            and state["k0"].dtype in CACHE_DTYPES
+            and _adapters(state) is None
+            and decode_attention() is not None  # LM_NATIVE=0, or no compiler
+        )
+
     def _native_decode(self, ids: torch.Tensor, state: State) -> torch.Tensor | None:
         """A decode step's logits from the compiled whole-model step (`lm.native.decode`),
         or None where it does not apply: off the CPU, not float32, a cache
         dtype it does not take, rows with LoRA adapters, or no compiler (then `step` runs in
         PyTorch)."""
-        if (
-            ids.device.type != "cpu"
-            or self.wte.weight.dtype != torch.float32
-            or state["k0"].dtype not in CACHE_DTYPES
-            or _adapters(state) is not None
-            or decode_attention() is None  # LM_NATIVE=0, or no compiler
-        ):
+        if ids.device.type != "cpu" or not self._native_applies(state):
             return None
         step = decode_step()
         packed = self._native_weights() if step is not None else None

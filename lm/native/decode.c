@@ -393,3 +393,99 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
 DEFINE_DECODE_STEP(lm_gpt_decode_f32, F32)
 DEFINE_DECODE_STEP(lm_gpt_decode_f16, F16)
 DEFINE_DECODE_STEP(lm_gpt_decode_bf16, BF16)
+
+/* -- sampling and whole runs of tokens ---------------------------------------------------- */
+
+/* Exact IEEE arithmetic in what follows: the engine's batched sampler (lm/sampling.py) and
+   the run below draw through this one function, so a seeded request gets the same tokens
+   either way; fast-math could reorder the sums differently in the two callers. */
+#if defined(__clang__)
+#define EXACT_MATH _Pragma("clang fp reassociate(off) contract(off)")
+#define EXACT_FUNCTION
+#elif defined(__GNUC__)
+#define EXACT_MATH
+#define EXACT_FUNCTION __attribute__((optimize("no-fast-math", "no-tree-vectorize")))
+#else
+#define EXACT_MATH
+#define EXACT_FUNCTION
+#endif
+
+/* One token from a row of logits: the first largest when `temperature` is 0 (greedy);
+   else the first token whose running sum of exp((logit - max) / temperature), summed in
+   double, exceeds `u` (in [0, 1)) times the whole sum. Logits of -inf never win. */
+static EXACT_FUNCTION int64_t draw(const float *logits, int64_t vocab, float temperature,
+                                   double u)
+{
+    EXACT_MATH
+    int64_t best = 0;
+    float max = logits[0];
+    for (int64_t i = 1; i < vocab; i++)
+        if (logits[i] > max) max = logits[i], best = i;
+    if (!(temperature > 0.0f)) return best;
+    double total = 0.0;
+    for (int64_t i = 0; i < vocab; i++) total += (double)expf((logits[i] - max) / temperature);
+    double target = u * total, sum = 0.0;
+    int64_t last = best;
+    for (int64_t i = 0; i < vocab; i++) {
+        float weight = expf((logits[i] - max) / temperature);
+        if (weight > 0.0f) last = i;
+        sum += (double)weight;
+        if (sum > target && weight > 0.0f) return i;
+    }
+    return last; /* u * total rounded up to the whole sum */
+}
+
+/* `rows` draws: row r from logits[r * vocab ...] with temperature[r] and uniform[r]. */
+void lm_draw(const float *logits, int64_t rows, int64_t vocab, const float *temperature,
+             const double *uniform, int64_t *out)
+{
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = draw(logits + r * vocab, vocab, temperature[r], uniform[r]);
+}
+
+/* Up to `count` tokens of one row, each step's token drawn (temperature, uniform[i]) and
+   fed to the next step: `id` goes in at position `pos` first. Writes the drawn tokens to
+   `out` and returns how many; fewer than `count` when a step's logits are not finite
+   (that step's token is not drawn: the caller's per-step path reports it). Negative: the
+   step's error (-1 scratch, -2 token, -3 position), nothing drawn. */
+static int64_t generate(const int64_t *shape, const float *numbers, const float *weights,
+                        const int64_t *offsets, int64_t id, int64_t pos, int64_t count,
+                        void *const *k_caches, void *const *v_caches, float temperature,
+                        const double *uniform, int64_t *out, int threads, enum element kind)
+{
+    const int64_t vocab = shape[4];
+    float *logits = malloc(sizeof(float) * (size_t)vocab);
+    if (logits == NULL) return -1;
+    int64_t done = 0;
+    for (; done < count; done++) {
+        int64_t p = pos + done;
+        int failed = decode_step(shape, numbers, weights, offsets, &id, &p, 1, k_caches,
+                                 v_caches, 0, logits, threads, kind);
+        if (failed) {
+            done = done ? done : -failed;
+            break;
+        }
+        /* By the bits: -ffast-math lets the compiler assume every float is finite. */
+        uint32_t exponents = 0;
+        for (int64_t i = 0; i < vocab; i++)
+            exponents |= (float_to_bits(logits[i]) & 0x7f800000u) == 0x7f800000u;
+        if (exponents) break;
+        id = out[done] = draw(logits, vocab, temperature, uniform[done]);
+    }
+    free(logits);
+    return done;
+}
+
+#define DEFINE_GENERATE(NAME, KIND)                                                           \
+    int64_t NAME(const int64_t *shape, const float *numbers, const float *weights,            \
+                 const int64_t *offsets, int64_t id, int64_t pos, int64_t count,              \
+                 void *const *k_caches, void *const *v_caches, float temperature,             \
+                 const double *uniform, int64_t *out, int threads)                            \
+    {                                                                                         \
+        return generate(shape, numbers, weights, offsets, id, pos, count, k_caches,          \
+                        v_caches, temperature, uniform, out, threads, KIND);                  \
+    }
+
+DEFINE_GENERATE(lm_gpt_generate_f32, F32)
+DEFINE_GENERATE(lm_gpt_generate_f16, F16)
+DEFINE_GENERATE(lm_gpt_generate_bf16, BF16)

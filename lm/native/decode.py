@@ -54,6 +54,11 @@ _FUNCTIONS = {
     torch.float16: "lm_gpt_decode_f16",
     torch.bfloat16: "lm_gpt_decode_bf16",
 }
+_GENERATE = {
+    torch.float32: "lm_gpt_generate_f32",
+    torch.float16: "lm_gpt_generate_f16",
+    torch.bfloat16: "lm_gpt_generate_bf16",
+}
 _ALIGN = 16  # floats: each tensor starts on a 64-byte boundary
 
 
@@ -138,6 +143,27 @@ DecodeStep = Callable[
 ]
 
 
+def _library() -> ctypes.CDLL | None:
+    """decode.c built and loaded with its functions' signatures, or None (asked once by
+    each of the cached functions below)."""
+    library = load_library(SOURCE, "the GPT decode step")
+    if library is None:
+        return None
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    for name in _FUNCTIONS.values():
+        function = getattr(library, name)
+        function.argtypes = [pointer] * 6 + [i64, pointer, pointer, i64, pointer, ctypes.c_int]
+        function.restype = ctypes.c_int
+    for name in _GENERATE.values():
+        function = getattr(library, name)
+        function.argtypes = [pointer] * 4 + [i64, i64, i64, pointer, pointer, ctypes.c_float]
+        function.argtypes += [pointer, pointer, ctypes.c_int]
+        function.restype = i64
+    library.lm_draw.argtypes = [pointer, i64, i64, pointer, pointer, pointer]
+    library.lm_draw.restype = None
+    return library
+
+
 @functools.cache  # GPT.step asks at every decode step: built once per process
 def decode_step() -> DecodeStep | None:
     """The compiled whole-model decode step, or None where it cannot be built.
@@ -148,16 +174,11 @@ def decode_step() -> DecodeStep | None:
     whose first `B` are the batch. It writes each row's new keys and values at its position
     and returns the logits `[B, vocab]` in float32.
     """
-    library = load_library(SOURCE, "the GPT decode step")
+    library = _library()
     if library is None:
         return None
-    i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    functions = {}
-    for dtype, name in _FUNCTIONS.items():
-        function = getattr(library, name)
-        function.argtypes = [pointer] * 6 + [i64, pointer, pointer, i64, pointer, ctypes.c_int]
-        function.restype = ctypes.c_int
-        functions[dtype] = function
+    functions = {dtype: getattr(library, name) for dtype, name in _FUNCTIONS.items()}
+    pointer = ctypes.c_void_p
 
     def step(packed, ids, positions, keys, values):
         batch = ids.shape[0]
@@ -178,18 +199,110 @@ def decode_step() -> DecodeStep | None:
             logits.data_ptr(),
             torch.get_num_threads(),
         )
-        if failed == 1:
-            raise MemoryError("the native decode step could not allocate its scratch")
-        if failed == 2:
-            raise IndexError(f"token ids must lie in [0, {int(packed.shape[4])})")
-        if failed == 3:
-            raise ValueError(
-                f"state of {int(positions.max()) + 1} tokens exceeds block size "
-                f"{int(packed.shape[5])}"
-            )
+        _raise(failed, packed, positions)
         return logits
 
     return step
+
+
+Generate = Callable[
+    [PackedGPT, int, int, Sequence[torch.Tensor], Sequence[torch.Tensor], float, list[float]],
+    list[int],
+]
+
+
+@functools.cache
+def generate_step() -> Generate | None:
+    """The compiled run of decode steps for one row, each step's token drawn as `draw`
+    draws it and fed to the next, or None where it cannot be built.
+
+    The returned function takes a `PackedGPT`, the row's next token and its position, the
+    row's per-layer caches (`decode_step`'s layout, one row), a temperature (0: greedy)
+    and one uniform number in [0, 1) per token to draw. It writes the fed tokens' keys and
+    values and returns the drawn tokens: as many as uniforms, or fewer where a step's
+    logits were not finite (the caller's per-step path then reports that step).
+    """
+    library = _library()
+    if library is None:
+        return None
+    functions = {dtype: getattr(library, name) for dtype, name in _GENERATE.items()}
+    pointer = ctypes.c_void_p
+
+    def generate(packed, token, position, keys, values, temperature, uniform):
+        count = len(uniform)
+        positions = torch.tensor([position + count - 1])  # the last position written
+        dtype, _ = _check(packed, torch.tensor([token]), positions, keys, values)
+        draws = torch.tensor(uniform, dtype=torch.float64)
+        out = torch.empty(count, dtype=torch.int64)
+        layers = len(keys)
+        done = functions[dtype](
+            packed.shape.data_ptr(),
+            packed.numbers.data_ptr(),
+            packed.weights.data_ptr(),
+            packed.offsets.data_ptr(),
+            token,
+            position,
+            count,
+            (pointer * layers)(*(k.data_ptr() for k in keys)),
+            (pointer * layers)(*(v.data_ptr() for v in values)),
+            temperature,
+            draws.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if done < 0:
+            _raise(-done, packed, positions)
+        return out[:done].tolist()
+
+    return generate
+
+
+Draw = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def draw() -> Draw | None:
+    """The compiled sampler's last step, or None where it cannot be built: one token per
+    row of float32 `logits[B, V]` (CPU) for `temperature[B]` (0: the first largest logit)
+    and `uniform[B]` in [0, 1): the first token whose running sum of exp((logit - max) /
+    temperature), in double, exceeds uniform times the whole sum. The engine's sampler and
+    `generate_step` draw with the same code, so a seeded request gets the same tokens from
+    either."""
+    library = _library()
+    if library is None:
+        return None
+
+    def sample(logits, temperature, uniform):
+        logits = logits.float().contiguous()
+        rows, vocab = logits.shape
+        temperature = temperature.float().contiguous()
+        uniform = uniform.double().contiguous()
+        if temperature.shape != (rows,) or uniform.shape != (rows,):
+            raise ValueError("one temperature and one uniform number per row")
+        out = torch.empty(rows, dtype=torch.int64)
+        library.lm_draw(
+            logits.data_ptr(),
+            rows,
+            vocab,
+            temperature.data_ptr(),
+            uniform.data_ptr(),
+            out.data_ptr(),
+        )
+        return out
+
+    return sample
+
+
+def _raise(failed: int, packed: PackedGPT, positions: torch.Tensor) -> None:
+    """The C step's error codes, as exceptions."""
+    if failed == 1:
+        raise MemoryError("the native decode step could not allocate its scratch")
+    if failed == 2:
+        raise IndexError(f"token ids must lie in [0, {int(packed.shape[4])})")
+    if failed == 3:
+        raise ValueError(
+            f"state of {int(positions.max()) + 1} tokens exceeds block size {int(packed.shape[5])}"
+        )
 
 
 def _check(packed: PackedGPT, ids, positions, keys, values) -> tuple[torch.dtype, int]:
