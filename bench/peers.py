@@ -50,6 +50,7 @@ from bench.peers_http import time_http
 
 AGREEMENT_PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed", "KING RICHARD III:"]
 PROMPT_TOKENS = 16  # timing and HTTP prompts: corpus windows of this many tokens
+HTTP_MARGIN_TOKENS = 16  # HTTP answers end this many tokens before the context is full
 
 
 # -- prompts --------------------------------------------------------------------------------
@@ -271,7 +272,9 @@ def compare(name: str, binaries: dict[str, Path], args) -> dict:
             clients,
             args.rounds,
             args.requests_per_client,
-            new_tokens - 1,  # llama-server stops a slot one token before its context is full
+            # llama-server stops a slot one token before its context is full; a margin, as
+            # one run with 64 slots filled to the last token hung.
+            new_tokens - HTTP_MARGIN_TOKENS,
             max(threads),
         )
         if clients

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from bench.peers_engines import brief
+
+REQUEST_TIMEOUT_S = 300
 from bench.peers_formats import Exports
 
 
@@ -64,6 +66,15 @@ def start_llama_server(binary: Path, gguf: Path, port: int, slots: int, context:
 async def http_request(session, url: str, body: dict) -> dict:
     """One completion; generated tokens from `usage` (stream_options.include_usage when
     streaming), time to first text for streams."""
+    import aiohttp
+
+    try:
+        return await _request(session, url, body)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as err:  # counted as failed
+        return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+
+
+async def _request(session, url: str, body: dict) -> dict:
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -105,8 +116,11 @@ async def http_level(
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/v1/completions"
-    connector = aiohttp.TCPConnector(limit=clients + 4)
-    timeout = aiohttp.ClientTimeout(total=900)
+    # A new connection per request, as vLLM's benchmark (a session per request): reusing a
+    # kept-alive connection that llama-server has closed fails the next request's write.
+    connector = aiohttp.TCPConnector(limit=clients + 4, force_close=True)
+    # A request that hangs fails alone (one level once waited forever on llama-server).
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def client(index: int) -> list[dict]:
