@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from bench.peers_engines import brief
+from bench.peers_formats import Exports
 
 REQUEST_TIMEOUT_S = 300
-from bench.peers_formats import Exports
 
 
 def start_llama_server(binary: Path, gguf: Path, port: int, slots: int, context: int, threads: int):
