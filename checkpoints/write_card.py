@@ -102,7 +102,7 @@ def write_card(name: str, description: str = "") -> Path:
     steps = training.get("step", 0) if training.get("max_time") else training.get("max_steps", 0)
     optimizer = settings.get("optimizer", "adamw")
     optimizer = "Muon + AdamW" if optimizer == "muon" else "AdamW"
-    prompt = {"fewshot": "cat => tac\nstone => enots\nplover => "}.get(
+    prompt = {"fewshot": "apple => elppa\nriver => revir\nstone => enots\ngarden => "}.get(
         name.split("-")[0], "ROMEO:\n"
     )
     checkpoint = load_checkpoint(directory)
@@ -112,9 +112,11 @@ def write_card(name: str, description: str = "") -> Path:
         .text
     )
     minutes = training.get("train_seconds", 0) / 60
-    # A v2 recipe, where there is one, is the one the shipped weights came from.
-    recipe = "recipe-v2.toml" if (directory / "recipe-v2.toml").is_file() else "recipe.toml"
     corpus = ", ".join(Path(c).name for c in training.get("corpus", []))
+    # A v2 recipe, while there is one beside recipe.toml, made the weights trained on the
+    # v2 corpus; recipe.toml made the others.
+    v2 = (directory / "recipe-v2.toml").is_file() and "-v2" in corpus
+    recipe = "recipe-v2.toml" if v2 else "recipe.toml"
     lines = [
         f"# {name}",
         "",

@@ -138,10 +138,16 @@ static inline void panel_store(v8 sums, const float *bias, float *y, int64_t o, 
    apart. W is packed in panels (lm/native/decode.py): outputs 8p..8p+7 are the panel p,
    [in][8], so one vector load holds one input's weights for eight outputs and no sum is
    reduced across vector lanes. Threads (inside the step's parallel region) take groups
-   of four panels; each group is read once for all the rows. */
+   of four panels; each group is read once for all the rows. With `act` (an MLP kind; -1
+   for none) each group's outputs are also activated into `a` (`activate_group`). */
+static void activate_group(const float *restrict f, int64_t f_stride, float *restrict a,
+                           int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
+                           int64_t hidden, int kind);
+
 static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
                    int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
-                   int64_t in, int64_t out, int accumulate)
+                   int64_t in, int64_t out, int accumulate, int act, float *restrict a,
+                   int64_t a_stride, int64_t hidden)
 {
     const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + 3) / 4;
 #pragma omp for schedule(static)
@@ -177,6 +183,7 @@ static void linear(const float *restrict w, const float *restrict bias, const fl
                                 accumulate);
                 }
         }
+        if (act >= 0) activate_group(y, y_stride, a, a_stride, batch, p0, count, hidden, act);
     }
 }
 
@@ -217,51 +224,59 @@ static void rotate(float *restrict x, const float *cos_table, const float *sin_t
     }
 }
 
-static void activate(const float *restrict f, int64_t f_stride, float *restrict a,
-                     int64_t a_stride, int64_t batch, int64_t hidden, int kind)
+/* The MLP's activation for the fc outputs of panels p0..p0+count-1, into `a`. SwiGLU's fc
+   weights are packed with gate and up panels alternating (lm/native/decode.py), so a
+   group of panels holds whole (gate, up) pairs: panel 2k's eight gates and panel 2k+1's
+   eight ups make hidden units 8k..8k+7. The thread that computed a group activates it,
+   with no wait for the others. */
+static void activate_group(const float *restrict f, int64_t f_stride, float *restrict a,
+                           int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
+                           int64_t hidden, int kind)
 {
     for (int64_t b = 0; b < batch; b++) {
         float *ab = a + b * a_stride;
         const float *fb = f + b * f_stride;
         if (kind == SWIGLU) {
-            const float *gate = fb, *up = gate + hidden;
-            for (int64_t i = 0; i < hidden; i++)
-                ab[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        } else if (kind == RELU2) {
-            for (int64_t i = 0; i < hidden; i++) {
+            for (int64_t k = p0 / 2; k < (p0 + count) / 2; k++) {
+                const float *gate = fb + 2 * k * PANEL, *up = gate + PANEL;
+                for (int64_t l = 0; l < PANEL && k * PANEL + l < hidden; l++)
+                    ab[k * PANEL + l] = gate[l] / (1.0f + expf(-gate[l])) * up[l];
+            }
+            continue;
+        }
+        int64_t last = (p0 + count) * PANEL < hidden ? (p0 + count) * PANEL : hidden;
+        for (int64_t i = p0 * PANEL; i < last; i++) {
+            if (kind == RELU2) {
                 float r = fb[i] > 0.0f ? fb[i] : 0.0f;
                 ab[i] = r * r;
-            }
-        } else {
-            for (int64_t i = 0; i < hidden; i++)
+            } else {
                 ab[i] = 0.5f * fb[i] * (1.0f + erff(fb[i] * 0.70710678118654752f));
+            }
         }
     }
 }
 
 /* One head of one row: attention.c's item, with the head size as a constant where common. */
-#define ATTEND_HEAD(DIM, KIND)                                                                \
-    attend_one(q, 0, new_key, new_value, 0, keys, values, 0, pos + b, out, heads, DIM, ctx,  \
+#define ATTEND_ITEM(DIM, KIND)                                                                \
+    attend_one(q, 0, new_key, new_value, 0, keys, values, 0, pos, out, heads, DIM, ctx,      \
                scale, h, h + 1 < heads ? h + 1 : -1, scores, KIND)
 
-#define DEFINE_ATTEND_ROW(NAME, KIND)                                                         \
+#define DEFINE_ATTEND_HEAD(NAME, KIND)                                                        \
     static void NAME(const float *q, const void *new_key, const void *new_value, char *keys,  \
-                     char *values, const int64_t *pos, int64_t b, float *out, int64_t heads,  \
+                     char *values, const int64_t *pos, int64_t h, float *out, int64_t heads,  \
                      int64_t dim, int64_t ctx, float scale, float *scores)                    \
     {                                                                                         \
-        for (int64_t h = 0; h < heads; h++) {                                                 \
-            switch (dim) {                                                                    \
-            case 16: ATTEND_HEAD(16, KIND); break;                                            \
-            case 32: ATTEND_HEAD(32, KIND); break;                                            \
-            case 64: ATTEND_HEAD(64, KIND); break;                                            \
-            default: ATTEND_HEAD(dim, KIND);                                                  \
-            }                                                                                 \
+        switch (dim) {                                                                        \
+        case 16: ATTEND_ITEM(16, KIND); break;                                                \
+        case 32: ATTEND_ITEM(32, KIND); break;                                                \
+        case 64: ATTEND_ITEM(64, KIND); break;                                                \
+        default: ATTEND_ITEM(dim, KIND);                                                      \
         }                                                                                     \
     }
 
-DEFINE_ATTEND_ROW(attend_row_f32, F32)
-DEFINE_ATTEND_ROW(attend_row_f16, F16)
-DEFINE_ATTEND_ROW(attend_row_bf16, BF16)
+DEFINE_ATTEND_HEAD(attend_head_f32, F32)
+DEFINE_ATTEND_HEAD(attend_head_f16, F16)
+DEFINE_ATTEND_HEAD(attend_head_bf16, BF16)
 
 static int decode_step(const int64_t *shape, const float *numbers, const float *weights,
                        const int64_t *offsets, const int64_t *ids, const int64_t *pos,
@@ -271,7 +286,9 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
     const int64_t n_layer = shape[0], n_embd = shape[1], heads = shape[2], hidden = shape[3];
     const int64_t vocab = shape[4], ctx = shape[5], mlp = shape[7];
     const int rms = (int)shape[6];
-    const int64_t dim = n_embd / heads, fc_out = mlp == SWIGLU ? 2 * hidden : hidden;
+    /* SwiGLU's gate and up rows, each padded to whole panels, alternate panel by panel. */
+    const int64_t dim = n_embd / heads;
+    const int64_t fc_out = mlp == SWIGLU ? 2 * PANEL * ((hidden + PANEL - 1) / PANEL) : hidden;
     const float eps = numbers[0], qk_eps = numbers[1], softcap = numbers[2];
     const float scale = 1.0f / sqrtf((float)dim);
     const size_t size = kind == F32 ? 4 : 2;
@@ -285,19 +302,21 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
     if (threads < 1) threads = 1;
     /* Every row of every scratch array starts 64 bytes aligned, whatever the batch: the
        vectorised loops then sum in one order, and a row's result is its own. Each thread
-       has its own attention scores and new key and value. */
+       has its own attention scores, new keys and values and normalised rows (every
+       thread normalises every row, instead of waiting for the others to). */
     const int64_t row = PAD(n_embd), qkv_row = PAD(3 * n_embd), f_row = PAD(fc_out);
-    const int64_t a_row = PAD(hidden), own = PAD(ctx) + PAD(2 * n_embd);
-    size_t floats = (size_t)(batch * (3 * row + qkv_row + f_row + a_row) + threads * own);
+    const int64_t a_row = PAD(hidden);
+    const int64_t own = PAD(ctx) + PAD(2 * n_embd) + batch * row;
+    size_t floats = (size_t)(batch * (2 * row + qkv_row + f_row + a_row) + threads * own);
     float *scratch = aligned_alloc(64, sizeof(float) * floats);
     if (scratch == NULL) return 1;
-    float *x = scratch, *h = x + batch * row, *qkv = h + batch * row, *att = qkv + batch * qkv_row;
+    float *x = scratch, *qkv = x + batch * row, *att = qkv + batch * qkv_row;
     float *f = att + batch * row, *a = f + batch * f_row, *owned = a + batch * a_row;
 
     const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
     const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
     /* One parallel region for the whole step: each stage is a work-shared loop (over rows,
-       or over groups of output panels in `linear`) whose end is a barrier. */
+       (row, head) pairs, or groups of output panels in `linear`) whose end is a barrier. */
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
@@ -305,7 +324,8 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
 #else
         float *scores = owned;
 #endif
-        void *new_kv = scores + PAD(ctx); /* one row's new key and value, the cache's type */
+        char *new_kv = (char *)(scores + PAD(ctx)); /* a row's new keys and values */
+        float *h = scores + PAD(ctx) + PAD(2 * n_embd); /* the normalised rows */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             const float *token = wte + ids[b] * n_embd;
@@ -313,60 +333,53 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
                 x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
         }
         for (int64_t layer = 0; layer < n_layer; layer++) {
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < batch; b++)
-                norm(x + b * row, h + b * row, LAYER_SLOT(layer, LN1_W),
-                     LAYER_SLOT(layer, LN1_B), 1, n_embd, row, eps, rms);
+            norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), batch, n_embd, row,
+                 eps, rms);
             linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row,
-                   batch, n_embd, 3 * n_embd, 0);
+                   batch, n_embd, 3 * n_embd, 0, -1, NULL, 0, 0);
             const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
             char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t b = 0; b < batch; b++) {
+            for (int64_t item = 0; item < batch * heads; item++) {
+                const int64_t b = item / heads, head = item % heads;
                 float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
-                for (int64_t head = 0; head < heads; head++) {
-                    if (q_norm) {
-                        norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
-                        norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
-                    }
-                    if (cos_table) {
-                        rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
-                        rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
-                    }
+                if (q_norm) {
+                    norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
+                    norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
                 }
-                store(new_kv, k, n_embd, kind);
-                store((char *)new_kv + n_embd * size, v, n_embd, kind);
+                if (cos_table) {
+                    rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
+                    rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
+                }
+                /* This head's new key and value, in the cache's type, where attend_one
+                   looks for them in a row's. */
+                char *new_key = new_kv, *new_value = new_kv + n_embd * size;
+                store(new_key + head * dim * size, k + head * dim, dim, kind);
+                store(new_value + head * dim * size, v + head * dim, dim, kind);
                 char *keys = k_cache + b * cache_row_stride * size;
                 char *values = v_cache + b * cache_row_stride * size;
-                const void *new_value = (char *)new_kv + n_embd * size;
+                float *out = att + b * row;
                 if (kind == F32)
-                    attend_row_f32(q, new_kv, new_value, keys, values, pos, b, att + b * row,
-                                   heads, dim, ctx, scale, scores);
-                else if (kind == F16)
-                    attend_row_f16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
-                                   heads, dim, ctx, scale, scores);
-                else
-                    attend_row_bf16(q, new_kv, new_value, keys, values, pos, b, att + b * row,
+                    attend_head_f32(q, new_key, new_value, keys, values, pos + b, head, out,
                                     heads, dim, ctx, scale, scores);
+                else if (kind == F16)
+                    attend_head_f16(q, new_key, new_value, keys, values, pos + b, head, out,
+                                    heads, dim, ctx, scale, scores);
+                else
+                    attend_head_bf16(q, new_key, new_value, keys, values, pos + b, head, out,
+                                     heads, dim, ctx, scale, scores);
             }
             linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, row, x, row, batch,
-                   n_embd, n_embd, 1);
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < batch; b++)
-                norm(x + b * row, h + b * row, LAYER_SLOT(layer, LN2_W),
-                     LAYER_SLOT(layer, LN2_B), 1, n_embd, row, eps, rms);
+                   n_embd, n_embd, 1, -1, NULL, 0, 0);
+            norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), batch, n_embd, row,
+                 eps, rms);
             linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, row, f, f_row, batch,
-                   n_embd, fc_out, 0);
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < batch; b++)
-                activate(f + b * f_row, f_row, a + b * a_row, a_row, 1, hidden, (int)mlp);
+                   n_embd, fc_out, 0, (int)mlp, a, a_row, hidden);
             linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x,
-                   row, batch, hidden, n_embd, 1);
+                   row, batch, hidden, n_embd, 1, -1, NULL, 0, 0);
         }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < batch; b++)
-            norm(x + b * row, h + b * row, SLOT(LNF_W), SLOT(LNF_B), 1, n_embd, row, eps, rms);
-        linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0);
+        norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, row, eps, rms);
+        linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0, -1, NULL, 0, 0);
         if (softcap > 0.0f) { /* row by row: vector and scalar tanhf differ in the last bit */
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < batch; b++)

@@ -109,6 +109,8 @@ def pack(
         seen[key] = size
         offsets.append(size)
         flat = tensor.detach().to(torch.float32)
+        if mlp == "swiglu" and name.split(".", 2)[-1].startswith("mlp.c_fc."):
+            flat = _gate_up_panels(flat, hidden)
         flat = _panels(flat) if panelled else flat.reshape(-1)
         padding = -flat.numel() % _ALIGN
         chunks += [flat, flat.new_zeros(padding)]
@@ -125,6 +127,22 @@ def pack(
         offsets=torch.tensor(offsets, dtype=torch.int64),
         shape=torch.tensor(shape, dtype=torch.int64),
         numbers=torch.tensor([eps, qk_eps, softcap], dtype=torch.float32),
+    )
+
+
+def _gate_up_panels(fc: torch.Tensor, hidden: int) -> torch.Tensor:
+    """SwiGLU's fc rows (or biases), gate [0, hidden) then up [hidden, 2 hidden), reordered
+    so that PANEL gate rows and the PANEL up rows of the same units alternate (each half
+    padded with zeros to whole panels): decode.c activates a group of panels as soon as it
+    has computed it."""
+    gate, up = fc[:hidden], fc[hidden:]
+    units = -(-hidden // PANEL) * PANEL
+    padded = fc.new_zeros(2, units, *fc.shape[1:])
+    padded[0, :hidden], padded[1, :hidden] = gate, up
+    return (
+        padded.reshape(2, units // PANEL, PANEL, *fc.shape[1:])
+        .transpose(0, 1)
+        .reshape(2 * units, *fc.shape[1:])
     )
 
 
