@@ -315,6 +315,9 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
 
     const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
     const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
+    /* Attention items: a thread takes a whole row's heads (its cache in memory order) when
+       there are rows enough to share, single heads when there are not (batch 1). */
+    const int chunk = batch >= 4 * threads ? (int)heads : 1;
     /* One parallel region for the whole step: each stage is a work-shared loop (over rows,
        (row, head) pairs, or groups of output panels in `linear`) whose end is a barrier. */
 #pragma omp parallel num_threads(threads)
@@ -339,7 +342,7 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
                    batch, n_embd, 3 * n_embd, 0, -1, NULL, 0, 0);
             const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
             char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
             for (int64_t item = 0; item < batch * heads; item++) {
                 const int64_t b = item / heads, head = item % heads;
                 float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
