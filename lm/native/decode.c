@@ -8,7 +8,14 @@
  * written at that position, attention over the row's cache (attention.c's kernel, so a
  * row computes what the layer-by-layer path computes), output projection, residual, norm,
  * MLP, residual; then the final norm, the output layer and the logit soft-cap. Rows may
- * sit at different positions; a row's result does not depend on the others in its batch.
+ * sit at different positions; a row's result does not depend on the others in its batch,
+ * nor on the number of threads. Matrices are packed in panels of 8 outputs (`linear`);
+ * the threads (`threads`, one OpenMP region per step) share every stage's work.
+ *
+ * Also here: `lm_draw`, the last step of the engine's sampler (a token from a row of
+ * logits, a temperature and a uniform number), and `lm_gpt_generate_*`, a run of decode
+ * steps for one row with each step's token drawn by the same code and fed to the next
+ * (the engine's path for a sequence running alone).
  *
  * Arguments:
  *   shape    n_layer, n_embd, n_head, mlp hidden width, vocab, context, norm (0 LayerNorm,
@@ -19,6 +26,7 @@
  *   k_caches, v_caches  per layer, keys [rows, heads, dim, ctx], values [rows, heads, ctx,
  *            dim] in the cache's type, rows `cache_row_stride` elements apart
  *   logits   [batch, vocab] float32, written
+ *   threads  how many threads share the step
  * Returns 0; or, with nothing written, 1 when the scratch could not be allocated, 2 for a
  * token outside the vocabulary, 3 for a position outside the context.
  */
@@ -134,16 +142,16 @@ static inline void panel_store(v8 sums, const float *bias, float *y, int64_t o, 
     }
 }
 
+static void activate_group(const float *restrict f, int64_t f_stride, float *restrict a,
+                           int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
+                           int64_t hidden, int kind);
+
 /* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows `x_stride` and `y_stride`
    apart. W is packed in panels (lm/native/decode.py): outputs 8p..8p+7 are the panel p,
    [in][8], so one vector load holds one input's weights for eight outputs and no sum is
    reduced across vector lanes. Threads (inside the step's parallel region) take groups
    of four panels; each group is read once for all the rows. With `act` (an MLP kind; -1
    for none) each group's outputs are also activated into `a` (`activate_group`). */
-static void activate_group(const float *restrict f, int64_t f_stride, float *restrict a,
-                           int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
-                           int64_t hidden, int kind);
-
 static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
                    int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
                    int64_t in, int64_t out, int accumulate, int act, float *restrict a,
