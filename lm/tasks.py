@@ -488,10 +488,13 @@ def eval_episodes(category: str, n: int, seed: int = 0, shots: int = 4) -> Itera
         yield Episode(task.name, examples, query.input, query.output)
 
 
-def episode_prompt(examples: list[Example], query: str) -> tuple[str, list[str]]:
+def episode_prompt(
+    examples: list[Example], query: str, template: str = DEFAULT_TEMPLATE
+) -> tuple[str, list[str]]:
     """The evaluation prompt: a blank line (an episode starts after one in training), the
-    examples and the query in the training format; and the stop sequence (the line end)."""
-    prompt, stop = build_prompt(examples, query, DEFAULT_TEMPLATE)
+    examples and the query in `template` (by default the training format); and the stop
+    sequence (the template's end)."""
+    prompt, stop = build_prompt(examples, query, template)
     return EPISODE_SEPARATOR + prompt, stop
 
 
@@ -500,12 +503,19 @@ def _mean(scores: list[int]) -> float | None:
 
 
 def fewshot_accuracy(
-    checkpoint, shots_list: Iterable[int], episodes: int = 200, seed: int = 0, max_batch: int = 64
+    checkpoint,
+    shots_list: Iterable[int],
+    episodes: int = 200,
+    seed: int = 0,
+    max_batch: int = 64,
+    template: str = DEFAULT_TEMPLATE,
 ) -> dict[int, dict]:
     """Exact-match accuracy of greedy completions on held-out episodes, per shot count:
     {shots: {"words", "random", "long", "unseen", "overall", "per_task": {category: {task}}}}.
 
     `episodes` per category (CATEGORIES says what each measures); "overall" pools them all.
+    The prompts follow `template` (a user's own format, to see whether the model follows
+    it; the training corpus uses the default).
     `checkpoint` is a loaded lm.checkpoint.Checkpoint, a shipped name or a directory. All
     prompts (every shot count) go to the engine at once, batched `max_batch` at a time.
     """
@@ -522,7 +532,7 @@ def fewshot_accuracy(
     for shots in shots_list:
         for category in CATEGORIES:
             for episode in eval_episodes(category, episodes, seed, shots):
-                prompt, stop = episode_prompt(episode.examples, episode.query)
+                prompt, stop = episode_prompt(episode.examples, episode.query, template)
                 prompts.append(prompt)
                 keys.append((shots, category, episode.task))
                 answers.append(episode.answer)

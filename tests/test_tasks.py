@@ -389,3 +389,19 @@ def test_cli_fewshot_eval_missing_checkpoint_exit_2(tmp_path, capsys):
     code = main(["fewshot-eval", "--checkpoint", str(tmp_path / "nope"), "--episodes", "1"])
     assert code == 2
     assert capsys.readouterr().err.startswith("lm fewshot-eval: error:")
+
+
+def test_cli_fewshot_eval_with_a_users_template(tmp_path, capsys):
+    gpt = tiny_checkpoint(tmp_path / "gpt", "gpt")
+    args = ["fewshot-eval", "--checkpoint", str(gpt), "--shots", "1", "--episodes", "2"]
+    assert main([*args, "--template", "Q: {input}\nA: {output}\n\n"]) == 0
+    assert "template 'Q: {input}\\nA: {output}\\n\\n'" in capsys.readouterr().out
+    examples = [Example("apple", "elppa")]
+    prompt, stop = episode_prompt(examples, "river", "Q: {input}\nA: {output}\n\n")
+    assert prompt == "\nQ: apple\nA: elppa\n\nQ: river\nA: " and stop == ["\n\n"]
+
+
+def test_cli_fewshot_eval_malformed_template_exit_2_before_loading(tmp_path, capsys):
+    code = main(["fewshot-eval", "--checkpoint", str(tmp_path / "nope"), "--template", "{input}"])
+    assert code == 2
+    assert "template" in capsys.readouterr().err

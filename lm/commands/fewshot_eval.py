@@ -32,6 +32,11 @@ def add_parser(subparsers) -> None:
         "--episodes", type=positive_int, default=200, help="per category and number of shots"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--template",
+        default=None,
+        help="few-shot format of the prompts (default the training one, '{input} => {output}\\n')",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--json",
@@ -48,7 +53,11 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from lm.checkpoint import load_checkpoint
     from lm.device import pick_device
+    from lm.fewshot import DEFAULT_TEMPLATE, build_prompt
     from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy
+
+    template = DEFAULT_TEMPLATE if args.template is None else args.template
+    build_prompt([], "query", template)  # a malformed template fails now, before loading
 
     if args.plot:  # fail before the evaluation, not after it
         from lm.plotting import pyplot
@@ -58,14 +67,19 @@ def run(args) -> int:
     results = {}
     for name in args.checkpoint:
         checkpoint = load_checkpoint(name, device)
-        results[name] = fewshot_accuracy(checkpoint, args.shots, args.episodes, args.seed)
+        results[name] = fewshot_accuracy(
+            checkpoint, args.shots, args.episodes, args.seed, template=template
+        )
     if args.plot:
         plot_accuracy(results, args.plot)
     if args.json:
         print(json.dumps(results))
         return 0
     for name, result in results.items():
-        print(f"{name}: exact match (%) on {args.episodes} held-out episodes, seed {args.seed}")
+        print(
+            f"{name}: exact match (%) on {args.episodes} held-out episodes, seed {args.seed}"
+            + ("" if args.template is None else f", template {template!r}")
+        )
         print(accuracy_table(result))
         print()
     if args.plot:
