@@ -27,6 +27,9 @@ SHAKESPEARE = [
 # The corpus the few-shot checkpoints were trained on: `lm make-tasks` in train_all.sh.
 FEWSHOT_EPISODES, FEWSHOT_SEED = 300000, 1234
 FEWSHOT_V1_CORPUS = "fewshot-tasks.txt"  # made by lm/tasks.py before issue 13; gone
+# The few-shot cards' losses are over the whole validation split (1.3M tokens of uniform
+# random episodes); the test scores its first quarter of a million, within the tolerance.
+FEWSHOT_EVAL_TOKENS = 262_144
 
 
 def skip_fewshot_v1(meta: dict) -> None:
@@ -63,6 +66,7 @@ def two_threads():
 @pytest.mark.parametrize("name", shipped_checkpoints())
 def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_threads):
     meta = read_config(shipped_dir() / name)
+    max_tokens = None
     if name.startswith("fewshot"):
         from lm.tasks import make_corpus
 
@@ -70,11 +74,14 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
         text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED)
         corpus = tmp_path / "tasks.txt"
         corpus.write_text(text, encoding="utf-8")
+        max_tokens = FEWSHOT_EVAL_TOKENS
     else:
         corpus = shakespeare_path
         text = corpus.read_text(encoding="utf-8")
     assert corpus_hash(text) == meta["training"]["corpus_hash"], "not the training corpus"
-    result = evaluate_checkpoint(name, [str(corpus)], split="val", device="cpu")
+    result = evaluate_checkpoint(
+        name, [str(corpus)], split="val", max_tokens=max_tokens, device="cpu"
+    )
     assert abs(result["loss"] - card_loss(name)) <= 0.02
 
 
