@@ -8,12 +8,16 @@ names=("$@")
                                    shakespeare-bpe-gpt fewshot-char-gpt fewshot-char-lstm)
 for name in "${names[@]}"; do
   dir="checkpoints/$name"
-  if [[ -f $dir/config.json ]] && grep -q '"finished": true' "$dir/config.json"; then
+  # A few-shot model trained on the v1 corpus (pseudo-words only) counts as not trained.
+  if [[ -f $dir/config.json ]] && grep -q '"finished": true' "$dir/config.json" &&
+     ! grep -q '"fewshot-tasks.txt"' "$dir/config.json"; then
     echo "== $name: trained already"; continue
   fi
   recipe=$dir/recipe.toml
   if [[ $name == fewshot-* ]]; then
-    recipe=$dir/recipe-v2.toml  # the issue-13 corpus: real words, random strings, 1,668 tasks
+    # The issue-13 corpus: real words, random strings, 1,668 tasks (recipe-v2.toml until
+    # the model is retrained on it, then recipe.toml).
+    [[ -f $dir/recipe-v2.toml ]] && recipe=$dir/recipe-v2.toml
     [[ -f runs/fewshot-tasks-v2.txt ]] ||
       lm make-tasks --out runs/fewshot-tasks-v2.txt --episodes 300000 --seed 1234
   fi
