@@ -90,6 +90,8 @@ VOCAB_CHECKPOINTS = [
     if read_config(shipped_dir() / n)["tokenizer"]["kind"] in ("char", "word")
 ]
 LEGACY = Path(__file__).parent / "data" / "legacy_tokenizers"  # the files before issue 15
+# The checkpoints shipped then and not retrained since (a retrained one has its own vocabulary).
+LEGACY_CHECKPOINTS = [n for n in VOCAB_CHECKPOINTS if (LEGACY / f"{n}.json").is_file()]
 
 
 @pytest.mark.parametrize("name", VOCAB_CHECKPOINTS)
@@ -105,7 +107,7 @@ def test_shipped_vocabulary_saves_back_byte_identical(name, tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", VOCAB_CHECKPOINTS)
+@pytest.mark.parametrize("name", LEGACY_CHECKPOINTS)
 def test_shipped_vocabulary_rewritten_as_hf_encodes_as_before(name, shakespeare_path, tmp_path):
     """The shipped tokenizer.json (now a `tokenizers` file) has the ids of the old own-format
     file, which still loads."""
