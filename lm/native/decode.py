@@ -196,23 +196,17 @@ def decode_step() -> DecodeStep | None:
     if library is None:
         return None
     functions = {dtype: getattr(library, name) for dtype, name in _FUNCTIONS.items()}
-    pointer = ctypes.c_void_p
 
     def step(packed, ids, positions, keys, values):
         batch = ids.shape[0]
         dtype, row_stride = _check(packed, ids, positions, keys, values)
         logits = torch.empty(batch, int(packed.shape[4]))
-        layers = len(keys)
         failed = functions[dtype](
-            packed.shape.data_ptr(),
-            packed.numbers.data_ptr(),
-            packed.weights.data_ptr(),
-            packed.offsets.data_ptr(),
+            *_model_pointers(packed),
             ids.data_ptr(),
             positions.data_ptr(),
             batch,
-            (pointer * layers)(*(k.data_ptr() for k in keys)),
-            (pointer * layers)(*(v.data_ptr() for v in values)),
+            *_cache_pointers(keys, values),
             row_stride,
             logits.data_ptr(),
             torch.get_num_threads(),
@@ -244,7 +238,6 @@ def generate_step() -> Generate | None:
     if library is None:
         return None
     functions = {dtype: getattr(library, name) for dtype, name in _GENERATE.items()}
-    pointer = ctypes.c_void_p
 
     def generate(packed, token, position, keys, values, temperature, uniform):
         count = len(uniform)
@@ -252,17 +245,12 @@ def generate_step() -> Generate | None:
         dtype, _ = _check(packed, torch.tensor([token]), positions, keys, values)
         draws = torch.tensor(uniform, dtype=torch.float64)
         out = torch.empty(count, dtype=torch.int64)
-        layers = len(keys)
         done = functions[dtype](
-            packed.shape.data_ptr(),
-            packed.numbers.data_ptr(),
-            packed.weights.data_ptr(),
-            packed.offsets.data_ptr(),
+            *_model_pointers(packed),
             token,
             position,
             count,
-            (pointer * layers)(*(k.data_ptr() for k in keys)),
-            (pointer * layers)(*(v.data_ptr() for v in values)),
+            *_cache_pointers(keys, values),
             temperature,
             draws.data_ptr(),
             out.data_ptr(),
@@ -309,6 +297,22 @@ def draw() -> Draw | None:
         return out
 
     return sample
+
+
+def _model_pointers(packed: PackedGPT) -> tuple[int, int, int, int]:
+    """The first four arguments of decode.c's steps: shape, numbers, weights, offsets."""
+    return (
+        packed.shape.data_ptr(),
+        packed.numbers.data_ptr(),
+        packed.weights.data_ptr(),
+        packed.offsets.data_ptr(),
+    )
+
+
+def _cache_pointers(keys, values) -> tuple[ctypes.Array, ctypes.Array]:
+    """The per-layer key and value caches as C arrays of pointers."""
+    array = ctypes.c_void_p * len(keys)
+    return array(*(k.data_ptr() for k in keys)), array(*(v.data_ptr() for v in values))
 
 
 def _raise(failed: int, packed: PackedGPT, positions: torch.Tensor) -> None:
