@@ -9,7 +9,6 @@ length are counted as `short`.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import subprocess
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from bench.peers_engines import brief
 from bench.peers_formats import Exports
+from bench.serve_bench import sse_events
 
 REQUEST_TIMEOUT_S = 300
 
@@ -84,18 +84,11 @@ async def _request(session, url: str, body: dict) -> dict:
         if not body["stream"]:
             tokens = (await response.json())["usage"]["completion_tokens"]
         else:
-            buffer = b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    event, buffer = buffer.split(b"\n\n", 1)
-                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                        continue
-                    data = json.loads(event[6:])
-                    if first is None and any(c.get("text") for c in data.get("choices", [])):
-                        first = time.perf_counter()
-                    if data.get("usage"):
-                        tokens = data["usage"]["completion_tokens"]
+            async for data in sse_events(response):
+                if first is None and any(c.get("text") for c in data.get("choices", [])):
+                    first = time.perf_counter()
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
     return {
         "ok": True,
         "seconds": time.perf_counter() - start,

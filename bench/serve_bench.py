@@ -84,6 +84,18 @@ def percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
+async def sse_events(response):
+    """The JSON objects of a streamed completion's server-sent `data:` events, as they come
+    (aiohttp response; the closing `[DONE]` left out)."""
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: ") and event != b"data: [DONE]":
+                yield json.loads(event[6:])
+
+
 async def one_request(session, url: str, model: str, stream: bool, tokens: int, seed: int):
     body = {
         "model": model,
@@ -104,17 +116,11 @@ async def one_request(session, url: str, model: str, stream: bool, tokens: int, 
             generated = data["usage"]["completion_tokens"]
             arrivals.append(time.perf_counter())
         else:
-            buffer = b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    event, buffer = buffer.split(b"\n\n", 1)
-                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                        continue
-                    choice = json.loads(event[6:])["choices"][0]
-                    if choice["text"]:
-                        arrivals.append(time.perf_counter())
-                        generated += len(choice["text"])  # one character per token here
+            async for data in sse_events(response):
+                choice = data["choices"][0]
+                if choice["text"]:
+                    arrivals.append(time.perf_counter())
+                    generated += len(choice["text"])  # one character per token here
     end = time.perf_counter()
     return {"ok": True, "start": start, "end": end, "arrivals": arrivals, "tokens": generated}
 
