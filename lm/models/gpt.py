@@ -22,6 +22,7 @@ from lm.lora import MultiLoRALinear
 from lm.models import ModelConfig, State
 from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
 from lm.native.decode import PackedGPT, decode_step, generate_step, pack
+from lm.native.dropout import Dropout
 
 BF16_PREFILL_BLOCK = 512  # prefills of this many tokens or more: bfloat16 matrix products
 RMS_NORM_EPS = 1e-6  # as Qwen3 and Llama
@@ -70,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
 
@@ -188,7 +189,7 @@ class MLP(nn.Module):
         fc_out = 2 * hidden if config.mlp == "swiglu" else hidden
         self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
@@ -269,7 +270,7 @@ class GPT(nn.Module):
         self.wpe = (
             nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         )
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lm.models import ModelConfig, State
+from lm.native.dropout import Dropout
 
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -19,7 +20,7 @@ class RecurrentLM(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         cell = _CELLS[config.kind]
         extra = {"nonlinearity": "tanh"} if config.kind == "rnn" else {}
         self.rnn = cell(
