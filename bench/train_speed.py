@@ -1,5 +1,7 @@
 """Training throughput of the shipped char GPT's shape (6 layers x 192, batch 32 x block 128,
-2 threads): float32 vs bfloat16 autocast vs torch.compile, classic and modern blocks.
+2 threads): float32 vs bfloat16 autocast vs torch.compile, classic and modern blocks, and
+the hashed dropout kernel (lm/native/dropout.c) against PyTorch's dropout (`-torch-dropout`
+variants run with the kernel turned off).
 
 Each variant runs the same steps from the same seed, one after another; the result is the
 training tokens/s (after the first 10 steps, which include warm-up costs) and the train and
@@ -12,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.common import corpus_path, save_result
+from lm.native import dropout as hashed
 from lm.train import TrainConfig, Trainer
 
 SHAPE = dict(
@@ -48,7 +53,27 @@ VARIANTS = {
     "compile-bfloat16": {"dtype": "bfloat16", "compile": True},
     "modern-float32": {**MODERN, "dtype": "float32"},
     "modern-bfloat16": {**MODERN, "dtype": "bfloat16"},
+    "modern-compile": {**MODERN, "dtype": "float32", "compile": True},
+    "torch-dropout": {"dtype": "float32"},
+    "modern-torch-dropout": {**MODERN, "dtype": "float32"},
 }
+
+
+@contextmanager
+def dropout_kernel(on: bool):
+    """The hashed dropout kernel on (as lm trains by default) or off (PyTorch's dropout)."""
+    saved = os.environ.get("LM_NATIVE")
+    if not on:
+        os.environ["LM_NATIVE"] = "0"
+    hashed._kernel.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LM_NATIVE", None)
+        else:
+            os.environ["LM_NATIVE"] = saved
+        hashed._kernel.cache_clear()
 
 
 def run(name: str, steps: int, threads: int) -> dict:
@@ -64,10 +89,11 @@ def run(name: str, steps: int, threads: int) -> dict:
             threads=threads,
             seed=1337,
         )
-        trainer = Trainer(config, progress=False)
-        start = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - start
+        with dropout_kernel(not name.endswith("torch-dropout")):
+            trainer = Trainer(config, progress=False)
+            start = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - start
         records = [
             json.loads(line)
             for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()
@@ -91,7 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--variants", default="float32,bfloat16,compile,modern-float32,modern-bfloat16"
+        "--variants",
+        default="torch-dropout,float32,modern-torch-dropout,modern-float32,modern-compile",
     )
     args = parser.parse_args()
     rows = []
