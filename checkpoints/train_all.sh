@@ -19,7 +19,7 @@ for name in "${names[@]}"; do
     # the model is retrained on it, then recipe.toml).
     [[ -f $dir/recipe-v2.toml ]] && recipe=$dir/recipe-v2.toml
     [[ -f runs/fewshot-tasks-v2.txt ]] ||
-      lm make-tasks --out runs/fewshot-tasks-v2.txt --episodes 300000 --seed 1234
+      lm make-tasks --out runs/fewshot-tasks-v2.txt --episodes 300000 --seed 1234 --version 2
   fi
   resume=()
   [[ -f $dir/train_state.pt ]] && resume=(--resume)

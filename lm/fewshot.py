@@ -17,7 +17,7 @@ class Example:
     output: str
 
 
-def _split_template(template: str) -> tuple[str, str, str]:
+def split_template(template: str) -> tuple[str, str, str]:
     """The template's text before {input}, between {input} and {output}, and after {output}."""
     if template.count("{input}") != 1 or template.count("{output}") != 1:
         raise LMError(
@@ -39,7 +39,7 @@ def build_prompt(
 ) -> tuple[str, list[str]]:
     """The prompt (every example, then the query up to where its output begins) and the
     default stop sequence: the template's line end, so generation ends with the answer."""
-    head, middle, tail = _split_template(template)
+    head, middle, tail = split_template(template)
     separators = [s for s in (middle, tail) if s]
     for i, ex in enumerate(examples):
         for field_name, text in (("input", ex.input), ("output", ex.output)):

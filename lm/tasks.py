@@ -12,6 +12,13 @@ Zipfian mix over ~1,000 of them, so many tasks occur few times each.
 Kept out of training, for evaluation: one input in ten (by a hash of the lowercased text, so
 whole words and strings), inputs longer than 12, and the task variants in UNSEEN_TASKS
 (shift by 3, rotate by 3, three compositions).
+
+Corpus versions (`make_corpus(version=...)`, `lm make-tasks --version`): 2 writes every
+episode in the default template and draws letters and digits only (the corpus the shipped
+few-shot models of issue 13 trained on); 3 writes each episode in a template drawn from
+TRAIN_TEMPLATES (`->`, `:`, `=`, tab, `Q: ... A: ...`, two-line `Input:`/`Output:`, ...)
+and adds inputs with punctuation, so the vocabulary is all of printable ASCII and a model
+follows the format a user writes. HELDOUT_TEMPLATES are never trained on.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lm.errors import LMError
-from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt
+from lm.fewshot import DEFAULT_TEMPLATE, Example, build_prompt, split_template
 
 EPISODE_LINES = (4, 12)  # examples per training episode, inclusive
 MAX_TRAIN_LENGTH = 12  # inputs of training are 1 to 12 characters
@@ -40,7 +47,28 @@ EPISODE_SEPARATOR = "\n"  # the blank line between episodes; starts every evalua
 WORDLISTS = Path(__file__).resolve().parent / "wordlists"
 
 VOWELS = "aeiouAEIOU"
-ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of the corpus
+ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of a v2 corpus
+# Every character of a v3 corpus: printable ASCII without the rare vertical whitespace.
+ALPHABET_V3 = "".join(sorted(set(string.printable) - set("\r\x0b\x0c")))
+CORPUS_VERSIONS = (2, 3)
+LATEST_VERSION = 3
+# v3: each episode's format, and how often. The default stays the most common (the format
+# of `lm generate --example` and the API's examples without a template).
+TRAIN_TEMPLATES = (
+    (DEFAULT_TEMPLATE, 0.30),
+    ("{input} -> {output}\n", 0.10),
+    ("{input}: {output}\n", 0.10),
+    ("{input} = {output}\n", 0.07),
+    ("{input} | {output}\n", 0.05),
+    ("{input}\t{output}\n", 0.05),
+    ("{input}, {output}\n", 0.05),
+    ("Q: {input} A: {output}\n", 0.08),
+    ("in: {input} out: {output}\n", 0.05),
+    ("Input: {input}\nOutput: {output}\n", 0.15),
+)
+HELDOUT_TEMPLATES = ("{input} ~> {output}\n", "Q: {input}\nA: {output}\n")  # never trained
+SYMBOLS = "".join(sorted(set(string.punctuation)))
+SYMBOL_SHARE = 0.2  # of the characters of a v3 "symbols" input
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CASE_STYLES = (("lower", 0.55), ("capital", 0.15), ("upper", 0.12), ("mixed", 0.18))
 COMPOSITION_SHARE = 0.5  # of training episodes; the rest draw a primitive
@@ -319,9 +347,19 @@ def random_word(rng: random.Random, name: str, lengths: tuple[int, int]) -> str:
     return rng.choice(by_length[size])
 
 
-def random_string(rng: random.Random, lengths: tuple[int, int], digits: bool = False) -> str:
-    """Random lowercase letters (a quarter of them digits when `digits`)."""
+def random_string(
+    rng: random.Random, lengths: tuple[int, int], digits: bool = False, symbols: bool = False
+) -> str:
+    """Random lowercase letters (a quarter of them digits when `digits`; a fifth of them
+    punctuation when `symbols`)."""
     size = rng.randint(*lengths)
+    if symbols:
+        return "".join(
+            rng.choice(SYMBOLS)
+            if rng.random() < SYMBOL_SHARE
+            else rng.choice(string.ascii_lowercase)
+            for _ in range(size)
+        )
     return "".join(
         rng.choice(string.digits)
         if digits and rng.random() < 0.25
@@ -353,16 +391,23 @@ def _draw_style(rng: random.Random) -> str:
 Source = Callable[[random.Random], str]
 
 
-def _train_source(rng: random.Random, task: Task) -> Source:
+INPUT_KINDS = {  # corpus version: (kinds of training input, their weights)
+    2: (("word", "letters", "alnum"), (0.55, 0.3, 0.15)),
+    3: (("word", "letters", "alnum", "symbols"), (0.5, 0.25, 0.13, 0.12)),
+}
+
+
+def _train_source(rng: random.Random, task: Task, version: int = 2) -> Source:
     """How one training episode draws its inputs: a kind of string and a case style."""
     if task.inputs == "digits":
         return random_digits
     style = _draw_style(rng)
     lengths = (1, MAX_TRAIN_LENGTH)
-    kind = rng.choices(("word", "letters", "alnum"), (0.55, 0.3, 0.15))[0]
+    kind = rng.choices(*INPUT_KINDS[version])[0]
     if kind == "word":
         return lambda r: styled(random_word(r, "train", lengths), style, r)
-    return lambda r: styled(random_string(r, lengths, digits=kind == "alnum"), style, r)
+    digits, symbols = kind == "alnum", kind == "symbols"
+    return lambda r: styled(random_string(r, lengths, digits, symbols), style, r)
 
 
 def _eval_source(rng: random.Random, category: str) -> Source:
@@ -388,6 +433,21 @@ def _valid(output: str) -> bool:
     return bool(output) and "\n" not in output and "=>" not in output
 
 
+def _fits(template: str) -> Callable[[str, str], bool]:
+    """Whether an example's input and output can be written in `template`: a non-empty
+    output, neither holding a line break nor the template's separators (as
+    lm.fewshot.build_prompt requires)."""
+    head, middle, tail = split_template(template)
+    separators = [part for part in (head.strip(), middle.strip(), tail.strip()) if part]
+
+    def fits(text: str, output: str) -> bool:
+        if not output or "\n" in text + output or "\t" in text + output:
+            return False
+        return not any(sep in text or sep in output for sep in separators)
+
+    return fits
+
+
 def _draw_examples(
     rng: random.Random,
     task: Task,
@@ -395,15 +455,17 @@ def _draw_examples(
     count: int,
     heldout: bool,
     exclude: Iterable[str] = (),
+    fits: Callable[[str, str], bool] | None = None,
 ) -> list[Example]:
     """`count` examples with distinct inputs, drawn one after another (so the first k of a
-    longer draw from the same state are the k-example draw)."""
+    longer draw from the same state are the k-example draw). `fits`: which examples the
+    episode's template can hold (None: the v2 rule, no line break and no `=>` in outputs)."""
     seen = set(exclude)
     examples = []
     while len(examples) < count:
         text = source(rng)
         output = task.apply(text)
-        if text in seen or not _valid(output):
+        if text in seen or not (_valid(output) if fits is None else fits(text, output)):
             continue
         if heldout != is_heldout(text) or (not heldout and _mentions_heldout(output)):
             continue
@@ -415,27 +477,39 @@ def _draw_examples(
 # -- corpus and evaluation episodes -------------------------------------------------------
 
 
-def format_episode(examples: list[Example]) -> str:
-    return "".join(DEFAULT_TEMPLATE.format(input=ex.input, output=ex.output) for ex in examples)
+def format_episode(examples: list[Example], template: str = DEFAULT_TEMPLATE) -> str:
+    return "".join(template.format(input=ex.input, output=ex.output) for ex in examples)
 
 
-def make_corpus(n_episodes: int, seed: int = 0) -> str:
-    """Training text: `n_episodes` episodes of one random task each, blank-line separated."""
+def make_corpus(n_episodes: int, seed: int = 0, version: int = LATEST_VERSION) -> str:
+    """Training text: `n_episodes` episodes of one random task each, blank-line separated,
+    in the format of corpus `version` (see the module docstring)."""
     if n_episodes < 1:
         raise LMError(f"the number of episodes must be at least 1, got {n_episodes}")
+    if version not in CORPUS_VERSIONS:
+        raise LMError(
+            f"unknown corpus version {version}; expected one of "
+            f"{', '.join(map(str, CORPUS_VERSIONS))}"
+        )
     rng = random.Random(seed)
+    names, weights = zip(*TRAIN_TEMPLATES)
     episodes = []
     for _ in range(n_episodes):
+        template = rng.choices(names, weights)[0] if version >= 3 else DEFAULT_TEMPLATE
+        fits = _fits(template) if version >= 3 else None
         task = draw_train_task(rng)
-        source = _train_source(rng, task)
+        source = _train_source(rng, task, version)
         count = rng.randint(*EPISODE_LINES)
-        episodes.append(format_episode(_draw_examples(rng, task, source, count, heldout=False)))
+        examples = _draw_examples(rng, task, source, count, heldout=False, fits=fits)
+        episodes.append(format_episode(examples, template))
     return EPISODE_SEPARATOR.join(episodes)
 
 
-def write_corpus(path: str | Path, n_episodes: int, seed: int = 0) -> str:
+def write_corpus(
+    path: str | Path, n_episodes: int, seed: int = 0, version: int = LATEST_VERSION
+) -> str:
     """Write `make_corpus` to `path` (UTF-8, parent folders created); return the text."""
-    text = make_corpus(n_episodes, seed)
+    text = make_corpus(n_episodes, seed, version)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
         from lm.tasks import make_corpus
 
         skip_fewshot_v1(meta)
-        text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED)
+        text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED, version=2)
         corpus = tmp_path / "tasks.txt"
         corpus.write_text(text, encoding="utf-8")
         max_tokens = FEWSHOT_EVAL_TOKENS
@@ -131,3 +131,17 @@ def test_recipe_and_config_name_the_corpus_portably(name, shakespeare_path):
     if name in SHAKESPEARE:  # ships in the repository's data/; fewshot ones are generated
         assert corpus == [shakespeare_path.resolve()]
         assert corpus_hash(corpus[0].read_text(encoding="utf-8")) == training["corpus_hash"]
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(shipped_dir().glob("*/recipe*.toml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_every_recipe_is_a_valid_training_config(recipe):
+    """Recipes not trained yet (recipe-v3.toml, ...) too: a typo fails here, not an hour in."""
+    from lm.train import TrainConfig, read_recipe
+
+    settings = read_recipe(recipe)
+    TrainConfig.from_dict(settings).validate()
+    assert settings["corpus"] and all(not c.startswith("/") for c in settings["corpus"])

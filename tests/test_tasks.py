@@ -4,6 +4,7 @@ parameters, the accuracy evaluation, and `lm make-tasks` / `lm fewshot-eval`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,39 @@ def consistent(task, pairs) -> bool:
 
 @pytest.fixture(scope="module")
 def corpus() -> str:
-    return make_corpus(1500, seed=0)
+    return make_corpus(1500, seed=0, version=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_v3() -> str:
+    return make_corpus(3000, seed=0, version=3)
+
+
+def episode_pairs(block: str, template: str) -> list[tuple[str, str]] | None:
+    """(input, output) pairs of an episode written wholly in `template`, or None."""
+    head, middle, tail = tasks.split_template(template)
+    line = re.escape(head) + r"([^\n]+?)" + re.escape(middle) + r"([^\n]+?)" + re.escape(tail)
+    if not re.fullmatch(f"(?:{line})+", block):
+        return None
+    return re.findall(line, block)
+
+
+def parse_v3(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Episodes of a v3 corpus as (template, pairs); fails on an episode in no template."""
+    assert text.endswith("\n") and not text.endswith("\n\n")
+    parsed = []
+    for block in text[:-1].split("\n\n"):
+        block += "\n"
+        readings = [
+            (template, pairs)
+            for template, _ in tasks.TRAIN_TEMPLATES
+            if (pairs := episode_pairs(block, template)) is not None
+        ]
+        assert readings, block
+        # "Input: a\nOutput: b\n" also reads as two "{input}: {output}" lines: the most
+        # specific template (the longest literal text) is the one written
+        parsed.append(max(readings, key=lambda r: len(r[0].format(input="", output=""))))
+    return parsed
 
 
 @pytest.fixture(scope="module")
@@ -332,8 +365,60 @@ def test_fewshot_accuracy_scores_each_category_apart(tmp_path, monkeypatch):
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
     out = tmp_path / "sub" / "tasks.txt"
     assert main(["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4"]) == 0
-    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4)
+    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=3)
     assert "25 episodes" in capsys.readouterr().out
+    args = ["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4", "--version", "2"]
+    assert main(args) == 0
+    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=2)
+    assert "version 2" in capsys.readouterr().out
+
+
+# -- corpus version 3: templates and punctuation -------------------------------------------
+
+
+def test_v2_corpus_is_the_one_the_shipped_models_trained_on():
+    """Version 3 came later: version 2's text must not move (recipes regenerate it)."""
+    import hashlib
+
+    text = make_corpus(2000, seed=1234, version=2)
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "26f6eb7ddebab14a"
+    assert make_corpus(50, seed=3) == make_corpus(50, seed=3, version=tasks.LATEST_VERSION)
+    with pytest.raises(LMError, match="corpus version"):
+        make_corpus(5, version=4)
+
+
+def test_v3_episodes_each_use_one_training_template(corpus_v3):
+    parsed = parse_v3(corpus_v3)
+    assert len(parsed) == 3000
+    counts = {template: 0 for template, _ in tasks.TRAIN_TEMPLATES}
+    for template, pairs in parsed:
+        counts[template] += 1
+        assert tasks.EPISODE_LINES[0] <= len(pairs) <= tasks.EPISODE_LINES[1]
+    for template, share in tasks.TRAIN_TEMPLATES:  # every template, near its share
+        assert abs(counts[template] / 3000 - share) < 0.03, template
+    for template in tasks.HELDOUT_TEMPLATES:
+        head, middle, _ = tasks.split_template(template)
+        assert (head + "x" + middle).strip() not in corpus_v3.replace("x", "")
+        assert not any(episode_pairs(b + "\n", template) for b in corpus_v3.split("\n\n")[:200])
+
+
+def test_v3_episodes_are_training_tasks_over_any_printable_ascii(corpus_v3):
+    parsed = parse_v3(corpus_v3)
+    for _, pairs in parsed[:400]:
+        assert len({left for left, _ in pairs}) == len(pairs)
+        assert any(consistent(task, pairs) for task in TRAIN_TASKS), pairs
+    inputs = [left for _, pairs in parsed for left, _ in pairs]
+    assert set(corpus_v3) == set(tasks.ALPHABET_V3)  # the vocabulary: all printable ASCII
+    assert sum(any(c in tasks.SYMBOLS for c in x) for x in inputs) > len(inputs) / 20
+    assert not [x for x in inputs if is_heldout(x)]
+
+
+def test_v3_examples_never_hold_their_templates_separators():
+    fits = tasks._fits("{input}: {output}\n")
+    assert fits("a;b", "b;a") and not fits("a:b", "b") and not fits("ab", "a:b")
+    assert not fits("ab", "") and not fits("a\tb", "x")
+    arrow = tasks._fits("{input} -> {output}\n")
+    assert arrow("a-b", "b-a") and not arrow("a->b", "x")
 
 
 def test_cli_fewshot_eval_json_and_plot(tmp_path, capsys):

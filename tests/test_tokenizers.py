@@ -117,7 +117,7 @@ def test_shipped_vocabulary_rewritten_as_hf_encodes_as_before(name, shakespeare_
     (tmp_path / "tokenizer.json").write_bytes((LEGACY / f"{name}.json").read_bytes())
     before, now = load_tokenizer(tmp_path, kind), load_tokenizer(directory, kind)
     assert now.itos == before.itos
-    text = shakespeare_path.read_text(encoding="utf-8")[:200_000] + make_tasks_corpus(300)
+    text = shakespeare_path.read_text(encoding="utf-8")[:200_000] + make_tasks_corpus(300, version=2)
     assert now.encode(text) == before.encode(text)
     assert now.decode(now.encode(text)) == before.decode(before.encode(text))
 
@@ -128,7 +128,7 @@ def shipped_corpora(corpus_text) -> dict[str, str]:
     shakespeare = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
     return {
         "tinyshakespeare": shakespeare.read_text(encoding="utf-8"),
-        "fewshot-tasks": make_tasks_corpus(2000, seed=1234),
+        "fewshot-tasks": make_tasks_corpus(2000, seed=1234, version=2),
         "synthetic": corpus_text,
     }
 
@@ -158,7 +158,7 @@ def test_shipped_vocabulary_loads_in_hf_tokenizers(name, shakespeare_path):
     directory = shipped_dir() / name
     tokenizer = load_tokenizer(directory, read_config(directory)["tokenizer"]["kind"])
     hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-    text = shakespeare_path.read_text(encoding="utf-8") + make_tasks_corpus(300)
+    text = shakespeare_path.read_text(encoding="utf-8") + make_tasks_corpus(300, version=2)
     assert hf.encode(text, add_special_tokens=False).ids == tokenizer.encode(text)
 
 

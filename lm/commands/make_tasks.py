@@ -4,24 +4,37 @@ from __future__ import annotations
 
 from lm.commands._args import positive_int
 
+VERSIONS = (2, 3)  # lm.tasks.CORPUS_VERSIONS (not imported here: the CLI starts fast)
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "make-tasks",
         help="write an in-context-learning corpus of few-shot episodes",
-        description="Episodes of `input => output` lines, one random string "
-        "task each, blank-line separated; held-out words never "
-        "appear.",
+        description="Episodes of `input => output` lines (version 3: each episode "
+        "in one of several templates), one random string task each, blank-line "
+        "separated; held-out words never appear.",
     )
     p.add_argument("--out", required=True, help="text file to write (UTF-8)")
     p.add_argument("--episodes", type=positive_int, default=20_000)
     p.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
+    p.add_argument(
+        "--version",
+        type=int,
+        choices=VERSIONS,
+        default=VERSIONS[-1],
+        help="corpus format: 3 (default) mixes templates and punctuation; 2 is the "
+        "`input => output` corpus of letters and digits",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lm.tasks import write_corpus
 
-    text = write_corpus(args.out, args.episodes, args.seed)
-    print(f"wrote {args.episodes:,} episodes ({len(text):,} characters) to {args.out}")
+    text = write_corpus(args.out, args.episodes, args.seed, args.version)
+    print(
+        f"wrote {args.episodes:,} episodes ({len(text):,} characters, "
+        f"version {args.version}) to {args.out}"
+    )
     return 0
