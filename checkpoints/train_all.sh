@@ -15,14 +15,19 @@ for name in "${names[@]}"; do
   fi
   recipe=$dir/recipe.toml
   if [[ $name == fewshot-* ]]; then
-    # The issue-13 corpus: real words, random strings, 1,668 tasks (recipe-v2.toml until
-    # the model is retrained on it, then recipe.toml).
-    [[ -f $dir/recipe-v2.toml ]] && recipe=$dir/recipe-v2.toml
-    [[ -f runs/fewshot-tasks-v2.txt ]] ||
-      lm make-tasks --out runs/fewshot-tasks-v2.txt --episodes 300000 --seed 1234 --version 2
+    # The newest versioned recipe (recipe-v3.toml) until the model is retrained by it and it
+    # becomes recipe.toml; the task corpus it names is made first (lm make-tasks --version).
+    for v in 3 2; do
+      if [[ -f $dir/recipe-v$v.toml ]]; then recipe=$dir/recipe-v$v.toml; break; fi
+    done
+    version=$(grep -o 'fewshot-tasks-v[0-9]*\.txt' "$recipe" | head -1 | tr -dc 0-9)
+    [[ -f runs/fewshot-tasks-v$version.txt ]] ||
+      lm make-tasks --out runs/fewshot-tasks-v$version.txt --episodes 300000 --seed 1234 --version "$version"
   fi
+  # Resume a run interrupted in the recipe's out directory (relative to the recipe).
+  out=$(sed -n 's/^out = "\(.*\)".*/\1/p' "$recipe")
   resume=()
-  [[ -f $dir/train_state.pt ]] && resume=(--resume)
+  [[ -f $(dirname "$recipe")/$out/train_state.pt ]] && resume=(--resume)
   echo "== $name"
   lm train --config "$recipe" --no-progress "${resume[@]}"
 done

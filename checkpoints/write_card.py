@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -113,10 +114,12 @@ def write_card(name: str, description: str = "") -> Path:
     )
     minutes = training.get("train_seconds", 0) / 60
     corpus = ", ".join(Path(c).name for c in training.get("corpus", []))
-    # A v2 recipe, while there is one beside recipe.toml, made the weights trained on the
-    # v2 corpus; recipe.toml made the others.
-    v2 = (directory / "recipe-v2.toml").is_file() and "-v2" in corpus
-    recipe = "recipe-v2.toml" if v2 else "recipe.toml"
+    # A versioned recipe (recipe-v3.toml), while there is one beside recipe.toml, made the
+    # weights trained on that version's corpus (fewshot-tasks-v3.txt); recipe.toml the others.
+    version = re.search(r"-(v\d+)\.txt", corpus)
+    recipe = f"recipe-{version[1]}.toml" if version else "recipe.toml"
+    if not (directory / recipe).is_file():
+        recipe = "recipe.toml"
     lines = [
         f"# {name}",
         "",

@@ -37,7 +37,7 @@ def skip_fewshot_v1(meta: dict) -> None:
     if corpus.replace("\\", "/").rsplit("/", 1)[-1] == FEWSHOT_V1_CORPUS:
         pytest.skip(
             "trained on the v1 task corpus, which lm make-tasks no longer makes: "
-            "retrain with recipe-v2.toml (checkpoints/train_all.sh)"
+            "retrain with its newest recipe-vN.toml (checkpoints/train_all.sh)"
         )
 
 
@@ -71,7 +71,8 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
         from lm.tasks import make_corpus
 
         skip_fewshot_v1(meta)
-        text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED, version=2)
+        version = int(re.search(r"-v(\d+)\.txt$", meta["training"]["corpus"][0])[1])
+        text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED, version=version)
         corpus = tmp_path / "tasks.txt"
         corpus.write_text(text, encoding="utf-8")
         max_tokens = FEWSHOT_EVAL_TOKENS

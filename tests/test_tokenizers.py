@@ -117,7 +117,9 @@ def test_shipped_vocabulary_rewritten_as_hf_encodes_as_before(name, shakespeare_
     (tmp_path / "tokenizer.json").write_bytes((LEGACY / f"{name}.json").read_bytes())
     before, now = load_tokenizer(tmp_path, kind), load_tokenizer(directory, kind)
     assert now.itos == before.itos
-    text = shakespeare_path.read_text(encoding="utf-8")[:200_000] + make_tasks_corpus(300, version=2)
+    text = shakespeare_path.read_text(encoding="utf-8")[:200_000] + make_tasks_corpus(
+        300, version=2
+    )
     assert now.encode(text) == before.encode(text)
     assert now.decode(now.encode(text)) == before.decode(before.encode(text))
 
