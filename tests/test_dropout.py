@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def fresh_kernel(tmp_path, monkeypatch):
-    """Each test builds (or is refused) the kernel under its own environment."""
-    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+def fresh_kernel(monkeypatch):
+    """Each test loads (or is refused) the kernel under its own environment; the library is
+    built once into the cache directory (as test_native's kernel tests do)."""
     monkeypatch.delenv("LM_NATIVE", raising=False)
     hashed._kernel.cache_clear()
     yield
