@@ -210,6 +210,60 @@ def engine_section(r: dict) -> list[str]:
     return lines + [""]
 
 
+def cuda_section(r: dict) -> list[str]:
+    lines = ["## On a GPU (CUDA)", ""] + header(r)
+    lines += [
+        f"{r['gpu']}, torch {r['torch']}. Engine rows: B requests of {r['new_tokens']} "
+        "sampled tokens each, prompts of different lengths, inside the 256-token context, "
+        "timed on the second of two runs (the first records the CUDA graphs). Serve rows: "
+        "`lm serve --device cuda` with the shipped char GPT, aiohttp clients "
+        "(bench.serve_bench), 1 client sending 4 requests and 64 clients sending 2 each.",
+        "",
+        "Validation loss on the GPU (whole validation split):",
+        "",
+        "| checkpoint | float32 | bfloat16 |",
+        "|---|---|---|",
+    ]
+    by = {(q["checkpoint"], q["dtype"]): q["loss"] for q in r.get("quality", [])}
+    for name in dict.fromkeys(q["checkpoint"] for q in r.get("quality", [])):
+        lines.append(f"| {name} | {by[(name, 'float32')]:.5f} | {by[(name, 'bfloat16')]:.5f} |")
+    if r.get("step"):
+        lines += ["", "One decode step of shakespeare-char-gpt (bfloat16), ms:", ""]
+        lines += ["| batch | eager | CUDA graph | ratio |", "|---|---|---|---|"]
+        steps = {(s["batch"], s["mode"]): s["ms_per_step"] for s in r["step"]}
+        for batch in dict.fromkeys(s["batch"] for s in r["step"]):
+            eager, graph = steps[(batch, "eager")], steps[(batch, "graph")]
+            lines.append(f"| {batch} | {eager:.3f} | {graph:.3f} | {eager / graph:.1f}x |")
+    if r.get("engine"):
+        batches = list(dict.fromkeys(e["batch"] for e in r["engine"]))
+        lines += ["", "The engine, generated tokens/s:", ""]
+        lines += [
+            "| model | dtype | CUDA graphs | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|---|---|" + "---|" * len(batches),
+        ]
+        rates = {}
+        for e in r["engine"]:
+            rates.setdefault((e["model"], e["dtype"], e["cuda_graphs"]), {})[e["batch"]] = e[
+                "tokens_per_s"
+            ]
+        for (model, dtype, graphs), row in rates.items():
+            cells = " | ".join(fmt(row.get(b)) for b in batches)
+            lines.append(f"| {model} | {dtype} | {'yes' if graphs else 'no'} | {cells} |")
+    if r.get("serve"):
+        lines += ["", "`lm serve` on the GPU:", ""]
+        lines += [
+            "| server | clients | streaming | tokens/s | TTFT p50 ms | ITL p50 ms | e2e p50 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in r["serve"]:
+            lines.append(
+                f"| {s['server']} | {s['clients']} | {'yes' if s['stream'] else 'no'} | "
+                f"{fmt(s['tokens_per_s'])} | {fmt(s['ttft_p50_ms'], 1)} | "
+                f"{fmt(s['itl_p50_ms'], 1)} | {fmt(s['e2e_p50_ms'])} |"
+            )
+    return lines + [""]
+
+
 def precision_section(r: dict) -> list[str]:
     lines = ["## Generation precision and quality", ""] + header(r)
     lines += [
@@ -425,6 +479,7 @@ def main() -> None:
         ("blocks", blocks_section),
         ("context", context_section),
         ("gpt_ablation", ablation_section),
+        ("cuda", cuda_section),
     ):
         result = load(name)
         if result is not None:

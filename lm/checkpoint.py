@@ -207,14 +207,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    name_or_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Checkpoint:
     """Load a model and its tokenizer for inference (eval mode), without pickle; the
-    weights are validated first (`validate_weights`)."""
+    weights are validated first (`validate_weights`). `dtype`: cast the weights (None:
+    as saved, float32)."""
     directory = resolve(name_or_dir)
     if (directory / "adapter_config.json").is_file() and not (directory / CONFIG_FILE).is_file():
         from lm.lora import load_adapter_checkpoint  # a LoRA adapter: its base, merged
 
-        return load_adapter_checkpoint(directory, device)
+        return load_adapter_checkpoint(directory, device, dtype)
     meta = read_config(directory)
     try:
         config = ModelConfig.from_dict(meta["model"])
@@ -229,7 +234,7 @@ def load_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu")
     weights = directory / WEIGHTS_FILE
     state = validate_weights(weights, model)
     model.load_state_dict(state, strict=False)  # validated: only tied copies are absent
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=directory, meta=meta)
 
 

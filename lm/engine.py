@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from lm import native
+from lm.cuda_graphs import GraphedDecode
+from lm.cuda_graphs import applies as cuda_graphs_apply
 from lm.detokenize import TextTracker
 from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
@@ -227,6 +229,7 @@ class Engine:
         kv_cache_dtype: str = "auto",
         stream_interval: int = 1,
         prefix_cache_mb: float = DEFAULT_CAPACITY_MB,
+        cuda_graphs: bool = True,
     ):
         if max_batch < 1:
             raise LMError("max_batch must be at least 1")
@@ -260,6 +263,12 @@ class Engine:
             {} if self.context_size is None else {"cache_dtype": self.kv_cache_dtype}
         )
         self.state = model.init_state(max_batch, self.device, **self._cache_dtype)
+        # On a GPU, decode steps replay CUDA graphs recorded over these state tensors.
+        self.graphs: GraphedDecode | None = None
+        if cuda_graphs and cuda_graphs_apply(model, self.device):
+            self.graphs = GraphedDecode(model, self.state, max_batch)
+            with torch.inference_mode():
+                self.graphs.capture_all()  # now, not in the first requests' steps
         # Prompt-prefix KV blocks for later requests (GPT models; 0 MB turns it off).
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache_mb > 0 and hasattr(model, "read_prefix"):
@@ -554,9 +563,13 @@ class Engine:
         active = self.active[:n]
         last = [seq.generated[-1] if seq.generated else seq.prompt_ids[-1] for seq in active]
         ids = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
-        view = {name: tensor[:n] for name, tensor in self.state.items()}
-        logits, new_state = self.model.step(ids, view)
-        _write_back(view, new_state)
+        # A graph's bucket may hold rows past n: only free ones (not rows sitting out).
+        if self.graphs is not None and (n == len(self.active) or self.graphs.bucket(n) == n):
+            logits = self.graphs(ids)
+        else:
+            view = {name: tensor[:n] for name, tensor in self.state.items()}
+            logits, new_state = self.model.step(ids, view)
+            _write_back(view, new_state)
         broken = _nonfinite_rows(logits)
         self.nonfinite_rows += len(broken)
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)

@@ -78,14 +78,15 @@ def evaluate_checkpoint(
     val_fraction: float | None = None,
     max_tokens: int | None = None,
     device: str = "auto",
+    dtype: str = "float32",
 ) -> dict:
     """The one evaluation used by `lm eval`, the shipped-checkpoint test and the benchmarks."""
     from lm.checkpoint import load_checkpoint
     from lm.data import read_corpus, split_text, to_tensor
-    from lm.device import pick_device
+    from lm.device import pick_device, pick_dtype
 
     torch_device = pick_device(device)
-    ckpt = load_checkpoint(checkpoint, torch_device)
+    ckpt = load_checkpoint(checkpoint, torch_device, pick_dtype(torch_device, dtype))
     text = read_corpus(corpus)
     if split == "val":
         fraction = val_fraction or ckpt.training.get("val_fraction", 0.1)

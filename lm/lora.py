@@ -357,7 +357,9 @@ def attach_adapters(model: nn.Module, adapters: list[Adapter]) -> None:
     model.adapter_count = len(adapters)
 
 
-def load_adapter_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
+def load_adapter_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
     """A `Checkpoint` of the adapter's base with the adapter merged in (for `lm generate`,
     `lm eval` and `lm merge`); its name is the adapter directory's."""
     from lm.checkpoint import load_checkpoint
@@ -366,7 +368,7 @@ def load_adapter_checkpoint(directory: str | Path, device: str | torch.device = 
     base_dir = find_base(adapter)
     checkpoint = load_checkpoint(base_dir, "cpu")
     merge(checkpoint.model, adapter)
-    checkpoint.model.to(device).eval()
+    checkpoint.model.to(device=device, dtype=dtype).eval()
     checkpoint.path = Path(directory)
     checkpoint.meta = dict(
         checkpoint.meta,

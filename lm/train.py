@@ -251,7 +251,14 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
         if self.world_size > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise LMError(
+                    f"process {local_rank} of this node has no GPU: torchrun started more "
+                    f"processes per node than the {torch.cuda.device_count()} CUDA devices "
+                    "here; use --nproc_per_node with at most that many, or --device cpu"
+                )
+            self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
 
         resuming = config.resume and (self.out / TRAIN_STATE_FILE).is_file()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from lm import lora
 from lm.chat import ChatTemplate, load_chat_template
 from lm.checkpoint import Checkpoint, load_checkpoint
-from lm.device import pick_device, serving_threads
+from lm.device import pick_device, pick_dtype, serving_threads
 from lm.engine import Engine, Output, Sequence
 from lm.errors import LMError
 from service.settings import Settings
@@ -78,6 +78,9 @@ def load_checkpoints(settings: Settings) -> list[Checkpoint]:
     checkpoints = [load_checkpoint(name, device) for name in settings.checkpoints]
     check_names(checkpoints)
     attach_adapters(checkpoints, settings.adapters)
+    dtype = pick_dtype(device, settings.dtype)
+    for ckpt in checkpoints:  # after the adapters, so that they are cast too
+        ckpt.model.to(dtype)
     return checkpoints
 
 
@@ -110,6 +113,7 @@ def start_engines(
             stream_interval=settings.stream_interval,
             kv_cache_dtype=settings.kv_cache_dtype if is_gpt else "auto",
             prefix_cache_mb=settings.prefix_cache_mb,
+            cuda_graphs=settings.cuda_graphs,
         )
         engine.start()
         template = load_chat_template(ckpt.path, ckpt.meta)

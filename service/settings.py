@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lm.checkpoint import DEFAULT_CHECKPOINT
-from lm.device import KV_CACHE_DTYPES
+from lm.device import KV_CACHE_DTYPES, MODEL_DTYPES
 from lm.errors import LMError
 from lm.prefix_cache import DEFAULT_CAPACITY_MB
 from lm.sampling import MAX_STOP_SEQUENCES, Limits
@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY'")
     device: str = Field("auto", description="auto, cpu or cuda")
+    dtype: Literal[MODEL_DTYPES] = Field(
+        "auto",
+        description="model weights' precision (auto: as saved, float32)",
+    )
+    cuda_graphs: bool = Field(
+        True, description="on a CUDA device, replay GPT decode steps from recorded CUDA graphs"
+    )
     max_batch: int = Field(64, ge=1, le=1024, description="sequences per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
     torch_threads: int | None = Field(

@@ -61,6 +61,8 @@ def test_two_processes_train_one_checkpoint(tmp_path, corpus_path, model):
             "--no-progress",
             "--threads",
             "1",
+            "--device",
+            "cpu",  # two CPU processes, also where a GPU is present
         ],
         capture_output=True,
         text=True,

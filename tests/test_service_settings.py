@@ -18,6 +18,8 @@ SAMPLES = {
     "port": ("9001", "9001", 9001),
     "api_key": ("s3cret", "s3cret", "s3cret"),
     "device": ("cpu", "cpu", "cpu"),
+    "dtype": ("bfloat16", "bfloat16", "bfloat16"),
+    "cuda_graphs": ("false", "false", False),
     "max_batch": ("7", "7", 7),
     "max_queue": ("0", "0", 0),
     "torch_threads": ("3", "3", 3),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from lm.commands._args import positive_int
+from lm.device import MODEL_DTYPES
 
 
 def add_parser(subparsers) -> None:
@@ -22,6 +23,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--max-tokens", type=positive_int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=MODEL_DTYPES,
+        default="float32",
+        help="weights' precision (default float32, as trained; bfloat16 measures its cost)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -30,7 +37,13 @@ def run(args) -> int:
     from lm.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint, args.corpus, args.split, args.val_fraction, args.max_tokens, args.device
+        args.checkpoint,
+        args.corpus,
+        args.split,
+        args.val_fraction,
+        args.max_tokens,
+        args.device,
+        args.dtype,
     )
     if args.json:
         print(json.dumps(result))

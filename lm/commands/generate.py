@@ -11,6 +11,7 @@ from lm.commands._args import (
     positive_int,
     unit_interval,
 )
+from lm.device import MODEL_DTYPES
 from lm.errors import LMError
 
 
@@ -48,12 +49,18 @@ def add_parser(subparsers) -> None:
         "--template", default=None, help="few-shot template (default '{input} => {output}\\n')"
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=MODEL_DTYPES,
+        default="auto",
+        help="weights' precision (auto: as saved, float32)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lm.checkpoint import load_checkpoint
-    from lm.device import pick_device
+    from lm.device import pick_device, pick_dtype
     from lm.engine import SamplingParams
     from lm.fewshot import DEFAULT_TEMPLATE, build_prompt, load_examples, parse_example
     from lm.generate import Generator
@@ -81,7 +88,8 @@ def run(args) -> int:
         stop=stop,
     )
     params.validate()
-    checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
+    device = pick_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, device, pick_dtype(device, args.dtype))
     generator = Generator(checkpoint)
     out = sys.stdout
     if args.n == 1:

@@ -435,6 +435,36 @@ class GPT(nn.Module):
         logits = self._logits(_norm(x[:, -1], self.ln_f))
         return logits, {**state, "pos": pos + time}
 
+    def fixed_step(self, ids: torch.Tensor, state: State) -> torch.Tensor:
+        """A decode step (`ids[B, 1]`) that asks the host nothing, for a CUDA graph
+        (`lm.cuda_graphs`): every row attends over the whole cache, later positions masked,
+        so that no shape or branch depends on the rows' positions. Writes the new keys and
+        values and advances `state["pos"]` in place; returns the logits [B, V]. Rows past
+        the end of the context (free rows a graph carries along) write into its last slot.
+        """
+        batch = ids.shape[0]
+        block_size = self.config.block_size
+        pos = state["pos"]
+        positions = pos.clamp(max=block_size - 1)[:, None]  # [B, 1]
+        keys = torch.arange(block_size, device=ids.device)
+        blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)  # [B, 1, 1, T]
+        bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
+        bias.masked_fill_(blocked, -math.inf)
+        where = StepIndex(
+            positions=positions,
+            rows=torch.arange(batch, device=ids.device)[:, None],
+            first=0,
+            length=block_size,
+            same_position=None,
+            bias=bias,
+            rotary=self._rotary(positions),
+        )
+        x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
+        for layer, block in enumerate(self.blocks):
+            x = block.step(x, LayerCache(state[f"k{layer}"], state[f"v{layer}"]), where)
+        pos.add_(1)
+        return self._logits(_norm(x[:, -1], self.ln_f))
+
     def generate_run(
         self, token: int, row: int, state: State, temperature: float, uniform: list[float]
     ) -> list[int] | None:
