@@ -131,12 +131,15 @@ def shipped_corpora(corpus_text) -> dict[str, str]:
     return {
         "tinyshakespeare": shakespeare.read_text(encoding="utf-8"),
         "fewshot-tasks": make_tasks_corpus(2000, seed=1234, version=2),
+        "fewshot-tasks-v3": make_tasks_corpus(2000, seed=1234, version=3),
         "synthetic": corpus_text,
     }
 
 
 @pytest.mark.parametrize("kind", ["char", "word"])
-@pytest.mark.parametrize("corpus", ["tinyshakespeare", "fewshot-tasks", "synthetic"])
+@pytest.mark.parametrize(
+    "corpus", ["tinyshakespeare", "fewshot-tasks", "fewshot-tasks-v3", "synthetic"]
+)
 def test_vocabulary_file_is_a_hf_tokenizer_that_encodes_as_ours(
     kind, corpus, shipped_corpora, tmp_path
 ):
