@@ -197,6 +197,28 @@ def test_generate_few_shot_from_a_file(capsys, tmp_path):
     assert from_file[1] == from_flags[1]
 
 
+def test_template_and_stop_typed_with_backslash_escapes(capsys):
+    """`--template "{input}: {output}\\n"` as typed in a shell (a backslash and an n) means
+    a line end, as the API's JSON does: the prompt and stop are the real template's."""
+    common = ["xyz", "--checkpoint", "tiny", "--temperature", "0", "--max-new-tokens", "30"]
+    typed = run(
+        capsys, "generate", "--example", "abc=>cba", *common, "--template", r"{input}: {output}\n"
+    )
+    real = run(
+        capsys, "generate", "--example", "abc=>cba", *common, "--template", "{input}: {output}\n"
+    )
+    assert typed == real and typed[0] == 0
+    stopped = run(capsys, "generate", *common[:-2], "--max-new-tokens", "60", "--stop", r"\n")
+    assert stopped[0] == 0 and "\n" not in stopped[1].rstrip("\n")
+    prompt, stop = build_prompt([Example("abc", "cba")], "xyz", "{input}: {output}\n")
+    want = (
+        Generator(load_checkpoint("tiny"))
+        .complete([prompt], SamplingParams(max_new_tokens=30, temperature=0.0, stop=stop))[0]
+        .text
+    )
+    assert typed[1] == want + "\n"
+
+
 def assert_one_line_error(err: str, *fragments: str) -> None:
     assert "Traceback" not in err
     assert err.endswith("\n")

@@ -9,6 +9,16 @@ from urllib.parse import urlparse
 MAX_NEW_TOKENS_LIMIT = 100_000
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def escaped(text: str) -> str:
+    """Text typed in a shell, with the escapes `\\n` (line end), `\\t` (tab) and `\\\\`
+    (a backslash) turned into the characters: `--template "{input}: {output}\\n"` means a
+    line end, as it does in the API's JSON. Other backslashes stay as typed."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m[1]], text)
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1."""
     value = _whole_number(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lm.commands._args import positive_int, shots_list
+from lm.commands._args import escaped, positive_int, shots_list
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--template",
         default=None,
-        help="few-shot format of the prompts (default the training one, '{input} => {output}\\n')",
+        type=escaped,
+        help="few-shot format of the prompts (default the training one, '{input} => {output}\\n'; "
+        "\\n is a line end, \\t a tab)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument(

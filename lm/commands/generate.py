@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from lm.commands._args import (
+    escaped,
     max_new_tokens,
     non_negative_float,
     non_negative_int,
@@ -35,7 +36,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 turns it off")
     p.add_argument("--top-p", type=unit_interval, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        type=escaped,
+        help="stop sequence (repeatable; \\n is a line end, \\t a tab)",
+    )
     p.add_argument("--n", type=positive_int, default=1, help="samples per prompt")
     p.add_argument(
         "--example",
@@ -46,7 +53,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--examples", metavar="FILE.jsonl", help='few-shot examples {"input", "output"}')
     p.add_argument(
-        "--template", default=None, help="few-shot template (default '{input} => {output}\\n')"
+        "--template",
+        default=None,
+        type=escaped,
+        help="few-shot template (default '{input} => {output}\\n'; \\n is a line end, \\t a tab)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument(
