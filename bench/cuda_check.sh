@@ -21,7 +21,8 @@ for part in $parts; do
     | tee -a "$out/bench.log"
 done
 echo "== test suite ($suite_seconds s at most)"
-timeout "$suite_seconds" python3 -m pytest -v -p no:cacheprovider -n 12 \
+# SIGINT first: pytest then still prints the failures it has seen.
+timeout -s INT -k 30 "$suite_seconds" python3 -m pytest -q -p no:cacheprovider -n 12 \
   --continue-on-collection-errors -rfE > "$out/suite.log" 2>&1
 grep -E "(FAILED|ERROR) " "$out/suite.log" | cut -c1-250 | tail -60
 tail -3 "$out/suite.log"
