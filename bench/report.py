@@ -250,9 +250,7 @@ def cuda_section(r: dict) -> list[str]:
             cells = " | ".join(fmt(row.get(b)) for b in batches)
             lines.append(f"| {model} | {dtype} | {'yes' if graphs else 'no'} | {cells} |")
     if r.get("serve"):
-        when = (
-            f" (run {r['serve_date']} at {r['serve_revision']})" if r.get("serve_date") else ""
-        )
+        when = f" (run {r['serve_date']} at {r['serve_revision']})" if r.get("serve_date") else ""
         lines += ["", f"`lm serve` on the GPU{when}:", ""]
         lines += [
             "| server | clients | streaming | tokens/s | TTFT p50 ms | ITL p50 ms | e2e p50 ms |",
