@@ -86,6 +86,21 @@ def fewshot_section(name: str) -> list[str]:
             + "."
         )
         lines.append("")
+    templates = result.get("templates", {}).get(name)
+    if templates:
+        from lm.tasks import HELDOUT_TEMPLATES
+
+        lines += [
+            f"Other prompt formats at {shots[-1]} shots (`--template`; the default first):",
+            "",
+            "| template | " + " | ".join(categories) + " |",
+            "|---|" + "---|" * len(categories),
+        ]
+        for template, scores in templates.items():
+            kind = "never trained on" if template in HELDOUT_TEMPLATES else "in the corpus"
+            cells = " | ".join(f"{100 * scores[key]:.1f}%" for key in categories)
+            lines.append(f"| `{template!r}` ({kind}) | {cells} |")
+        lines.append("")
     return lines
 
 

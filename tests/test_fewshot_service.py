@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -20,11 +18,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(launch):
     checkpoint = load_checkpoint("fewshot-char-gpt")
-    if Path(checkpoint.training.get("corpus", [""])[0]).name == "fewshot-tasks.txt":
-        pytest.skip(
-            "fewshot-char-gpt is still v1 (pseudo-words only; issue 13): "
-            "retrain it with recipe-v2.toml"
-        )
     return launch(create_app(Settings(checkpoints=["fewshot-char-gpt"]), [checkpoint]))
 
 
