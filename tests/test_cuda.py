@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import random_gpt
 
 from lm.checkpoint import load_checkpoint
 from lm.cuda_graphs import GraphedDecode
 from lm.device import pick_dtype
 from lm.engine import Engine
 from lm.errors import LMError
-from lm.models import ModelConfig, build_model
 from lm.sampling import SamplingParams
 from lm.tokenizers import CharTokenizer
 
@@ -21,26 +21,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 MODERN = dict(
     position="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", bias=False, tie_embeddings=False
 )
-
-
-def tiny_gpt(
-    block_size: int = 32, seed: int = 0, vocab_size: int = 40, **options
-) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        kind="gpt",
-        vocab_size=vocab_size,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        block_size=block_size,
-        **options,
-    )
-    model = build_model(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def test_pick_dtype():
@@ -56,7 +36,7 @@ def test_pick_dtype():
 def test_fixed_step_equals_forward(options):
     """Rows at different positions (one past the context, as a free row a graph carries):
     each row's logits are `forward`'s at its newest token, and positions advance by one."""
-    model = tiny_gpt(**options)
+    model = random_gpt(**options)
     torch.manual_seed(1)
     lengths = [1, 5, 17, 31]
     seqs = [torch.randint(0, 40, (n + 1,)) for n in lengths]
@@ -161,7 +141,7 @@ TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLM\n.,"
 def test_engine_with_fixed_steps_equals_eager_steps(options):
     """The engine's graph path on the CPU: the same tokens as its usual steps."""
     tokenizer = CharTokenizer.train(TEXT)
-    model = tiny_gpt(vocab_size=tokenizer.vocab_size, **options)
+    model = random_gpt(vocab_size=tokenizer.vocab_size, **options)
     want = mixed_requests(
         Engine(model, tokenizer, max_batch=8, kv_cache_dtype="float32"), tokenizer
     )
@@ -175,7 +155,7 @@ def test_engine_with_fixed_steps_equals_eager_steps(options):
 @pytest.mark.parametrize("options", [{}, MODERN], ids=["classic", "modern"])
 def test_cuda_graphs_equal_eager_steps(options):
     tokenizer = CharTokenizer.train(TEXT)
-    model = tiny_gpt(vocab_size=tokenizer.vocab_size, **options).cuda()
+    model = random_gpt(vocab_size=tokenizer.vocab_size, **options).cuda()
     outputs = []
     for graphs in (True, False):
         engine = Engine(model, tokenizer, max_batch=8, cuda_graphs=graphs)
@@ -187,10 +167,10 @@ def test_cuda_graphs_equal_eager_steps(options):
 def test_bfloat16_on_cuda_stays_close():
     """bfloat16 weights on the GPU: the fixed step's logits within bfloat16's rounding of
     float32 `forward`'s."""
-    model = tiny_gpt(**MODERN).cuda()
+    model = random_gpt(**MODERN).cuda()
     seq = torch.randint(0, 40, (1, 12), device="cuda")
     want = model(seq)[0, -1].float()
-    half = tiny_gpt(**MODERN).cuda().to(torch.bfloat16)
+    half = random_gpt(**MODERN).cuda().to(torch.bfloat16)
     state = half.init_state(1, torch.device("cuda"))
     with torch.inference_mode():
         _, new = half.step(seq[:, :-1], state)

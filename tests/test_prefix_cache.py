@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import random_gpt
 
 from lm.engine import Engine
 from lm.models import ModelConfig, build_model
@@ -75,24 +76,6 @@ QUERIES = ["garden", "castle", "tiger", "moon", "a", "Bright lanterns"]
 @pytest.fixture(scope="module")
 def tokenizer(corpus_text) -> CharTokenizer:
     return CharTokenizer.train(corpus_text + PREFIX + "".join(QUERIES) + "BQ")
-
-
-def random_gpt(vocab_size: int, block_size: int, **options) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        kind="gpt",
-        vocab_size=vocab_size,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        block_size=block_size,
-        **options,
-    )
-    model = build_model(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model.eval()
 
 
 MODELS = {

@@ -1,0 +1,30 @@
+"""Small randomly initialised models for tests that need weights with some spread, not a
+trained model (imported by test modules: they do not import conftest)."""
+
+from __future__ import annotations
+
+import torch
+
+from lm.models import ModelConfig, build_model
+
+
+def random_gpt(
+    vocab_size: int = 40, block_size: int = 32, seed: int = 0, **options
+) -> torch.nn.Module:
+    """A 2-layer, 32-wide GPT with N(0, 0.3) weights (distinct logits, unlike the default
+    initialisation's near-uniform ones), in eval mode; `options` are ModelConfig fields."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        kind="gpt",
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        block_size=block_size,
+        **options,
+    )
+    model = build_model(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model.eval()
