@@ -83,19 +83,36 @@ static inline __attribute__((always_inline)) void attend_one(
     for (int64_t d = 0; d < dim; d++)
         memcpy(keys + (d * ctx + p) * size, key + d * size, size);
     memcpy(values + p * dim * size, value, dim * size);
-    /* The cache outgrows the CPU's caches: ask for the values (read after the scores) and
-       the next item's keys now, so that memory works while this item computes. */
-    prefetch(values, len * dim * size);
+    /* The cache outgrows the CPU's caches: ask for this item's values (read after the
+       scores) and the next item's keys while this item computes. Asked for all at once,
+       a long row's hundreds of lines overrun the core's queue of misses and the later ones
+       are dropped: so, from 32 positions on, the key loop asks for a key row of the next
+       item and a slice of this item's values at each of its steps (25-45% off the
+       attention of 64 rows at 128-250 positions, measured on a 2-core AMD EPYC). */
+    const char *next_keys = NULL;
+    int64_t next_len = 0;
     if (next >= 0) {
-        int64_t next_b = next / heads, next_len = pos[next_b] + 1;
-        const char *next_keys = k_cache + (next_b * cache_row_stride + next % heads * dim * ctx) * size;
-        for (int64_t d = 0; d < dim; d++) prefetch(next_keys + d * ctx * size, next_len * size);
+        int64_t next_b = next / heads;
+        next_len = pos[next_b] + 1;
+        next_keys = k_cache + (next_b * cache_row_stride + next % heads * dim * ctx) * size;
+    }
+    const int spread = len >= 32;
+    const int64_t value_bytes = len * dim * (int64_t)size;
+    if (!spread) {
+        prefetch(values, value_bytes);
+        if (next_keys)
+            for (int64_t d = 0; d < dim; d++) prefetch(next_keys + d * ctx * size, next_len * size);
     }
 
     for (int64_t t = 0; t < len; t++) scores[t] = 0.0f;
     for (int64_t d = 0; d < dim; d++) {
         float qd = q[d] * scale;
         const char *key_row = keys + d * ctx * size;
+        if (spread) {
+            if (next_keys) prefetch(next_keys + d * ctx * size, next_len * size);
+            int64_t from = value_bytes * d / dim & ~(int64_t)63;
+            prefetch(values + from, value_bytes * (d + 1) / dim - from);
+        }
         for (int64_t t = 0; t < len; t++) scores[t] += qd * load(key_row, t, kind);
     }
     float max = scores[0];
