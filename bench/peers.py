@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -337,7 +338,7 @@ def main() -> None:
         print(json.dumps(models, indent=1, default=str)[-6000:])
         print("quick run: bench/results/peers.json left as it was")
         return
-    command = "python -m bench.peers " + " ".join(sys.argv[1:])
+    command = "python -m bench.peers " + shlex.join(sys.argv[1:])
     path = save_result(
         "peers",
         {
