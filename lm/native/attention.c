@@ -87,8 +87,7 @@ static inline __attribute__((always_inline)) void attend_one(
        scores) and the next item's keys while this item computes. Asked for all at once,
        a long row's hundreds of lines overrun the core's queue of misses and the later ones
        are dropped: so, from 32 positions on, the key loop asks for a key row of the next
-       item and a slice of this item's values at each of its steps (25-45% off the
-       attention of 64 rows at 128-250 positions, measured on a 2-core AMD EPYC). */
+       item and a slice of this item's values at each of its steps (bench.peers: batch 64). */
     const char *next_keys = NULL;
     int64_t next_len = 0;
     if (next >= 0) {
