@@ -93,10 +93,14 @@ static void store(void *to, const float *from, int64_t n, enum element kind)
 typedef float v8 __attribute__((vector_size(32)));
 #define PANEL 8 /* outputs per panel */
 
-/* The accumulators of `R` rows x `P` panels, the inputs' positions split two ways (even
-   and odd): eight independent sums keep both FMA units busy at batch 1 and at batch 64.
-   Every kernel below sums an output in this same order, so a row's result does not depend
-   on which kernel, batch or thread computed it. */
+/* The sums of `R` rows x `P` panels. Every kernel below sums an output in one order, so a
+   row's result does not depend on which kernel, batch or thread computed it: two chains
+   of multiply-adds, over the even inputs and over the odd ones, each in input order, then
+   added. One or two rows run the two chains side by side (eight independent sums keep
+   both FMA units busy); more rows run them one after the other, four or five rows by
+   two panels at a time (ten sums, two weight vectors and a broadcast input in registers;
+   GCC spills from six rows on): 10 multiply-adds for 7 loads, against 8 for 8 with two
+   rows side by side. */
 #define PANEL_KERNEL(R, P)                                                                    \
     static inline __attribute__((always_inline)) void panel_kernel_##R##x##P(                 \
         const float *restrict w, const float *restrict x, int64_t x_stride, int64_t in,       \
@@ -105,28 +109,43 @@ typedef float v8 __attribute__((vector_size(32)));
         v8 even[R][P], odd[R][P];                                                             \
         for (int r = 0; r < R; r++)                                                           \
             for (int p = 0; p < P; p++) even[r][p] = odd[r][p] = (v8){0};                     \
-        int64_t i = 0;                                                                        \
-        for (; i + 2 <= in; i += 2) {                                                         \
-            for (int p = 0; p < P; p++) {                                                     \
-                v8 w0 = *(const v8 *)(w + (p * in + i) * PANEL);                              \
-                v8 w1 = *(const v8 *)(w + (p * in + i + 1) * PANEL);                          \
-                for (int r = 0; r < R; r++) {                                                 \
-                    even[r][p] += w0 * x[r * x_stride + i];                                   \
-                    odd[r][p] += w1 * x[r * x_stride + i + 1];                                \
+        if (R * P <= 4) {                                                                     \
+            int64_t i = 0;                                                                    \
+            for (; i + 2 <= in; i += 2)                                                       \
+                for (int p = 0; p < P; p++) {                                                 \
+                    v8 w0 = *(const v8 *)(w + (p * in + i) * PANEL);                          \
+                    v8 w1 = *(const v8 *)(w + (p * in + i + 1) * PANEL);                      \
+                    for (int r = 0; r < R; r++) {                                             \
+                        even[r][p] += w0 * x[r * x_stride + i];                               \
+                        odd[r][p] += w1 * x[r * x_stride + i + 1];                            \
+                    }                                                                         \
                 }                                                                             \
-            }                                                                                 \
+            if (i < in)                                                                       \
+                for (int p = 0; p < P; p++)                                                   \
+                    for (int r = 0; r < R; r++)                                               \
+                        even[r][p] += *(const v8 *)(w + (p * in + i) * PANEL) * x[r * x_stride + i]; \
+        } else {                                                                              \
+            for (int64_t i = 0; i < in; i += 2)                                               \
+                for (int p = 0; p < P; p++) {                                                 \
+                    v8 weights = *(const v8 *)(w + (p * in + i) * PANEL);                     \
+                    for (int r = 0; r < R; r++) even[r][p] += weights * x[r * x_stride + i];  \
+                }                                                                             \
+            for (int64_t i = 1; i < in; i += 2)                                               \
+                for (int p = 0; p < P; p++) {                                                 \
+                    v8 weights = *(const v8 *)(w + (p * in + i) * PANEL);                     \
+                    for (int r = 0; r < R; r++) odd[r][p] += weights * x[r * x_stride + i];   \
+                }                                                                             \
         }                                                                                     \
-        if (i < in)                                                                           \
-            for (int p = 0; p < P; p++)                                                       \
-                for (int r = 0; r < R; r++)                                                   \
-                    even[r][p] += *(const v8 *)(w + (p * in + i) * PANEL) * x[r * x_stride + i]; \
         for (int r = 0; r < R; r++)                                                           \
             for (int p = 0; p < P; p++) out[r][p] = even[r][p] + odd[r][p];                   \
     }
 
-PANEL_KERNEL(1, 1)
 PANEL_KERNEL(1, 4)
+PANEL_KERNEL(1, 2)
 PANEL_KERNEL(2, 2)
+PANEL_KERNEL(4, 2)
+PANEL_KERNEL(5, 2)
+#define TILE_ROWS 5
 
 /* Write one panel's sums (plus bias) into y's row, or add them to it; the last panel of a
    width that is not a multiple of 8 writes only the outputs that exist. */
@@ -146,52 +165,58 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
                            int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
                            int64_t hidden, int kind);
 
+/* One tile: `R` rows from row `b` by `P` panels from panel `p`, computed and stored. */
+#define TILE(R, P)                                                                            \
+    do {                                                                                      \
+        v8 sums[R][P];                                                                        \
+        panel_kernel_##R##x##P(w + p * in * PANEL, x + b * x_stride, x_stride, in, sums);     \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int q = 0; q < P; q++)                                                       \
+                panel_store(sums[r][q], bias, y + (b + r) * y_stride, (p + q) * PANEL, out,   \
+                            accumulate);                                                      \
+    } while (0)
+
+/* Rows b .. b + rows - 1 (at most TILE_ROWS) by panels p and p + 1. */
+static inline void tile(const float *restrict w, const float *restrict bias,
+                        const float *restrict x, int64_t x_stride, float *restrict y,
+                        int64_t y_stride, int64_t b, int64_t rows, int64_t p, int64_t in,
+                        int64_t out, int accumulate)
+{
+    switch (rows) {
+    case 1: TILE(1, 2); break;
+    case 2: TILE(2, 2); break;
+    case 3: TILE(2, 2); b += 2; TILE(1, 2); break;
+    case 4: TILE(4, 2); break;
+    default: TILE(5, 2); break;
+    }
+}
+
 /* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows `x_stride` and `y_stride`
    apart. W is packed in panels (lm/native/decode.py): outputs 8p..8p+7 are the panel p,
    [in][8], so one vector load holds one input's weights for eight outputs and no sum is
    reduced across vector lanes. Threads (inside the step's parallel region) take groups
-   of four panels; each group is read once for all the rows. With `act` (an MLP kind; -1
-   for none) each group's outputs are also activated into `a` (`activate_group`). */
+   of four panels; each group is read for TILE_ROWS rows at a time, two panels at a time
+   (one row alone takes all four at once). With `act` (an MLP kind; -1 for none) each
+   group's outputs are also activated into `a` (`activate_group`). */
 static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
                    int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
                    int64_t in, int64_t out, int accumulate, int act, float *restrict a,
                    int64_t a_stride, int64_t hidden)
 {
-    const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + 3) / 4;
+    const int64_t panels = 2 * ((out + 2 * PANEL - 1) / (2 * PANEL)), groups = (panels + 3) / 4;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
-        const int64_t p0 = 4 * g, count = panels - p0 < 4 ? panels - p0 : 4;
-        const float *wg = w + p0 * in * PANEL;
-        int64_t b = 0;
-        if (count == 4) {
-            for (; b + 2 <= batch; b += 2) {
-                for (int64_t half = 0; half < 2; half++) {
-                    v8 sums[2][2];
-                    panel_kernel_2x2(wg + 2 * half * in * PANEL, x + b * x_stride, x_stride, in,
-                                     sums);
-                    for (int r = 0; r < 2; r++)
-                        for (int p = 0; p < 2; p++)
-                            panel_store(sums[r][p], bias, y + (b + r) * y_stride,
-                                        (p0 + 2 * half + p) * PANEL, out, accumulate);
-                }
-            }
-            for (; b < batch; b++) {
-                v8 sums[1][4];
-                panel_kernel_1x4(wg, x + b * x_stride, x_stride, in, sums);
-                for (int p = 0; p < 4; p++)
-                    panel_store(sums[0][p], bias, y + b * y_stride, (p0 + p) * PANEL, out,
-                                accumulate);
-            }
+        const int64_t p0 = 4 * g, end = panels < p0 + 4 ? panels : p0 + 4;
+        if (batch == 1 && end - p0 == 4) {
+            const int64_t b = 0, p = p0;
+            TILE(1, 4);
         } else {
-            for (; b < batch; b++)
-                for (int64_t p = 0; p < count; p++) {
-                    v8 sums[1][1];
-                    panel_kernel_1x1(wg + p * in * PANEL, x + b * x_stride, x_stride, in, sums);
-                    panel_store(sums[0][0], bias, y + b * y_stride, (p0 + p) * PANEL, out,
-                                accumulate);
-                }
+            for (int64_t b = 0; b < batch; b += TILE_ROWS)
+                for (int64_t p = p0; p < end; p += 2)
+                    tile(w, bias, x, x_stride, y, y_stride, b,
+                         batch - b < TILE_ROWS ? batch - b : TILE_ROWS, p, in, out, accumulate);
         }
-        if (act >= 0) activate_group(y, y_stride, a, a_stride, batch, p0, count, hidden, act);
+        if (act >= 0) activate_group(y, y_stride, a, a_stride, batch, p0, end - p0, hidden, act);
     }
 }
 

@@ -38,8 +38,8 @@ LAYER_SLOTS = (
     "mlp.c_proj.bias",
 )
 # Matrices [out, in] that decode.c multiplies: packed in panels of PANEL outputs, [in][PANEL]
-# each (the last panel padded with zeros), so that one vector load holds eight outputs'
-# weights for one input.
+# each (padded with zeros to an even number of panels), so that one vector load holds eight
+# outputs' weights for one input.
 PANELLED = {
     "lm_head",
     "attn.c_attn.weight",
@@ -147,10 +147,11 @@ def _gate_up_panels(fc: torch.Tensor, hidden: int) -> torch.Tensor:
 
 
 def _panels(matrix: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [ceil(out / PANEL), in, PANEL], flattened: panel p holds outputs
-    PANEL*p .. PANEL*p + PANEL-1, input by input (zeros past the last output)."""
+    """[out, in] -> [panels, in, PANEL], flattened: panel p holds outputs PANEL*p ..
+    PANEL*p + PANEL-1, input by input (zeros past the last output), in an even number of
+    panels (decode.c multiplies two at a time)."""
     out, width = matrix.shape
-    padded = matrix.new_zeros(-(-out // PANEL) * PANEL, width)
+    padded = matrix.new_zeros(-(-out // (2 * PANEL)) * 2 * PANEL, width)
     padded[:out] = matrix
     return padded.reshape(-1, PANEL, width).transpose(1, 2).reshape(-1)
 
