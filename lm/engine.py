@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 import threading
@@ -28,6 +29,7 @@ from lm.cuda_graphs import applies as cuda_graphs_apply
 from lm.detokenize import TextTracker
 from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
+from lm.native.decode import draw as native_draw
 from lm.prefix_cache import DEFAULT_CAPACITY_MB, PrefixCache
 from lm.sampling import SamplingParams, SamplingSlots, sample, token_logprobs
 from lm.tokenizers import Tokenizer
@@ -99,6 +101,7 @@ class Sequence:
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.temperature_only = params.temperature_only  # asked at every step
         self.adapter = adapter  # the LoRA adapter its rows use (lm.lora; 0: the base model)
         self.seed = (
             params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
@@ -276,6 +279,8 @@ class Engine:
         config = getattr(model, "config", None)
         self.vocab_size: int = getattr(config, "vocab_size", None) or tokenizer.vocab_size
         self.sampling = SamplingSlots(max_batch, self.vocab_size, self.device)
+        # Rows drawn by temperature alone skip `sample`'s checks: its last step, directly.
+        self._draw = native_draw() if self.device.type == "cpu" else None
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.accepting = True
@@ -513,11 +518,7 @@ class Engine:
         if (
             not seq.generated  # the first token goes alone: its time is the time to first token
             or params.logprobs is not None
-            or params.penalized
-            or params.logit_bias
-            or params.top_k
-            or params.top_p < 1.0
-            or params.min_p > 0.0
+            or not seq.temperature_only
         ):
             return False
         count = min(RUN_TOKENS, params.max_new_tokens - len(seq.generated))
@@ -573,8 +574,11 @@ class Engine:
         broken = _nonfinite_rows(logits)
         self.nonfinite_rows += len(broken)
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
-        tokens = sample(logits, self.sampling.batch(n, uniform))
-        self.sampling.record(tokens)
+        if self._draw is not None and all(seq.temperature_only for seq in active):
+            tokens = self._draw(logits, self.sampling.tensors["temperature"][:n], uniform)
+        else:
+            tokens = sample(logits, self.sampling.batch(n, uniform))
+            self.sampling.record(tokens)
         top_k = max(
             (s.params.logprobs for s in active if s.params.logprobs is not None), default=None
         )
@@ -708,10 +712,10 @@ def _nonfinite_rows(logits: torch.Tensor) -> set[int]:
     """Rows of a step's `logits[B, V]` holding a NaN or an infinity. Those rows are zeroed
     in place, so that sampling the batch stays defined; their tokens are discarded.
 
-    One vectorised pass per step: a row sum (NaN and inf propagate into it; 25x cheaper
-    than `isfinite` on every logit for a 50k vocabulary), and the exact per-logit test only
-    when some sum is not finite (huge finite logits may also overflow a sum)."""
-    if bool(torch.isfinite(logits.sum(dim=-1)).all()):
+    One vectorised pass per step: the sum of all logits (NaN and inf propagate into it; 25x
+    cheaper than `isfinite` on every logit for a 50k vocabulary), and the exact per-logit
+    test only when that sum is not finite (huge finite logits may also overflow a sum)."""
+    if math.isfinite(float(logits.sum())):
         return set()
     broken = ~torch.isfinite(logits).all(dim=-1)
     if not bool(broken.any()):

@@ -127,6 +127,14 @@ class SamplingParams:
             or self.repetition_penalty != 1
         )
 
+    @property
+    def temperature_only(self) -> bool:
+        """Whether a token is drawn from the logits by the temperature alone: no penalty,
+        logit bias, top-k, top-p or min-p (`sample` then comes down to `draw_tokens`)."""
+        return not (
+            self.penalized or self.logit_bias or self.top_k or self.top_p < 1.0 or self.min_p > 0.0
+        )
+
 
 @dataclass
 class SamplingBatch:
