@@ -90,33 +90,32 @@ def time_llamacpp(
     binary: Path, gguf: Path, batch: int, threads: int, prompt_tokens: int, new_tokens: int
 ) -> list[float]:
     """llama.cpp (llama-batched-bench, prompts not shared): generated tokens/s including
-    prefill, B*TG / T (it feeds tokens without sampling)."""
-    run = subprocess.run(
-        [
-            str(binary),
-            "-m",
-            str(gguf),
-            "-c",
-            str(batch * (prompt_tokens + new_tokens)),
-            "-npp",
-            str(prompt_tokens),
-            "-ntg",
-            str(new_tokens),
-            "-npl",
-            str(batch),
-            "-t",
-            str(threads),
-            "-tb",
-            str(threads),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    rows = parse_batched_bench(run.stdout + run.stderr)
-    if run.returncode or not rows:
-        raise SystemExit(f"llama-batched-bench failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return generated_rates(rows)
+    prefill, B*TG / T (it feeds tokens without sampling). A run that prints no table is
+    tried once more (one did so with exit status 0, in session 10)."""
+    command = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "-c",
+        str(batch * (prompt_tokens + new_tokens)),
+        "-npp",
+        str(prompt_tokens),
+        "-ntg",
+        str(new_tokens),
+        "-npl",
+        str(batch),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+    ]
+    for _ in range(2):
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
+        rows = parse_batched_bench(run.stdout + run.stderr)
+        if rows and not run.returncode:
+            return generated_rates(rows)
+    output = (run.stdout + run.stderr)[-3000:]
+    raise SystemExit(f"llama-batched-bench failed twice (exit {run.returncode}):\n{output}")
 
 
 def generated_rates(rows: list[dict]) -> list[float]:
