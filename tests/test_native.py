@@ -60,7 +60,7 @@ def rebuild(tmp_path, monkeypatch):
 def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0, dim: int = DIM):
     """A layer cache of `rows` rows holding random vectors, and a step for `batch` rows."""
     generator = torch.Generator().manual_seed(seed)
-    keys = torch.randn(rows, HEADS, dim, CTX, generator=generator).to(dtype)
+    keys = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
     values = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
     cache = LayerCache(keys, values)
     qkv = torch.randn(batch, 3 * HEADS * dim, generator=generator)
@@ -78,16 +78,16 @@ def same(a: LayerCache, b: LayerCache) -> bool:
 
 def reference(qkv, cache: LayerCache, positions, scale):
     """The same step in plain PyTorch, one row at a time, in float32 (cache updated)."""
-    batch, heads, dim = qkv.shape[0], cache.keys.shape[1], cache.keys.shape[2]
+    batch, heads, dim = qkv.shape[0], cache.keys.shape[1], cache.keys.shape[3]
     q, k, v = qkv.view(batch, 3, heads, dim).unbind(1)
     out = []
     for row in range(batch):
         p = int(positions[row])
-        cache.keys[row, :, :, p] = k[row].to(cache.keys.dtype)
+        cache.keys[row, :, p] = k[row].to(cache.keys.dtype)
         cache.values[row, :, p] = v[row].to(cache.values.dtype)
-        keys = cache.keys[row, :, :, : p + 1].float()
+        keys = cache.keys[row, :, : p + 1].float()
         values = cache.values[row, :, : p + 1].float()
-        probs = torch.softmax((q[row, :, None] * scale) @ keys, dim=-1)
+        probs = torch.softmax((q[row, :, None] * scale) @ keys.transpose(-1, -2), dim=-1)
         out.append((probs @ values).reshape(-1))
     return torch.stack(out) if out else torch.empty(0, heads * dim)
 
@@ -137,7 +137,7 @@ def test_half_to_float_is_exact_for_every_float16(kernel):
     qkv = torch.zeros(batch, 3, 1, DIM)
     qkv[:, 2, 0] = v_new.view(batch, DIM).float()
     cache = LayerCache(
-        torch.zeros(batch, 1, DIM, 1, dtype=torch.float16),
+        torch.zeros(batch, 1, 1, DIM, dtype=torch.float16),
         torch.zeros(batch, 1, 1, DIM, dtype=torch.float16),
     )
     out = kernel(qkv.view(batch, -1), cache, torch.zeros(batch, dtype=torch.long), 1.0)
@@ -285,7 +285,7 @@ def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, see
         pytest.skip("the native kernel is not available here")
     generator = torch.Generator().manual_seed(seed)
     cache = LayerCache(
-        torch.randn(rows + extra_rows, heads, dim, ctx, generator=generator).to(dtype),
+        torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype),
         torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype),
     )
     qkv = torch.randn(rows, 3 * heads * dim, generator=generator)

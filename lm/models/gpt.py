@@ -107,8 +107,9 @@ class CausalSelfAttention(nn.Module):
     def step(self, x: torch.Tensor, cache: LayerCache, where: StepIndex) -> torch.Tensor:
         """Attend new tokens `x[B,t]` over the cache, writing their keys and values into it.
 
-        Keys are cached transposed, [B, H, D, T], and values as [B, H, T, D]: both products
-        are then plain batched matrix products over contiguous runs of the cache. The cache
+        Keys and values are cached as [B, H, T, D]: a row's keys of one head are one
+        contiguous run, read front to back (by the native kernel: the layout decides how
+        fast a long cache streams from memory). The cache
         may hold a narrower dtype than the model (half the bytes for every decode step to
         read); the products and softmax run in the model's dtype. Decode steps on the CPU
         go to the compiled kernel (`lm.native`), which computes the same per row.
@@ -131,12 +132,14 @@ class CausalSelfAttention(nn.Module):
             return _project(self.c_proj, y.view(batch, 1, -1), where)
         q, k, v = qkv.view(batch, time, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(2)
         # Both caches seen as [B, T, H, D], the new keys and values as [B, t, H, D].
-        _store(cache.keys.permute(0, 3, 1, 2), k.transpose(1, 2), where)
+        _store(cache.keys.transpose(1, 2), k.transpose(1, 2), where)
         _store(cache.values.transpose(1, 2), v.transpose(1, 2), where)
         if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
+            if cache.keys.dtype != k.dtype:  # the keys and values as the cache holds them,
+                k, v = (t.to(cache.keys.dtype).to(k.dtype) for t in (k, v))  # as later see them
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
-        keys = cache.keys[..., : where.length].to(x.dtype)
+        keys = cache.keys[:, :, : where.length].to(x.dtype).transpose(-1, -2).contiguous()
         values = cache.values[:, :, : where.length].to(x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries.
@@ -156,7 +159,7 @@ def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
 
 
 class LayerCache(NamedTuple):
-    """One layer's part of the state: keys [B, H, D, T] (transposed) and values [B, H, T, D]."""
+    """One layer's part of the state: keys and values, [B, H, T, D] each."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -339,9 +342,9 @@ class GPT(nn.Module):
         dtype = cache_dtype or self.wte.weight.dtype
         head_dim = c.n_embd // c.n_head
         state = {"pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
-        for layer in range(c.n_layer):  # keys [B, H, D, T], values [B, H, T, D]
+        for layer in range(c.n_layer):  # keys and values [B, H, T, D]
             state[f"k{layer}"] = torch.zeros(
-                (batch_size, c.n_head, head_dim, c.block_size), device=device, dtype=dtype
+                (batch_size, c.n_head, c.block_size, head_dim), device=device, dtype=dtype
             )
             state[f"v{layer}"] = torch.zeros(
                 (batch_size, c.n_head, c.block_size, head_dim), device=device, dtype=dtype
@@ -355,9 +358,9 @@ class GPT(nn.Module):
         of `block` positions (lm.prefix_cache)."""
         pieces: list[State] = [{} for _ in range(0, end - start, block)]
         for layer in range(self.config.n_layer):
-            keys = state[f"k{layer}"][row, :, :, start:end].clone()
+            keys = state[f"k{layer}"][row, :, start:end].clone()
             values = state[f"v{layer}"][row, :, start:end].clone()
-            for piece, k, v in zip(pieces, keys.split(block, -1), values.split(block, -2)):
+            for piece, k, v in zip(pieces, keys.split(block, -2), values.split(block, -2)):
                 piece[f"k{layer}"], piece[f"v{layer}"] = k, v
         return pieces
 
@@ -366,9 +369,9 @@ class GPT(nn.Module):
         position after them; return that position."""
         start = 0
         for piece in pieces:
-            end = start + piece["k0"].shape[-1]
+            end = start + piece["k0"].shape[-2]
             for layer in range(self.config.n_layer):
-                state[f"k{layer}"][row, :, :, start:end] = piece[f"k{layer}"]
+                state[f"k{layer}"][row, :, start:end] = piece[f"k{layer}"]
                 state[f"v{layer}"][row, :, start:end] = piece[f"v{layer}"]
             start = end
         state["pos"][row] = start

@@ -186,8 +186,8 @@ def decode_attention() -> DecodeAttention | None:
     """The native decode-attention kernel, or None where it cannot be built.
 
     The returned function takes `qkv[B, 3*H*D]` (the new tokens' fused float32
-    projections), a layer's cache (`lm.models.gpt.LayerCache`: keys `[*, H, D, T]` and
-    values `[*, H, T, D]`, CPU tensors of one of `CACHE_DTYPES` whose first `B` rows are the
+    projections), a layer's cache (`lm.models.gpt.LayerCache`: keys and values
+    `[*, H, T, D]`, CPU tensors of one of `CACHE_DTYPES` whose first `B` rows are the
     batch), `positions[B]` (int64), the softmax scale and, when the caller knows them, the
     positions' (min, max). It writes each row's new key and value at its position (rounded
     to the cache's dtype as `Tensor.to` rounds) and returns the attention output `[B, H*D]`
@@ -200,7 +200,7 @@ def decode_attention() -> DecodeAttention | None:
 
     def attend(qkv, cache, positions, scale, bounds=None):
         batch = qkv.shape[0]
-        _, heads, dim, ctx = cache.keys.shape
+        _, heads, ctx, dim = cache.keys.shape
         _check(qkv, cache, positions, batch, heads, dim, ctx)
         if batch:
             first, last = bounds or (int(positions.min()), int(positions.max()))
@@ -253,11 +253,12 @@ def _check(qkv, cache, positions, batch, heads, dim, ctx) -> None:
     if (
         keys.shape[0] < batch
         or values.shape != (keys.shape[0], heads, ctx, dim)
-        or keys.stride()[1:] != (dim * ctx, ctx, 1)
+        or keys.shape[1:] != (heads, ctx, dim)
+        or keys.stride()[1:] != (ctx * dim, dim, 1)
         or values.stride()[1:] != (ctx * dim, dim, 1)
         or values.stride(0) != keys.stride(0)
     ):
-        raise ValueError("KV cache rows must be contiguous [H, D, T] keys and [H, T, D] values")
+        raise ValueError("KV cache rows must be contiguous [H, T, D] keys and values")
     if (
         positions.dtype != torch.int64
         or positions.shape != (batch,)

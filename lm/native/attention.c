@@ -14,7 +14,7 @@
  *   q        [batch, heads, dim]      float32, the new tokens' queries
  *   k_new    [batch, heads, dim]      the new keys, in the cache's type
  *   v_new    [batch, heads, dim]      the new values, in the cache's type
- *   k_cache  [rows, heads, dim, ctx]  keys, transposed
+ *   k_cache  [rows, heads, ctx, dim]  keys
  *   v_cache  [rows, heads, ctx, dim]  values
  *   pos      [batch]                  where each row's new token goes (< ctx)
  *   out      [batch, heads, dim]      float32
@@ -58,12 +58,6 @@ static inline __attribute__((always_inline)) float load(const void *base, int64_
     }
 }
 
-/* Ask for `bytes` from `start` to be brought into the caches. */
-static inline void prefetch(const char *start, int64_t bytes)
-{
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset);
-}
-
 /* One (row, head): store the new key and value, then softmax(q . keys) . values. `next`
    is the item after this one (-1 if none), most often this thread's next. */
 static inline __attribute__((always_inline)) void attend_one(
@@ -75,44 +69,38 @@ static inline __attribute__((always_inline)) void attend_one(
     const size_t size = kind == F32 ? 4 : 2;
     int64_t b = item / heads, h = item % heads;
     const float *q = q_all + b * q_row_stride + h * dim;
-    char *keys = k_cache + (b * cache_row_stride + h * dim * ctx) * size;    /* [dim, ctx] */
-    char *values = v_cache + (b * cache_row_stride + h * ctx * dim) * size;  /* [ctx, dim] */
+    const int64_t row_bytes = dim * (int64_t)size, head_bytes = ctx * row_bytes;
+    char *keys = k_cache + b * cache_row_stride * size + h * head_bytes;   /* [ctx, dim] */
+    char *values = v_cache + b * cache_row_stride * size + h * head_bytes; /* [ctx, dim] */
     const char *key = k_new + (b * kv_row_stride + h * dim) * size;
     const char *value = v_new + (b * kv_row_stride + h * dim) * size;
     int64_t p = pos[b], len = p + 1;
-    for (int64_t d = 0; d < dim; d++)
-        memcpy(keys + (d * ctx + p) * size, key + d * size, size);
-    memcpy(values + p * dim * size, value, dim * size);
+    memcpy(keys + p * row_bytes, key, row_bytes);
+    memcpy(values + p * row_bytes, value, row_bytes);
     /* The cache outgrows the CPU's caches: ask for this item's values (read after the
-       scores) and the next item's keys while this item computes. Asked for all at once,
-       a long row's hundreds of lines overrun the core's queue of misses and the later ones
-       are dropped: so, from 32 positions on, the key loop asks for a key row of the next
-       item and a slice of this item's values at each of its steps (bench.peers: batch 64). */
+       scores) and the next item's keys while this item computes, a slice at each of the
+       key loop's steps (asked for all at once, a long row's hundreds of lines overrun the
+       core's queue of misses and the later ones are dropped). */
     const char *next_keys = NULL;
-    int64_t next_len = 0;
+    int64_t next_bytes = 0;
     if (next >= 0) {
         int64_t next_b = next / heads;
-        next_len = pos[next_b] + 1;
-        next_keys = k_cache + (next_b * cache_row_stride + next % heads * dim * ctx) * size;
+        next_bytes = (pos[next_b] + 1) * row_bytes;
+        next_keys = k_cache + next_b * cache_row_stride * size + next % heads * head_bytes;
     }
-    const int spread = len >= 32;
-    const int64_t value_bytes = len * dim * (int64_t)size;
-    if (!spread) {
-        prefetch(values, value_bytes);
-        if (next_keys)
-            for (int64_t d = 0; d < dim; d++) prefetch(next_keys + d * ctx * size, next_len * size);
-    }
-
-    for (int64_t t = 0; t < len; t++) scores[t] = 0.0f;
-    for (int64_t d = 0; d < dim; d++) {
-        float qd = q[d] * scale;
-        const char *key_row = keys + d * ctx * size;
-        if (spread) {
-            if (next_keys) prefetch(next_keys + d * ctx * size, next_len * size);
-            int64_t from = value_bytes * d / dim & ~(int64_t)63;
-            prefetch(values + from, value_bytes * (d + 1) / dim - from);
+    const int64_t value_bytes = len * row_bytes;
+    int64_t asked = 0; /* bytes asked for so far, of the values and of the next keys each */
+    float scaled[dim];
+    for (int64_t d = 0; d < dim; d++) scaled[d] = q[d] * scale;
+    for (int64_t t = 0; t < len; t++) {
+        for (; asked < (t + 1) * row_bytes; asked += 64) {
+            if (asked < value_bytes) __builtin_prefetch(values + asked);
+            if (asked < next_bytes) __builtin_prefetch(next_keys + asked);
         }
-        for (int64_t t = 0; t < len; t++) scores[t] += qd * load(key_row, t, kind);
+        const char *key_row = keys + t * row_bytes;
+        float score = 0.0f;
+        for (int64_t d = 0; d < dim; d++) score += scaled[d] * load(key_row, d, kind);
+        scores[t] = score;
     }
     float max = scores[0];
     for (int64_t t = 1; t < len; t++) max = scores[t] > max ? scores[t] : max;

@@ -23,8 +23,8 @@
  *   numbers  eps of the block norms, eps of the QK-norm, logit soft-cap (0: none)
  *   weights  the packed float32 tensors; `offsets` says where each slot starts (-1: absent)
  *   ids, pos [batch] int64: each row's new token and its position (< context)
- *   k_caches, v_caches  per layer, keys [rows, heads, dim, ctx], values [rows, heads, ctx,
- *            dim] in the cache's type, rows `cache_row_stride` elements apart
+ *   k_caches, v_caches  per layer, keys and values [rows, heads, ctx, dim] in the cache's
+ *            type, rows `cache_row_stride` elements apart
  *   logits   [batch, vocab] float32, written
  *   threads  how many threads share the step
  * Returns 0; or, with nothing written, 1 when the scratch could not be allocated, 2 for a

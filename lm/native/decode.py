@@ -189,7 +189,7 @@ def decode_step() -> DecodeStep | None:
 
     The returned function takes a `PackedGPT`, `ids[B]` and `positions[B]` (contiguous
     int64 CPU tensors: each row's new token and where it goes) and the per-layer caches,
-    keys `[*, H, D, T]` and values `[*, H, T, D]` of one of `CACHE_DTYPES`, contiguous rows
+    keys and values `[*, H, T, D]` of one of `CACHE_DTYPES`, contiguous rows
     whose first `B` are the batch. It writes each row's new keys and values at its position
     and returns the logits `[B, vocab]` in float32.
     """
@@ -368,22 +368,22 @@ def _check_caches(packed: PackedGPT, batch: int, keys, values) -> tuple[torch.dt
         raise ValueError(
             f"the native decode step takes a cache of {', '.join(map(str, CACHE_DTYPES))}"
         )
-    key_strides, value_strides = (row_stride, dim * ctx, ctx, 1), (row_stride, ctx * dim, dim, 1)
+    strides = (row_stride, ctx * dim, dim, 1)
     for k, v in zip(keys, values):
         if (
             k.dtype != dtype
             or v.dtype != dtype
             or k.shape[0] < batch
             or v.shape[0] < batch
-            or k.shape[1:] != (heads, dim, ctx)
+            or k.shape[1:] != (heads, ctx, dim)
             or v.shape[1:] != (heads, ctx, dim)
-            or k.stride() != key_strides
-            or v.stride() != value_strides
+            or k.stride() != strides
+            or v.stride() != strides
             or k.device.type != "cpu"
             or v.device.type != "cpu"
         ):
             raise ValueError(
-                "KV caches must be CPU tensors of one dtype with contiguous [H, D, T] keys "
-                "and [H, T, D] values, rows equally far apart"
+                "KV caches must be CPU tensors of one dtype with contiguous [H, T, D] keys "
+                "and values, rows equally far apart"
             )
     return dtype, row_stride
