@@ -91,13 +91,13 @@ def time_llamacpp(
 ) -> list[float]:
     """llama.cpp (llama-batched-bench, prompts not shared): generated tokens/s including
     prefill, B*TG / T (it feeds tokens without sampling). A run that prints no table is
-    tried once more (one did so with exit status 0, in session 10)."""
+    tried once more."""
     command = [
         str(binary),
         "-m",
         str(gguf),
-        "-c",
-        str(batch * (prompt_tokens + new_tokens)),
+        "-c",  # with a margin: at exactly B * (PP + TG) a run sometimes printed no row
+        str(batch * (prompt_tokens + new_tokens) + 256),
         "-npp",
         str(prompt_tokens),
         "-ntg",
