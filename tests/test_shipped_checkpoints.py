@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -44,6 +45,15 @@ def skip_fewshot_v1(meta: dict) -> None:
         )
 
 
+@functools.cache
+def task_corpus(version: int) -> str:
+    """The few-shot checkpoints' training corpus (about a minute to make): made once for
+    both of the version's checkpoints."""
+    from lm.tasks import make_corpus
+
+    return make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED, version=version)
+
+
 def card_loss(name: str) -> float:
     card = (shipped_dir() / name / "README.md").read_text(encoding="utf-8")
     match = re.search(r"\| validation loss \| ([0-9.]+) \|", card)
@@ -71,11 +81,9 @@ def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_
     meta = read_config(shipped_dir() / name)
     max_tokens = None
     if name.startswith("fewshot"):
-        from lm.tasks import make_corpus
-
         skip_fewshot_v1(meta)
         version = int(re.search(r"-v(\d+)\.txt$", meta["training"]["corpus"][0])[1])
-        text = make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED, version=version)
+        text = task_corpus(version)
         corpus = tmp_path / "tasks.txt"
         corpus.write_text(text, encoding="utf-8")
         max_tokens = FEWSHOT_EVAL_TOKENS
