@@ -29,9 +29,8 @@ from lm.cuda_graphs import applies as cuda_graphs_apply
 from lm.detokenize import TextTracker
 from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
-from lm.native.decode import draw as native_draw
 from lm.prefix_cache import DEFAULT_CAPACITY_MB, PrefixCache
-from lm.sampling import SamplingParams, SamplingSlots, sample, token_logprobs
+from lm.sampling import SamplingParams, SamplingSlots, token_logprobs
 from lm.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -279,8 +278,6 @@ class Engine:
         config = getattr(model, "config", None)
         self.vocab_size: int = getattr(config, "vocab_size", None) or tokenizer.vocab_size
         self.sampling = SamplingSlots(max_batch, self.vocab_size, self.device)
-        # Rows drawn by temperature alone skip `sample`'s checks: its last step, directly.
-        self._draw = native_draw() if self.device.type == "cpu" else None
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.accepting = True
@@ -574,11 +571,8 @@ class Engine:
         broken = _nonfinite_rows(logits)
         self.nonfinite_rows += len(broken)
         uniform = torch.tensor([seq.rng.random() for seq in active], dtype=torch.float64)
-        if self._draw is not None and all(seq.temperature_only for seq in active):
-            tokens = self._draw(logits, self.sampling.tensors["temperature"][:n], uniform)
-        else:
-            tokens = sample(logits, self.sampling.batch(n, uniform))
-            self.sampling.record(tokens)
+        plain = all(seq.temperature_only for seq in active)
+        tokens = self.sampling.sample(logits, uniform, temperature_only=plain)
         top_k = max(
             (s.params.logprobs for s in active if s.params.logprobs is not None), default=None
         )

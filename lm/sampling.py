@@ -130,7 +130,7 @@ class SamplingParams:
     @property
     def temperature_only(self) -> bool:
         """Whether a token is drawn from the logits by the temperature alone: no penalty,
-        logit bias, top-k, top-p or min-p (`sample` then comes down to `draw_tokens`)."""
+        logit bias, top-k, top-p or min-p (`sample` then comes down to the compiled draw)."""
         return not (
             self.penalized or self.logit_bias or self.top_k or self.top_p < 1.0 or self.min_p > 0.0
         )
@@ -237,6 +237,21 @@ class SamplingSlots:
             counts = self.tensors["counts"]
             rows = torch.arange(len(tokens), device=counts.device)
             counts[rows, tokens.to(counts.device)] += 1
+
+    def sample(
+        self, logits: torch.Tensor, uniform: torch.Tensor, temperature_only: bool = False
+    ) -> torch.Tensor:
+        """A token for each of the first `len(logits)` rows, their counts recorded. When the
+        caller knows every one of those rows is `temperature_only` (see `SamplingParams`),
+        `sample` comes down to its last step, the compiled draw, which then runs directly
+        (on the CPU): the same tokens without the tensor checks (~110 us a step)."""
+        rows = len(logits)
+        native = draw() if temperature_only and logits.device.type == "cpu" else None
+        if native is not None:
+            return native(logits, self.tensors["temperature"][:rows], uniform)
+        tokens = sample(logits, self.batch(rows, uniform))
+        self.record(tokens)
+        return tokens
 
     def batch(self, rows: int, uniform: torch.Tensor) -> SamplingBatch:
         """The first `rows` rows, with each row's random draw for this token."""

@@ -139,7 +139,7 @@ class CausalSelfAttention(nn.Module):
                 k, v = (t.to(cache.keys.dtype).to(k.dtype) for t in (k, v))  # as later see them
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
-        keys = cache.keys[:, :, : where.length].to(x.dtype).transpose(-1, -2).contiguous()
+        keys = cache.keys[:, :, : where.length].to(x.dtype).transpose(-1, -2)
         values = cache.values[:, :, : where.length].to(x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries.
