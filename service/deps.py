@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the API key check and the lookups routes need from app.state."""
+"""FastAPI dependencies: the API key check and the lookups routes need from app.state.
+
+Each is `async def`: none blocks, and FastAPI runs a plain `def` dependency in its thread
+pool, a hand-off to a worker thread and back for every dependency of every request."""
 
 from __future__ import annotations
 
@@ -19,15 +22,15 @@ from service.schemas import (
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def check_key(request: Request) -> None:
+async def check_key(request: Request) -> None:
     """401 unless the request carries the server's API key (when it has one)."""
     api_key = request.app.state.settings.api_key
     if api_key is None:
@@ -58,11 +61,11 @@ def find_model(request: Request, name: str | None) -> ServedModel:
     return models[name]
 
 
-def completion_model(body: CompletionRequest, request: Request) -> ServedModel:
+async def completion_model(body: CompletionRequest, request: Request) -> ServedModel:
     return find_model(request, body.model)
 
 
-def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
+async def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
     served = find_model(request, body.model)
     if served.adapter:
         raise APIError(
@@ -74,13 +77,13 @@ def embedding_model(body: EmbeddingRequest, request: Request) -> ServedModel:
     return served
 
 
-def chat_model(body: ChatRequest, request: Request) -> ServedModel:
+async def chat_model(body: ChatRequest, request: Request) -> ServedModel:
     return find_model(request, body.model)
 
 
-def tokenize_model(body: TokenizeRequest, request: Request) -> ServedModel:
+async def tokenize_model(body: TokenizeRequest, request: Request) -> ServedModel:
     return find_model(request, body.model)
 
 
-def detokenize_model(body: DetokenizeRequest, request: Request) -> ServedModel:
+async def detokenize_model(body: DetokenizeRequest, request: Request) -> ServedModel:
     return find_model(request, body.model)
