@@ -69,6 +69,7 @@ class Output:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     error: Failure | None = None  # on the last output, when finish_reason is "error"
+    first: bool = False  # the sequence's first output (its time to first token)
 
 
 class QueueFull(LMError):
@@ -185,6 +186,7 @@ class Sequence:
     def _output(self, upto: int, now: float) -> Output:
         text = self.text[self.sent_chars : upto]
         tokens = self.generated[self.sent_tokens :]
+        first = self.sent_tokens == 0
         wants = self.params.logprobs is not None
         logprobs = self.logprobs[self.sent_tokens :] if wants else None
         top = self.top_logprobs[self.sent_tokens :] if wants else None
@@ -213,6 +215,7 @@ class Sequence:
             prompt_logprobs=prompt_logprobs,
             prompt_top_logprobs=prompt_top,
             error=self.error,
+            first=first,
         )
 
 

@@ -157,6 +157,7 @@ async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Ou
             batch = [await job.outputs.get()]
             while not job.outputs.empty():  # coalesce whatever else is ready
                 batch.append(job.outputs.get_nowait())
+            batch = _by_choice(batch)
             now = time.perf_counter()
             for choice, out in batch:
                 if last_time[choice] is not None and out.token_ids:
@@ -171,6 +172,18 @@ async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Ou
             yield batch
     finally:  # also when the client disconnects and the response is cancelled
         job.cancel_unfinished()
+
+
+def _by_choice(batch: list[tuple[int, Output]]) -> list[tuple[int, Output]]:
+    """One output per choice from the outputs that arrived together (each choice's in order):
+    when the event loop falls behind the engine, a stream's tokens of several steps go out
+    as one event and one write instead of one each, so the loop catches up."""
+    if len(batch) == 1:
+        return batch
+    parts: dict[int, list[Output]] = {}
+    for choice, out in batch:
+        parts.setdefault(choice, []).append(out)
+    return [(choice, merge(outs)) for choice, outs in parts.items()]
 
 
 def error_event(out: Output) -> dict:
@@ -196,7 +209,7 @@ def observe(job: Job, out: Output, streamed: bool, metrics: Metrics) -> None:
 
 
 def merge(parts: list[Output]) -> Output:
-    """One output from a sequence's pieces (non-streaming requests get one piece anyway)."""
+    """One output from a sequence's pieces, in order."""
     if len(parts) == 1:
         return parts[0]
     logprobs = None if parts[0].logprobs is None else [x for p in parts for x in p.logprobs]
@@ -210,6 +223,8 @@ def merge(parts: list[Output]) -> Output:
         top_logprobs=top,
         prompt_logprobs=parts[0].prompt_logprobs,
         prompt_top_logprobs=parts[0].prompt_top_logprobs,
+        error=parts[-1].error,
+        first=parts[0].first,
     )
 
 

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -97,8 +99,7 @@ def start_engines(
     check_names(checkpoints)
     threads = serving_threads(settings.torch_threads)
 
-    def notify(events: list[tuple[Sequence, Output]]) -> None:
-        loop.call_soon_threadsafe(_dispatch, events)
+    notify = Mailbox(loop, settings.stream_flush_ms / 1000).post
 
     served = {}
     for ckpt in checkpoints:
@@ -125,6 +126,53 @@ def start_engines(
     return served
 
 
-def _dispatch(events: list[tuple[Sequence, Output]]) -> None:
-    for seq, out in events:
-        seq.sink(out)
+class Mailbox:
+    """The engines' outputs on their way to the event loop.
+
+    Every token a stream sends costs the event loop the same (an event, a JSON chunk, a
+    write), and on a small machine the loop shares the cores with the engine: at 64
+    streaming clients a delivery per step costs the engine much of its speed. So the loop
+    is woken at most once per `interval` seconds, and outputs that arrive in between go
+    with the next delivery (a stream then sends them as one event, service/jobs.py). A
+    sequence's first output (its time to first token) is delivered at once, and with it
+    everything waiting. With `interval` 0, every post wakes the loop unless a wake-up is
+    already on its way (when the loop falls behind, it still takes several steps at once)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
+        self.loop = loop
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.events: list[tuple[Sequence, Output]] = []
+        self.due: float | None = None  # when the delivery on its way runs (monotonic clock)
+        self.last = -math.inf  # when the last delivery ran
+
+    def post(self, events: list[tuple[Sequence, Output]]) -> None:
+        now = time.monotonic()
+        urgent = any(out.first for _, out in events)
+        with self.lock:
+            self.events.extend(events)
+            due = now if urgent else max(now, self.last + self.interval)
+            if self.due is not None and self.due <= due:
+                return  # a delivery at least as early is on its way
+            self.due = due
+        try:
+            if due <= now:
+                self.loop.call_soon_threadsafe(self.deliver, due)
+            else:
+                self.loop.call_soon_threadsafe(self.loop.call_later, due - now, self.deliver, due)
+        except RuntimeError:  # the loop is closed: nothing will take these
+            with self.lock:
+                self.events.clear()
+                self.due = None
+            raise
+
+    def deliver(self, due: float | None = None) -> None:
+        with self.lock:
+            if due is not None and due != self.due:
+                return  # overtaken by an earlier delivery, which took its outputs
+            self.due = None
+            events, self.events = self.events, []
+            if events:
+                self.last = time.monotonic()
+        for seq, out in events:
+            seq.sink(out)

@@ -64,6 +64,15 @@ class Settings(BaseSettings):
             "server-sent events for less CPU per token)"
         ),
     )
+    stream_flush_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description=(
+            "hand generated tokens to the HTTP side at most this often (ms); tokens made "
+            "meanwhile go out together, first tokens at once (0: after every engine step)"
+        ),
+    )
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
         "auto",
         description=(

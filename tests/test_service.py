@@ -443,3 +443,102 @@ def test_health_is_503_from_the_signal_on(tiny_checkpoint_dir):
     server.handle_exit(signal.SIGTERM, None)
     assert server.should_exit
     assert asyncio.run(health()) == 503
+
+
+# -- outputs on their way to a stream --------------------------------------------------------
+
+
+class _Seq:
+    def __init__(self, name: str, got: list):
+        self.name, self.got = name, got
+
+    def sink(self, out) -> None:
+        self.got.append((self.name, out))
+
+
+def test_mailbox_wakes_the_loop_once_for_outputs_that_pile_up():
+    """Steps posted while the loop is busy reach it in one delivery, in order."""
+    from lm.engine import Output
+    from service.loader import Mailbox
+
+    loop = asyncio.new_event_loop()
+    got, deliveries = [], []
+    mailbox = Mailbox(loop)
+    original = mailbox.deliver
+    mailbox.deliver = lambda due: (deliveries.append(len(mailbox.events)), original(due))
+    a, b = _Seq("a", got), _Seq("b", got)
+    try:
+        for step in range(3):  # the loop is not running: it is "behind"
+            mailbox.post([(a, Output(str(step), [step], None)), (b, Output(str(step), [], None))])
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        mailbox.post([(a, Output("3", [3], None))])
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert deliveries == [6, 1]
+    assert [(n, out.text) for n, out in got] == [(n, str(s)) for s in range(3) for n in "ab"] + [
+        ("a", "3")
+    ]
+    with pytest.raises(RuntimeError):  # a closed loop: an error, and nothing kept
+        mailbox.post([(a, Output("4", [4], None))])
+    assert mailbox.events == []
+
+
+def test_mailbox_paces_deliveries_but_sends_first_tokens_at_once():
+    """With an interval, outputs wait for the next delivery, unless one is a first token."""
+    import time
+
+    from lm.engine import Output
+    from service.loader import Mailbox
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    got = []
+    mailbox = Mailbox(loop, interval=1.0)
+    a, b = _Seq("a", got), _Seq("b", got)
+
+    def texts():
+        time.sleep(0.3)
+        return [out.text for _, out in got]
+
+    try:
+        mailbox.post([(a, Output("1", [1], None, first=True))])
+        assert texts() == ["1"]
+        mailbox.post([(a, Output("2", [2], None))])  # within the interval: waits
+        mailbox.post([(a, Output("3", [3], None))])
+        assert texts() == ["1"]
+        mailbox.post([(b, Output("x", [9], None, first=True))])  # at once, with the rest
+        assert texts() == ["1", "2", "3", "x"]
+        mailbox.post([(b, Output("y", [8], None))])
+        assert texts() == ["1", "2", "3", "x"]
+        deadline = time.monotonic() + 5
+        while len(got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [out.text for _, out in got] == ["1", "2", "3", "x", "y"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join()
+        loop.close()
+
+
+def test_outputs_that_arrive_together_go_out_as_one_event_per_choice():
+    from lm.engine import Output
+    from service.jobs import _by_choice
+
+    batch = [
+        (0, Output("a", [1], [-0.5], top_logprobs=[[(1, -0.5)]])),
+        (1, Output("x", [7], [-0.1], top_logprobs=[[(7, -0.1)]])),
+        (0, Output("bc", [2, 3], [-1.0, -2.0], top_logprobs=[[(2, -1.0)], [(3, -2.0)]])),
+        (0, Output("", [], [], finish_reason="length", top_logprobs=[], timings={"e2e": 1.0})),
+    ]
+    merged = dict(_by_choice(batch))
+    assert list(merged) == [0, 1]
+    first = merged[0]
+    assert (first.text, first.token_ids, first.logprobs) == ("abc", [1, 2, 3], [-0.5, -1.0, -2.0])
+    assert first.top_logprobs == [[(1, -0.5)], [(2, -1.0)], [(3, -2.0)]]
+    assert (first.finish_reason, first.timings) == ("length", {"e2e": 1.0})
+    assert merged[1] is batch[1][1]
+    assert _by_choice(batch[:1]) == batch[:1]

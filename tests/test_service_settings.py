@@ -24,6 +24,7 @@ SAMPLES = {
     "max_queue": ("0", "0", 0),
     "torch_threads": ("3", "3", 3),
     "stream_interval": ("4", "4", 4),
+    "stream_flush_ms": ("25", "25", 25.0),
     "kv_cache_dtype": ("float16", "float16", "float16"),
     "prefix_cache_mb": ("0", "0", 0.0),
     "max_tokens_limit": ("99", "99", 99),
