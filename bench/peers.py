@@ -18,7 +18,12 @@ Results go to bench/results/peers.json; `python -m bench.report` renders the Pee
 Exports and conversions are cached under ~/.cache/lm/peers/<weights hash>/.
 
     python -m bench.peers [--checkpoint shakespeare-char-gpt] [--checkpoint reference]
-                          [--rounds 3] [--batches 1,8,64] [--clients 1,64] [--quick]
+                          [--rounds 3] [--batches 1,8,64] [--clients 1,64]
+                          [--peer-clients 1] [--quick]
+
+`--peer-clients 1` drives llama-server at one client only and `lm serve` at every level:
+llama-server has stopped answering at 64 clients on these 2-core machines in every session
+that tried (no CPU use, no answer).
 
 `reference` is the small reference GPT of the other benchmarks (4x128 char, block 256,
 random weights from seed 0). Needs `pip install "lm[bench]"` (CTranslate2, aiohttp).
@@ -277,6 +282,9 @@ def compare(name: str, binaries: dict[str, Path], args) -> dict:
             # one run with 64 slots filled to the last token hung.
             new_tokens - HTTP_MARGIN_TOKENS,
             max(threads),
+            None
+            if args.peer_clients is None
+            else [int(c) for c in args.peer_clients.split(",") if c],
         )
         if clients
         else []
@@ -313,6 +321,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell and round")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--clients", default="1,64", help="HTTP levels ('' skips HTTP)")
+    parser.add_argument(
+        "--peer-clients",
+        default=None,
+        help="HTTP levels at which llama-server runs too (default: all; on these 2-core "
+        "machines it has stopped answering at 64 clients in every session since 6)",
+    )
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument(
         "--new-tokens", type=int, default=0, help="default: fill the context after the prompt"

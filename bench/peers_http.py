@@ -153,8 +153,11 @@ def time_http(
     per_client: int,
     max_tokens: int,
     threads: int,
+    peer_clients: list[int] | None = None,
 ) -> list[dict]:
-    """lm serve and llama-server, both up, driven in turn (round robin) at each level."""
+    """lm serve and llama-server, both up, driven in turn (round robin) at each level;
+    llama-server only at the levels in `peer_clients` (default: all of them)."""
+    peer_clients = clients if peer_clients is None else peer_clients
     from bench.serve_bench import free_port, start_server
 
     body = {"max_tokens": max_tokens, "temperature": 0.0}
@@ -162,20 +165,19 @@ def time_http(
     lm_port, llama_port = free_port(), free_port()
     processes = [start_server(str(exports.checkpoint), lm_port, ["--max-batch", str(max(clients))])]
     try:
-        processes.append(
-            start_llama_server(
-                binaries["llama-server"],
-                exports.gguf,
-                llama_port,
-                max(clients),
-                block_size,
-                threads,
+        servers = {"lm serve": (lm_port, {"model": exports.checkpoint.name})}
+        if peer_clients:
+            processes.append(
+                start_llama_server(
+                    binaries["llama-server"],
+                    exports.gguf,
+                    llama_port,
+                    max(peer_clients),
+                    block_size,
+                    threads,
+                )
             )
-        )
-        servers = {
-            "lm serve": (lm_port, {"model": exports.checkpoint.name}),
-            "llama-server": (llama_port, {"model": "gguf", "ignore_eos": True}),
-        }
+            servers["llama-server"] = (llama_port, {"model": "gguf", "ignore_eos": True})
         for port, extra in servers.values():  # warm-up
             asyncio.run(http_level(port, {**body, **extra, "stream": False}, prompts, 2, 1))
         samples = []
@@ -183,6 +185,8 @@ def time_http(
             for stream in (False, True):
                 for level in clients:
                     for name, (port, extra) in servers.items():
+                        if name == "llama-server" and level not in peer_clients:
+                            continue
                         request = {**body, **extra, "stream": stream}
                         if stream:
                             request["stream_options"] = {"include_usage": True}
