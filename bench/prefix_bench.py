@@ -84,13 +84,20 @@ async def wave(port: int, model: str, requests: list[tuple[list[dict], str]]) ->
     }
 
 
-def prefix_counts(port: int) -> tuple[float, float]:
+def server_counts(port: int) -> dict[str, float]:
+    """The server's prefix-cache queries and hits, and the sum and count of its time to
+    first token (seconds), from /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
 
     def total(name: str) -> float:
-        return sum(float(v) for v in re.findall(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+        return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
 
-    return total("vllm:prefix_cache_queries"), total("vllm:prefix_cache_hits")
+    return {
+        "queries": total("vllm:prefix_cache_queries_total"),
+        "hits": total("vllm:prefix_cache_hits_total"),
+        "ttft_sum": total("vllm:time_to_first_token_seconds_sum"),
+        "ttft_count": total("vllm:time_to_first_token_seconds_count"),
+    }
 
 
 def main() -> None:
@@ -116,11 +123,19 @@ def main() -> None:
                         (shared if kind == "shared" else _examples(words, rng), rng.choice(words))
                         for _ in range(args.clients)
                     ]
-                    before = prefix_counts(port)
+                    before = server_counts(port)
                     result = asyncio.run(wave(port, model, requests))
-                    after = prefix_counts(port)
-                    queried = after[0] - before[0]
-                    result["hit_rate"] = (after[1] - before[1]) / queried if queried else 0.0
+                    after = server_counts(port)
+                    delta = {k: after[k] - before[k] for k in after}
+                    queried = delta["queries"]
+                    result["hit_rate"] = delta["hits"] / queried if queried else 0.0
+                    # The engine's own time to first token (from its submit): the rest of
+                    # the client's is HTTP, parsing and delivery.
+                    result["server_ttft_mean_ms"] = (
+                        1000 * delta["ttft_sum"] / delta["ttft_count"]
+                        if delta["ttft_count"]
+                        else None
+                    )
                     results[kind].append(result)
             for kind, waves in results.items():
                 row = {
