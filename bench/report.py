@@ -331,20 +331,29 @@ def prefix_section(r: dict) -> list[str]:
 
 
 def stream_section(r: dict) -> list[str]:
-    lines = ["## Streaming: flush interval", ""] + header(r)
+    lines = ["## Streaming: server variants", ""] + header(r)
     lines += [
-        f"`lm serve --checkpoint {r['checkpoint']} --stream-flush-ms N`, one server per N, all "
-        f"up together and driven in turn; aiohttp clients, {r['tokens']} new tokens per "
-        "request; medians over interleaved rounds. Gaps are between chunks at the client.",
+        f"`lm serve --checkpoint {r['checkpoint']}` with each variant's arguments, one server "
+        f"per variant, all up together and driven in turn; aiohttp clients, {r['tokens']} new "
+        "tokens per request; medians over interleaved rounds. Gaps are between chunks at the "
+        "client.",
         "",
-        "| flush ms | clients | stream | tokens/s (range) | TTFT p50 ms | gap p50 ms | "
+        "| server arguments | clients | stream | tokens/s (range) | TTFT p50 ms | gap p50 ms | "
         "gap p99 ms | tokens per chunk |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(r["rows"], key=lambda x: (-x["clients"], not x["stream"], x["flush_ms"])):
+    # Results before variants were named: one server per flush interval.
+    rows = [
+        row if "variant" in row else {"variant": f"--stream-flush-ms {row['flush_ms']:g}", **row}
+        for row in r["rows"]
+    ]
+    order = {v: i for i, v in enumerate(r.get("variants", []))}
+    for row in sorted(
+        rows, key=lambda x: (-x["clients"], not x["stream"], order.get(x["variant"], 0))
+    ):
         low, high = row["tokens_per_s_range"]
         lines.append(
-            f"| {row['flush_ms']:g} | {row['clients']} | {'yes' if row['stream'] else 'no'} | "
+            f"| `{row['variant']}` | {row['clients']} | {'yes' if row['stream'] else 'no'} | "
             f"{fmt(row['tokens_per_s'])} ({low:,.0f}-{high:,.0f}) | {fmt(row['ttft_p50_ms'], 1)} | "
             f"{fmt(row['itl_p50_ms'], 1)} | {fmt(row['itl_p99_ms'], 1)} | "
             f"{fmt(row['mean_tokens_per_chunk'], 1)} |"

@@ -1,21 +1,26 @@
-"""Streaming through HTTP on the default model: `lm serve` with different flush intervals.
+"""Streaming through HTTP on the default model: `lm serve` variants side by side.
 
 At 64 streaming clients every token costs the server's event loop an event, a JSON chunk
 and a write, and on a 2-core machine the loop shares the cores with the engine.
 `--stream-flush-ms` lets tokens made within that many milliseconds go out together (first
-tokens at once). This starts one `lm serve` per interval, all up together, and drives them
-in turn (waves interleaved, `--rounds` times) with aiohttp clients as bench/serve_bench.py
-does: 64 clients streaming, 64 not, and one client streaming; each request generates
-`--tokens` tokens inside the default model's context. Reports medians of tokens/s, time to
-first token and the gaps between chunks at the client.
+tokens at once); `--gil-switch-ms` bounds how long the engine thread waits for the
+interpreter lock while the loop holds it. This starts one `lm serve` per variant (by
+default one per flush interval; `--variant "ARGS"` names a server's extra arguments
+instead, repeatable), all up together, and drives them in turn (waves interleaved,
+`--rounds` times) with aiohttp clients as bench/serve_bench.py does: 64 clients streaming,
+64 not, and one client streaming; each request generates `--tokens` tokens inside the
+default model's context. Reports medians of tokens/s, time to first token and the gaps
+between chunks at the client.
 
     python -m bench.stream_bench [--flush-ms 0,10,25] [--rounds 3]
+    python -m bench.stream_bench --variant "--gil-switch-ms 5" --variant "--gil-switch-ms 1"
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import statistics
 
 from bench.common import save_result
@@ -30,43 +35,45 @@ MEASURES = ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_tok
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flush-ms", default="0,10,25", help="intervals to compare")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        help="a server's extra `lm serve` arguments (repeatable; replaces --flush-ms)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per request")
     args = parser.parse_args()
-    intervals = [float(x) for x in args.flush_ms.split(",")]
+    variants = args.variant or [f"--stream-flush-ms {float(x):g}" for x in args.flush_ms.split(",")]
     servers = {}
     try:
-        for interval in intervals:
+        for variant in variants:
             port = free_port()
-            servers[interval] = (
-                port,
-                start_server(CHECKPOINT, port, ["--stream-flush-ms", str(interval)]),
-            )
+            servers[variant] = (port, start_server(CHECKPOINT, port, shlex.split(variant)))
         for port, _ in servers.values():  # warm-up
             asyncio.run(run_level(port, CHECKPOINT, 8, 1, True, 16))
         samples: dict[tuple, list[dict]] = {}
         for round_index in range(args.rounds):
             for clients, per_client, stream in LEVELS:
-                for interval, (port, _) in servers.items():
+                for variant, (port, _) in servers.items():
                     row = asyncio.run(
                         run_level(port, CHECKPOINT, clients, per_client, stream, args.tokens)
                     )
                     if row["failed"]:
-                        raise SystemExit(f"{row['failed']} requests failed at {interval} ms")
-                    samples.setdefault((interval, clients, stream), []).append(row)
+                        raise SystemExit(f"{row['failed']} requests failed with {variant}")
+                    samples.setdefault((variant, clients, stream), []).append(row)
                     print(
-                        f"round {round_index + 1}: flush {interval:g} ms, {clients} clients, "
+                        f"round {round_index + 1}: {variant}, {clients} clients, "
                         f"stream {stream}: {row['tokens_per_s']:,.0f} tokens/s",
                         flush=True,
                     )
-        memory = {f"{interval:g}": rss_mb(proc.pid) for interval, (_, proc) in servers.items()}
+        memory = {variant: rss_mb(proc.pid) for variant, (_, proc) in servers.items()}
     finally:
         for _, proc in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
     rows = []
-    for (interval, clients, stream), rs in samples.items():
-        row = {"flush_ms": interval, "clients": clients, "stream": stream, "rounds": len(rs)}
+    for (variant, clients, stream), rs in samples.items():
+        row = {"variant": variant, "clients": clients, "stream": stream, "rounds": len(rs)}
         for name in MEASURES:
             values = [r[name] for r in rs if r.get(name) is not None]
             row[name] = statistics.median(values) if values else None
@@ -78,8 +85,14 @@ def main() -> None:
     save_result(
         "stream",
         {
-            "command": f"python -m bench.stream_bench --flush-ms {args.flush_ms} "
-            f"--rounds {args.rounds} --tokens {args.tokens}",
+            "command": "python -m bench.stream_bench "
+            + (
+                "".join(f"--variant {shlex.quote(v)} " for v in args.variant)
+                if args.variant
+                else f"--flush-ms {args.flush_ms} "
+            )
+            + f"--rounds {args.rounds} --tokens {args.tokens}",
+            "variants": variants,
             "checkpoint": CHECKPOINT,
             "tokens": args.tokens,
             "rows": rows,

@@ -99,7 +99,7 @@ def start_engines(
     check_names(checkpoints)
     threads = serving_threads(settings.torch_threads)
 
-    notify = Mailbox(loop, settings.stream_flush_ms / 1000).post
+    notify = Mailbox(loop, settings.stream_flush_ms / 1000, settings.stream_chunk_rate).post
 
     served = {}
     for ckpt in checkpoints:
@@ -136,11 +136,19 @@ class Mailbox:
     with the next delivery (a stream then sends them as one event, service/jobs.py). A
     sequence's first output (its time to first token) is delivered at once, and with it
     everything waiting. With `interval` 0, every post wakes the loop unless a wake-up is
-    already on its way (when the loop falls behind, it still takes several steps at once)."""
+    already on its way (when the loop falls behind, it still takes several steps at once).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
+    `chunk_rate` (chunks per second, 0: no limit) paces by load instead: a post of n
+    outputs (n streams' tokens of one step) waits at least n / chunk_rate seconds after the
+    last delivery, so one stream gets its tokens almost at once and 64 streams get theirs
+    in fewer, larger chunks."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, interval: float = 0.0, chunk_rate: float = 0.0
+    ):
         self.loop = loop
         self.interval = interval
+        self.chunk_rate = chunk_rate
         self.lock = threading.Lock()
         self.events: list[tuple[Sequence, Output]] = []
         self.due: float | None = None  # when the delivery on its way runs (monotonic clock)
@@ -151,7 +159,10 @@ class Mailbox:
         urgent = any(out.first for _, out in events)
         with self.lock:
             self.events.extend(events)
-            due = now if urgent else max(now, self.last + self.interval)
+            wait = self.interval
+            if self.chunk_rate:
+                wait = max(wait, len(events) / self.chunk_rate)
+            due = now if urgent else max(now, self.last + wait)
             if self.due is not None and self.due <= due:
                 return  # a delivery at least as early is on its way
             self.due = due

@@ -73,6 +73,23 @@ class Settings(BaseSettings):
             "meanwhile go out together, first tokens at once (0: after every engine step)"
         ),
     )
+    stream_chunk_rate: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "most streamed chunks per second in all (0: no limit): the more streams run, "
+            "the longer their tokens wait to go out together, a single stream hardly at all"
+        ),
+    )
+    gil_switch_ms: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description=(
+            "Python's thread switch interval (ms): how long the engine thread may wait for "
+            "the interpreter lock while the HTTP side holds it (Python's default is 5)"
+        ),
+    )
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
         "auto",
         description=(

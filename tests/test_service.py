@@ -524,6 +524,47 @@ def test_mailbox_paces_deliveries_but_sends_first_tokens_at_once():
         loop.close()
 
 
+def test_mailbox_chunk_rate_paces_by_the_number_of_streams():
+    """With a chunk rate, a post of n streams' outputs waits n / rate seconds: two streams
+    at 2 chunks/s wait a second, one stream at 1,000 chunks/s a millisecond."""
+    import time
+
+    from lm.engine import Output
+    from service.loader import Mailbox
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    got = []
+    a, b = _Seq("a", got), _Seq("b", got)
+
+    def wait_for(count: int, seconds: float) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while len(got) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [out.text for _, out in got]
+
+    try:
+        slow = Mailbox(loop, chunk_rate=2.0)
+        slow.post(
+            [(a, Output("1", [1], None, first=True)), (b, Output("x", [9], None, first=True))]
+        )
+        assert wait_for(2, 5) == ["1", "x"]
+        slow.post([(a, Output("2", [2], None)), (b, Output("y", [8], None))])
+        time.sleep(0.3)
+        assert len(got) == 2  # waits about a second after the last delivery
+        assert wait_for(4, 5) == ["1", "x", "2", "y"]
+        got.clear()
+        fast = Mailbox(loop, chunk_rate=1000.0)
+        fast.post([(a, Output("3", [3], None))])
+        fast.post([(a, Output("4", [4], None))])
+        assert wait_for(2, 0.3) == ["3", "4"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join()
+        loop.close()
+
+
 def test_outputs_that_arrive_together_go_out_as_one_event_per_choice():
     from lm.engine import Output
     from service.jobs import _by_choice
