@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 # Most tokens prefilled in one step: bounds the pause that running sequences see when
 # requests arrive or reach the end of their context (and the prefill's scratch memory).
 PREFILL_TOKENS = 4096
+# A GPT prefill batches rows with different token counts, each padded at its end to the
+# longest: padding costs at most this many tokens per row, or a quarter of the batch.
+PREFILL_PAD_TOKENS = 16
 # Most tokens one compiled call generates for a sequence running alone (`Engine._run`): a
 # request that arrives meanwhile waits at most this many tokens' time to be admitted.
 RUN_TOKENS = 32
@@ -433,15 +436,15 @@ class Engine:
 
     def _fill_rows(self, rows: list[int]) -> None:
         """Reset rows and prefill each with its context: the cached blocks of its prefix are
-        copied in, the rest runs through the model. Rows with the same number of tokens to
-        run go as one batch, up to PREFILL_TOKENS tokens at a time.
+        copied in, the rest runs through the model. Rows with about the same number of tokens
+        to run go as one batch (`_batches`), up to PREFILL_TOKENS tokens at a time.
 
         Rows whose first uncached block is the same (requests that share a prefix not yet
         cached) do not all compute it: one goes first, and the others follow in a second
         round that finds the prefix cached."""
         pending = rows
         while pending:
-            by_length: dict[int, list[tuple[int, list[int], list]]] = {}
+            ready: list[tuple[int, list[int], list]] = []
             later, leaders = [], set()
             for row in pending:
                 seq = self.active[row]
@@ -458,15 +461,53 @@ class Engine:
                             continue
                         leaders.add(first_new)
                     chain = self.prefix_cache.match(context, seq.adapter)
-                remaining = len(context) - len(chain) * getattr(
-                    self.prefix_cache, "block_tokens", 0
-                )
-                by_length.setdefault(remaining, []).append((row, context, chain))
+                ready.append((row, context, chain))
+            for group in self._batches(ready):
+                self._prefill(group)
+            pending = later
+
+    def _batches(
+        self, ready: list[tuple[int, list[int], list]]
+    ) -> list[list[tuple[int, list[int], list]]]:
+        """Prefill batches of (row, context, cached chain), each at most PREFILL_TOKENS
+        tokens (or one row). A recurrent model's rows go with rows of exactly their length;
+        a GPT's rows are padded at their end to the batch's longest, within
+        PREFILL_PAD_TOKENS per row or a quarter of the batch: a few-shot request's few new
+        tokens after a cached prefix then go with the others', not one batch per length."""
+        block = getattr(self.prefix_cache, "block_tokens", 0)
+
+        def start(item) -> int:
+            return len(item[2]) * block
+
+        def todo(item) -> int:
+            return len(item[1]) - start(item)
+
+        if self.context_size is None:
+            by_length: dict[int, list] = {}
+            for item in ready:
+                by_length.setdefault(todo(item), []).append(item)
+            batches = []
             for length, group in by_length.items():
                 size = max(1, PREFILL_TOKENS // max(1, length))
-                for start in range(0, len(group), size):
-                    self._prefill(group[start : start + size])
-            pending = later
+                batches += [group[i : i + size] for i in range(0, len(group), size)]
+            return batches
+        batches, batch, real, top = [], [], 0, 0
+        for item in sorted(ready, key=todo):
+            width, count = todo(item), len(batch) + 1  # sorted: the batch's longest
+            padded = count * width
+            if batch and (
+                padded > PREFILL_TOKENS
+                or max(top, start(item)) + width > self.context_size
+                or padded - real - width > max(PREFILL_PAD_TOKENS * count, padded // 4)
+            ):
+                batches.append(batch)
+                batch, real, top = [], 0, 0
+            batch.append(item)
+            real += width
+            top = max(top, start(item))
+        if batch:
+            batches.append(batch)
+        return batches
 
     def _prefill(self, group: list[tuple[int, list[int], list]]) -> None:
         """Prefill rows in one model step: each row's cached prefix blocks are written in,
@@ -488,10 +529,23 @@ class Engine:
             if chain:
                 starts[i] = self.model.write_prefix(state, i, [block.kv for block in chain])
         remaining = [context[start:] for (_, context, _), start in zip(group, starts)]
-        if remaining[0]:
-            ids = torch.tensor(remaining, dtype=torch.long, device=self.device)
+        width = max(len(tokens) for tokens in remaining)
+        if width:
+            # Rows padded at their end: causal attention keeps the padding out of the real
+            # tokens' keys and values, and each row's position is set after its real tokens
+            # (later steps overwrite what the padding wrote beyond it).
+            padded = [tokens + [0] * (width - len(tokens)) for tokens in remaining]
+            ids = torch.tensor(padded, dtype=torch.long, device=self.device)
             _, new_state = self.model.step(ids, state)
             _write_back(state, new_state)
+            if any(len(tokens) != width for tokens in remaining):
+                state["pos"].copy_(
+                    torch.tensor(
+                        [s + len(t) for s, t in zip(starts, remaining)],
+                        dtype=state["pos"].dtype,
+                        device=self.device,
+                    )
+                )
         if self.prefix_cache is not None:
             for i, (row, context, _) in enumerate(group):
                 self.prefix_cache.insert(

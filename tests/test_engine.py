@@ -654,6 +654,39 @@ def test_admissions_take_at_most_the_prefill_budget_per_step(monkeypatch, char_t
     assert [s.generated for s in seqs] == expected  # only the timing changed
 
 
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_prefills_of_different_lengths_share_a_batch_when_padding_is_small(
+    kind, monkeypatch, char_tokenizer
+):
+    """A GPT prefills rows of 3 to 18 tokens as one batch (each padded at its end) and
+    its texts stay those of rows run alone; 40 tokens do not go with 3 (too much padding);
+    a recurrent model's rows only go with rows of their own length."""
+    model = tiny_model(kind, char_tokenizer.vocab_size)
+    prompts = ["abcd", "The king speaks", "A young poet is near", "efgh", "x" * 41]
+    alone = [
+        run_one(model, char_tokenizer, p, seed=i, max_new_tokens=8).generated
+        for i, p in enumerate(prompts)
+    ]
+    engine = Engine(model, char_tokenizer, max_batch=8, prefix_cache_mb=0)
+    widths = []
+    original = engine._prefill
+    monkeypatch.setattr(
+        engine,
+        "_prefill",
+        lambda group: (widths.append(sorted(len(c) for _, c, _ in group)), original(group)),
+    )
+    seqs = [
+        engine.submit(char_tokenizer.encode(p), SamplingParams(seed=i, max_new_tokens=8))
+        for i, p in enumerate(prompts)
+    ]
+    engine.run_until_idle()
+    assert [s.generated for s in seqs] == alone
+    if kind == "gpt":
+        assert widths == [[3, 3, 14, 19], [40]]
+    else:
+        assert sorted(widths) == [[3, 3], [14], [19], [40]]
+
+
 def test_context_shifts_beyond_the_budget_wait_a_step(monkeypatch, char_tokenizer):
     """Four rows reach the end of a 16-token context in the same step; with room for one
     shift per step, three sit out a step or more, and every text stays the same."""

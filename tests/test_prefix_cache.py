@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import random_gpt
 
+from lm import native
 from lm.engine import Engine
 from lm.models import ModelConfig, build_model
 from lm.prefix_cache import PrefixCache
@@ -107,9 +108,23 @@ def generate(engine: Engine, tokenizer, prompts: list[str], together: bool, logp
     return [(s.text, s.generated, s.outputs[-1].logprobs) for s in seqs]
 
 
+@pytest.fixture
+def float32_prefill(monkeypatch):
+    """Prefills in float32 products: on a CPU with fast bfloat16 ones, a prefill of enough
+    tokens multiplies in bfloat16, and with the cache on, rows are batched differently (how
+    far bfloat16 prefill moves log-probabilities: tests/test_models.py, precision_bench)."""
+    monkeypatch.setenv("LM_BF16_PREFILL", "0")
+    native.bf16_matmul_is_fast.cache_clear()
+    yield
+    monkeypatch.undo()
+    native.bf16_matmul_is_fast.cache_clear()
+
+
 @pytest.mark.parametrize("blocks", list(MODELS))
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "batched"])
-def test_output_is_the_same_with_and_without_the_cache(tokenizer, blocks, together):
+def test_output_is_the_same_with_and_without_the_cache(
+    tokenizer, blocks, together, float32_prefill
+):
     model = random_gpt(tokenizer.vocab_size, block_size=96, **MODELS[blocks])
     prompts = [PREFIX + f"Q: {query}\nA:" for query in QUERIES]
     prompts.append(PREFIX * 3)  # longer than the context: the sliding window refills rows
