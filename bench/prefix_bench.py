@@ -20,12 +20,14 @@ import asyncio
 import json
 import random
 import re
+import shlex
 import statistics
 import time
 import urllib.request
 
 from bench.common import save_result
 from bench.serve_bench import free_port, rss_mb, start_server
+from bench.stream_bench import split_variant
 from lm.tasks import word_list
 
 SHOTS = 8
@@ -105,13 +107,20 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="fewshot-char-gpt")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="extra `lm serve` arguments for both servers, after any NAME=VALUE environment "
+        "variables",
+    )
     args = parser.parse_args()
+    env, extra = split_variant(args.server_args)
     words = sorted(w for n, ws in word_list("heldout").items() if 3 <= n <= 8 for w in ws)
     rng = random.Random(0)
     rows = []
     for cache_mb in ("64", "0"):
         port = free_port()
-        server = start_server(args.checkpoint, port, ["--prefix-cache-mb", cache_mb])
+        server = start_server(args.checkpoint, port, [*extra, "--prefix-cache-mb", cache_mb], env)
         try:
             model = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
             model = model["data"][0]["id"]
@@ -159,7 +168,9 @@ def main() -> None:
         "prefix",
         {
             "command": "python -m bench.prefix_bench "
-            f"--checkpoint {args.checkpoint} --clients {args.clients} --rounds {args.rounds}",
+            f"--checkpoint {args.checkpoint} --clients {args.clients} --rounds {args.rounds}"
+            + (f" --server-args {shlex.quote(args.server_args)}" if args.server_args else ""),
+            "server_args": args.server_args,
             "checkpoint": args.checkpoint,
             "clients": args.clients,
             "shots": SHOTS,

@@ -42,7 +42,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(checkpoint: str, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(
+    checkpoint: str, port: int, extra: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`lm serve` on `port`, with `extra` arguments and `env` added to the environment;
+    returns once /health answers."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -58,6 +62,7 @@ def start_server(checkpoint: str, port: int, extra: list[str]) -> subprocess.Pop
             *extra,
         ],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -32,13 +32,25 @@ LEVELS = ((64, 2, True), (64, 2, False), (1, 4, True))
 MEASURES = ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_tokens_per_chunk")
 
 
+def split_variant(variant: str) -> tuple[dict[str, str], list[str]]:
+    """A variant's leading NAME=VALUE words (the server's environment) and its arguments:
+    "OMP_WAIT_POLICY=passive --torch-threads 2"."""
+    words = shlex.split(variant)
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flush-ms", default="0,10,25", help="intervals to compare")
     parser.add_argument(
         "--variant",
         action="append",
-        help="a server's extra `lm serve` arguments (repeatable; replaces --flush-ms)",
+        help="a server's extra `lm serve` arguments, after any NAME=VALUE environment "
+        "variables (repeatable; replaces --flush-ms)",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per request")
@@ -48,7 +60,8 @@ def main() -> None:
     try:
         for variant in variants:
             port = free_port()
-            servers[variant] = (port, start_server(CHECKPOINT, port, shlex.split(variant)))
+            env, extra = split_variant(variant)
+            servers[variant] = (port, start_server(CHECKPOINT, port, extra, env))
         for port, _ in servers.values():  # warm-up
             asyncio.run(run_level(port, CHECKPOINT, 8, 1, True, 16))
         samples: dict[tuple, list[dict]] = {}

@@ -75,6 +75,26 @@ class Output:
     first: bool = False  # the sequence's first output (its time to first token)
 
 
+def merge_outputs(parts: list[Output]) -> Output:
+    """One output from a sequence's consecutive outputs, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    logprobs = None if parts[0].logprobs is None else [x for p in parts for x in p.logprobs]
+    top = None if parts[0].top_logprobs is None else [x for p in parts for x in p.top_logprobs]
+    return Output(
+        text="".join(p.text for p in parts),
+        token_ids=[t for p in parts for t in p.token_ids],
+        logprobs=logprobs,
+        finish_reason=parts[-1].finish_reason,
+        timings=parts[-1].timings,
+        top_logprobs=top,
+        prompt_logprobs=parts[0].prompt_logprobs,
+        prompt_top_logprobs=parts[0].prompt_top_logprobs,
+        error=parts[-1].error,
+        first=parts[0].first,
+    )
+
+
 class QueueFull(LMError):
     """The engine's waiting queue is full; the caller should retry later."""
 

@@ -6,6 +6,7 @@ reloaded to behave identically. All share one small interface (`Tokenizer`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -135,6 +136,12 @@ class CharTokenizer(VocabTokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         itos = self.itos
         return "".join(itos[i] if 0 < i < len(itos) else "" for i in ids)
+
+    @functools.cached_property
+    def pieces(self) -> list[str]:
+        """Each id's text, whatever comes before it (<unk> decodes to nothing): what
+        `IncrementalDecoder` looks up instead of decoding a window per token."""
+        return ["", *self.itos[1:]]
 
 
 # Words (with inner apostrophes), single punctuation marks, and newlines are tokens.
@@ -367,8 +374,12 @@ class IncrementalDecoder:
         self.ids: list[int] = list(context_ids or [])[-4:]
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        # A tokenizer whose tokens' text does not depend on their neighbours (characters).
+        self.pieces: list[str] | None = getattr(tokenizer, "pieces", None)
 
     def push(self, token_id: int) -> str:
+        if self.pieces is not None:
+            return self.pieces[token_id] if 0 <= token_id < len(self.pieces) else ""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])

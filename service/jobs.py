@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from lm.engine import ENGINE_FAILURE, EngineStopped, Output, QueueFull, Sequence
+from lm.engine import ENGINE_FAILURE, EngineStopped, Output, QueueFull, Sequence, merge_outputs
 from lm.sampling import SamplingParams
 from lm.tokenizers import IncrementalDecoder, Tokenizer
 from service.errors import APIError
@@ -144,7 +144,7 @@ async def collect(job: Job, request: Request, metrics: Metrics) -> list[Output]:
     finally:
         disconnect.cancel()
         job.cancel_unfinished()
-    return [merge(p) for p in parts]
+    return [merge_outputs(p) for p in parts]
 
 
 async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Output]]]:
@@ -183,7 +183,7 @@ def _by_choice(batch: list[tuple[int, Output]]) -> list[tuple[int, Output]]:
     parts: dict[int, list[Output]] = {}
     for choice, out in batch:
         parts.setdefault(choice, []).append(out)
-    return [(choice, merge(outs)) for choice, outs in parts.items()]
+    return [(choice, merge_outputs(outs)) for choice, outs in parts.items()]
 
 
 def error_event(out: Output) -> dict:
@@ -206,26 +206,6 @@ def finish_reason(out: Output) -> str:
 def observe(job: Job, out: Output, streamed: bool, metrics: Metrics) -> None:
     if out.timings is not None and out.finish_reason != "cancelled":
         metrics.observe_finished(job.served.name, out.timings, out.finish_reason, streamed)
-
-
-def merge(parts: list[Output]) -> Output:
-    """One output from a sequence's pieces, in order."""
-    if len(parts) == 1:
-        return parts[0]
-    logprobs = None if parts[0].logprobs is None else [x for p in parts for x in p.logprobs]
-    top = None if parts[0].top_logprobs is None else [x for p in parts for x in p.top_logprobs]
-    return Output(
-        text="".join(p.text for p in parts),
-        token_ids=[t for p in parts for t in p.token_ids],
-        logprobs=logprobs,
-        finish_reason=parts[-1].finish_reason,
-        timings=parts[-1].timings,
-        top_logprobs=top,
-        prompt_logprobs=parts[0].prompt_logprobs,
-        prompt_top_logprobs=parts[0].prompt_top_logprobs,
-        error=parts[-1].error,
-        first=parts[0].first,
-    )
 
 
 def token_text(tokenizer: Tokenizer, context: list[int], token_id: int) -> str:

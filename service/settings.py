@@ -73,12 +73,13 @@ class Settings(BaseSettings):
             "meanwhile go out together, first tokens at once (0: after every engine step)"
         ),
     )
-    stream_chunk_rate: float = Field(
-        0.0,
+    stream_chunk_rate: float | None = Field(
+        None,
         ge=0,
         description=(
-            "most streamed chunks per second in all (0: no limit): the more streams run, "
-            "the longer their tokens wait to go out together, a single stream hardly at all"
+            "most streamed chunks per second in all (0: no limit; none: 1500 when a model "
+            "runs on the CPU, else no limit): the more streams run, the longer their tokens "
+            "wait to go out together, a single stream hardly at all"
         ),
     )
     gil_switch_ms: float = Field(

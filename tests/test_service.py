@@ -457,7 +457,8 @@ class _Seq:
 
 
 def test_mailbox_wakes_the_loop_once_for_outputs_that_pile_up():
-    """Steps posted while the loop is busy reach it in one delivery, in order."""
+    """Steps posted while the loop is busy reach it in one delivery, one output per
+    sequence with its steps' tokens in order."""
     from lm.engine import Output
     from service.loader import Mailbox
 
@@ -478,8 +479,11 @@ def test_mailbox_wakes_the_loop_once_for_outputs_that_pile_up():
     finally:
         loop.close()
     assert deliveries == [6, 1]
-    assert [(n, out.text) for n, out in got] == [(n, str(s)) for s in range(3) for n in "ab"] + [
-        ("a", "3")
+    # One output per sequence and delivery: its steps' tokens merged, in order.
+    assert [(n, out.text, out.token_ids) for n, out in got] == [
+        ("a", "012", [0, 1, 2]),
+        ("b", "012", []),
+        ("a", "3", [3]),
     ]
     with pytest.raises(RuntimeError):  # a closed loop: an error, and nothing kept
         mailbox.post([(a, Output("4", [4], None))])
@@ -511,13 +515,13 @@ def test_mailbox_paces_deliveries_but_sends_first_tokens_at_once():
         mailbox.post([(a, Output("3", [3], None))])
         assert texts() == ["1"]
         mailbox.post([(b, Output("x", [9], None, first=True))])  # at once, with the rest
-        assert texts() == ["1", "2", "3", "x"]
+        assert texts() == ["1", "23", "x"]
         mailbox.post([(b, Output("y", [8], None))])
-        assert texts() == ["1", "2", "3", "x"]
+        assert texts() == ["1", "23", "x"]
         deadline = time.monotonic() + 5
-        while len(got) < 5 and time.monotonic() < deadline:
+        while len(got) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert [out.text for _, out in got] == ["1", "2", "3", "x", "y"]
+        assert [out.text for _, out in got] == ["1", "23", "x", "y"]
     finally:
         loop.call_soon_threadsafe(loop.stop)
         runner.join()
@@ -558,7 +562,10 @@ def test_mailbox_chunk_rate_paces_by_the_number_of_streams():
         fast = Mailbox(loop, chunk_rate=1000.0)
         fast.post([(a, Output("3", [3], None))])
         fast.post([(a, Output("4", [4], None))])
-        assert wait_for(2, 0.3) == ["3", "4"]
+        deadline = time.monotonic() + 0.3
+        while "".join(out.text for _, out in got) != "34" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "".join(out.text for _, out in got) == "34"
     finally:
         loop.call_soon_threadsafe(loop.stop)
         runner.join()

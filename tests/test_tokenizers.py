@@ -266,6 +266,17 @@ def test_incremental_decoder_other_kinds(kind, corpus_text):
     assert "".join(_pieces(tokenizer, ids)) == tokenizer.decode(ids)
 
 
+def test_char_pieces_are_what_the_windowed_decoder_gives(corpus_text):
+    """A character tokenizer's decoder looks each id up; the pieces are those of decoding
+    a window per token, unknown characters (id 0) included."""
+    tokenizer = train_tokenizer("char", corpus_text)
+    ids = tokenizer.encode(SAMPLE + "\u2603 ok") + [0, tokenizer.vocab_size + 5]
+    windowed = IncrementalDecoder(tokenizer)
+    windowed.pieces = None
+    assert _pieces(tokenizer, ids) == [windowed.push(i) for i in ids]
+    assert "".join(_pieces(tokenizer, ids)) == tokenizer.decode(ids)
+
+
 def test_spm_vocabulary_too_small_is_an_lm_error(corpus_text):
     with pytest.raises(LMError, match="--vocab-size 100"):
         train_tokenizer("spm", corpus_text, vocab_size=100)
