@@ -395,12 +395,13 @@ class Engine:
         """Move waiting requests into free rows, up to PREFILL_TOKENS prompt tokens (at
         least one request) per step; the rest wait for the next step."""
         admitted, budget = [], PREFILL_TOKENS
+        leaders: dict[tuple, list[int]] = {}  # this step's new prefixes (see _prefill_cost)
         while len(self.active) < self.max_batch:
             with self._lock:
                 if not self.waiting:
                     break
                 seq = self.waiting[0]
-                cost = 0 if seq.cancelled else self._prefill_cost(seq)
+                cost = 0 if seq.cancelled else self._prefill_cost(seq, leaders)
                 if admitted and cost > budget:
                     break
                 self.waiting.popleft()
@@ -447,12 +448,25 @@ class Engine:
             context = context[len(context) - self.context_size // 2 :]
         return context
 
-    def _prefill_cost(self, seq: Sequence) -> int:
-        """Tokens a prefill of `seq` would run: its context less what the prefix cache holds."""
+    def _prefill_cost(self, seq: Sequence, leaders: dict[tuple, list[int]]) -> int:
+        """Tokens a prefill of `seq` would run: its context less what the prefix cache holds,
+        and less the whole blocks it shares with a request admitted in the same step whose
+        first uncached block is its own (`leaders`: that block's key -> the context that
+        computes it). `_fill_rows` runs the first such request first and the others find
+        its blocks cached, so a wave of requests sharing a new prefix is admitted at once."""
         context = self._context(seq)
         if self.prefix_cache is None:
             return len(context)
-        return len(context) - self.prefix_cache.peek(context, seq.adapter)
+        cached = self.prefix_cache.peek(context, seq.adapter)
+        size = self.prefix_cache.block_tokens
+        if len(context) - cached < size:
+            return len(context) - cached
+        key = (seq.adapter, tuple(context[: cached + size]))
+        leader = leaders.setdefault(key, context)
+        if leader is not context:
+            shared = len(os.path.commonprefix([leader, context])) // size * size
+            cached = max(cached, shared)
+        return len(context) - cached
 
     def _fill_rows(self, rows: list[int]) -> None:
         """Reset rows and prefill each with its context: the cached blocks of its prefix are
@@ -512,11 +526,14 @@ class Engine:
                 batches += [group[i : i + size] for i in range(0, len(group), size)]
             return batches
         batches, batch, real, top = [], [], 0, 0
-        for item in sorted(ready, key=todo):
+        # Rows with nothing cached apart from those with a cached prefix: a batch of empty
+        # rows runs the fused causal attention, one with cached rows a masked product.
+        for item in sorted(ready, key=lambda item: (start(item) > 0, todo(item))):
             width, count = todo(item), len(batch) + 1  # sorted: the batch's longest
             padded = count * width
             if batch and (
-                padded > PREFILL_TOKENS
+                (start(item) > 0) != (start(batch[0]) > 0)
+                or padded > PREFILL_TOKENS
                 or max(top, start(item)) + width > self.context_size
                 or padded - real - width > max(PREFILL_PAD_TOKENS * count, padded // 4)
             ):
@@ -527,7 +544,8 @@ class Engine:
             top = max(top, start(item))
         if batch:
             batches.append(batch)
-        return batches
+        # In row order: adjacent rows are prefilled in place (`_prefill`).
+        return [sorted(batch, key=lambda item: item[0]) for batch in batches]
 
     def _prefill(self, group: list[tuple[int, list[int], list]]) -> None:
         """Prefill rows in one model step: each row's cached prefix blocks are written in,
@@ -545,9 +563,15 @@ class Engine:
         if "adapter" in state:  # the rows' LoRA adapters, moved with the rows from now on
             state["adapter"].copy_(torch.tensor([self.active[row].adapter for row in rows]))
         starts = [0] * count
+        by_chain: dict[tuple[int, ...], list[int]] = {}  # rows with the same cached blocks
         for i, (_, _, chain) in enumerate(group):
             if chain:
-                starts[i] = self.model.write_prefix(state, i, [block.kv for block in chain])
+                by_chain.setdefault(tuple(block.id for block in chain), []).append(i)
+        for indices in by_chain.values():
+            chain = group[indices[0]][2]
+            end = self.model.write_prefix(state, indices, [block.kv for block in chain])
+            for i in indices:
+                starts[i] = end
         remaining = [context[start:] for (_, context, _), start in zip(group, starts)]
         width = max(len(tokens) for tokens in remaining)
         if width:

@@ -181,3 +181,26 @@ def test_requests_sharing_an_uncached_prefix_compute_it_once(tokenizer):
     block = engine.prefix_cache.block_tokens
     shared = len(tokenizer.encode(PREFIX + "Q: ")) // block * block
     assert engine.prefix_cache.hits == 3 * shared
+
+
+def test_a_wave_sharing_a_new_prefix_is_admitted_in_one_step(tokenizer, monkeypatch):
+    """Within the step's prefill budget, followers cost only what they do not share with
+    the first request of their new prefix: four requests fit where two whole prompts do
+    not, and their texts are those of requests run one by one."""
+    model = random_gpt(tokenizer.vocab_size, block_size=128)
+    prompts = [tokenizer.encode(PREFIX + f"Q: {query}\nA:") for query in QUERIES[:4]]
+    alone = []
+    for ids in prompts:
+        engine = Engine(model, tokenizer, max_batch=8)
+        seq = engine.submit(ids, SamplingParams(max_new_tokens=6, temperature=0.0))
+        engine.run_until_idle()
+        alone.append(seq.generated)
+    monkeypatch.setattr("lm.engine.PREFILL_TOKENS", len(prompts[0]) + 60)  # not 2 prompts
+    engine = Engine(model, tokenizer, max_batch=8)
+    seqs = [
+        engine.submit(ids, SamplingParams(max_new_tokens=6, temperature=0.0)) for ids in prompts
+    ]
+    engine.step()
+    assert engine.num_running == 4 and engine.num_waiting == 0
+    engine.run_until_idle()
+    assert [s.generated for s in seqs] == alone

@@ -364,18 +364,25 @@ class GPT(nn.Module):
                 piece[f"k{layer}"], piece[f"v{layer}"] = k, v
         return pieces
 
-    def write_prefix(self, state: State, row: int, pieces: list[State]) -> int:
-        """Write consecutive `read_prefix` pieces into row `row` from position 0 and set its
-        position after them; return that position."""
-        start = 0
-        for piece in pieces:
-            end = start + piece["k0"].shape[-2]
-            for layer in range(self.config.n_layer):
-                state[f"k{layer}"][row, :, start:end] = piece[f"k{layer}"]
-                state[f"v{layer}"][row, :, start:end] = piece[f"v{layer}"]
-            start = end
-        state["pos"][row] = start
-        return start
+    def write_prefix(self, state: State, row: int | list[int], pieces: list[State]) -> int:
+        """Write consecutive `read_prefix` pieces into row `row` (or each of several rows)
+        from position 0 and set its position after them; return that position. The pieces
+        are joined once per cache tensor, then written into all the rows in one copy."""
+        rows = [row] if isinstance(row, int) else row
+        end = sum(piece["k0"].shape[-2] for piece in pieces)
+        if not pieces or not rows:
+            return 0
+        first = rows[0]
+        adjacent = rows == list(range(first, first + len(rows)))
+        index = None if adjacent else torch.tensor(rows, device=state["pos"].device)
+        for name in (f"{kind}{layer}" for layer in range(self.config.n_layer) for kind in "kv"):
+            joined = torch.cat([piece[name] for piece in pieces], dim=-2)  # [H, end, D]
+            if adjacent:
+                state[name][first : first + len(rows), :, :end] = joined
+            else:
+                state[name][index, :, :end] = joined
+        state["pos"][rows] = end
+        return end
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume `ids[B,t]` after what `state` holds; return next-token logits[B,V].
