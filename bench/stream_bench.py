@@ -3,17 +3,17 @@
 At 64 streaming clients every token costs the server's event loop an event, a JSON chunk
 and a write, and on a 2-core machine the loop shares the cores with the engine.
 `--stream-flush-ms` lets tokens made within that many milliseconds go out together (first
-tokens at once); `--gil-switch-ms` bounds how long the engine thread waits for the
-interpreter lock while the loop holds it. This starts one `lm serve` per variant (by
-default one per flush interval; `--variant "ARGS"` names a server's extra arguments
-instead, repeatable), all up together, and drives them in turn (waves interleaved,
-`--rounds` times) with aiohttp clients as bench/serve_bench.py does: 64 clients streaming,
-64 not, and one client streaming; each request generates `--tokens` tokens inside the
-default model's context. Reports medians of tokens/s, time to first token and the gaps
-between chunks at the client.
+tokens at once); `--stream-chunk-rate` paces them by the number of streams. This starts
+one `lm serve` per variant (by default one per flush interval; `--variant "ARGS"` names a
+server's extra arguments instead, after any NAME=VALUE environment variables,
+repeatable), all up together, and drives them in turn (waves interleaved, `--rounds`
+times) with aiohttp clients as bench/serve_bench.py does: 64 clients streaming, 64 not,
+and one client streaming; each request generates `--tokens` tokens inside the default
+model's context. Reports medians of tokens/s, time to first token and the gaps between
+chunks at the client.
 
     python -m bench.stream_bench [--flush-ms 0,10,25] [--rounds 3]
-    python -m bench.stream_bench --variant "--gil-switch-ms 5" --variant "--gil-switch-ms 1"
+    python -m bench.stream_bench --variant "--stream-chunk-rate 0" --variant ""
 """
 
 from __future__ import annotations

@@ -94,9 +94,6 @@ def run(settings: Settings) -> int:
 
     checkpoints = load_checkpoints(settings)  # sets the thread counts before tensor work
     app = create_app(settings, checkpoints)
-    # The engine thread runs its steps without the interpreter lock and needs it back
-    # between them; while the event loop is busy it waits up to this long each time.
-    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     device = next(checkpoints[0].model.parameters()).device if checkpoints else "none"
     kernel = (
         "native"

@@ -82,15 +82,6 @@ class Settings(BaseSettings):
             "wait to go out together, a single stream hardly at all"
         ),
     )
-    gil_switch_ms: float = Field(
-        5.0,
-        gt=0,
-        le=100,
-        description=(
-            "Python's thread switch interval (ms): how long the engine thread may wait for "
-            "the interpreter lock while the HTTP side holds it (Python's default is 5)"
-        ),
-    )
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
         "auto",
         description=(

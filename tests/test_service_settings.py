@@ -26,7 +26,6 @@ SAMPLES = {
     "stream_interval": ("4", "4", 4),
     "stream_flush_ms": ("25", "25", 25.0),
     "stream_chunk_rate": ("2000", "2000", 2000.0),
-    "gil_switch_ms": ("0.5", "0.5", 0.5),
     "kv_cache_dtype": ("float16", "float16", "float16"),
     "prefix_cache_mb": ("0", "0", 0.0),
     "max_tokens_limit": ("99", "99", 99),
