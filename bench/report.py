@@ -352,8 +352,9 @@ def stream_section(r: dict) -> list[str]:
         rows, key=lambda x: (-x["clients"], not x["stream"], order.get(x["variant"], 0))
     ):
         low, high = row["tokens_per_s_range"]
+        label = f"`{row['variant']}`" if row["variant"] else "(defaults)"
         lines.append(
-            f"| `{row['variant']}` | {row['clients']} | {'yes' if row['stream'] else 'no'} | "
+            f"| {label} | {row['clients']} | {'yes' if row['stream'] else 'no'} | "
             f"{fmt(row['tokens_per_s'])} ({low:,.0f}-{high:,.0f}) | {fmt(row['ttft_p50_ms'], 1)} | "
             f"{fmt(row['itl_p50_ms'], 1)} | {fmt(row['itl_p99_ms'], 1)} | "
             f"{fmt(row['mean_tokens_per_chunk'], 1)} |"

@@ -131,3 +131,34 @@ def test_report_shows_the_table_and_the_ratio():
     assert "CTranslate2 int8 from token 40 of 112" in text
     assert "| lm serve | 64 | yes | 5,500 (5,000-6,000) | 35.0 | 0 | 0 |" in text
     assert "64 clients streaming **2.50x**" in text
+
+
+def test_a_stream_bench_variant_is_environment_then_arguments():
+    from bench.stream_bench import split_variant
+
+    assert split_variant('OMP_WAIT_POLICY=passive --stream-chunk-rate 0 --x="a b"') == (
+        {"OMP_WAIT_POLICY": "passive"},
+        ["--stream-chunk-rate", "0", "--x=a b"],
+    )
+    assert split_variant("") == ({}, [])
+
+
+def test_the_stream_report_names_each_variant_old_results_by_their_interval():
+    from bench.report import stream_section
+
+    common = {"date": "d", "machine": "m", "revision": "r", "checkpoint": "c", "tokens": 9}
+    row = {
+        "clients": 64,
+        "stream": True,
+        "rounds": 1,
+        "tokens_per_s": 9000.0,
+        "tokens_per_s_range": [8000.0, 9500.0],
+        "ttft_p50_ms": 100.0,
+        "itl_p50_ms": 40.0,
+        "itl_p99_ms": 50.0,
+        "mean_tokens_per_chunk": 6.0,
+    }
+    new = stream_section({**common, "command": "x", "rows": [{**row, "variant": ""}]})
+    old = stream_section({**common, "command": "y", "rows": [{**row, "flush_ms": 25.0}]})
+    assert any(line.startswith("| (defaults) | 64 | yes | 9,000 (8,000-9,500)") for line in new)
+    assert any(line.startswith("| `--stream-flush-ms 25` | 64 | yes |") for line in old)
