@@ -525,14 +525,22 @@ class Engine:
                 size = max(1, PREFILL_TOKENS // max(1, length))
                 batches += [group[i : i + size] for i in range(0, len(group), size)]
             return batches
-        batches, batch, real, top = [], [], 0, 0
         # Rows with nothing cached apart from those with a cached prefix: a batch of empty
-        # rows runs the fused causal attention, one with cached rows a masked product.
-        for item in sorted(ready, key=lambda item: (start(item) > 0, todo(item))):
+        # rows runs the fused causal attention, one with cached rows a masked product. And
+        # short rows apart from long ones: the model multiplies in bfloat16 from a number
+        # of tokens per row, and a row padded past it would not get the numbers it gets
+        # alone.
+        long = getattr(self.model, "bf16_prefill_tokens", math.inf)
+
+        def kind(item) -> tuple[bool, bool]:
+            return start(item) > 0, todo(item) >= long
+
+        batches, batch, real, top = [], [], 0, 0
+        for item in sorted(ready, key=lambda item: (kind(item), todo(item))):
             width, count = todo(item), len(batch) + 1  # sorted: the batch's longest
             padded = count * width
             if batch and (
-                (start(item) > 0) != (start(batch[0]) > 0)
+                kind(item) != kind(batch[0])
                 or padded > PREFILL_TOKENS
                 or max(top, start(item)) + width > self.context_size
                 or padded - real - width > max(PREFILL_PAD_TOKENS * count, padded // 4)

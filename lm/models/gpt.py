@@ -24,7 +24,11 @@ from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode
 from lm.native.decode import PackedGPT, decode_step, generate_step, pack
 from lm.native.dropout import Dropout
 
-BF16_PREFILL_BLOCK = 512  # prefills of this many tokens or more: bfloat16 matrix products
+# A prefill of this many tokens per row or more multiplies in bfloat16 (on CPUs that do it
+# in hardware). Decided by the tokens per row, not by the batch: a row's numbers do not
+# depend on what it is batched with (the engine keeps shorter rows in their own batches).
+BF16_PREFILL_TOKENS = 16
+BF16_PREFILL_BLOCK = 512  # bfloat16 products' rows are padded to a multiple of this
 RMS_NORM_EPS = 1e-6  # as Qwen3 and Llama
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin, [..., t, 1, head_dim]
@@ -233,16 +237,20 @@ def _linear(
     """`F.linear`; in a long prefill on the CPU, in bfloat16 with float32 results.
 
     A prefill's matrix products are large enough for the CPU's bfloat16 dot-product
-    instructions to pay: several times faster than float32 on thousands of tokens, while
-    the validation loss of decoding after such a prefill moves by 0.00003 nats or less on
-    the shipped GPTs (`python -m bench.precision_bench`). The token count is padded to a
-    multiple of BF16_PREFILL_BLOCK, so that oneDNN builds a kernel for a few shapes only
-    (it keeps one per shape). Decode steps stay in float32, however many rows.
+    instructions to pay: up to 1.6x faster than float32 on batches of prompts, while the
+    validation loss of decoding after such a prefill moves by 0.00003 nats or less on the
+    shipped GPTs (`python -m bench.precision_bench`). The token count is padded to the next
+    power of two from 64, then to a multiple of BF16_PREFILL_BLOCK, so that oneDNN builds a
+    kernel for a few shapes only (it keeps one per shape). Decode steps stay in float32,
+    however many rows.
     """
     if not where.bf16_prefill:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    padded = -len(rows) % BF16_PREFILL_BLOCK
+    if len(rows) <= BF16_PREFILL_BLOCK:
+        padded = max(64, 1 << (len(rows) - 1).bit_length()) - len(rows)
+    else:
+        padded = -len(rows) % BF16_PREFILL_BLOCK
     rows = F.pad(rows.to(torch.bfloat16), (0, 0, 0, padded))
     y = F.linear(rows, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
     return y[: len(y) - padded].float().view(*x.shape[:-1], -1)
@@ -269,6 +277,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.context_size = config.block_size
+        self.bf16_prefill_tokens = BF16_PREFILL_TOKENS  # for the engine's prefill batches
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = (
             nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
@@ -421,8 +430,7 @@ class GPT(nn.Module):
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
             bias.masked_fill_(blocked, -math.inf)
         bf16_prefill = (
-            time > 1
-            and batch * time >= BF16_PREFILL_BLOCK
+            time >= BF16_PREFILL_TOKENS
             and ids.device.type == "cpu"
             and self.wte.weight.dtype == torch.float32
             and bf16_matmul_is_fast()
