@@ -496,9 +496,30 @@ class Engine:
                         leaders.add(first_new)
                     chain = self.prefix_cache.match(context, seq.adapter)
                 ready.append((row, context, chain))
-            for group in self._batches(ready):
+            batches = self._batches(ready)
+            if sorted(pending) == list(range(len(self.active) - len(pending), len(self.active))):
+                # New rows (the batch's last): put each prefill batch's rows side by side,
+                # so that it runs in place rather than through a copy of every row's cache.
+                moved = self._reorder_tail([row for b in batches for row, _, _ in b] + later)
+                batches = [[(moved[row], c, chain) for row, c, chain in b] for b in batches]
+                later = [moved[row] for row in later]
+            for group in batches:
                 self._prefill(group)
             pending = later
+
+    def _reorder_tail(self, order: list[int]) -> dict[int, int]:
+        """Move the batch's last len(order) rows, sequences about to be prefilled, so that
+        row order[i] becomes the i-th of them: their sequences and sampling rows move, their
+        model state is reset by the prefill anyway. Returns {old row: new row}."""
+        start = len(self.active) - len(order)
+        moved = {row: start + i for i, row in enumerate(order)}
+        if all(old == new for old, new in moved.items()):
+            return moved
+        index = torch.tensor(order, device=self.device)
+        for tensor in self.sampling.tensors.values():
+            tensor[start : start + len(order)] = tensor.index_select(0, index.to(tensor.device))
+        self.active[start:] = [self.active[row] for row in order]
+        return moved
 
     def _batches(
         self, ready: list[tuple[int, list[int], list]]
