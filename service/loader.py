@@ -150,8 +150,8 @@ class Mailbox:
 
     `chunk_rate` (chunks per second, 0: no limit) paces by load instead: a post of outputs
     for n sequences (n streams' tokens of one step) waits at least n / chunk_rate seconds
-    after the last delivery, so one stream gets its tokens almost at once and 64 streams get theirs
-    in fewer, larger chunks."""
+    after the last delivery, so one stream gets its tokens almost at once and 64 streams
+    get theirs in fewer, larger chunks (a finished request's answer waits as long)."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, interval: float = 0.0, chunk_rate: float = 0.0
@@ -171,7 +171,7 @@ class Mailbox:
             self.events.extend(events)
             wait = self.interval
             if self.chunk_rate:
-                streams = len({id(seq) for seq, _ in events})  # a lone run posts many
+                streams = len({seq for seq, _ in events})  # a lone run posts many
                 wait = max(wait, streams / self.chunk_rate)
             due = now if urgent else max(now, self.last + wait)
             if self.due is not None and self.due <= due:
