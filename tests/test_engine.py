@@ -658,12 +658,12 @@ def test_admissions_take_at_most_the_prefill_budget_per_step(monkeypatch, char_t
 def test_prefills_of_different_lengths_share_a_batch_when_padding_is_small(
     kind, monkeypatch, char_tokenizer
 ):
-    """A GPT prefills rows of 18 to 31 tokens as one batch (each padded at its end) and
-    its texts stay those of rows run alone; 80 tokens do not go with 18 (too much padding),
-    nor rows under the model's bfloat16 threshold (16 tokens) with longer ones; a recurrent
-    model's rows only go with rows of their own length."""
+    """A GPT prefills rows of 70 and 90 tokens as one batch (each padded at its end) and
+    its texts stay those of rows run alone; 50 tokens do not go with 4 and 5 (too much
+    padding), nor rows under the model's bfloat16 threshold (64 tokens) with longer ones; a
+    recurrent model's rows only go with rows of their own length."""
     model = tiny_model(kind, char_tokenizer.vocab_size, block_size=128)
-    contexts = [18, 5, 31, 4, 80, 22]
+    contexts = [70, 5, 50, 4, 90]
     prompts = [("The king speaks of " * 5)[: n + 1] for n in contexts]
     alone = [
         run_one(model, char_tokenizer, p, seed=i, max_new_tokens=8).generated
@@ -684,10 +684,10 @@ def test_prefills_of_different_lengths_share_a_batch_when_padding_is_small(
     engine.run_until_idle()
     assert [s.generated for s in seqs] == alone
     if kind == "gpt":
-        assert model.bf16_prefill_tokens == 16
-        assert widths == [[4, 5], [18, 22, 31], [80]]
+        assert model.bf16_prefill_tokens == 64
+        assert widths == [[4, 5], [50], [70, 90]]
     else:
-        assert sorted(widths) == [[4], [5], [18], [22], [31], [80]]
+        assert sorted(widths) == [[4], [5], [50], [70], [90]]
 
 
 def test_context_shifts_beyond_the_budget_wait_a_step(monkeypatch, char_tokenizer):

@@ -27,7 +27,7 @@ from lm.native.dropout import Dropout
 # A prefill of this many tokens per row or more multiplies in bfloat16 (on CPUs that do it
 # in hardware). Decided by the tokens per row, not by the batch: a row's numbers do not
 # depend on what it is batched with (the engine keeps shorter rows in their own batches).
-BF16_PREFILL_TOKENS = 16
+BF16_PREFILL_TOKENS = 64
 BF16_PREFILL_BLOCK = 512  # bfloat16 products' rows are padded to a multiple of this
 RMS_NORM_EPS = 1e-6  # as Qwen3 and Llama
 
