@@ -515,10 +515,7 @@ class Engine:
         moved = {row: start + i for i, row in enumerate(order)}
         if all(old == new for old, new in moved.items()):
             return moved
-        index = torch.tensor(order, device=self.device)
-        for tensor in self.sampling.tensors.values():
-            tensor[start : start + len(order)] = tensor.index_select(0, index.to(tensor.device))
-        self.active[start:] = [self.active[row] for row in order]
+        self._move_rows(start, order, self.sampling.tensors.values())
         return moved
 
     def _batches(
@@ -743,11 +740,16 @@ class Engine:
         rows stay in front (they take this step, the others the next)."""
         n, leaving = len(self.active), set(rows)
         order = [row for row in range(n) if row not in leaving] + sorted(leaving)
-        index = torch.tensor(order, device=self.device)
-        for tensor in (*self.state.values(), *self.sampling.tensors.values()):
-            tensor[:n] = tensor[:n].index_select(0, index.to(tensor.device))
-        self.active = [self.active[row] for row in order]
+        self._move_rows(0, order, (*self.state.values(), *self.sampling.tensors.values()))
         return n - len(leaving)
+
+    def _move_rows(self, start: int, order: list[int], tensors) -> None:
+        """Rows start, start + 1, ... take what rows order[0], order[1], ... held: their
+        sequences and their rows of `tensors`."""
+        index = torch.tensor(order, device=self.device)
+        for tensor in tensors:
+            tensor[start : start + len(order)] = tensor.index_select(0, index.to(tensor.device))
+        self.active[start : start + len(order)] = [self.active[row] for row in order]
 
     def _remove_row(self, row: int) -> None:
         """Drop row `row`, moving the last row into its slot."""
