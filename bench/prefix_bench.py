@@ -26,8 +26,7 @@ import time
 import urllib.request
 
 from bench.common import save_result
-from bench.serve_bench import free_port, rss_mb, start_server
-from bench.stream_bench import split_variant
+from bench.serve_bench import free_port, rss_mb, split_variant, start_server
 from lm.tasks import word_list
 
 SHOTS = 8

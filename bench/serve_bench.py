@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -40,6 +41,17 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def split_variant(variant: str) -> tuple[dict[str, str], list[str]]:
+    """A variant's leading NAME=VALUE words (the server's environment) and its arguments:
+    "OMP_WAIT_POLICY=passive --torch-threads 2"."""
+    words = shlex.split(variant)
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
 
 
 def start_server(

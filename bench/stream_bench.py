@@ -24,23 +24,12 @@ import shlex
 import statistics
 
 from bench.common import save_result
-from bench.serve_bench import free_port, rss_mb, run_level, start_server
+from bench.serve_bench import free_port, rss_mb, run_level, split_variant, start_server
 
 CHECKPOINT = "shakespeare-char-gpt"
 # (clients, requests per client, streaming): the levels of one wave.
 LEVELS = ((64, 2, True), (64, 2, False), (1, 4, True))
 MEASURES = ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "mean_tokens_per_chunk")
-
-
-def split_variant(variant: str) -> tuple[dict[str, str], list[str]]:
-    """A variant's leading NAME=VALUE words (the server's environment) and its arguments:
-    "OMP_WAIT_POLICY=passive --torch-threads 2"."""
-    words = shlex.split(variant)
-    env = {}
-    while words and "=" in words[0] and not words[0].startswith("-"):
-        name, value = words.pop(0).split("=", 1)
-        env[name] = value
-    return env, words
 
 
 def main() -> None:

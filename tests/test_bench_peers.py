@@ -134,7 +134,7 @@ def test_report_shows_the_table_and_the_ratio():
 
 
 def test_a_stream_bench_variant_is_environment_then_arguments():
-    from bench.stream_bench import split_variant
+    from bench.serve_bench import split_variant
 
     assert split_variant('OMP_WAIT_POLICY=passive --stream-chunk-rate 0 --x="a b"') == (
         {"OMP_WAIT_POLICY": "passive"},
