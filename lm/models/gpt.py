@@ -238,12 +238,11 @@ def _linear(
     bfloat16 with float32 results.
 
     A prefill's matrix products are large enough for the CPU's bfloat16 dot-product
-    instructions to pay: up to 1.6x faster than float32 on batches of prompts, while the
-    validation loss of decoding after such a prefill moves by 0.00003 nats or less on the
-    shipped GPTs (`python -m bench.precision_bench`). The token count is padded to the next
-    power of two from 64, then to a multiple of BF16_PREFILL_BLOCK, so that oneDNN builds a
-    kernel for a few shapes only (it keeps one per shape). Decode steps stay in float32,
-    however many rows.
+    instructions to pay on batches of prompts, while the validation loss of decoding after
+    such a prefill moves by 0.00003 nats or less on the shipped GPTs (`python -m
+    bench.precision_bench`). The token count is padded to the next power of two from 64,
+    then to a multiple of BF16_PREFILL_BLOCK, so that oneDNN builds a kernel for a few
+    shapes only (it keeps one per shape). Decode steps stay in float32, however many rows.
     """
     if not where.bf16_prefill:
         return F.linear(x, weight, bias)
