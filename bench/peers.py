@@ -73,13 +73,26 @@ def corpus_prompts(count: int, length: int = PROMPT_TOKENS) -> list[str]:
 
 
 def lm_greedy(ckpt, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """lm's greedy continuation through its engine (float32 KV cache, as the exports)."""
+    """lm's greedy continuation through its engine in float32 (KV cache and products, as
+    the exports; timed, the engine runs its defaults)."""
     from lm.engine import Engine
+    from lm.native import decode
     from lm.sampling import SamplingParams
 
-    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=1, kv_cache_dtype="float32")
-    seq = engine.submit(prompt_ids, SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
-    engine.run_until_idle()
+    previous = os.environ.get("LM_BF16_DECODE")
+    os.environ["LM_BF16_DECODE"] = "0"
+    decode.bf16_decode.cache_clear()
+    try:
+        engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=1, kv_cache_dtype="float32")
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+        seq = engine.submit(prompt_ids, params)
+        engine.run_until_idle()
+    finally:
+        if previous is None:
+            os.environ.pop("LM_BF16_DECODE", None)
+        else:
+            os.environ["LM_BF16_DECODE"] = previous
+        decode.bf16_decode.cache_clear()
     return list(seq.generated)
 
 

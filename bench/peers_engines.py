@@ -8,6 +8,7 @@ allocator state are per process); llama.cpp is `llama-batched-bench`, whose tabl
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -147,7 +148,7 @@ def _number(cell: str) -> int | float:
 def measure(spec: dict) -> list[float]:
     """One timing cell, in this process (the parent runs each in a fresh one)."""
     prompts = spec["prompts"]
-    if spec["engine"] == "lm":
+    if spec["engine"].startswith("lm"):
         return time_lm(
             Path(spec["path"]),
             spec["batch"],
@@ -169,11 +170,20 @@ def measure(spec: dict) -> list[float]:
 
 def engine_cells(exports: Exports, batches: list[int], threads: list[int]) -> list[dict]:
     """Every (engine, variant, batch) to time: each engine with each thread count, except
-    CTranslate2 at batch 1 (1 thread: 2 threads is several times slower there)."""
+    CTranslate2 at batch 1 (1 thread: 2 threads is several times slower there). lm runs
+    its defaults, and where those multiply in bfloat16 (`lm.native.decode.bf16_decode`)
+    also in float32 (`LM_BF16_DECODE=0`), as "lm float32"."""
+    from lm.native.decode import bf16_decode
+
+    lms = [("lm", {})] + ([("lm float32", {"LM_BF16_DECODE": "0"})] if bf16_decode() else [])
     cells = []
     for batch in batches:
-        for t in threads:
-            cells.append({"engine": "lm", "variant": f"{t} threads", "batch": batch, "threads": t})
+        for name, env in lms:
+            for t in threads:
+                cells.append(
+                    {"engine": name, "variant": f"{t} threads", "batch": batch, "threads": t}
+                    | ({"env": env} if env else {})
+                )
         for kind in CT2_TYPES:
             for t in [1] if batch == 1 else threads:
                 cells.append(
@@ -217,6 +227,7 @@ def run_cell(cell: dict, exports: Exports, binaries, prompts, new_tokens, repeat
         text=True,
         check=False,
         cwd=ROOT,
+        env={**os.environ, **cell.get("env", {})},
     )
     if out.returncode:
         raise SystemExit(f"{cell['engine']} timing failed:\n{out.stderr[-3000:]}")

@@ -4,8 +4,9 @@ For each shipped GPT, 32 windows of the held-out 10% of Tiny Shakespeare are pre
 with half a context and then decoded token by token to the end of the context, through
 `step` as the engine runs it (compiled attention kernel on the CPU where it builds). The
 loss is averaged over every predicted token. Configurations: the KV cache in float32,
-float16 and bfloat16, and bfloat16 matrix products in the prefill (`LM_BF16_PREFILL`,
-on CPUs that have them in hardware); `lm serve`'s default is the last row.
+float16 and bfloat16, bfloat16 matrix products in the prefill (`LM_BF16_PREFILL`, on
+CPUs that have them in hardware) and in the native decode step (`LM_BF16_DECODE`, where
+its build has them); `lm serve`'s default is the last row.
 
     python -m bench.precision_bench [--windows 32]
 """
@@ -21,13 +22,20 @@ import torch.nn.functional as F
 from bench.common import corpus_path, save_result
 from lm import native
 from lm.checkpoint import load_checkpoint
+from lm.native import decode
 
 CHECKPOINTS = ("shakespeare-char-gpt", "shakespeare-bpe-gpt")
-CONFIGS = [  # (name, cache dtype, bfloat16 prefill)
-    ("float32 cache, float32 prefill", torch.float32, False),
-    ("float16 cache", torch.float16, False),
-    ("bfloat16 cache", torch.bfloat16, False),
-    ("bfloat16 cache, bfloat16 prefill (lm serve's default)", torch.bfloat16, True),
+CONFIGS = [  # (name, cache dtype, bfloat16 prefill, bfloat16 decode products)
+    ("float32 cache, float32 prefill", torch.float32, False, False),
+    ("float16 cache", torch.float16, False, False),
+    ("bfloat16 cache", torch.bfloat16, False, False),
+    ("bfloat16 cache, bfloat16 prefill", torch.bfloat16, True, False),
+    (
+        "bfloat16 cache, prefill and decode products (lm serve's default)",
+        torch.bfloat16,
+        True,
+        True,
+    ),
 ]
 
 
@@ -58,9 +66,11 @@ def main() -> None:
         checkpoint = load_checkpoint(name)
         ids = torch.tensor(checkpoint.tokenizer.encode(held_out))
         reference = None
-        for config, cache_dtype, bf16_prefill in CONFIGS:
+        for config, cache_dtype, bf16_prefill, bf16_decode in CONFIGS:
             os.environ["LM_BF16_PREFILL"] = "1" if bf16_prefill else "0"
+            os.environ["LM_BF16_DECODE"] = "1" if bf16_decode else "0"
             native.bf16_matmul_is_fast.cache_clear()
+            decode.bf16_decode.cache_clear()
             applied = bf16_prefill and native.bf16_matmul_is_fast()
             loss = decode_loss(checkpoint.model, ids, args.windows, cache_dtype)
             reference = loss if reference is None else reference
@@ -70,6 +80,7 @@ def main() -> None:
                 "loss": loss,
                 "delta": loss - reference,
                 "bf16_prefill_applied": applied,
+                "bf16_decode_applied": bf16_decode and decode.bf16_decode(),
                 "native_kernel": native.decode_attention() is not None,
             }
             print(row, flush=True)

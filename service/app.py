@@ -91,19 +91,18 @@ def run(settings: Settings) -> int:
     import uvicorn
 
     from lm import native
+    from lm.native.decode import bf16_decode
 
     checkpoints = load_checkpoints(settings)  # sets the thread counts before tensor work
     app = create_app(settings, checkpoints)
     device = next(checkpoints[0].model.parameters()).device if checkpoints else "none"
-    kernel = (
-        "native"
-        if getattr(device, "type", None) == "cpu" and native.decode_attention()
-        else "PyTorch"
-    )
+    kernel = "PyTorch decode"
+    if getattr(device, "type", None) == "cpu" and native.decode_attention():
+        kernel = "native decode" + (", bfloat16 products" if bf16_decode() else "")
     print(
         f"lm serve: {', '.join(_described(c) for c in checkpoints)} on "
         f"http://{settings.host}:{settings.port} (device {device}, max batch "
-        f"{settings.max_batch}, {kernel} decode attention)",
+        f"{settings.max_batch}, {kernel})",
         file=sys.stderr,
     )
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found:

@@ -61,6 +61,25 @@ def _token_cache(tmp_path_factory):
         os.environ["LM_CACHE_DIR"] = previous
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _float32_decode():
+    """The native decode step multiplies in float32, as the PyTorch path it is checked
+    against, unless a test asks for its bfloat16 products (`LM_BF16_DECODE`, on by default
+    where the CPU has them: tests/test_native_decode.py covers that mode; subprocesses
+    inherit the setting)."""
+    from lm.native import decode
+
+    previous = os.environ.get("LM_BF16_DECODE")
+    os.environ["LM_BF16_DECODE"] = "0"
+    decode.bf16_decode.cache_clear()
+    yield
+    if previous is None:
+        os.environ.pop("LM_BF16_DECODE", None)
+    else:
+        os.environ["LM_BF16_DECODE"] = previous
+    decode.bf16_decode.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
     return make_corpus()

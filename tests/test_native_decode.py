@@ -354,3 +354,120 @@ def test_a_sequence_alone_runs_in_compiled_calls_with_the_per_step_tokens(
     assert not runs
     if "stop" not in params:
         assert len(in_runs[0]) == 70
+
+
+# -- bfloat16 products (LM_BF16_DECODE) -------------------------------------------------
+
+
+@pytest.fixture
+def bf16_step(native_step, monkeypatch):
+    """The native step with its matrices in bfloat16 (the default where the build has
+    them; the suite otherwise runs in float32, tests/conftest.py)."""
+    if not decode.bf16_weights():
+        pytest.skip("this CPU has no bfloat16 dot products (AVX512-BF16)")
+    monkeypatch.setenv("LM_BF16_DECODE", "1")
+    decode.bf16_decode.cache_clear()
+    yield native_step
+    monkeypatch.setenv("LM_BF16_DECODE", "0")
+    decode.bf16_decode.cache_clear()
+
+
+@pytest.fixture
+def rounded_products(monkeypatch, torch_path):
+    """A context in which GPT.step runs its PyTorch path with every matrix product's
+    inputs and weights rounded to bfloat16 (sums in float32): what the bfloat16 step
+    computes, summed in another order."""
+    linear = torch.nn.functional.linear
+
+    def rounded(x, weight, bias=None):
+        return linear(x.bfloat16().float(), weight.bfloat16().float(), bias)
+
+    class Rounded:
+        def __enter__(self):
+            torch_path().__enter__()
+            monkeypatch.setattr(torch.nn.functional, "linear", rounded)
+
+        def __exit__(self, *exc):
+            monkeypatch.undo()
+
+    return Rounded
+
+
+@pytest.mark.parametrize(
+    "options", OPTIONS[:2] + OPTIONS[-3:], ids=lambda o: ",".join(o) or "classic"
+)
+@pytest.mark.parametrize("prompt_lengths", [[5], [1, 9, 3]], ids=["batch1", "batch3"])
+@torch.inference_mode()
+def test_bf16_step_computes_the_rounded_products(
+    bf16_step, torch_path, rounded_products, options, prompt_lengths
+):
+    """The bfloat16 step's logits and caches are the PyTorch path's with rounded products
+    (within the float32 sums' order), and differ from the float32 path's by the rounding."""
+    model = tiny_gpt(n_embd=40, **options)  # SwiGLU's hidden width is odd: a half pair
+    native_state = prefilled(model, prompt_lengths, torch.float32)
+    rounded_state, exact_state = clone(native_state), clone(native_state)
+    worst_rounded = worst_exact = 0.0
+    for t in range(6):
+        ids = ids_of(len(prompt_lengths), 1, seed=50 + t)
+        logits, native_state = model.step(ids, native_state)
+        with rounded_products():
+            expected, rounded_state = model.step(ids, rounded_state)
+        with torch_path():
+            exact, exact_state = model.step(ids, exact_state)
+        worst_rounded = max(worst_rounded, float((logits - expected).abs().max()))
+        worst_exact = max(worst_exact, float((logits - exact).abs().max()))
+        assert_same_state(native_state, rounded_state, atol=2e-3)
+    assert worst_rounded < 2e-3
+    assert worst_exact > 10 * worst_rounded
+
+
+@pytest.mark.parametrize("rows", [1, 37, 45])
+@torch.inference_mode()
+def test_bf16_rows_do_not_depend_on_batch_or_threads(bf16_step, rows):
+    model = tiny_gpt(n_head=2, n_embd=40, **MODERN)
+    lengths = [1 + (7 * row) % 20 for row in range(rows)]
+    state = prefilled(model, lengths, torch.bfloat16)
+    ids = ids_of(rows, 1, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = model.step(ids, clone(state))
+        torch.set_num_threads(2)
+        two, _ = model.step(ids, clone(state))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    for row in {0, rows // 2, rows - 1}:
+        alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
+        logits, _ = model.step(ids[row : row + 1], alone)
+        assert torch.equal(logits[0], one[row])
+
+
+@torch.inference_mode()
+def test_bf16_setting_repacks_and_runs_alone_as_in_batches(bf16_step, monkeypatch):
+    """Turning LM_BF16_DECODE off repacks in float32; a sequence alone (compiled runs of
+    tokens) gets the tokens of the per-step path in bfloat16 too."""
+    model = tiny_gpt(n_embd=40, **MODERN)
+    state = prefilled(model, [4], torch.float32)
+    bf16, _ = model.step(ids_of(1, 1), clone(state))
+    assert model._native_weights().bf16
+    monkeypatch.setenv("LM_BF16_DECODE", "0")
+    decode.bf16_decode.cache_clear()
+    exact, _ = model.step(ids_of(1, 1), clone(state))
+    assert not model._native_weights().bf16 and not torch.equal(bf16, exact)
+    monkeypatch.setenv("LM_BF16_DECODE", "1")
+    decode.bf16_decode.cache_clear()
+    tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvw")
+    model = tiny_gpt(n_embd=40, vocab_size=tokenizer.vocab_size, **MODERN)
+
+    def generate() -> list[int]:
+        engine = Engine(model, tokenizer, max_batch=4)
+        seq = engine.submit(
+            tokenizer.encode("abc"), SamplingParams(max_new_tokens=40, temperature=0.9, seed=3)
+        )
+        engine.run_until_idle()
+        return seq.generated
+
+    in_runs = generate()
+    monkeypatch.setattr("lm.engine.RUN_TOKENS", 1)
+    assert generate() == in_runs

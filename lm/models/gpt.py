@@ -21,7 +21,7 @@ from torch import nn
 from lm.lora import MultiLoRALinear
 from lm.models import ModelConfig, State
 from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
-from lm.native.decode import PackedGPT, decode_step, generate_step, pack
+from lm.native.decode import PackedGPT, bf16_decode, decode_step, generate_step, pack
 from lm.native.dropout import Dropout
 
 # A prefill of this many tokens per row or more multiplies in bfloat16 (on CPUs that do it
@@ -242,7 +242,9 @@ def _linear(
     such a prefill moves by 0.00003 nats or less on the shipped GPTs (`python -m
     bench.precision_bench`). The token count is padded to the next power of two from 64,
     then to a multiple of BF16_PREFILL_BLOCK, so that oneDNN builds a kernel for a few
-    shapes only (it keeps one per shape). Decode steps stay in float32, however many rows.
+    shapes only (it keeps one per shape). Decode steps on the CPU run in the native step
+    (`lm.native.decode`: bfloat16 products where its build has them, `LM_BF16_DECODE`), or
+    here in float32.
     """
     if not where.bf16_prefill:
         return F.linear(x, weight, bias)
@@ -553,8 +555,8 @@ class GPT(nn.Module):
         """The weights packed for the native step, packed again when any parameter or
         layer has changed since (in place, reassigned, replaced); None while a layer
         carries a LoRA adapter that applies to every row (`lm.lora.LoRALinear`)."""
-        cached = self.__dict__.get("_native_pack")
-        if cached is not None and cached.unchanged():
+        cached, bf16 = self.__dict__.get("_native_pack"), bf16_decode()
+        if cached is not None and cached.bf16 == bf16 and cached.unchanged():
             return cached.packed
         watch, packed = _Watch.of(self), None
         linears = [
@@ -563,11 +565,11 @@ class GPT(nn.Module):
             for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         ]
         if all(type(layer) in (nn.Linear, MultiLoRALinear) for layer in linears):
-            packed = self._pack()
-        self._native_pack = _NativePack(packed, watch)
+            packed = self._pack(bf16)
+        self._native_pack = _NativePack(packed, watch, bf16)
         return packed
 
-    def _pack(self) -> PackedGPT:
+    def _pack(self, bf16: bool = False) -> PackedGPT:
         c = self.config
         tensors = {
             "wte": self.wte.weight,
@@ -609,6 +611,7 @@ class GPT(nn.Module):
             eps=_eps(self.ln_f),
             qk_eps=RMS_NORM_EPS if q_norm is None else _eps(q_norm),
             softcap=c.logit_softcap,
+            bf16=bf16,
         )
 
 
@@ -659,6 +662,7 @@ def _stamps(parameters: list[torch.Tensor], inference: list[torch.Tensor]):
 class _NativePack(NamedTuple):
     packed: PackedGPT | None  # None: a layer the native step cannot run
     watch: _Watch
+    bf16: bool  # matrices in bfloat16 (`lm.native.decode.bf16_decode`)
 
     def unchanged(self) -> bool:
         return self.watch.unchanged()

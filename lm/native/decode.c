@@ -9,8 +9,8 @@
  * row computes what the layer-by-layer path computes), output projection, residual, norm,
  * MLP, residual; then the final norm, the output layer and the logit soft-cap. Rows may
  * sit at different positions; a row's result does not depend on the others in its batch,
- * nor on the number of threads. Matrices are packed in panels of 8 outputs (`linear`);
- * the threads (`threads`, one OpenMP region per step) share every stage's work.
+ * nor on the number of threads. Matrices are packed in panels of 8 outputs (`linear`).
+ * The threads (`threads`, one OpenMP region per step) share every stage's work.
  *
  * Also here: `lm_draw`, the last step of the engine's sampler (a token from a row of
  * logits, a temperature and a uniform number), and `lm_gpt_generate_*`, a run of decode
@@ -19,16 +19,19 @@
  *
  * Arguments:
  *   shape    n_layer, n_embd, n_head, mlp hidden width, vocab, context, norm (0 LayerNorm,
- *            1 RMSNorm), mlp (0 GELU, 1 ReLU squared, 2 SwiGLU)
+ *            1 RMSNorm), mlp (0 GELU, 1 ReLU squared, 2 SwiGLU), matrices (0 float32,
+ *            1 bfloat16 pairs: `linear`)
  *   numbers  eps of the block norms, eps of the QK-norm, logit soft-cap (0: none)
- *   weights  the packed float32 tensors; `offsets` says where each slot starts (-1: absent)
+ *   weights  the packed tensors, float32 but for bfloat16 matrices; `offsets` says where
+ *            each slot starts, in floats (-1: absent)
  *   ids, pos [batch] int64: each row's new token and its position (< context)
  *   k_caches, v_caches  per layer, keys and values [rows, heads, ctx, dim] in the cache's
  *            type, rows `cache_row_stride` elements apart
  *   logits   [batch, vocab] float32, written
  *   threads  how many threads share the step
  * Returns 0; or, with nothing written, 1 when the scratch could not be allocated, 2 for a
- * token outside the vocabulary, 3 for a position outside the context.
+ * token outside the vocabulary, 3 for a position outside the context, 4 for bfloat16
+ * matrices in a build without them (`lm_bf16_weights`).
  */
 #define LM_ATTENTION_HELPERS_ONLY /* attend_one and friends, not attention.c's exports */
 #include "attention.c"
@@ -102,7 +105,7 @@ typedef float v8 __attribute__((vector_size(32)));
    GCC spills from six rows on): 10 multiply-adds for 7 loads, against 8 for 8 with two
    rows side by side. */
 #define PANEL_KERNEL(R, P)                                                                    \
-    static inline __attribute__((always_inline)) void panel_kernel_##R##x##P(                 \
+    static inline __attribute__((always_inline)) void f32_kernel_##R##x##P(                 \
         const float *restrict w, const float *restrict x, int64_t x_stride, int64_t in,       \
         v8 out[R][P])                                                                         \
     {                                                                                         \
@@ -165,11 +168,84 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
                            int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
                            int64_t hidden, int kind);
 
-/* One tile: `R` rows from row `b` by `P` panels from panel `p`, computed and stored. */
-#define TILE(R, P)                                                                            \
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define BF16_WEIGHTS 1
+/* The same sums from bfloat16 weights and inputs, where the CPU multiplies bfloat16 pairs
+   (AVX512-BF16): a panel is [in / 2][PANEL][2], inputs 2i and 2i + 1's weights side by
+   side for each of the panel's eight outputs, so one VDPBF16PS adds both products (each
+   exact in float32) to each output's float32 sum: twice the products of a float32
+   multiply-add, from half the bytes. The inputs come as bfloat16 pairs (`to_pairs`), one
+   32-bit word per pair; `pairs` is in / 2 rounded up (an odd width's last pair ends in
+   zeros). Each output is summed in one order whatever the tile: the even pairs and the odd
+   pairs in two chains, then added. */
+#define BF16_KERNEL(R, P)                                                                     \
+    static inline __attribute__((always_inline)) void bf16_kernel_##R##x##P(                  \
+        const uint16_t *restrict w, const uint32_t *restrict x, int64_t x_stride,             \
+        int64_t pairs, v8 out[R][P])                                                          \
+    {                                                                                         \
+        __m256 even[R][P], odd[R][P];                                                         \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int p = 0; p < P; p++) even[r][p] = odd[r][p] = _mm256_setzero_ps();         \
+        int64_t i = 0;                                                                        \
+        for (; i + 2 <= pairs; i += 2)                                                        \
+            for (int p = 0; p < P; p++) {                                                     \
+                const uint16_t *at = w + (p * pairs + i) * 2 * PANEL;                         \
+                __m256bh w0 = (__m256bh)_mm256_loadu_si256((const __m256i *)at);             \
+                __m256bh w1 = (__m256bh)_mm256_loadu_si256((const __m256i *)(at + 2 * PANEL)); \
+                for (int r = 0; r < R; r++) {                                                 \
+                    __m256i x0 = _mm256_set1_epi32((int)x[r * x_stride + i]);                 \
+                    __m256i x1 = _mm256_set1_epi32((int)x[r * x_stride + i + 1]);             \
+                    even[r][p] = _mm256_dpbf16_ps(even[r][p], w0, (__m256bh)x0);              \
+                    odd[r][p] = _mm256_dpbf16_ps(odd[r][p], w1, (__m256bh)x1);                \
+                }                                                                             \
+            }                                                                                 \
+        if (i < pairs)                                                                        \
+            for (int p = 0; p < P; p++) {                                                     \
+                const uint16_t *at = w + (p * pairs + i) * 2 * PANEL;                         \
+                __m256bh w0 = (__m256bh)_mm256_loadu_si256((const __m256i *)at);             \
+                for (int r = 0; r < R; r++) {                                                 \
+                    __m256i x0 = _mm256_set1_epi32((int)x[r * x_stride + i]);                 \
+                    even[r][p] = _mm256_dpbf16_ps(even[r][p], w0, (__m256bh)x0);              \
+                }                                                                             \
+            }                                                                                 \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int p = 0; p < P; p++) out[r][p] = (v8)_mm256_add_ps(even[r][p], odd[r][p]); \
+    }
+
+BF16_KERNEL(1, 4)
+BF16_KERNEL(1, 2)
+BF16_KERNEL(2, 2)
+BF16_KERNEL(4, 2)
+BF16_KERNEL(5, 2)
+
+/* `rows` rows of `in` floats, `x_stride` apart, as bfloat16 pairs (rounded to nearest
+   even), `pairs_stride` words apart. */
+static void to_pairs(const float *restrict x, int64_t x_stride, uint32_t *restrict pairs,
+                     int64_t pairs_stride, int64_t rows, int64_t in)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        uint32_t *out = pairs + r * pairs_stride;
+        int64_t i = 0;
+        for (; i + 16 <= in; i += 16)
+            _mm256_storeu_si256((__m256i *)(out + i / 2),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + i)));
+        for (; i < in; i += 2) {
+            uint32_t high = i + 1 < in ? float_to_bf16(xr[i + 1]) : 0;
+            out[i / 2] = float_to_bf16(xr[i]) | high << 16;
+        }
+    }
+}
+#endif
+
+/* One tile: `R` rows from row `b` by `P` panels from panel `p` of the `FAMILY` kernels
+   (f32 or bf16; `in` counts their inputs: floats or pairs), computed and stored. */
+#define TILE(FAMILY, R, P)                                                                    \
     do {                                                                                      \
         v8 sums[R][P];                                                                        \
-        panel_kernel_##R##x##P(w + p * in * PANEL, x + b * x_stride, x_stride, in, sums);     \
+        FAMILY##_kernel_##R##x##P(w + p * in * (PANEL * sizeof(float) / sizeof *w),          \
+                                  x + b * x_stride, x_stride, in, sums);                      \
         for (int r = 0; r < R; r++)                                                           \
             for (int q = 0; q < P; q++)                                                       \
                 panel_store(sums[r][q], bias, y + (b + r) * y_stride, (p + q) * PANEL, out,   \
@@ -177,47 +253,97 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
     } while (0)
 
 /* Rows b .. b + rows - 1 (at most TILE_ROWS) by panels p and p + 1. */
-static inline void tile(const float *restrict w, const float *restrict bias,
-                        const float *restrict x, int64_t x_stride, float *restrict y,
-                        int64_t y_stride, int64_t b, int64_t rows, int64_t p, int64_t in,
-                        int64_t out, int accumulate)
-{
-    switch (rows) {
-    case 1: TILE(1, 2); break;
-    case 2: TILE(2, 2); break;
-    case 3: TILE(2, 2); b += 2; TILE(1, 2); break;
-    case 4: TILE(4, 2); break;
-    default: TILE(5, 2); break;
+#define DEFINE_TILE(FAMILY, WEIGHT, INPUT)                                                    \
+    static inline void FAMILY##_tile(const WEIGHT *restrict w, const float *restrict bias,    \
+                                     const INPUT *restrict x, int64_t x_stride,               \
+                                     float *restrict y, int64_t y_stride, int64_t b,          \
+                                     int64_t rows, int64_t p, int64_t in, int64_t out,        \
+                                     int accumulate)                                          \
+    {                                                                                         \
+        switch (rows) {                                                                       \
+        case 1: TILE(FAMILY, 1, 2); break;                                                    \
+        case 2: TILE(FAMILY, 2, 2); break;                                                    \
+        case 3: TILE(FAMILY, 2, 2); b += 2; TILE(FAMILY, 1, 2); break;                        \
+        case 4: TILE(FAMILY, 4, 2); break;                                                    \
+        default: TILE(FAMILY, 5, 2); break;                                                   \
+        }                                                                                     \
     }
+
+DEFINE_TILE(f32, float, float)
+#ifdef BF16_WEIGHTS
+DEFINE_TILE(bf16, uint16_t, uint32_t)
+#endif
+
+/* One group of four panels, for every row: TILE_ROWS rows at a time by two panels (one row
+   alone takes all four at once). */
+#define GROUP(FAMILY)                                                                         \
+    do {                                                                                      \
+        if (batch == 1 && end - p0 == 4) {                                                    \
+            const int64_t b = 0, p = p0;                                                      \
+            TILE(FAMILY, 1, 4);                                                               \
+        } else {                                                                              \
+            for (int64_t b = 0; b < batch; b += TILE_ROWS)                                    \
+                for (int64_t p = p0; p < end; p += 2)                                         \
+                    FAMILY##_tile(w, bias, x, x_stride, y, y_stride, b,                       \
+                                  batch - b < TILE_ROWS ? batch - b : TILE_ROWS, p, in, out,  \
+                                  accumulate);                                                \
+        }                                                                                     \
+    } while (0)
+
+/* The weights of a `linear`: float32, or bfloat16 pairs (`pairs`, a thread's own scratch
+   for the inputs as pairs, `pairs_stride` words a row); `in` counts floats either way. */
+struct matrix {
+    const void *w;
+    int bf16;
+    uint32_t *pairs;
+    int64_t pairs_stride;
+};
+
+static inline void linear_group(struct matrix m, const float *restrict bias,
+                                const float *restrict x_f32, int64_t x_stride_f32,
+                                float *restrict y, int64_t y_stride, int64_t batch, int64_t in_f32,
+                                int64_t out, int accumulate, int act, float *restrict a,
+                                int64_t a_stride, int64_t hidden, int64_t panels, int64_t g)
+{
+    const int64_t p0 = 4 * g, end = panels < p0 + 4 ? panels : p0 + 4;
+#ifdef BF16_WEIGHTS
+    if (m.bf16) {
+        const uint16_t *w = m.w;
+        const uint32_t *x = m.pairs;
+        const int64_t x_stride = m.pairs_stride, in = (in_f32 + 1) / 2;
+        GROUP(bf16);
+    } else
+#endif
+    {
+        const float *w = m.w, *x = x_f32;
+        const int64_t x_stride = x_stride_f32, in = in_f32;
+        GROUP(f32);
+    }
+    if (act >= 0) activate_group(y, y_stride, a, a_stride, batch, p0, end - p0, hidden, act);
 }
 
 /* y[b, o] (+)= W[o, :] . x[b, :] + bias[o] for `batch` rows `x_stride` and `y_stride`
    apart. W is packed in panels (lm/native/decode.py): outputs 8p..8p+7 are the panel p,
-   [in][8], so one vector load holds one input's weights for eight outputs and no sum is
-   reduced across vector lanes. Threads (inside the step's parallel region) take groups
-   of four panels; each group is read for TILE_ROWS rows at a time, two panels at a time
-   (one row alone takes all four at once). With `act` (an MLP kind; -1 for none) each
-   group's outputs are also activated into `a` (`activate_group`). */
-static void linear(const float *restrict w, const float *restrict bias, const float *restrict x,
+   [in][8] (bfloat16: [in / 2][8][2]), so one vector load holds one input's (or pair's)
+   weights for eight outputs and no sum is reduced across vector lanes. Groups of four
+   panels are read for TILE_ROWS rows at a time, two panels at a time (one row alone takes
+   all four at once); the threads (inside the step's parallel region) take the groups.
+   With `act` (an MLP kind; -1 for none) each group's outputs are also
+   activated into `a` (`activate_group`). */
+static void linear(struct matrix m, const float *restrict bias, const float *restrict x,
                    int64_t x_stride, float *restrict y, int64_t y_stride, int64_t batch,
                    int64_t in, int64_t out, int accumulate, int act, float *restrict a,
                    int64_t a_stride, int64_t hidden)
 {
     const int64_t panels = 2 * ((out + 2 * PANEL - 1) / (2 * PANEL)), groups = (panels + 3) / 4;
+#ifdef BF16_WEIGHTS
+    if (m.bf16) /* every thread converts the rows for itself: no wait for the others */
+        to_pairs(x, x_stride, m.pairs, m.pairs_stride, batch, in);
+#endif
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t p0 = 4 * g, end = panels < p0 + 4 ? panels : p0 + 4;
-        if (batch == 1 && end - p0 == 4) {
-            const int64_t b = 0, p = p0;
-            TILE(1, 4);
-        } else {
-            for (int64_t b = 0; b < batch; b += TILE_ROWS)
-                for (int64_t p = p0; p < end; p += 2)
-                    tile(w, bias, x, x_stride, y, y_stride, b,
-                         batch - b < TILE_ROWS ? batch - b : TILE_ROWS, p, in, out, accumulate);
-        }
-        if (act >= 0) activate_group(y, y_stride, a, a_stride, batch, p0, end - p0, hidden, act);
-    }
+    for (int64_t g = 0; g < groups; g++)
+        linear_group(m, bias, x, x_stride, y, y_stride, batch, in, out, accumulate, act, a,
+                     a_stride, hidden, panels, g);
 }
 
 /* LayerNorm (with `bias` or none) or, when `rms`, RMSNorm of each of `rows` vectors of
@@ -311,48 +437,153 @@ DEFINE_ATTEND_HEAD(attend_head_f32, F32)
 DEFINE_ATTEND_HEAD(attend_head_f16, F16)
 DEFINE_ATTEND_HEAD(attend_head_bf16, BF16)
 
+/* What one decode step's threads share: the model's numbers and weights, the batch, and the
+   step's scratch arrays (each row 64 bytes aligned: the vectorised loops then sum in one
+   order, and a row's result is its own). */
+struct step {
+    int64_t n_layer, n_embd, heads, hidden, vocab, ctx, mlp, dim, fc_out;
+    int rms;
+    float eps, qk_eps, softcap, scale;
+    const float *weights;
+    const int64_t *offsets, *ids, *pos;
+    void *const *k_caches, *const *v_caches;
+    int64_t cache_row_stride, batch;
+    float *logits;
+    enum element kind;
+    int bf16;                           /* the matrices hold bfloat16 pairs */
+    int64_t row, qkv_row, f_row, a_row; /* scratch row strides, in floats */
+    int64_t pairs_row;                  /* a row of inputs as bfloat16 pairs, in words */
+    float *x, *qkv, *att, *f, *a;       /* [batch, *_row] */
+    int chunk;                          /* attention items a thread takes at a time */
+};
+
+/* The step, run by every thread of its parallel region: each stage is a work-shared loop
+   (over rows, (row, head) pairs, or groups of output panels in `linear`) whose end is a
+   barrier. `scores`, `new_kv`, `h` and `pairs` are the thread's own scratch (attention
+   scores, a row's new keys and values, normalised rows, a row of inputs as bfloat16 pairs:
+   every thread normalises every row, instead of waiting for the others to). */
+static void step_layers(const struct step *s, float *scores, char *new_kv, float *h,
+                        uint32_t *pairs)
+{
+    const int64_t n_embd = s->n_embd, heads = s->heads, dim = s->dim, row = s->row;
+    const int64_t qkv_row = s->qkv_row, f_row = s->f_row, a_row = s->a_row, nb = s->batch;
+    const size_t size = s->kind == F32 ? 4 : 2;
+    const int64_t *ids = s->ids, *pos = s->pos;
+    float *x = s->x, *qkv = s->qkv, *att = s->att, *f = s->f, *a = s->a, *logits = s->logits;
+#define SLOT(i) (s->offsets[i] < 0 ? NULL : s->weights + s->offsets[i])
+#define LAYER_SLOT(layer, i) SLOT(GLOBAL_SLOTS + (layer) * SLOTS_PER_LAYER + (i))
+    const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
+    const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
+#define MATRIX(w) ((struct matrix){(w), s->bf16, pairs, s->pairs_row})
+
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const float *token = wte + ids[b] * n_embd;
+        for (int64_t i = 0; i < n_embd; i++)
+            x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
+    }
+    for (int64_t layer = 0; layer < s->n_layer; layer++) {
+        norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), nb, n_embd, row, s->eps,
+             s->rms);
+        linear(MATRIX(LAYER_SLOT(layer, ATTN_W)), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row,
+               nb, n_embd, 3 * n_embd, 0, -1, NULL, 0, 0);
+        const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
+        char *k_cache = s->k_caches[layer], *v_cache = s->v_caches[layer];
+#pragma omp for schedule(dynamic, s->chunk)
+        for (int64_t item = 0; item < nb * heads; item++) {
+            const int64_t b = item / heads, head = item % heads;
+            float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
+            if (q_norm) {
+                norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, s->qk_eps, 1);
+                norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, s->qk_eps, 1);
+            }
+            if (cos_table) {
+                rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
+                rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
+            }
+            /* This head's new key and value, in the cache's type, where attend_one looks
+               for them in a row's. */
+            char *new_key = new_kv, *new_value = new_kv + n_embd * size;
+            store(new_key + head * dim * size, k + head * dim, dim, s->kind);
+            store(new_value + head * dim * size, v + head * dim, dim, s->kind);
+            char *keys = k_cache + b * s->cache_row_stride * size;
+            char *values = v_cache + b * s->cache_row_stride * size;
+            float *out = att + b * row;
+            if (s->kind == F32)
+                attend_head_f32(q, new_key, new_value, keys, values, pos + b, head, out, heads,
+                                dim, s->ctx, s->scale, scores);
+            else if (s->kind == F16)
+                attend_head_f16(q, new_key, new_value, keys, values, pos + b, head, out, heads,
+                                dim, s->ctx, s->scale, scores);
+            else
+                attend_head_bf16(q, new_key, new_value, keys, values, pos + b, head, out, heads,
+                                 dim, s->ctx, s->scale, scores);
+        }
+        linear(MATRIX(LAYER_SLOT(layer, PROJ_W)), LAYER_SLOT(layer, PROJ_B), att, row, x, row, nb,
+               n_embd, n_embd, 1, -1, NULL, 0, 0);
+        norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), nb, n_embd, row, s->eps,
+             s->rms);
+        linear(MATRIX(LAYER_SLOT(layer, FC_W)), LAYER_SLOT(layer, FC_B), h, row, f, f_row, nb,
+               n_embd, s->fc_out, 0, (int)s->mlp, a, a_row, s->hidden);
+        linear(MATRIX(LAYER_SLOT(layer, MLP_PROJ_W)), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x,
+               row, nb, s->hidden, n_embd, 1, -1, NULL, 0, 0);
+    }
+    norm(x, h, SLOT(LNF_W), SLOT(LNF_B), nb, n_embd, row, s->eps, s->rms);
+    linear(MATRIX(SLOT(HEAD)), NULL, h, row, logits, s->vocab, nb, n_embd, s->vocab, 0, -1, NULL,
+           0, 0);
+    if (s->softcap > 0.0f) { /* row by row: vector and scalar tanhf differ in the last bit */
+        const float cap = s->softcap;
+        const int64_t vocab = s->vocab;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t i = 0; i < vocab; i++)
+                logits[b * vocab + i] = cap * tanhf(logits[b * vocab + i] / cap);
+    }
+#undef MATRIX
+#undef LAYER_SLOT
+#undef SLOT
+}
+
 static int decode_step(const int64_t *shape, const float *numbers, const float *weights,
                        const int64_t *offsets, const int64_t *ids, const int64_t *pos,
                        int64_t batch, void *const *k_caches, void *const *v_caches,
                        int64_t cache_row_stride, float *logits, int threads, enum element kind)
 {
-    const int64_t n_layer = shape[0], n_embd = shape[1], heads = shape[2], hidden = shape[3];
-    const int64_t vocab = shape[4], ctx = shape[5], mlp = shape[7];
-    const int rms = (int)shape[6];
+    struct step s = {
+        .n_layer = shape[0], .n_embd = shape[1], .heads = shape[2], .hidden = shape[3],
+        .vocab = shape[4], .ctx = shape[5], .rms = (int)shape[6], .mlp = shape[7],
+        .eps = numbers[0], .qk_eps = numbers[1], .softcap = numbers[2],
+        .weights = weights, .offsets = offsets, .ids = ids, .pos = pos,
+        .k_caches = k_caches, .v_caches = v_caches, .cache_row_stride = cache_row_stride,
+        .batch = batch, .logits = logits, .kind = kind, .bf16 = (int)shape[8],
+    };
+#ifndef BF16_WEIGHTS
+    if (s.bf16) return 4;
+#endif
+    s.dim = s.n_embd / s.heads;
+    s.scale = 1.0f / sqrtf((float)s.dim);
     /* SwiGLU's gate and up rows, each padded to whole panels, alternate panel by panel. */
-    const int64_t dim = n_embd / heads;
-    const int64_t fc_out = mlp == SWIGLU ? 2 * PANEL * ((hidden + PANEL - 1) / PANEL) : hidden;
-    const float eps = numbers[0], qk_eps = numbers[1], softcap = numbers[2];
-    const float scale = 1.0f / sqrtf((float)dim);
-    const size_t size = kind == F32 ? 4 : 2;
-#define SLOT(i) (offsets[i] < 0 ? NULL : weights + offsets[i])
-#define LAYER_SLOT(layer, i) SLOT(GLOBAL_SLOTS + (layer) * SLOTS_PER_LAYER + (i))
-
+    s.fc_out = s.mlp == SWIGLU ? 2 * PANEL * ((s.hidden + PANEL - 1) / PANEL) : s.hidden;
     for (int64_t b = 0; b < batch; b++) {
-        if (ids[b] < 0 || ids[b] >= vocab) return 2;
-        if (pos[b] < 0 || pos[b] >= ctx) return 3;
+        if (ids[b] < 0 || ids[b] >= s.vocab) return 2;
+        if (pos[b] < 0 || pos[b] >= s.ctx) return 3;
     }
     if (threads < 1) threads = 1;
-    /* Every row of every scratch array starts 64 bytes aligned, whatever the batch: the
-       vectorised loops then sum in one order, and a row's result is its own. Each thread
-       has its own attention scores, new keys and values and normalised rows (every
-       thread normalises every row, instead of waiting for the others to). */
-    const int64_t row = PAD(n_embd), qkv_row = PAD(3 * n_embd), f_row = PAD(fc_out);
-    const int64_t a_row = PAD(hidden);
-    const int64_t own = PAD(ctx) + PAD(2 * n_embd) + batch * row;
-    size_t floats = (size_t)(batch * (2 * row + qkv_row + f_row + a_row) + threads * own);
+    s.row = PAD(s.n_embd), s.qkv_row = PAD(3 * s.n_embd), s.f_row = PAD(s.fc_out);
+    s.a_row = PAD(s.hidden);
+    s.pairs_row = PAD(((s.n_embd > s.hidden ? s.n_embd : s.hidden) + 1) / 2);
+    const int64_t own = PAD(s.ctx) + PAD(2 * s.n_embd) + batch * (s.row + s.pairs_row);
+    size_t floats =
+        (size_t)(batch * (2 * s.row + s.qkv_row + s.f_row + s.a_row) + threads * own);
     float *scratch = aligned_alloc(64, sizeof(float) * floats);
     if (scratch == NULL) return 1;
-    float *x = scratch, *qkv = x + batch * row, *att = qkv + batch * qkv_row;
-    float *f = att + batch * row, *a = f + batch * f_row, *owned = a + batch * a_row;
-
-    const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
-    const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
+    s.x = scratch, s.qkv = s.x + batch * s.row, s.att = s.qkv + batch * s.qkv_row;
+    s.f = s.att + batch * s.row, s.a = s.f + batch * s.f_row;
+    float *owned = s.a + batch * s.a_row;
     /* Attention items: a thread takes a whole row's heads (its cache in memory order) when
        there are rows enough to share, single heads when there are not (batch 1). */
-    const int chunk = batch >= 4 * threads ? (int)heads : 1;
-    /* One parallel region for the whole step: each stage is a work-shared loop (over rows,
-       (row, head) pairs, or groups of output panels in `linear`) whose end is a barrier. */
+    s.chunk = batch >= 4 * threads ? (int)s.heads : 1;
+    /* One parallel region for the whole step (`step_layers`). */
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
@@ -360,73 +591,13 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
 #else
         float *scores = owned;
 #endif
-        char *new_kv = (char *)(scores + PAD(ctx)); /* a row's new keys and values */
-        float *h = scores + PAD(ctx) + PAD(2 * n_embd); /* the normalised rows */
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < batch; b++) {
-            const float *token = wte + ids[b] * n_embd;
-            for (int64_t i = 0; i < n_embd; i++)
-                x[b * row + i] = wpe ? token[i] + wpe[pos[b] * n_embd + i] : token[i];
-        }
-        for (int64_t layer = 0; layer < n_layer; layer++) {
-            norm(x, h, LAYER_SLOT(layer, LN1_W), LAYER_SLOT(layer, LN1_B), batch, n_embd, row,
-                 eps, rms);
-            linear(LAYER_SLOT(layer, ATTN_W), LAYER_SLOT(layer, ATTN_B), h, row, qkv, qkv_row,
-                   batch, n_embd, 3 * n_embd, 0, -1, NULL, 0, 0);
-            const float *q_norm = LAYER_SLOT(layer, Q_NORM), *k_norm = LAYER_SLOT(layer, K_NORM);
-            char *k_cache = k_caches[layer], *v_cache = v_caches[layer];
-#pragma omp for schedule(dynamic, chunk)
-            for (int64_t item = 0; item < batch * heads; item++) {
-                const int64_t b = item / heads, head = item % heads;
-                float *q = qkv + b * qkv_row, *k = q + n_embd, *v = k + n_embd;
-                if (q_norm) {
-                    norm(q + head * dim, q + head * dim, q_norm, NULL, 1, dim, dim, qk_eps, 1);
-                    norm(k + head * dim, k + head * dim, k_norm, NULL, 1, dim, dim, qk_eps, 1);
-                }
-                if (cos_table) {
-                    rotate(q + head * dim, cos_table, sin_table, pos[b], dim);
-                    rotate(k + head * dim, cos_table, sin_table, pos[b], dim);
-                }
-                /* This head's new key and value, in the cache's type, where attend_one
-                   looks for them in a row's. */
-                char *new_key = new_kv, *new_value = new_kv + n_embd * size;
-                store(new_key + head * dim * size, k + head * dim, dim, kind);
-                store(new_value + head * dim * size, v + head * dim, dim, kind);
-                char *keys = k_cache + b * cache_row_stride * size;
-                char *values = v_cache + b * cache_row_stride * size;
-                float *out = att + b * row;
-                if (kind == F32)
-                    attend_head_f32(q, new_key, new_value, keys, values, pos + b, head, out,
-                                    heads, dim, ctx, scale, scores);
-                else if (kind == F16)
-                    attend_head_f16(q, new_key, new_value, keys, values, pos + b, head, out,
-                                    heads, dim, ctx, scale, scores);
-                else
-                    attend_head_bf16(q, new_key, new_value, keys, values, pos + b, head, out,
-                                     heads, dim, ctx, scale, scores);
-            }
-            linear(LAYER_SLOT(layer, PROJ_W), LAYER_SLOT(layer, PROJ_B), att, row, x, row, batch,
-                   n_embd, n_embd, 1, -1, NULL, 0, 0);
-            norm(x, h, LAYER_SLOT(layer, LN2_W), LAYER_SLOT(layer, LN2_B), batch, n_embd, row,
-                 eps, rms);
-            linear(LAYER_SLOT(layer, FC_W), LAYER_SLOT(layer, FC_B), h, row, f, f_row, batch,
-                   n_embd, fc_out, 0, (int)mlp, a, a_row, hidden);
-            linear(LAYER_SLOT(layer, MLP_PROJ_W), LAYER_SLOT(layer, MLP_PROJ_B), a, a_row, x,
-                   row, batch, hidden, n_embd, 1, -1, NULL, 0, 0);
-        }
-        norm(x, h, SLOT(LNF_W), SLOT(LNF_B), batch, n_embd, row, eps, rms);
-        linear(SLOT(HEAD), NULL, h, row, logits, vocab, batch, n_embd, vocab, 0, -1, NULL, 0, 0);
-        if (softcap > 0.0f) { /* row by row: vector and scalar tanhf differ in the last bit */
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < batch; b++)
-                for (int64_t i = 0; i < vocab; i++)
-                    logits[b * vocab + i] = softcap * tanhf(logits[b * vocab + i] / softcap);
-        }
+        char *new_kv = (char *)(scores + PAD(s.ctx));
+        float *h = scores + PAD(s.ctx) + PAD(2 * s.n_embd);
+        uint32_t *pairs = (uint32_t *)(h + batch * s.row);
+        step_layers(&s, scores, new_kv, h, pairs);
     }
     free(scratch);
     return 0;
-#undef LAYER_SLOT
-#undef SLOT
 }
 
 #define DEFINE_DECODE_STEP(NAME, KIND)                                                        \
@@ -538,3 +709,14 @@ static int64_t generate(const int64_t *shape, const float *numbers, const float 
 DEFINE_GENERATE(lm_gpt_generate_f32, F32)
 DEFINE_GENERATE(lm_gpt_generate_f16, F16)
 DEFINE_GENERATE(lm_gpt_generate_bf16, BF16)
+
+/* Whether this build multiplies bfloat16 weights (shape[8] = 1): compiled for a CPU with
+   AVX512-BF16. */
+int lm_bf16_weights(void)
+{
+#ifdef BF16_WEIGHTS
+    return 1;
+#else
+    return 0;
+#endif
+}

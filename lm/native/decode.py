@@ -4,13 +4,15 @@
 `decode.c` reads (named in `GLOBAL_SLOTS` and `LAYER_SLOTS`); `decode_step()` returns the
 compiled step, which takes a pack, one new token per row, the rows' positions and the
 per-layer KV caches, writes the new keys and values into the caches and returns the
-next-token logits. `lm.models.gpt.GPT.step` uses it for decode steps on the CPU.
+next-token logits. `lm.models.gpt.GPT.step` uses it for decode steps on the CPU, with
+its matrices in bfloat16 where the build multiplies bfloat16 pairs (`bf16_decode`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +70,17 @@ class PackedGPT:
 
     weights: torch.Tensor  # float32, every tensor of `slots` one after the other
     offsets: torch.Tensor  # int64, where each slot starts in `weights` (-1: absent)
-    shape: torch.Tensor  # int64: n_layer, n_embd, n_head, hidden, vocab, context, norm, mlp
+    shape: torch.Tensor  # int64: n_layer, n_embd, n_head, hidden, vocab, context, norm, mlp,
+    # bf16 (1: the matrices hold bfloat16 pairs)
     numbers: torch.Tensor  # float32: norm eps, QK-norm eps, logit soft-cap
 
     @property
     def n_layer(self) -> int:
         return int(self.shape[0])
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.shape[8])
 
 
 def pack(
@@ -90,10 +97,12 @@ def pack(
     eps: float,
     qk_eps: float,
     softcap: float,
+    bf16: bool = False,
 ) -> PackedGPT:
     """Copy `tensors` (named as `GLOBAL_SLOTS`, and `LAYER_SLOTS` prefixed `blocks.{i}.`;
     absent or None where the model has no such part) into one float32 buffer, matrices in
-    panels (`PANELLED`). A tensor that fills two slots in one layout is stored once."""
+    panels (`PANELLED`), rounded to bfloat16 pairs with `bf16` (`bf16_panels`). A tensor
+    that fills two slots in one layout is stored once."""
     names = [*GLOBAL_SLOTS, *(f"blocks.{i}.{s}" for i in range(n_layer) for s in LAYER_SLOTS)]
     offsets, chunks, seen, size = [], [], {}, 0
     for name in names:
@@ -111,7 +120,10 @@ def pack(
         flat = tensor.detach().to(torch.float32)
         if mlp == "swiglu" and name.split(".", 2)[-1].startswith("mlp.c_fc."):
             flat = _gate_up_panels(flat, hidden)
-        flat = _panels(flat) if panelled else flat.reshape(-1)
+        if panelled:
+            flat = _bf16_panels(flat) if bf16 else _panels(flat)
+        else:
+            flat = flat.reshape(-1)
         padding = -flat.numel() % _ALIGN
         chunks += [flat, flat.new_zeros(padding)]
         size += flat.numel() + padding
@@ -122,6 +134,7 @@ def pack(
         aligned[start : start + weights.numel()] = weights
         weights = aligned[start : start + weights.numel()]
     shape = [n_layer, n_embd, n_head, hidden, vocab, context, int(rmsnorm), MLP_KINDS.index(mlp)]
+    shape.append(int(bf16))
     return PackedGPT(
         weights=weights,
         offsets=torch.tensor(offsets, dtype=torch.int64),
@@ -156,6 +169,38 @@ def _panels(matrix: torch.Tensor) -> torch.Tensor:
     return padded.reshape(-1, PANEL, width).transpose(1, 2).reshape(-1)
 
 
+def _bf16_panels(matrix: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [panels, in / 2, PANEL, 2] in bfloat16 (rounded to nearest even),
+    flattened and seen as float32 words: panel p holds outputs PANEL*p .. PANEL*p + PANEL-1,
+    the weights of inputs 2i and 2i + 1 side by side for each (zeros past the last output
+    and, for an odd width, past the last input), in an even number of panels."""
+    out, width = matrix.shape
+    padded = matrix.new_zeros(-(-out // (2 * PANEL)) * 2 * PANEL, width + width % 2)
+    padded[:out, :width] = matrix
+    pairs = padded.to(torch.bfloat16).reshape(-1, PANEL, padded.shape[1] // 2, 2)
+    return pairs.transpose(1, 2).contiguous().reshape(-1).view(torch.float32)
+
+
+@functools.cache
+def bf16_weights() -> bool:
+    """Whether the compiled step multiplies bfloat16 matrices (`pack(bf16=True)`): built
+    for a CPU with AVX512-BF16, where that is twice the products per instruction of
+    float32, from half the bytes."""
+    library = _library()
+    return library is not None and bool(library.lm_bf16_weights())
+
+
+@functools.cache
+def bf16_decode() -> bool:
+    """Whether GPTs pack their matrices for the native step in bfloat16: where the build has
+    them (`bf16_weights`), unless `LM_BF16_DECODE=0`. The step's sums stay float32; the
+    weights and each product's inputs are rounded to bfloat16, as in the prefill's
+    bfloat16 products (`LM_BF16_PREFILL`)."""
+    if os.environ.get("LM_BF16_DECODE", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    return bf16_weights()
+
+
 DecodeStep = Callable[
     [PackedGPT, torch.Tensor, torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]],
     torch.Tensor,
@@ -180,6 +225,8 @@ def _library() -> ctypes.CDLL | None:
         function.restype = i64
     library.lm_draw.argtypes = [pointer, i64, i64, pointer, pointer, pointer]
     library.lm_draw.restype = None
+    library.lm_bf16_weights.argtypes = []
+    library.lm_bf16_weights.restype = ctypes.c_int
     return library
 
 
@@ -327,6 +374,8 @@ def _raise(failed: int, packed: PackedGPT, positions: torch.Tensor) -> None:
         raise ValueError(
             f"state of {int(positions.max()) + 1} tokens exceeds block size {int(packed.shape[5])}"
         )
+    if failed == 4:
+        raise ValueError("this build of the native step has no bfloat16 matrices (bf16_weights)")
 
 
 def _check(
