@@ -7,8 +7,9 @@ wall time, prefill included.
 
 The "native step" rows time a bare `GPT.step` of the shipped char GPT (`--step-gpt`, or
 random weights of its shape) per decode step, through the compiled whole-model step
-(`lm.native.decode`) and through the PyTorch path, interleaved, rows at positions spread
-over the context, in one thread, as CPU time (meaningful even on a busy machine).
+(`lm.native.decode`) in float32, with bfloat16 products (`LM_BF16_DECODE`, where the
+build has them) and through the PyTorch path, interleaved, rows at positions spread over
+the context, in one thread, as CPU time (meaningful even on a busy machine).
 
     python -m bench.decode_bench [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
 """
@@ -16,6 +17,7 @@ over the context, in one thread, as CPU time (meaningful even on a busy machine)
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -41,20 +43,21 @@ def lm_engine_rate(model, tokenizer, streams: int, new_tokens: int, prompt: str)
     return sum(len(s.generated) for s in seqs) / elapsed
 
 
-def step_ms(model, batch: int, native: bool, steps: int) -> float:
+def step_ms(model, batch: int, native: bool, steps: int, bf16: bool = False) -> float:
     """Median CPU milliseconds of one decode step of `batch` rows (positions spread out),
     in one thread: the thread's CPU time, so that other work on a busy machine does not
-    count (its cache pollution still does)."""
+    count (its cache pollution still does). `bf16`: the native step's bfloat16 products."""
     import lm.models.gpt as gpt
+    from lm.native import decode
 
     context = model.config.block_size
     state = model.init_state(batch, cache_dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1))
     times = []
-    original, max_rows = gpt.decode_step, gpt.NATIVE_DECODE_MAX_ROWS
-    if native:
-        gpt.NATIVE_DECODE_MAX_ROWS = batch  # time it at every batch size
-    else:
+    original, setting = gpt.decode_step, os.environ.get("LM_BF16_DECODE")
+    os.environ["LM_BF16_DECODE"] = "1" if bf16 else "0"
+    decode.bf16_decode.cache_clear()
+    if not native:
         gpt.decode_step = lambda: None
     try:
         with torch.inference_mode():
@@ -64,28 +67,42 @@ def step_ms(model, batch: int, native: bool, steps: int) -> float:
                 model.step(ids, state)
                 times.append(time.thread_time() - start)
     finally:
-        gpt.decode_step, gpt.NATIVE_DECODE_MAX_ROWS = original, max_rows
+        gpt.decode_step = original
+        if setting is None:
+            os.environ.pop("LM_BF16_DECODE", None)
+        else:
+            os.environ["LM_BF16_DECODE"] = setting
+        decode.bf16_decode.cache_clear()
     return 1000 * sorted(times)[len(times) // 2]
 
 
 def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dict:
-    """The native and PyTorch step, interleaved over `rounds` (medians of medians)."""
-    native, pytorch = [], []
+    """The native step (float32, and bfloat16 products where the build has them) and the
+    PyTorch step, interleaved over `rounds` (medians of medians)."""
+    from lm.native.decode import bf16_weights
+
+    native, bf16, pytorch = [], [], []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for _ in range(rounds):
             native.append(step_ms(model, batch, True, steps))
+            if bf16_weights():
+                bf16.append(step_ms(model, batch, True, steps, bf16=True))
             pytorch.append(step_ms(model, batch, False, steps))
     finally:
         torch.set_num_threads(threads)
     native_ms, pytorch_ms = sorted(native)[rounds // 2], sorted(pytorch)[rounds // 2]
-    return {
+    row = {
         "streams": batch,
         "native_step_ms": native_ms,
         "pytorch_step_ms": pytorch_ms,
         "native_speedup": pytorch_ms / native_ms,
     }
+    if bf16:
+        row["bf16_step_ms"] = sorted(bf16)[rounds // 2]
+        row["bf16_speedup"] = native_ms / row["bf16_step_ms"]
+    return row
 
 
 def hf_rate(vocab_size: int, streams: int, new_tokens: int, prompt_len: int) -> float | None:
