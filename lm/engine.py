@@ -601,12 +601,17 @@ class Engine:
         remaining = [context[start:] for (_, context, _), start in zip(group, starts)]
         width = max(len(tokens) for tokens in remaining)
         if width:
-            # Rows padded at their end: causal attention keeps the padding out of the real
-            # tokens' keys and values, and each row's position is set after its real tokens
-            # (later steps overwrite what the padding wrote beyond it).
+            # Rows padded at their end: the model attends each row over its own tokens only
+            # (`lengths`: its numbers do not depend on its batch-mates), and each row's
+            # position is set after its real tokens (later steps overwrite what the padding
+            # wrote beyond it).
             padded = [tokens + [0] * (width - len(tokens)) for tokens in remaining]
             ids = torch.tensor(padded, dtype=torch.long, device=self.device)
-            _, new_state = self.model.step(ids, state)
+            lengths = [len(tokens) for tokens in remaining]
+            if len(set(lengths)) > 1:  # a GPT (rows of recurrent models are never padded)
+                _, new_state = self.model.step(ids, state, lengths=lengths)
+            else:
+                _, new_state = self.model.step(ids, state)
             _write_back(state, new_state)
             if any(len(tokens) != width for tokens in remaining):
                 state["pos"].copy_(

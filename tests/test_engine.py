@@ -810,3 +810,42 @@ def test_huge_finite_logits_are_not_taken_for_nonfinite():
     logits = torch.full((2, 4), 3e38)  # each row's sum overflows to inf; every logit is finite
     assert _nonfinite_rows(logits) == set()
     assert torch.equal(logits, torch.full((2, 4), 3e38))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["empty-rows", "cached-prefix"])
+def test_padded_prefill_writes_each_row_as_alone(char_tokenizer, cached):
+    """Prompts of different lengths prefilled as one padded batch leave every row's keys and
+    values bit for bit as that prompt prefilled alone: each row attends over its own
+    tokens only (the fused causal kernel's numbers depend on the padded length otherwise),
+    with and without a cached shared prefix."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        kind="gpt",
+        vocab_size=char_tokenizer.vocab_size,
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        block_size=64,
+    )
+    model = build_model(config).eval()
+    shared = "The king speaks of the quiet sea. " if cached else ""
+    prompts = [shared + p for p in ("ROMEO:\n", "First Citizen:\nWe are", "KING HENRY", "To be")]
+
+    def prefilled(texts, max_batch):
+        # A float32 cache: a last-bit difference would mostly round away in bfloat16.
+        engine = Engine(model, char_tokenizer, max_batch=max_batch, kv_cache_dtype="float32")
+        if cached:  # the shared prefix in the cache first
+            engine.submit(char_tokenizer.encode(shared + "x"), SamplingParams(max_new_tokens=1))
+            engine.run_until_idle()
+        seqs = [
+            engine.submit(char_tokenizer.encode(t), SamplingParams(max_new_tokens=2)) for t in texts
+        ]
+        engine.step()
+        return engine, seqs
+
+    together, seqs = prefilled(prompts, 4)
+    for seq, prompt in zip(seqs, prompts):
+        alone, _ = prefilled([prompt], 1)
+        row, n = together.active.index(seq), len(char_tokenizer.encode(prompt)) - 1
+        for name in ("k0", "v0", "k1", "v1"):
+            assert torch.equal(together.state[name][row, :, :n], alone.state[name][0, :, :n])

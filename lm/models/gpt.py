@@ -141,17 +141,33 @@ class CausalSelfAttention(nn.Module):
         if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
             if cache.keys.dtype != k.dtype:  # the keys and values as the cache holds them,
                 k, v = (t.to(cache.keys.dtype).to(k.dtype) for t in (k, v))  # as later see them
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if where.ends is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # rows padded at their end: each group over its own length (the padding's
+                y = torch.zeros_like(q)  # outputs are never read)
+                for end, rows in where.ends.items():
+                    y[rows, :, :end] = F.scaled_dot_product_attention(
+                        q[rows, :, :end], k[rows, :, :end], v[rows, :, :end], is_causal=True
+                    )
             return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
-        keys = cache.keys[:, :, : where.length].to(x.dtype).transpose(-1, -2)
-        values = cache.values[:, :, : where.length].to(x.dtype)
-        # Explicit attention: for a handful of query tokens it is several times faster on
-        # the CPU than the fused kernel, which is built for long queries.
-        scores = (q * scale) @ keys
-        if where.bias is not None:
-            scores = scores + where.bias
-        y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
-        return _project(self.c_proj, y, where)
+        groups = {where.length: None} if where.ends is None else where.ends
+        y = None
+        for end, rows in groups.items():
+            part = slice(None) if rows is None else rows
+            keys = cache.keys[part, :, :end].to(x.dtype).transpose(-1, -2)
+            values = cache.values[part, :, :end].to(x.dtype)
+            # Explicit attention: for a handful of query tokens it is several times faster on
+            # the CPU than the fused kernel, which is built for long queries.
+            scores = (q[part] * scale) @ keys
+            if where.bias is not None:
+                scores = scores + where.bias[part, ..., :end]
+            out = torch.softmax(scores, dim=-1) @ values
+            if rows is None:
+                y = out
+            else:
+                y = torch.zeros_like(q) if y is None else y
+                y[rows] = out
+        return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
 
 
 def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
@@ -183,6 +199,10 @@ class StepIndex:
     rotary: Rotary | None = None  # the new tokens' rotation tables, with rotary positions
     bf16_prefill: bool = False  # matrix products in bfloat16 (see `_linear`)
     adapter: torch.Tensor | None = None  # [B] each row's LoRA adapter (lm.lora), when any
+    # Rows by where their real tokens end, when a multi-token step's rows end at different
+    # positions: {end: row indices}. Each group attends over its own keys only, so a row's
+    # numbers do not depend on how long its batch-mates are (see CausalSelfAttention.step).
+    ends: dict[int, torch.Tensor] | None = None
 
 
 class MLP(nn.Module):
@@ -395,12 +415,17 @@ class GPT(nn.Module):
                 state[name][index, :, :end] = joined
         return end
 
-    def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(
+        self, ids: torch.Tensor, state: State, lengths: list[int] | None = None
+    ) -> tuple[torch.Tensor, State]:
         """Consume `ids[B,t]` after what `state` holds; return next-token logits[B,V].
 
         The KV cache is written in place; rows may be at different positions. A decode
         step on the CPU runs the whole model in one compiled call where it can
-        (`_native_decode`), which computes what the layers below compute.
+        (`_native_decode`), which computes what the layers below compute. `lengths`: each
+        row's real tokens, the rest of `t` padding (its keys and values land past the row's
+        end, its logits mean nothing, and the caller sets `pos`); rows that end at different
+        positions attend in groups by their end, so a row's numbers are its own.
         """
         batch, time = ids.shape
         if time == 1 and not torch.is_grad_enabled():
@@ -431,6 +456,14 @@ class GPT(nn.Module):
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
             bias.masked_fill_(blocked, -math.inf)
+        ends = None  # rows by where their real tokens end, when they end apart
+        if time > 1:
+            real = [time] * batch if lengths is None else lengths
+            groups: dict[int, list[int]] = {}
+            for row, end in enumerate((pos.cpu() + torch.tensor(real)).tolist()):
+                groups.setdefault(end, []).append(row)
+            if len(groups) > 1:
+                ends = {end: torch.tensor(rows, device=ids.device) for end, rows in groups.items()}
         bf16_prefill = (
             time >= BF16_PREFILL_TOKENS
             and ids.device.type == "cpu"
@@ -448,6 +481,7 @@ class GPT(nn.Module):
             bf16_prefill=bf16_prefill,
             rotary=self._rotary(positions),
             adapter=_adapters(state),
+            ends=ends,
         )
         x = self.wte(ids) if self.wpe is None else self.wte(ids) + self.wpe(positions)
         for layer, block in enumerate(self.blocks):
