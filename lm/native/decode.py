@@ -101,7 +101,7 @@ def pack(
 ) -> PackedGPT:
     """Copy `tensors` (named as `GLOBAL_SLOTS`, and `LAYER_SLOTS` prefixed `blocks.{i}.`;
     absent or None where the model has no such part) into one float32 buffer, matrices in
-    panels (`PANELLED`), rounded to bfloat16 pairs with `bf16` (`bf16_panels`). A tensor
+    panels (`PANELLED`), rounded to bfloat16 pairs with `bf16` (`_bf16_panels`). A tensor
     that fills two slots in one layout is stored once."""
     names = [*GLOBAL_SLOTS, *(f"blocks.{i}.{s}" for i in range(n_layer) for s in LAYER_SLOTS)]
     offsets, chunks, seen, size = [], [], {}, 0
