@@ -7,11 +7,33 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATA_DIR = Path(os.environ.get("LM_DATA_DIR", ROOT / "data"))
+
+
+@contextmanager
+def environment(name: str, value: str | None, *caches: Callable) -> Iterator[None]:
+    """`name` set to `value` (None: left as it is) for the block, then put back as it was;
+    each of `caches` (a functools cache that reads the variable) cleared on entry and exit."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+        for cache in caches:
+            cache.cache_clear()
 
 
 def corpus_path() -> Path:

@@ -17,12 +17,11 @@ the context, in one thread, as CPU time (meaningful even on a busy machine).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from bench.common import corpus_path, reference_gpt, save_result
+from bench.common import corpus_path, environment, reference_gpt, save_result
 from lm.checkpoint import load_checkpoint
 from lm.engine import Engine
 from lm.models import ModelConfig, build_model
@@ -54,13 +53,14 @@ def step_ms(model, batch: int, native: bool, steps: int, bf16: bool = False) -> 
     state = model.init_state(batch, cache_dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1))
     times = []
-    original, setting = gpt.decode_step, os.environ.get("LM_BF16_DECODE")
-    os.environ["LM_BF16_DECODE"] = "1" if bf16 else "0"
-    decode.bf16_decode.cache_clear()
+    original = gpt.decode_step
     if not native:
         gpt.decode_step = lambda: None
     try:
-        with torch.inference_mode():
+        with (
+            torch.inference_mode(),
+            environment("LM_BF16_DECODE", str(int(bf16)), decode.bf16_decode),
+        ):
             for i in range(steps):
                 state["pos"] = (torch.arange(batch) * 7 + i) % (context - 1)
                 start = time.thread_time()
@@ -68,11 +68,6 @@ def step_ms(model, batch: int, native: bool, steps: int, bf16: bool = False) -> 
                 times.append(time.thread_time() - start)
     finally:
         gpt.decode_step = original
-        if setting is None:
-            os.environ.pop("LM_BF16_DECODE", None)
-        else:
-            os.environ["LM_BF16_DECODE"] = setting
-        decode.bf16_decode.cache_clear()
     return 1000 * sorted(times)[len(times) // 2]
 
 

@@ -39,7 +39,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.common import corpus_path, save_result
+from bench.common import corpus_path, environment, save_result
 from bench.peers_engines import time_engines
 from bench.peers_formats import (
     REFERENCE,
@@ -79,20 +79,11 @@ def lm_greedy(ckpt, prompt_ids: list[int], new_tokens: int) -> list[int]:
     from lm.native import decode
     from lm.sampling import SamplingParams
 
-    previous = os.environ.get("LM_BF16_DECODE")
-    os.environ["LM_BF16_DECODE"] = "0"
-    decode.bf16_decode.cache_clear()
-    try:
+    with environment("LM_BF16_DECODE", "0", decode.bf16_decode):
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=1, kv_cache_dtype="float32")
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
         seq = engine.submit(prompt_ids, params)
         engine.run_until_idle()
-    finally:
-        if previous is None:
-            os.environ.pop("LM_BF16_DECODE", None)
-        else:
-            os.environ["LM_BF16_DECODE"] = previous
-        decode.bf16_decode.cache_clear()
     return list(seq.generated)
 
 

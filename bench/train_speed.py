@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import corpus_path, save_result
+from bench.common import corpus_path, environment, save_result
 from lm.native import dropout as hashed
 from lm.train import TrainConfig, Trainer
 
@@ -62,18 +61,8 @@ VARIANTS = {
 @contextmanager
 def dropout_kernel(on: bool):
     """The hashed dropout kernel on (as lm trains by default) or off (PyTorch's dropout)."""
-    saved = os.environ.get("LM_NATIVE")
-    if not on:
-        os.environ["LM_NATIVE"] = "0"
-    hashed._kernel.cache_clear()
-    try:
+    with environment("LM_NATIVE", None if on else "0", hashed._kernel):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("LM_NATIVE", None)
-        else:
-            os.environ["LM_NATIVE"] = saved
-        hashed._kernel.cache_clear()
 
 
 def run(name: str, steps: int, threads: int) -> dict:

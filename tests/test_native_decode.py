@@ -108,6 +108,16 @@ def clone(state):
     return {key: tensor.clone() for key, tensor in state.items()}
 
 
+def step_with_threads(model, ids, state, threads: int) -> torch.Tensor:
+    """A step's logits with `threads` threads, from a copy of `state`."""
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return model.step(ids, clone(state))[0]
+    finally:
+        torch.set_num_threads(saved)
+
+
 def assert_same_state(state, expected, atol):
     assert torch.equal(state["pos"], expected["pos"])
     for key in expected:
@@ -249,14 +259,7 @@ def test_large_batches_and_threads_give_each_row_the_same_logits(native_step, to
     lengths = [1 + (7 * row) % 20 for row in range(37)]
     state = prefilled(model, lengths, torch.float32)
     ids = ids_of(37, 1, seed=9)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one, _ = model.step(ids, clone(state))
-        torch.set_num_threads(2)
-        two, _ = model.step(ids, clone(state))
-    finally:
-        torch.set_num_threads(threads)
+    one, two = (step_with_threads(model, ids, state, n) for n in (1, 2))
     assert torch.equal(one, two)
     for row in (0, 17, 36):
         alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
@@ -428,14 +431,7 @@ def test_bf16_rows_do_not_depend_on_batch_or_threads(bf16_step, rows):
     lengths = [1 + (7 * row) % 20 for row in range(rows)]
     state = prefilled(model, lengths, torch.bfloat16)
     ids = ids_of(rows, 1, seed=9)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one, _ = model.step(ids, clone(state))
-        torch.set_num_threads(2)
-        two, _ = model.step(ids, clone(state))
-    finally:
-        torch.set_num_threads(threads)
+    one, two = (step_with_threads(model, ids, state, n) for n in (1, 2))
     assert torch.equal(one, two)
     for row in {0, rows // 2, rows - 1}:
         alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
