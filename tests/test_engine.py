@@ -818,16 +818,7 @@ def test_padded_prefill_writes_each_row_as_alone(char_tokenizer, cached):
     values bit for bit as that prompt prefilled alone: each row attends over its own
     tokens only (the fused causal kernel's numbers depend on the padded length otherwise),
     with and without a cached shared prefix."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        kind="gpt",
-        vocab_size=char_tokenizer.vocab_size,
-        n_layer=2,
-        n_embd=64,
-        n_head=2,
-        block_size=64,
-    )
-    model = build_model(config).eval()
+    model = tiny_model("gpt", char_tokenizer.vocab_size)
     shared = "The king speaks of the quiet sea. " if cached else ""
     prompts = [shared + p for p in ("ROMEO:\n", "First Citizen:\nWe are", "KING HENRY", "To be")]
 

@@ -150,24 +150,17 @@ class CausalSelfAttention(nn.Module):
                         q[rows, :, :end], k[rows, :, :end], v[rows, :, :end], is_causal=True
                     )
             return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
-        groups = {where.length: None} if where.ends is None else where.ends
-        y = None
-        for end, rows in groups.items():
-            part = slice(None) if rows is None else rows
-            keys = cache.keys[part, :, :end].to(x.dtype).transpose(-1, -2)
-            values = cache.values[part, :, :end].to(x.dtype)
-            # Explicit attention: for a handful of query tokens it is several times faster on
-            # the CPU than the fused kernel, which is built for long queries.
-            scores = (q[part] * scale) @ keys
-            if where.bias is not None:
-                scores = scores + where.bias[part, ..., :end]
-            out = torch.softmax(scores, dim=-1) @ values
-            if rows is None:
-                y = out
-            else:
-                y = torch.zeros_like(q) if y is None else y
-                y[rows] = out
-        return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
+        keys = cache.keys[:, :, : where.length].to(x.dtype).transpose(-1, -2)
+        values = cache.values[:, :, : where.length].to(x.dtype)
+        # Explicit attention: for a handful of query tokens it is several times faster on
+        # the CPU than the fused kernel, which is built for long queries. (Its numbers for a
+        # row do not depend on how many masked keys follow, unlike the fused kernel's: no
+        # grouping by length here; tests/test_engine.py checks it with a cached prefix.)
+        scores = (q * scale) @ keys
+        if where.bias is not None:
+            scores = scores + where.bias
+        y = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch, time, -1)
+        return _project(self.c_proj, y, where)
 
 
 def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
@@ -199,9 +192,9 @@ class StepIndex:
     rotary: Rotary | None = None  # the new tokens' rotation tables, with rotary positions
     bf16_prefill: bool = False  # matrix products in bfloat16 (see `_linear`)
     adapter: torch.Tensor | None = None  # [B] each row's LoRA adapter (lm.lora), when any
-    # Rows by where their real tokens end, when a multi-token step's rows end at different
-    # positions: {end: row indices}. Each group attends over its own keys only, so a row's
-    # numbers do not depend on how long its batch-mates are (see CausalSelfAttention.step).
+    # A prefill of empty rows padded to different lengths: {length: row indices}. Each
+    # group attends over its own tokens only, so a row's numbers do not depend on how long
+    # its batch-mates are (see CausalSelfAttention.step).
     ends: dict[int, torch.Tensor] | None = None
 
 
@@ -424,8 +417,9 @@ class GPT(nn.Module):
         step on the CPU runs the whole model in one compiled call where it can
         (`_native_decode`), which computes what the layers below compute. `lengths`: each
         row's real tokens, the rest of `t` padding (its keys and values land past the row's
-        end, its logits mean nothing, and the caller sets `pos`); rows that end at different
-        positions attend in groups by their end, so a row's numbers are its own.
+        end, its logits mean nothing, and the caller sets `pos`); in a prefill of empty
+        rows they attend in groups by length (PyTorch's fused causal kernel gives a row's
+        tokens other last bits at another key length), so a row's numbers are its own.
         """
         batch, time = ids.shape
         if time == 1 and not torch.is_grad_enabled():
@@ -456,14 +450,12 @@ class GPT(nn.Module):
             blocked = (keys[None, None, :] > positions[:, :, None]).unsqueeze(1)
             bias = torch.zeros(blocked.shape, device=ids.device, dtype=self.wte.weight.dtype)
             bias.masked_fill_(blocked, -math.inf)
-        ends = None  # rows by where their real tokens end, when they end apart
-        if time > 1:
-            real = [time] * batch if lengths is None else lengths
+        ends = None  # empty rows padded to different lengths: their rows by length
+        if fresh and lengths is not None and len(set(lengths)) > 1:
             groups: dict[int, list[int]] = {}
-            for row, end in enumerate((pos.cpu() + torch.tensor(real)).tolist()):
-                groups.setdefault(end, []).append(row)
-            if len(groups) > 1:
-                ends = {end: torch.tensor(rows, device=ids.device) for end, rows in groups.items()}
+            for row, n in enumerate(lengths):
+                groups.setdefault(n, []).append(row)
+            ends = {n: torch.tensor(rows, device=ids.device) for n, rows in groups.items()}
         bf16_prefill = (
             time >= BF16_PREFILL_TOKENS
             and ids.device.type == "cpu"
