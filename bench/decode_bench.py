@@ -42,7 +42,14 @@ def lm_engine_rate(model, tokenizer, streams: int, new_tokens: int, prompt: str)
     return sum(len(s.generated) for s in seqs) / elapsed
 
 
-def step_ms(model, batch: int, native: bool, steps: int, bf16: bool = False) -> float:
+def step_ms(
+    model,
+    batch: int,
+    native: bool,
+    steps: int,
+    bf16: bool = False,
+    cache_dtype: torch.dtype = torch.float32,
+) -> float:
     """Median CPU milliseconds of one decode step of `batch` rows (positions spread out),
     in one thread: the thread's CPU time, so that other work on a busy machine does not
     count (its cache pollution still does). `bf16`: the native step's bfloat16 products."""
@@ -50,7 +57,7 @@ def step_ms(model, batch: int, native: bool, steps: int, bf16: bool = False) -> 
     from lm.native import decode
 
     context = model.config.block_size
-    state = model.init_state(batch, cache_dtype=torch.float32)
+    state = model.init_state(batch, cache_dtype=cache_dtype)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1))
     times = []
     original = gpt.decode_step
@@ -73,10 +80,12 @@ def step_ms(model, batch: int, native: bool, steps: int, bf16: bool = False) -> 
 
 def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dict:
     """The native step (float32, and bfloat16 products where the build has them) and the
-    PyTorch step, interleaved over `rounds` (medians of medians)."""
+    PyTorch step, interleaved over `rounds` (medians of medians); then the native step with
+    lm serve's caches, bfloat16 and int8 (`lm.kv_int8`), bfloat16 products where built."""
     from lm.native.decode import bf16_weights
 
     native, bf16, pytorch = [], [], []
+    caches = {torch.bfloat16: [], torch.int8: []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -85,6 +94,8 @@ def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dic
             if bf16_weights():
                 bf16.append(step_ms(model, batch, True, steps, bf16=True))
             pytorch.append(step_ms(model, batch, False, steps))
+            for dtype, times in caches.items():
+                times.append(step_ms(model, batch, True, steps, bf16_weights(), dtype))
     finally:
         torch.set_num_threads(threads)
     native_ms, pytorch_ms = sorted(native)[rounds // 2], sorted(pytorch)[rounds // 2]
@@ -97,6 +108,9 @@ def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dic
     if bf16:
         row["bf16_step_ms"] = sorted(bf16)[rounds // 2]
         row["bf16_speedup"] = native_ms / row["bf16_step_ms"]
+    row["bf16_cache_step_ms"] = sorted(caches[torch.bfloat16])[rounds // 2]
+    row["int8_cache_step_ms"] = sorted(caches[torch.int8])[rounds // 2]
+    row["int8_cache_speedup"] = row["bf16_cache_step_ms"] / row["int8_cache_step_ms"]
     return row
 
 

@@ -4,7 +4,7 @@ For each shipped GPT, 32 windows of the held-out 10% of Tiny Shakespeare are pre
 with half a context and then decoded token by token to the end of the context, through
 `step` as the engine runs it (compiled attention kernel on the CPU where it builds). The
 loss is averaged over every predicted token. Configurations: the KV cache in float32,
-float16 and bfloat16, bfloat16 matrix products in the prefill (`LM_BF16_PREFILL`, on
+float16, bfloat16 and int8 (a scale per head vector, `lm.kv_int8`), bfloat16 matrix products in the prefill (`LM_BF16_PREFILL`, on
 CPUs that have them in hardware) and in the native decode step (`LM_BF16_DECODE`, where
 its build has them); `lm serve`'s default is the last row.
 
@@ -36,6 +36,8 @@ CONFIGS = [  # (name, cache dtype, bfloat16 prefill, bfloat16 decode products)
         True,
         True,
     ),
+    ("int8 cache (lm.kv_int8)", torch.int8, False, False),
+    ("int8 cache, bfloat16 prefill and decode products", torch.int8, True, True),
 ]
 
 

@@ -127,6 +127,28 @@ def decode_section(r: dict) -> list[str]:
         if r.get("lstm"):
             line += f" {fmt(row.get('lm_lstm'))} |"
         lines.append(line)
+    steps = r.get("native_step") or []
+    if steps:
+        lines += [
+            "",
+            "A bare decode step of the shipped char GPT (one thread's CPU milliseconds, median "
+            "of interleaved rounds; rows at positions spread over the context): the PyTorch "
+            "path, the native step with float32 and with bfloat16 products over a float32 "
+            "cache, and with bfloat16 products over lm serve's caches (bfloat16; int8 with a "
+            "scale per head vector, `--kv-cache-dtype int8`).",
+            "",
+            "| rows | PyTorch | native float32 | native bf16 products | + bf16 cache "
+            "| + int8 cache | int8 / bf16 cache |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in steps:
+            lines.append(
+                f"| {row['streams']} | {fmt(row['pytorch_step_ms'], 3)} | "
+                f"{fmt(row['native_step_ms'], 3)} | {fmt(row.get('bf16_step_ms'), 3)} | "
+                f"{fmt(row.get('bf16_cache_step_ms'), 3)} | "
+                f"{fmt(row.get('int8_cache_step_ms'), 3)} | "
+                f"{fmt(row.get('int8_cache_speedup'), 2)}x faster |"
+            )
     return lines + [""]
 
 

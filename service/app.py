@@ -91,6 +91,7 @@ def run(settings: Settings) -> int:
     import uvicorn
 
     from lm import native
+    from lm.device import resolve_kv_cache_dtype
     from lm.native.decode import bf16_decode
 
     checkpoints = load_checkpoints(settings)  # sets the thread counts before tensor work
@@ -99,6 +100,13 @@ def run(settings: Settings) -> int:
     kernel = "PyTorch decode"
     if getattr(device, "type", None) == "cpu" and native.decode_attention():
         kernel = "native decode" + (", bfloat16 products" if bf16_decode() else "")
+    caches = {
+        str(dtype).removeprefix("torch.")
+        for c in checkpoints
+        if (dtype := resolve_kv_cache_dtype(c.model, device, settings.kv_cache_dtype))
+    }
+    if caches:
+        kernel += f", {'/'.join(sorted(caches))} KV cache"
     print(
         f"lm serve: {', '.join(_described(c) for c in checkpoints)} on "
         f"http://{settings.host}:{settings.port} (device {device}, max batch "

@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
         "auto",
         description=(
-            "GPT KV cache precision (auto: bfloat16 on the CPU when the native attention kernel "
-            "is built, else the model's)"
+            "GPT KV cache precision (auto: int8 with a scale per head vector on the CPU when "
+            "the native attention kernel is built, else the model's)"
         ),
     )
     prefix_cache_mb: float = Field(

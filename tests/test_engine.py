@@ -567,13 +567,18 @@ def test_shutdown_cancels_what_does_not_finish_in_time(gpt, char_tokenizer):
 
 @pytest.mark.parametrize(
     "model_dtype, cache_dtype, agree",
-    [("float32", "bfloat16", 4), ("float32", "float16", 4), ("bfloat16", "auto", 3)],
+    [
+        ("float32", "bfloat16", 4),
+        ("float32", "float16", 4),
+        ("float32", "int8", 3),
+        ("bfloat16", "auto", 3),
+    ],
 )
 def test_narrower_precision_keeps_requests_batch_independent(
     gpt, char_tokenizer, model_dtype, cache_dtype, agree
 ):
-    """A bfloat16/float16 KV cache, or a whole model cast to bfloat16, changes the numbers a
-    little, never what batch a request ran in."""
+    """A bfloat16/float16/int8 KV cache, or a whole model cast to bfloat16, changes the
+    numbers a little, never what batch a request ran in."""
     import copy
 
     model = copy.deepcopy(gpt).to(getattr(torch, model_dtype))
@@ -602,7 +607,7 @@ def test_narrower_precision_keeps_requests_batch_independent(
 
 def test_kv_cache_dtype_is_checked(gpt, char_tokenizer):
     with pytest.raises(LMError, match="kv_cache_dtype must be one of"):
-        Engine(gpt, char_tokenizer, kv_cache_dtype="int8")
+        Engine(gpt, char_tokenizer, kv_cache_dtype="int4")
     lstm = tiny_model("lstm", char_tokenizer.vocab_size)
     with pytest.raises(LMError, match="GPT models only"):
         Engine(lstm, char_tokenizer, kv_cache_dtype="bfloat16")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from lm import native
+from lm import kv_int8, native
 from lm.device import resolve_kv_cache_dtype
 from lm.engine import Engine
 from lm.models import ModelConfig, build_model
@@ -22,7 +22,7 @@ from lm.sampling import SamplingParams
 from lm.tokenizers import CharTokenizer
 
 HEADS, DIM, CTX = 3, 8, 24
-NARROW_DTYPES = (torch.float16, torch.bfloat16)
+NARROW_DTYPES = (torch.float16, torch.bfloat16, torch.int8)  # int8: lm.kv_int8
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -60,12 +60,20 @@ def rebuild(tmp_path, monkeypatch):
 def random_case(dtype: torch.dtype, rows: int = 6, batch: int = 5, seed: int = 0, dim: int = DIM):
     """A layer cache of `rows` rows holding random vectors, and a step for `batch` rows."""
     generator = torch.Generator().manual_seed(seed)
-    keys = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
-    values = torch.randn(rows, HEADS, CTX, dim, generator=generator).to(dtype)
+    keys = to_cache(torch.randn(rows, HEADS, CTX, dim, generator=generator), dtype)
+    values = to_cache(torch.randn(rows, HEADS, CTX, dim, generator=generator), dtype)
     cache = LayerCache(keys, values)
     qkv = torch.randn(batch, 3 * HEADS * dim, generator=generator)
     positions = torch.tensor([0, CTX - 1, 7, 1, 12][:batch], dtype=torch.long)
     return qkv, cache, positions
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return kv_int8.quantize(x) if dtype == torch.int8 else x.to(dtype)
+
+
+def from_cache(cached: torch.Tensor) -> torch.Tensor:
+    return kv_int8.dequantize(cached) if cached.dtype == torch.int8 else cached.float()
 
 
 def copy(cache: LayerCache) -> LayerCache:
@@ -78,15 +86,16 @@ def same(a: LayerCache, b: LayerCache) -> bool:
 
 def reference(qkv, cache: LayerCache, positions, scale):
     """The same step in plain PyTorch, one row at a time, in float32 (cache updated)."""
-    batch, heads, dim = qkv.shape[0], cache.keys.shape[1], cache.keys.shape[3]
+    batch, heads = qkv.shape[0], cache.keys.shape[1]
+    dim = qkv.shape[1] // (3 * heads)
     q, k, v = qkv.view(batch, 3, heads, dim).unbind(1)
     out = []
     for row in range(batch):
         p = int(positions[row])
-        cache.keys[row, :, p] = k[row].to(cache.keys.dtype)
-        cache.values[row, :, p] = v[row].to(cache.values.dtype)
-        keys = cache.keys[row, :, : p + 1].float()
-        values = cache.values[row, :, : p + 1].float()
+        cache.keys[row, :, p] = to_cache(k[row], cache.keys.dtype)
+        cache.values[row, :, p] = to_cache(v[row], cache.values.dtype)
+        keys = from_cache(cache.keys[row, :, : p + 1])
+        values = from_cache(cache.values[row, :, : p + 1])
         probs = torch.softmax((q[row, :, None] * scale) @ keys.transpose(-1, -2), dim=-1)
         out.append((probs @ values).reshape(-1))
     return torch.stack(out) if out else torch.empty(0, heads * dim)
@@ -252,7 +261,7 @@ def test_native_and_pytorch_paths_generate_the_same_text(kernel, monkeypatch, ch
     assert generate() == with_kernel
 
 
-def test_auto_cache_is_bfloat16_on_the_cpu_with_the_kernel(kernel, char_tokenizer):
+def test_auto_cache_is_int8_on_the_cpu_with_the_kernel(kernel, char_tokenizer):
     model = build_model(
         ModelConfig(
             kind="gpt",
@@ -263,7 +272,7 @@ def test_auto_cache_is_bfloat16_on_the_cpu_with_the_kernel(kernel, char_tokenize
             block_size=8,
         )
     )
-    assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.bfloat16
+    assert Engine(model, char_tokenizer, max_batch=2).state["k0"].dtype == torch.int8
     assert resolve_kv_cache_dtype(model.to(torch.float16), torch.device("cpu")) == torch.float16
 
 
@@ -285,8 +294,8 @@ def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, see
         pytest.skip("the native kernel is not available here")
     generator = torch.Generator().manual_seed(seed)
     cache = LayerCache(
-        torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype),
-        torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator).to(dtype),
+        to_cache(torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator), dtype),
+        to_cache(torch.randn(rows + extra_rows, heads, ctx, dim, generator=generator), dtype),
     )
     qkv = torch.randn(rows, 3 * heads * dim, generator=generator)
     positions = torch.randint(0, ctx, (rows,), generator=generator)

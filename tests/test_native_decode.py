@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lm import native
+from lm import kv_int8, native
 from lm.engine import Engine
 from lm.lora import add_lora
 from lm.models import ModelConfig, build_model
@@ -38,10 +38,11 @@ OPTIONS = [
     {**MODERN, "mlp": "relu2", "bias": True},
     {**MODERN, "norm": "layernorm", "mlp": "gelu", "bias": True},
 ]
-CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 # float32 caches: the step's own rounding only; narrower caches: a new key or value may
-# round to the neighbouring float16/bfloat16 when the two paths differ in the last bit.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# round to the neighbouring float16/bfloat16 (or int8 step) when the two paths differ in
+# the last bit.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.int8: 5e-2}
 
 
 @pytest.fixture
@@ -123,7 +124,11 @@ def assert_same_state(state, expected, atol):
     for key in expected:
         if key != "pos":
             assert state[key].dtype == expected[key].dtype
-            assert_close(state[key].float(), expected[key].float(), atol=atol, rtol=0)
+            assert_close(as_float(state[key]), as_float(expected[key]), atol=atol, rtol=0)
+
+
+def as_float(cached: torch.Tensor) -> torch.Tensor:
+    return kv_int8.dequantize(cached) if cached.dtype == torch.int8 else cached.float()
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=str)
@@ -144,6 +149,31 @@ def test_native_step_equals_the_pytorch_path(
         assert logits.shape == (len(prompt_lengths), VOCAB) and logits.dtype == torch.float32
         assert_close(logits, expected, atol=TOLERANCE[cache_dtype], rtol=0)
         assert_same_state(native_state, torch_state, TOLERANCE[cache_dtype])
+
+
+@torch.inference_mode()
+def test_step_quantizes_an_int8_cache_as_kv_int8_does(native_step):
+    """The compiled step writes a new key or value into an int8 cache byte for byte as
+    `kv_int8.quantize` (the PyTorch path's) would: scale, rounding, an all-zero vector.
+    Keys and values are the layer's biases alone here (zero weights), so both paths start
+    from the same floats."""
+    model = tiny_gpt(n_head=2, n_embd=32, bias=True)
+    n_embd = 32
+    generator = torch.Generator().manual_seed(3)
+    bias = torch.randn(2 * n_embd, generator=generator) * 3
+    bias[n_embd + 16 :] = 0.0  # the second head's value: all zeros
+    bias[5] = 1e-30  # a tiny number beside ordinary ones
+    with torch.no_grad():
+        attn = model.blocks[0].attn.c_attn
+        attn.weight[n_embd:] = 0.0
+        attn.bias[n_embd:] = bias
+    state = prefilled(model, [4, 2], torch.int8)
+    _, state = model.step(ids_of(2, 1), state)
+    expected = kv_int8.quantize(bias.view(2, 2, 16))  # [k/v, head, D + 4]
+    for row, position in enumerate((4, 2)):
+        assert torch.equal(state["k0"][row, :, position], expected[0])
+        assert torch.equal(state["v0"][row, :, position], expected[1])
+    assert torch.equal(expected[1, 1, :16], torch.zeros(16, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("n_head, n_embd", [(1, 16), (2, 64), (3, 24), (2, 128)])

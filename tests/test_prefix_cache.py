@@ -122,15 +122,18 @@ def float32_prefill(monkeypatch):
 
 @pytest.mark.parametrize("blocks", list(MODELS))
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "batched"])
+@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "int8"])
 def test_output_is_the_same_with_and_without_the_cache(
-    tokenizer, blocks, together, float32_prefill
+    tokenizer, blocks, together, kv_cache_dtype, float32_prefill
 ):
     model = random_gpt(tokenizer.vocab_size, block_size=96, **MODELS[blocks])
     prompts = [PREFIX + f"Q: {query}\nA:" for query in QUERIES]
     prompts.append(PREFIX * 3)  # longer than the context: the sliding window refills rows
     runs = {}
     for mb in (0, 8):
-        engine = Engine(model, tokenizer, max_batch=8, prefix_cache_mb=mb)
+        engine = Engine(
+            model, tokenizer, max_batch=8, prefix_cache_mb=mb, kv_cache_dtype=kv_cache_dtype
+        )
         runs[mb] = generate(engine, tokenizer, prompts, together, logprobs=1)
         if mb:
             assert engine.prefix_cache.hits > 0

@@ -416,7 +416,7 @@ def test_kv_cache_dtype_setting_is_checked():
     from service.settings import Settings
 
     with pytest.raises(ValidationError, match="kv_cache_dtype"):
-        Settings(kv_cache_dtype="int8")
+        Settings(kv_cache_dtype="int4")
 
 
 def test_health_is_503_from_the_signal_on(tiny_checkpoint_dir):

@@ -125,7 +125,7 @@ def test_todays_flag_names_still_work():
     [
         ["--max-batch", "0"],
         ["--port", "70000"],
-        ["--kv-cache-dtype", "int8"],
+        ["--kv-cache-dtype", "int4"],
         ["--shutdown-timeout", "soon"],
         ["--max-stop", "17"],
         ["--body-timeout", "0"],

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm import kv_int8
 from lm.lora import MultiLoRALinear
 from lm.models import ModelConfig, State
 from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
@@ -140,7 +141,7 @@ class CausalSelfAttention(nn.Module):
         _store(cache.values.transpose(1, 2), v.transpose(1, 2), where)
         if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
             if cache.keys.dtype != k.dtype:  # the keys and values as the cache holds them,
-                k, v = (t.to(cache.keys.dtype).to(k.dtype) for t in (k, v))  # as later see them
+                k, v = (kv_int8.as_cached(t, cache.keys.dtype) for t in (k, v))  # as later seen
             if where.ends is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # rows padded at their end: each group over its own length (the padding's
@@ -150,8 +151,8 @@ class CausalSelfAttention(nn.Module):
                         q[rows, :, :end], k[rows, :, :end], v[rows, :, :end], is_causal=True
                     )
             return _project(self.c_proj, y.transpose(1, 2).reshape(batch, time, -1), where)
-        keys = cache.keys[:, :, : where.length].to(x.dtype).transpose(-1, -2)
-        values = cache.values[:, :, : where.length].to(x.dtype)
+        keys = _read(cache.keys[:, :, : where.length], x.dtype).transpose(-1, -2)
+        values = _read(cache.values[:, :, : where.length], x.dtype)
         # Explicit attention: for a handful of query tokens it is several times faster on
         # the CPU than the fused kernel, which is built for long queries. (Its numbers for a
         # row do not depend on how many masked keys follow, unlike the fused kernel's: no
@@ -164,15 +165,26 @@ class CausalSelfAttention(nn.Module):
 
 
 def _store(target: torch.Tensor, new: torch.Tensor, where: StepIndex) -> None:
-    """Write `new[B, t, ...]` into `target[B, T, ...]` at each row's new positions."""
+    """Write `new[B, t, ...]` into `target[B, T, ...]` at each row's new positions (an
+    int8 cache's quantized, `lm.kv_int8`)."""
+    if target.dtype == torch.int8:
+        new = kv_int8.quantize(new)
     if where.same_position is not None:  # every row at one position: a plain slice copy
         target[:, where.same_position : where.same_position + new.shape[1]] = new
     else:
         target[where.rows, where.positions] = new.to(target.dtype)
 
 
+def _read(cached: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached keys or values in `dtype` (an int8 cache's dequantized)."""
+    if cached.dtype == torch.int8:
+        return kv_int8.dequantize(cached, dtype)
+    return cached.to(dtype)
+
+
 class LayerCache(NamedTuple):
-    """One layer's part of the state: keys and values, [B, H, T, D] each."""
+    """One layer's part of the state: keys and values, [B, H, T, D] each (int8 caches
+    [B, H, T, D + 4]: `lm.kv_int8`)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -360,11 +372,11 @@ class GPT(nn.Module):
         cache_dtype: torch.dtype | None = None,
     ) -> State:
         """Empty state for `batch_size` rows: positions and a KV cache per layer (in
-        `cache_dtype`, by default the model's)."""
+        `cache_dtype`, by default the model's; torch.int8: `lm.kv_int8`)."""
         c = self.config
         device = device or self.wte.weight.device
         dtype = cache_dtype or self.wte.weight.dtype
-        head_dim = c.n_embd // c.n_head
+        head_dim = kv_int8.width(c.n_embd // c.n_head, dtype)
         state = {"pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
         for layer in range(c.n_layer):  # keys and values [B, H, T, D]
             state[f"k{layer}"] = torch.zeros(

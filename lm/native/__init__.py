@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lm import kv_int8
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.c")
@@ -93,6 +95,7 @@ _FUNCTIONS = {
     torch.float32: "lm_decode_attention_f32",
     torch.float16: "lm_decode_attention_f16",
     torch.bfloat16: "lm_decode_attention_bf16",
+    torch.int8: "lm_decode_attention_i8",  # lm/kv_int8.py: int8 numbers, a scale a vector
 }
 CACHE_DTYPES = tuple(_FUNCTIONS)  # what the kernel's KV cache may hold
 
@@ -187,10 +190,11 @@ def decode_attention() -> DecodeAttention | None:
 
     The returned function takes `qkv[B, 3*H*D]` (the new tokens' fused float32
     projections), a layer's cache (`lm.models.gpt.LayerCache`: keys and values
-    `[*, H, T, D]`, CPU tensors of one of `CACHE_DTYPES` whose first `B` rows are the
-    batch), `positions[B]` (int64), the softmax scale and, when the caller knows them, the
-    positions' (min, max). It writes each row's new key and value at its position (rounded
-    to the cache's dtype as `Tensor.to` rounds) and returns the attention output `[B, H*D]`
+    `[*, H, T, D]`, or `[*, H, T, D + 4]` int8 (`lm.kv_int8`), CPU tensors of one of
+    `CACHE_DTYPES` whose first `B` rows are the batch), `positions[B]` (int64), the softmax
+    scale and, when the caller knows them, the positions' (min, max). It writes each row's
+    new key and value at its position (rounded to the cache's dtype as `Tensor.to` rounds,
+    or quantized as `lm.kv_int8.quantize` does) and returns the attention output `[B, H*D]`
     in float32.
     """
     library = _library()
@@ -200,7 +204,8 @@ def decode_attention() -> DecodeAttention | None:
 
     def attend(qkv, cache, positions, scale, bounds=None):
         batch = qkv.shape[0]
-        _, heads, ctx, dim = cache.keys.shape
+        _, heads, ctx, vector = cache.keys.shape
+        dim = vector - kv_int8.SCALE_BYTES if cache.keys.dtype == torch.int8 else vector
         _check(qkv, cache, positions, batch, heads, dim, ctx)
         if batch:
             first, last = bounds or (int(positions.min()), int(positions.max()))
@@ -208,14 +213,17 @@ def decode_attention() -> DecodeAttention | None:
                 raise ValueError(f"positions must lie in [0, {ctx})")
         width, dtype = heads * dim, cache.keys.dtype
         new = qkv[:, width:]  # the new keys and values
-        if dtype != torch.float32:  # rounded once, as the cache will hold them
+        if dtype == torch.int8:  # [B, 2 * H * (D + 4)]
+            new = kv_int8.quantize(new.reshape(batch, 2 * heads, dim))
+            new = new.view(batch, 2 * heads * vector)
+        elif dtype != torch.float32:  # rounded once, as the cache will hold them
             new = new.to(dtype)
         out = torch.empty(batch, width)
         failed = functions[dtype](
             qkv.data_ptr(),
             qkv.stride(0),
             new.data_ptr(),
-            new.data_ptr() + width * new.element_size(),
+            new.data_ptr() + heads * vector * new.element_size(),
             new.stride(0),
             cache.keys.data_ptr(),
             cache.values.data_ptr(),
@@ -250,12 +258,13 @@ def _check(qkv, cache, positions, batch, heads, dim, ctx) -> None:
         raise ValueError(f"qkv must be [batch, {3 * heads * dim}] with unit inner stride")
     if values.dtype != keys.dtype:
         raise ValueError("the key and value caches must share a dtype")
+    vector = kv_int8.width(dim, keys.dtype)
     if (
         keys.shape[0] < batch
-        or values.shape != (keys.shape[0], heads, ctx, dim)
-        or keys.shape[1:] != (heads, ctx, dim)
-        or keys.stride()[1:] != (ctx * dim, dim, 1)
-        or values.stride()[1:] != (ctx * dim, dim, 1)
+        or values.shape != (keys.shape[0], heads, ctx, vector)
+        or keys.shape[1:] != (heads, ctx, vector)
+        or keys.stride()[1:] != (ctx * vector, vector, 1)
+        or values.stride()[1:] != (ctx * vector, vector, 1)
         or values.stride(0) != keys.stride(0)
     ):
         raise ValueError("KV cache rows must be contiguous [H, T, D] keys and values")

@@ -5,17 +5,19 @@
  * query over that row's keys only, 0..pos[b]. Rows at different positions cost what their
  * own length costs (a batched matrix product pads every row to the longest); the mask,
  * scores and softmax stay in a small per-thread scratch; every row's result is
- * independent of the others in its batch. The cache may hold float32, float16 or
- * bfloat16 (half the bytes to read, and decode is bound by reading the cache); scores,
+ * independent of the others in its batch. The cache may hold float32, float16,
+ * bfloat16 (half the bytes to read, and decode is bound by reading the cache) or int8 with
+ * a float32 scale after each vector (lm/kv_int8.py: D + 4 bytes a vector of D); scores,
  * softmax and sums are float32. lm/native/__init__.py compiles this file on first use;
  * lm/models/gpt.py keeps a PyTorch path that computes the same thing.
  *
- * Layouts (C-contiguous within a row; rows `*_row_stride` elements apart):
+ * Layouts (C-contiguous within a row; rows `*_row_stride` elements apart; a vector is
+ * `dim` elements, or dim + 4 bytes in an int8 cache):
  *   q        [batch, heads, dim]      float32, the new tokens' queries
- *   k_new    [batch, heads, dim]      the new keys, in the cache's type
- *   v_new    [batch, heads, dim]      the new values, in the cache's type
- *   k_cache  [rows, heads, ctx, dim]  keys
- *   v_cache  [rows, heads, ctx, dim]  values
+ *   k_new    [batch, heads, vector]   the new keys, in the cache's type
+ *   v_new    [batch, heads, vector]   the new values, in the cache's type
+ *   k_cache  [rows, heads, ctx, vector]  keys
+ *   v_cache  [rows, heads, ctx, vector]  values
  *   pos      [batch]                  where each row's new token goes (< ctx)
  *   out      [batch, heads, dim]      float32
  */
@@ -24,7 +26,18 @@
 #include <string.h>
 #include <math.h>
 
-enum element { F32, F16, BF16 };
+enum element { F32, F16, BF16, I8 };
+
+/* Bytes of one element of the cache's type, and of one cached vector of `dim` numbers. */
+static inline size_t element_size(enum element kind)
+{
+    return kind == F32 ? 4 : kind == I8 ? 1 : 2;
+}
+
+static inline int64_t vector_bytes(int64_t dim, enum element kind)
+{
+    return kind == I8 ? dim + 4 : dim * (int64_t)element_size(kind);
+}
 
 static inline float bits_to_float(uint32_t bits)
 {
@@ -54,8 +67,17 @@ static inline __attribute__((always_inline)) float load(const void *base, int64_
     switch (kind) {
     case F32: return ((const float *)base)[i];
     case F16: return half_to_float(((const uint16_t *)base)[i]);
+    case I8: return (float)((const int8_t *)base)[i]; /* times the vector's scale, later */
     default: return bits_to_float((uint32_t)((const uint16_t *)base)[i] << 16);
     }
+}
+
+/* An int8 vector's scale: the float32 after its `dim` numbers. */
+static inline float vector_scale(const char *vector, int64_t dim)
+{
+    float scale;
+    memcpy(&scale, vector + dim, sizeof scale);
+    return scale;
 }
 
 /* One (row, head): store the new key and value, then softmax(q . keys) . values. `next`
@@ -66,14 +88,14 @@ static inline __attribute__((always_inline)) void attend_one(
     const int64_t *pos, float *out, int64_t heads, int64_t dim, int64_t ctx, float scale,
     int64_t item, int64_t next, float *restrict scores, enum element kind)
 {
-    const size_t size = kind == F32 ? 4 : 2;
+    const size_t size = element_size(kind);
     int64_t b = item / heads, h = item % heads;
     const float *q = q_all + b * q_row_stride + h * dim;
-    const int64_t row_bytes = dim * (int64_t)size, head_bytes = ctx * row_bytes;
+    const int64_t row_bytes = vector_bytes(dim, kind), head_bytes = ctx * row_bytes;
     char *keys = k_cache + b * cache_row_stride * size + h * head_bytes;   /* [ctx, dim] */
     char *values = v_cache + b * cache_row_stride * size + h * head_bytes; /* [ctx, dim] */
-    const char *key = k_new + (b * kv_row_stride + h * dim) * size;
-    const char *value = v_new + (b * kv_row_stride + h * dim) * size;
+    const char *key = k_new + b * kv_row_stride * size + h * row_bytes;
+    const char *value = v_new + b * kv_row_stride * size + h * row_bytes;
     int64_t p = pos[b], len = p + 1;
     memcpy(keys + p * row_bytes, key, row_bytes);
     memcpy(values + p * row_bytes, value, row_bytes);
@@ -100,6 +122,7 @@ static inline __attribute__((always_inline)) void attend_one(
         const char *key_row = keys + t * row_bytes;
         float score = 0.0f;
         for (int64_t d = 0; d < dim; d++) score += scaled[d] * load(key_row, d, kind);
+        if (kind == I8) score *= vector_scale(key_row, dim);
         scores[t] = score;
     }
     float max = scores[0];
@@ -114,8 +137,8 @@ static inline __attribute__((always_inline)) void attend_one(
     float acc[dim];  /* registers, where the head size is a constant (see the dispatch) */
     for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
     for (int64_t t = 0; t < len; t++) {
-        const char *value_row = values + t * dim * size;
-        float weight = scores[t];
+        const char *value_row = values + t * row_bytes;
+        float weight = kind == I8 ? scores[t] * vector_scale(value_row, dim) : scores[t];
         for (int64_t d = 0; d < dim; d++) acc[d] += weight * load(value_row, d, kind);
     }
     float *o = out + (b * heads + h) * dim;
@@ -164,5 +187,6 @@ static inline __attribute__((always_inline)) void attend_one(
 DEFINE_DECODE_ATTENTION(lm_decode_attention_f32, F32)
 DEFINE_DECODE_ATTENTION(lm_decode_attention_f16, F16)
 DEFINE_DECODE_ATTENTION(lm_decode_attention_bf16, BF16)
+DEFINE_DECODE_ATTENTION(lm_decode_attention_i8, I8)
 
 #endif

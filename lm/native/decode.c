@@ -26,7 +26,8 @@
  *            each slot starts, in floats (-1: absent)
  *   ids, pos [batch] int64: each row's new token and its position (< context)
  *   k_caches, v_caches  per layer, keys and values [rows, heads, ctx, dim] in the cache's
- *            type, rows `cache_row_stride` elements apart
+ *            type (int8: dim + 4 bytes a vector, attention.c), rows `cache_row_stride`
+ *            elements apart
  *   logits   [batch, vocab] float32, written
  *   threads  how many threads share the step
  * Returns 0; or, with nothing written, 1 when the scratch could not be allocated, 2 for a
@@ -80,10 +81,23 @@ static inline uint16_t float_to_bf16(float value)
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
 }
 
+/* `n` floats as the cache holds them. int8 (lm/kv_int8.py's `quantize`, the same float
+   operations): scale = max|x| * (1/127), q = round(x * (1 / scale)) to even, the scale's
+   four bytes after the numbers. */
 static void store(void *to, const float *from, int64_t n, enum element kind)
 {
     if (kind == F32) {
         memcpy(to, from, n * sizeof(float));
+    } else if (kind == I8) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(from[i]));
+        const float scale = amax * (1.0f / 127.0f), inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+        int8_t *out = to;
+        for (int64_t i = 0; i < n; i++) {
+            float q = nearbyintf(from[i] * inverse);
+            out[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+        }
+        memcpy(out + n, &scale, sizeof scale);
     } else {
         uint16_t *out = to;
         for (int64_t i = 0; i < n; i++)
@@ -436,6 +450,7 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
 DEFINE_ATTEND_HEAD(attend_head_f32, F32)
 DEFINE_ATTEND_HEAD(attend_head_f16, F16)
 DEFINE_ATTEND_HEAD(attend_head_bf16, BF16)
+DEFINE_ATTEND_HEAD(attend_head_i8, I8)
 
 /* What one decode step's threads share: the model's numbers and weights, the batch, and the
    step's scratch arrays (each row 64 bytes aligned: the vectorised loops then sum in one
@@ -467,7 +482,8 @@ static void step_layers(const struct step *s, float *scores, char *new_kv, float
 {
     const int64_t n_embd = s->n_embd, heads = s->heads, dim = s->dim, row = s->row;
     const int64_t qkv_row = s->qkv_row, f_row = s->f_row, a_row = s->a_row, nb = s->batch;
-    const size_t size = s->kind == F32 ? 4 : 2;
+    const size_t size = element_size(s->kind);
+    const int64_t vector = vector_bytes(dim, s->kind); /* a head's cached key, in bytes */
     const int64_t *ids = s->ids, *pos = s->pos;
     float *x = s->x, *qkv = s->qkv, *att = s->att, *f = s->f, *a = s->a, *logits = s->logits;
 #define SLOT(i) (s->offsets[i] < 0 ? NULL : s->weights + s->offsets[i])
@@ -503,9 +519,9 @@ static void step_layers(const struct step *s, float *scores, char *new_kv, float
             }
             /* This head's new key and value, in the cache's type, where attend_one looks
                for them in a row's. */
-            char *new_key = new_kv, *new_value = new_kv + n_embd * size;
-            store(new_key + head * dim * size, k + head * dim, dim, s->kind);
-            store(new_value + head * dim * size, v + head * dim, dim, s->kind);
+            char *new_key = new_kv, *new_value = new_kv + heads * vector;
+            store(new_key + head * vector, k + head * dim, dim, s->kind);
+            store(new_value + head * vector, v + head * dim, dim, s->kind);
             char *keys = k_cache + b * s->cache_row_stride * size;
             char *values = v_cache + b * s->cache_row_stride * size;
             float *out = att + b * row;
@@ -515,9 +531,12 @@ static void step_layers(const struct step *s, float *scores, char *new_kv, float
             else if (s->kind == F16)
                 attend_head_f16(q, new_key, new_value, keys, values, pos + b, head, out, heads,
                                 dim, s->ctx, s->scale, scores);
-            else
+            else if (s->kind == BF16)
                 attend_head_bf16(q, new_key, new_value, keys, values, pos + b, head, out, heads,
                                  dim, s->ctx, s->scale, scores);
+            else
+                attend_head_i8(q, new_key, new_value, keys, values, pos + b, head, out, heads,
+                               dim, s->ctx, s->scale, scores);
         }
         linear(MATRIX(LAYER_SLOT(layer, PROJ_W)), LAYER_SLOT(layer, PROJ_B), att, row, x, row, nb,
                n_embd, n_embd, 1, -1, NULL, 0, 0);
@@ -613,6 +632,7 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
 DEFINE_DECODE_STEP(lm_gpt_decode_f32, F32)
 DEFINE_DECODE_STEP(lm_gpt_decode_f16, F16)
 DEFINE_DECODE_STEP(lm_gpt_decode_bf16, BF16)
+DEFINE_DECODE_STEP(lm_gpt_decode_i8, I8)
 
 /* -- sampling and whole runs of tokens ---------------------------------------------------- */
 
@@ -709,6 +729,7 @@ static int64_t generate(const int64_t *shape, const float *numbers, const float 
 DEFINE_GENERATE(lm_gpt_generate_f32, F32)
 DEFINE_GENERATE(lm_gpt_generate_f16, F16)
 DEFINE_GENERATE(lm_gpt_generate_bf16, BF16)
+DEFINE_GENERATE(lm_gpt_generate_i8, I8)
 
 /* Whether this build multiplies bfloat16 weights (shape[8] = 1): compiled for a CPU with
    AVX512-BF16. */

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lm import kv_int8
 from lm.native import CACHE_DTYPES, load_library
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -55,11 +56,13 @@ _FUNCTIONS = {
     torch.float32: "lm_gpt_decode_f32",
     torch.float16: "lm_gpt_decode_f16",
     torch.bfloat16: "lm_gpt_decode_bf16",
+    torch.int8: "lm_gpt_decode_i8",
 }
 _GENERATE = {
     torch.float32: "lm_gpt_generate_f32",
     torch.float16: "lm_gpt_generate_f16",
     torch.bfloat16: "lm_gpt_generate_bf16",
+    torch.int8: "lm_gpt_generate_i8",
 }
 _ALIGN = 16  # floats: each tensor starts on a 64-byte boundary
 
@@ -236,7 +239,8 @@ def decode_step() -> DecodeStep | None:
 
     The returned function takes a `PackedGPT`, `ids[B]` and `positions[B]` (contiguous
     int64 CPU tensors: each row's new token and where it goes) and the per-layer caches,
-    keys and values `[*, H, T, D]` of one of `CACHE_DTYPES`, contiguous rows
+    keys and values `[*, H, T, D]` of one of `CACHE_DTYPES` (int8: `[*, H, T, D + 4]`,
+    `lm.kv_int8`), contiguous rows
     whose first `B` are the batch. It writes each row's new keys and values at its position
     and returns the logits `[B, vocab]` in float32.
     """
@@ -417,15 +421,16 @@ def _check_caches(packed: PackedGPT, batch: int, keys, values) -> tuple[torch.dt
         raise ValueError(
             f"the native decode step takes a cache of {', '.join(map(str, CACHE_DTYPES))}"
         )
-    strides = (row_stride, ctx * dim, dim, 1)
+    vector = kv_int8.width(dim, dtype)
+    strides = (row_stride, ctx * vector, vector, 1)
     for k, v in zip(keys, values):
         if (
             k.dtype != dtype
             or v.dtype != dtype
             or k.shape[0] < batch
             or v.shape[0] < batch
-            or k.shape[1:] != (heads, ctx, dim)
-            or v.shape[1:] != (heads, ctx, dim)
+            or k.shape[1:] != (heads, ctx, vector)
+            or v.shape[1:] != (heads, ctx, vector)
             or k.stride() != strides
             or v.stride() != strides
             or k.device.type != "cpu"
