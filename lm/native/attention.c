@@ -25,6 +25,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 enum element { F32, F16, BF16, I8 };
 
@@ -80,6 +83,74 @@ static inline float vector_scale(const char *vector, int64_t dim)
     return scale;
 }
 
+/* Sixteen int8 numbers as floats, and sixteen floats' sum, as vectors: with intrinsics on
+   x86 (GCC widens int8 vectors one number at a time otherwise), a loop elsewhere. */
+typedef float f32x16 __attribute__((vector_size(64)));
+
+#if defined(__AVX512F__)
+static inline f32x16 widen16(const char *p)
+{
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__)
+static inline f32x16 widen16(const char *p)
+{
+    __m256 halves[2] = {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))),
+    };
+    f32x16 out;
+    memcpy(&out, halves, sizeof out);
+    return out;
+}
+#else
+static inline f32x16 widen16(const char *p)
+{
+    f32x16 out;
+    for (int i = 0; i < 16; i++) out[i] = (float)((const int8_t *)p)[i];
+    return out;
+}
+#endif
+
+static inline float sum16(f32x16 v)
+{
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+/* An int8 cache's weighted sum of values, softmax weights `scores` (their sum `sum`): sixteen
+   numbers a vector, two keys at a time on separate sums (a multiply-add waits for the one
+   before it on the same sum), so up to 2 * dim / 16 chains run side by side. */
+#define I8_MAX_DIM 128
+static inline __attribute__((always_inline)) void i8_values(
+    const char *values, int64_t row_bytes, const float *scores, int64_t len, int64_t dim,
+    float sum, float *out)
+{
+    const int64_t chunks = dim / 16;
+    f32x16 even[I8_MAX_DIM / 16], odd[I8_MAX_DIM / 16];
+    for (int64_t c = 0; c < chunks; c++) even[c] = odd[c] = (f32x16){0};
+    int64_t t = 0;
+    for (; t + 1 < len; t += 2) {
+        const char *first = values + t * row_bytes, *second = first + row_bytes;
+        float w0 = scores[t] * vector_scale(first, dim);
+        float w1 = scores[t + 1] * vector_scale(second, dim);
+        for (int64_t c = 0; c < chunks; c++) {
+            even[c] += w0 * widen16(first + 16 * c);
+            odd[c] += w1 * widen16(second + 16 * c);
+        }
+    }
+    if (t < len) {
+        const char *last = values + t * row_bytes;
+        float w = scores[t] * vector_scale(last, dim);
+        for (int64_t c = 0; c < chunks; c++) even[c] += w * widen16(last + 16 * c);
+    }
+    for (int64_t c = 0; c < chunks; c++) {
+        f32x16 total = (even[c] + odd[c]) / sum;
+        memcpy(out + 16 * c, &total, sizeof total);
+    }
+}
+
 /* One (row, head): store the new key and value, then softmax(q . keys) . values. `next`
    is the item after this one (-1 if none), most often this thread's next. */
 static inline __attribute__((always_inline)) void attend_one(
@@ -121,7 +192,17 @@ static inline __attribute__((always_inline)) void attend_one(
         }
         const char *key_row = keys + t * row_bytes;
         float score = 0.0f;
-        for (int64_t d = 0; d < dim; d++) score += scaled[d] * load(key_row, d, kind);
+        if (kind == I8 && dim % 16 == 0) {
+            f32x16 sums = {0};
+            for (int64_t d = 0; d < dim; d += 16) {
+                f32x16 qd;
+                memcpy(&qd, scaled + d, sizeof qd);
+                sums += qd * widen16(key_row + d);
+            }
+            score = sum16(sums);
+        } else {
+            for (int64_t d = 0; d < dim; d++) score += scaled[d] * load(key_row, d, kind);
+        }
         if (kind == I8) score *= vector_scale(key_row, dim);
         scores[t] = score;
     }
@@ -134,6 +215,11 @@ static inline __attribute__((always_inline)) void attend_one(
         scores[t] = expf(shifted < -80.0f ? -80.0f : shifted);
         sum += scores[t];
     }
+    float *o = out + (b * heads + h) * dim;
+    if (kind == I8 && dim % 16 == 0 && dim <= I8_MAX_DIM) {
+        i8_values(values, row_bytes, scores, len, dim, sum, o);
+        return;
+    }
     float acc[dim];  /* registers, where the head size is a constant (see the dispatch) */
     for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
     for (int64_t t = 0; t < len; t++) {
@@ -141,7 +227,6 @@ static inline __attribute__((always_inline)) void attend_one(
         float weight = kind == I8 ? scores[t] * vector_scale(value_row, dim) : scores[t];
         for (int64_t d = 0; d < dim; d++) acc[d] += weight * load(value_row, d, kind);
     }
-    float *o = out + (b * heads + h) * dim;
     for (int64_t d = 0; d < dim; d++) o[d] = acc[d] / sum;
 }
 
