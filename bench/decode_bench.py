@@ -8,8 +8,10 @@ wall time, prefill included.
 The "native step" rows time a bare `GPT.step` of the shipped char GPT (`--step-gpt`, or
 random weights of its shape) per decode step, through the compiled whole-model step
 (`lm.native.decode`) in float32, with bfloat16 products (`LM_BF16_DECODE`, where the
-build has them) and through the PyTorch path, interleaved, rows at positions spread over
-the context, in one thread, as CPU time (meaningful even on a busy machine).
+build has them) and through the PyTorch path, over a float32 cache, and with bfloat16
+products over a bfloat16 and an int8 cache (`lm.kv_int8`, lm serve's default), interleaved,
+rows at positions spread over the context, in one thread, as CPU time (meaningful even on
+a busy machine).
 
     python -m bench.decode_bench [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
 """

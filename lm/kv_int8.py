@@ -1,11 +1,13 @@
 """The int8 KV cache: each head's key or value vector as int8 numbers and one float32 scale.
 
-A cached vector of `D` numbers is stored as `D + 4` bytes: `round(x / scale)` in int8, then
+A cached vector of `D` numbers is stored as `D + 4` bytes: `x / scale` rounded to int8, then
 the scale, `max(|x|) / 127`, as a float32's four bytes (llama.cpp's q8_0 keeps a 16-bit scale
 for each block of 32). The cache tensor is int8 `[rows, H, T, D + 4]`: every layout operation
 on a cache (rows moved, prefixes copied, the prefix cache's blocks) works on it unchanged,
-and a decode step reads 36 bytes a vector of 32 where bfloat16 takes 64. `lm/native/decode.c`
-and `attention.c` quantize the same way (`store`); the PyTorch path dequantizes on read.
+and a decode step reads 36 bytes a vector of 32 where bfloat16 takes 64. The native decode
+step (`lm/native/decode.c`, `store`) quantizes byte for byte as `quantize` does; the attention
+kernel alone (`lm.native.decode_attention`) is given keys and values quantized here; the
+PyTorch path dequantizes on read.
 """
 
 from __future__ import annotations
