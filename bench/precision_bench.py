@@ -31,13 +31,18 @@ CONFIGS = [  # (name, cache dtype, bfloat16 prefill, bfloat16 decode products)
     ("bfloat16 cache", torch.bfloat16, False, False),
     ("bfloat16 cache, bfloat16 prefill", torch.bfloat16, True, False),
     (
-        "bfloat16 cache, prefill and decode products (lm serve's default)",
+        "bfloat16 cache, prefill and decode products",
         torch.bfloat16,
         True,
         True,
     ),
     ("int8 cache (lm.kv_int8)", torch.int8, False, False),
-    ("int8 cache, bfloat16 prefill and decode products", torch.int8, True, True),
+    (
+        "int8 cache, bfloat16 prefill and decode products (lm serve's default)",
+        torch.int8,
+        True,
+        True,
+    ),
 ]
 
 
