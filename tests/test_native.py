@@ -305,3 +305,18 @@ def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, see
     assert out.shape == (rows, heads * dim)
     assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert same(cache, expected_cache)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 32])
+def test_int8_cache_vectors_round_trip_within_half_a_step(dim):
+    """lm.kv_int8: D numbers and a float32 scale (max|x| / 127) in D + 4 bytes; each number
+    comes back within half its vector's step; all-zero vectors stay zeros; no vectors, none."""
+    x = torch.randn(4, 3, 5, dim, generator=torch.Generator().manual_seed(dim)) * 3
+    x[0, 0, 0] = 0.0
+    cached = kv_int8.quantize(x)
+    assert cached.dtype == torch.int8 and cached.shape == (4, 3, 5, dim + kv_int8.SCALE_BYTES)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((kv_int8.dequantize(cached) - x).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert torch.equal(kv_int8.dequantize(cached)[0, 0, 0], torch.zeros(dim))
+    assert kv_int8.quantize(torch.empty(0, dim)).shape == (0, dim + kv_int8.SCALE_BYTES)
+    assert kv_int8.dequantize(cached[:, :, :0]).shape == (4, 3, 0, dim)
