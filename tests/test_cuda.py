@@ -32,15 +32,19 @@ def test_pick_dtype():
         pick_dtype(cpu, "float8")
 
 
+@pytest.mark.parametrize(
+    "cache_dtype, atol", [(torch.float32, 1e-4), (torch.int8, 2e-2)], ids=["float32", "int8"]
+)
 @pytest.mark.parametrize("options", [{}, MODERN], ids=["classic", "modern"])
-def test_fixed_step_equals_forward(options):
+def test_fixed_step_equals_forward(options, cache_dtype, atol):
     """Rows at different positions (one past the context, as a free row a graph carries):
-    each row's logits are `forward`'s at its newest token, and positions advance by one."""
+    each row's logits are `forward`'s at its newest token (an int8 cache's within its
+    rounding), and positions advance by one."""
     model = random_gpt(**options)
     torch.manual_seed(1)
     lengths = [1, 5, 17, 31]
     seqs = [torch.randint(0, 40, (n + 1,)) for n in lengths]
-    state = model.init_state(len(seqs) + 1, torch.device("cpu"), cache_dtype=torch.float32)
+    state = model.init_state(len(seqs) + 1, torch.device("cpu"), cache_dtype=cache_dtype)
     with torch.inference_mode():
         for row, seq in enumerate(seqs):  # prefill each row with all but its newest token
             view = {name: tensor[row : row + 1] for name, tensor in state.items()}
@@ -51,7 +55,7 @@ def test_fixed_step_equals_forward(options):
         logits = model.fixed_step(ids, state)
         for row, seq in enumerate(seqs):
             want = model(seq[None])[0, -1]
-            torch.testing.assert_close(logits[row], want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[row], want, atol=atol, rtol=1e-4)
     assert state["pos"].tolist() == [n + 1 for n in lengths] + [model.config.block_size + 1]
 
 
