@@ -412,8 +412,14 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
         if (kind == SWIGLU) {
             for (int64_t k = p0 / 2; k < (p0 + count) / 2; k++) {
                 const float *gate = fb + 2 * k * PANEL, *up = gate + PANEL;
-                for (int64_t l = 0; l < PANEL && k * PANEL + l < hidden; l++)
-                    ab[k * PANEL + l] = gate[l] / (1.0f + expf(-gate[l])) * up[l];
+                if ((k + 1) * PANEL <= hidden) { /* a whole panel: one vector expf */
+#pragma omp simd
+                    for (int64_t l = 0; l < PANEL; l++)
+                        ab[k * PANEL + l] = gate[l] / (1.0f + expf(-gate[l])) * up[l];
+                } else {
+                    for (int64_t l = 0; k * PANEL + l < hidden; l++)
+                        ab[k * PANEL + l] = gate[l] / (1.0f + expf(-gate[l])) * up[l];
+                }
             }
             continue;
         }
