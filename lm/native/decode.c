@@ -424,12 +424,21 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
             continue;
         }
         int64_t last = (p0 + count) * PANEL < hidden ? (p0 + count) * PANEL : hidden;
-        for (int64_t i = p0 * PANEL; i < last; i++) {
-            if (kind == RELU2) {
+        if (kind == RELU2) {
+            for (int64_t i = p0 * PANEL; i < last; i++) {
                 float r = fb[i] > 0.0f ? fb[i] : 0.0f;
                 ab[i] = r * r;
-            } else {
-                ab[i] = 0.5f * fb[i] * (1.0f + erff(fb[i] * 0.70710678118654752f));
+            }
+        } else { /* GELU: a whole panel through one vector erff, as SwiGLU's expf above */
+            for (int64_t i = p0 * PANEL; i < last; i += PANEL) {
+                if (i + PANEL <= last) {
+#pragma omp simd
+                    for (int64_t l = i; l < i + PANEL; l++)
+                        ab[l] = 0.5f * fb[l] * (1.0f + erff(fb[l] * 0.70710678118654752f));
+                } else {
+                    for (int64_t l = i; l < last; l++)
+                        ab[l] = 0.5f * fb[l] * (1.0f + erff(fb[l] * 0.70710678118654752f));
+                }
             }
         }
     }
