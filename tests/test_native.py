@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 
 import pytest
@@ -38,7 +37,7 @@ def char_tokenizer(corpus_text) -> CharTokenizer:
 @pytest.fixture
 def kernel():
     attend = native.decode_attention()
-    if attend is None and os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+    if attend is None and native.native_off():
         pytest.skip("LM_NATIVE=0 turns the kernel off")
     if attend is None and (shutil.which("cc") or shutil.which("gcc")):
         pytest.fail("a C compiler is here, yet the native kernel did not build")

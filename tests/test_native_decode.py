@@ -4,7 +4,6 @@ weights change; not used where it does not apply."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -49,7 +48,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2, tor
 def native_step():
     """The compiled step (built afresh in the test session's cache directory)."""
     step = decode.decode_step()
-    if step is None and os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+    if step is None and native.native_off():
         pytest.skip("LM_NATIVE=0 turns the native code off")
     if step is None and (shutil.which("cc") or shutil.which("gcc")):
         pytest.fail("a C compiler is here, yet the native decode step did not build")

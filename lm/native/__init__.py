@@ -80,12 +80,17 @@ def _compile(compiler: str, source: Path, target: Path) -> None:
         raise RuntimeError("; ".join(errors))
 
 
+def switched_off(name: str) -> bool:
+    """Whether the environment variable `name` (an on/off switch, on when unset) says off."""
+    return os.environ.get(name, "1").lower() in ("0", "false", "no", "off")
+
+
 @functools.cache
 def bf16_matmul_is_fast() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AVX512-BF16 or AMX),
     where they run several times faster than float32; elsewhere bfloat16 is emulated.
     `LM_BF16_PREFILL=0` answers no."""
-    if os.environ.get("LM_BF16_PREFILL", "1").lower() in ("0", "false", "no", "off"):
+    if switched_off("LM_BF16_PREFILL"):
         return False
     flags = _cpu_signature().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -102,7 +107,7 @@ CACHE_DTYPES = tuple(_FUNCTIONS)  # what the kernel's KV cache may hold
 
 def native_off() -> bool:
     """Whether `LM_NATIVE` turns the compiled kernels off."""
-    return os.environ.get("LM_NATIVE", "1").lower() in ("0", "false", "no", "off")
+    return switched_off("LM_NATIVE")
 
 
 def load_library(source: Path, purpose: str) -> ctypes.CDLL | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lm import kv_int8
-from lm.native import CACHE_DTYPES, load_library
+from lm.native import CACHE_DTYPES, load_library, switched_off
 
 SOURCE = Path(__file__).with_name("decode.c")
 GLOBAL_SLOTS = ("wte", "wpe", "ln_f.weight", "ln_f.bias", "lm_head", "rope_cos", "rope_sin")
@@ -199,7 +198,7 @@ def bf16_decode() -> bool:
     them (`bf16_weights`), unless `LM_BF16_DECODE=0`. The step's sums stay float32; the
     weights and each product's inputs are rounded to bfloat16, as in the prefill's
     bfloat16 products (`LM_BF16_PREFILL`)."""
-    if os.environ.get("LM_BF16_DECODE", "1").lower() in ("0", "false", "no", "off"):
+    if switched_off("LM_BF16_DECODE"):
         return False
     return bf16_weights()
 
