@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.common import environment
+
 _SUBJECTS = ["The king", "A young poet", "My good lord", "The old sailor", "Her sister", "We"]
 _VERBS = ["speaks of", "remembers", "walks toward", "cannot forget", "sings about", "defends"]
 _OBJECTS = [
@@ -52,13 +54,8 @@ def _one_thread():
 @pytest.fixture(autouse=True, scope="session")
 def _token_cache(tmp_path_factory):
     """Token files go to a temporary cache, never the user's (subprocesses inherit it)."""
-    previous = os.environ.get("LM_CACHE_DIR")
-    os.environ["LM_CACHE_DIR"] = str(tmp_path_factory.mktemp("lm-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("LM_CACHE_DIR", None)
-    else:
-        os.environ["LM_CACHE_DIR"] = previous
+    with environment("LM_CACHE_DIR", str(tmp_path_factory.mktemp("lm-cache"))):
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -69,15 +66,8 @@ def _float32_decode():
     inherit the setting)."""
     from lm.native import decode
 
-    previous = os.environ.get("LM_BF16_DECODE")
-    os.environ["LM_BF16_DECODE"] = "0"
-    decode.bf16_decode.cache_clear()
-    yield
-    if previous is None:
-        os.environ.pop("LM_BF16_DECODE", None)
-    else:
-        os.environ["LM_BF16_DECODE"] = previous
-    decode.bf16_decode.cache_clear()
+    with environment("LM_BF16_DECODE", "0", decode.bf16_decode):
+        yield
 
 
 @pytest.fixture(scope="session")
