@@ -43,10 +43,3 @@ def dequantize(cache: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     scale = scale_bytes.reshape(-1, SCALE_BYTES).clone().view(torch.float32)  # aligned
     scale = scale.view(*cache.shape[:-1], 1)
     return (q.float() * scale).to(dtype)
-
-
-def as_cached(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`x` as a cache of `dtype` holds it, read back in `x`'s dtype (what later steps see)."""
-    if dtype == torch.int8:
-        return dequantize(quantize(x), x.dtype)
-    return x.to(dtype).to(x.dtype)

@@ -140,8 +140,9 @@ class CausalSelfAttention(nn.Module):
         _store(cache.keys.transpose(1, 2), k.transpose(1, 2), where)
         _store(cache.values.transpose(1, 2), v.transpose(1, 2), where)
         if where.same_position == 0 and time > 1:  # a prefill of empty rows, as in `forward`
-            if cache.keys.dtype != k.dtype:  # the keys and values as the cache holds them,
-                k, v = (kv_int8.as_cached(t, cache.keys.dtype) for t in (k, v))  # as later seen
+            if cache.keys.dtype != k.dtype:  # the keys and values as later steps see them
+                k = _read(cache.keys[:, :, :time], k.dtype)
+                v = _read(cache.values[:, :, :time], v.dtype)
             if where.ends is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # rows padded at their end: each group over its own length (the padding's
