@@ -182,8 +182,7 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
                            int64_t a_stride, int64_t batch, int64_t p0, int64_t count,
                            int64_t hidden, int kind);
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) /* attention.c includes immintrin.h */
 #define BF16_WEIGHTS 1
 /* The same sums from bfloat16 weights and inputs, where the CPU multiplies bfloat16 pairs
    (AVX512-BF16): a panel is [in / 2][PANEL][2], inputs 2i and 2i + 1's weights side by
@@ -397,6 +396,11 @@ static void rotate(float *restrict x, const float *cos_table, const float *sin_t
     }
 }
 
+/* One hidden unit of an MLP: SwiGLU's gate times up, GELU (erf form). */
+static inline float swiglu(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+
+static inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
 /* The MLP's activation for the fc outputs of panels p0..p0+count-1, into `a`. SwiGLU's fc
    weights are packed with gate and up panels alternating (lm/native/decode.py), so a
    group of panels holds whole (gate, up) pairs: panel 2k's eight gates and panel 2k+1's
@@ -415,10 +419,10 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
                 if ((k + 1) * PANEL <= hidden) { /* a whole panel: one vector expf */
 #pragma omp simd
                     for (int64_t l = 0; l < PANEL; l++)
-                        ab[k * PANEL + l] = gate[l] / (1.0f + expf(-gate[l])) * up[l];
+                        ab[k * PANEL + l] = swiglu(gate[l], up[l]);
                 } else {
                     for (int64_t l = 0; k * PANEL + l < hidden; l++)
-                        ab[k * PANEL + l] = gate[l] / (1.0f + expf(-gate[l])) * up[l];
+                        ab[k * PANEL + l] = swiglu(gate[l], up[l]);
                 }
             }
             continue;
@@ -433,11 +437,9 @@ static void activate_group(const float *restrict f, int64_t f_stride, float *res
             for (int64_t i = p0 * PANEL; i < last; i += PANEL) {
                 if (i + PANEL <= last) {
 #pragma omp simd
-                    for (int64_t l = i; l < i + PANEL; l++)
-                        ab[l] = 0.5f * fb[l] * (1.0f + erff(fb[l] * 0.70710678118654752f));
+                    for (int64_t l = i; l < i + PANEL; l++) ab[l] = gelu(fb[l]);
                 } else {
-                    for (int64_t l = i; l < last; l++)
-                        ab[l] = 0.5f * fb[l] * (1.0f + erff(fb[l] * 0.70710678118654752f));
+                    for (int64_t l = i; l < last; l++) ab[l] = gelu(fb[l]);
                 }
             }
         }
