@@ -160,11 +160,13 @@ async def events(job: Job, metrics: Metrics) -> AsyncIterator[list[tuple[int, Ou
             batch = _by_choice(batch)
             now = time.perf_counter()
             for choice, out in batch:
-                if last_time[choice] is not None and out.token_ids:
-                    tokens = len(out.token_ids)
+                tokens = len(out.token_ids)
+                if last_time[choice] is not None and tokens:
                     metrics.observe_gaps(
                         job.served.name, (now - last_time[choice]) / tokens, tokens
                     )
+                elif tokens > 1:  # the first output brought later tokens along: no wait
+                    metrics.observe_gaps(job.served.name, 0.0, tokens - 1)
                 last_time[choice] = now
                 if out.finish_reason is not None:
                     pending -= 1
