@@ -214,3 +214,34 @@ def launch():
     yield start
     for server in servers:
         server.stop()
+
+
+# x86 levels below this CPU's own whose code paths the native kernels have (AVX2; AVX-512
+# without VNNI or BF16), with the CPU flags that running their code needs.
+OLDER_X86 = {
+    "x86-64-v3": {"avx2", "fma", "f16c", "bmi2"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+}
+
+
+@pytest.fixture(params=list(OLDER_X86))
+def older_x86(request, tmp_path, monkeypatch):
+    """The native kernels built afresh for an older x86 level (`LM_NATIVE_ARCH`), where
+    this CPU runs that level's code: a machine with AVX-512 tests its AVX2 paths too."""
+    import platform
+
+    from lm import native
+    from lm.native import decode
+
+    flags = set(native._cpu_signature().split())
+    if platform.machine() not in ("x86_64", "AMD64") or not OLDER_X86[request.param] <= flags:
+        pytest.skip(f"this CPU does not run {request.param} code")
+    monkeypatch.setenv("LM_NATIVE_ARCH", request.param)
+    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LM_NATIVE", raising=False)
+    caches = (native.decode_attention, decode.decode_step, decode.generate_step, decode.draw)
+    for function in caches:
+        function.cache_clear()
+    yield request.param
+    for function in caches:
+        function.cache_clear()

@@ -150,6 +150,25 @@ def test_native_step_equals_the_pytorch_path(
         assert_same_state(native_state, torch_state, TOLERANCE[cache_dtype])
 
 
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=str)
+@torch.inference_mode()
+def test_a_step_built_for_an_older_x86_equals_the_pytorch_path(older_x86, torch_path, cache_dtype):
+    """The AVX2 and AVX-512-without-VNNI builds of the compiled step against the PyTorch
+    layers (whose attention is the same build's kernel, which test_native checks against
+    PyTorch's): head size 32, rows long enough for blocks of int8 keys and a remainder."""
+    assert decode.decode_step() is not None
+    model = tiny_gpt(n_head=2, n_embd=64, **MODERN)
+    native_state = prefilled(model, [1, 9, 15], cache_dtype)
+    torch_state = clone(native_state)
+    for t in range(8):
+        ids = ids_of(3, 1, seed=50 + t)
+        logits, native_state = model.step(ids, native_state)
+        with torch_path():
+            expected, torch_state = model.step(ids, torch_state)
+        assert_close(logits, expected, atol=TOLERANCE[cache_dtype], rtol=0)
+        assert_same_state(native_state, torch_state, TOLERANCE[cache_dtype])
+
+
 @torch.inference_mode()
 def test_step_quantizes_an_int8_cache_as_kv_int8_does(native_step):
     """The compiled step writes a new key or value into an int8 cache byte for byte as

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("attention.c")
 # -ffast-math lets the compiler vectorise expf; it is given to the compile step only, so
 # that linking does not add crtfastmath.o (which would flush denormals process-wide).
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11"]
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11"]
 OPENMP_FLAG = "-fopenmp"  # the kernel's threads; without it, it runs in one thread
 # A compile is a few CPU seconds, but minutes of wall time on a machine busy training.
 COMPILE_TIMEOUT_S = 600
@@ -57,6 +57,12 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def _arch_flag() -> str:
+    """-march for the kernels: this machine's CPU, or `LM_NATIVE_ARCH` (the tests build the
+    AVX2 and AVX-512 code paths for an older CPU than the one they run on)."""
+    return f"-march={os.environ.get('LM_NATIVE_ARCH') or 'native'}"
+
+
 def _compile(compiler: str, source: Path, target: Path) -> None:
     """Compile `source` into the shared library `target` (written atomically)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +70,8 @@ def _compile(compiler: str, source: Path, target: Path) -> None:
         obj, lib = Path(tmp) / f"{source.stem}.o", Path(tmp) / target.name
         errors = []
         for openmp in ([OPENMP_FLAG], []):
-            compile_cmd = [compiler, *COMPILE_FLAGS, *openmp, "-c", str(source), "-o", str(obj)]
+            flags = [*COMPILE_FLAGS, _arch_flag(), *openmp]
+            compile_cmd = [compiler, *flags, "-c", str(source), "-o", str(obj)]
             link_cmd = [compiler, "-shared", *openmp, str(obj), "-o", str(lib), "-lm"]
             try:
                 for cmd in (compile_cmd, link_cmd):
@@ -129,6 +136,7 @@ def load_library(source: Path, purpose: str) -> ctypes.CDLL | None:
                 *(path.read_text() for path in _sources(source)),
                 compiler,
                 *COMPILE_FLAGS,
+                _arch_flag(),
                 OPENMP_FLAG,
                 _cpu_signature(),
             ]
