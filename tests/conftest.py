@@ -217,7 +217,7 @@ def launch():
 
 
 # x86 levels below this CPU's own whose code paths the native kernels have (AVX2; AVX-512
-# without VNNI or BF16), with the CPU flags that running their code needs.
+# without BF16), with the CPU flags that running their code needs.
 OLDER_X86 = {
     "x86-64-v3": {"avx2", "fma", "f16c", "bmi2"},
     "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},

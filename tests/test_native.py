@@ -75,15 +75,6 @@ def from_cache(cached: torch.Tensor) -> torch.Tensor:
     return kv_int8.dequantize(cached) if cached.dtype == torch.int8 else cached.float()
 
 
-def tolerance(dtype: torch.dtype) -> dict[str, float]:
-    """The kernel against the reference: float32 sums in another order, except that over an
-    int8 cache (on x86 with AVX2) the query is rounded to int16 for integer dot products:
-    each number moves by up to 1/65534 of the largest, 250 times less than the keys' own
-    int8 rounding, and a score by up to that times the sum of the key's magnitudes (in
-    400 random cases at this file's sharpest scale, outputs moved by up to 4e-4)."""
-    return {"atol": 1e-3, "rtol": 1e-3} if dtype == torch.int8 else {"atol": 1e-5, "rtol": 1e-5}
-
-
 def copy(cache: LayerCache) -> LayerCache:
     return LayerCache(*(t.clone() for t in cache))
 
@@ -118,7 +109,7 @@ def test_kernel_matches_pytorch_and_writes_the_cache_as_pytorch_does(kernel, dty
     expected = reference(qkv, expected_cache, positions, scale)
     out = kernel(qkv, cache, positions, scale)
     assert out.dtype == torch.float32 and out.shape == (5, HEADS * dim)
-    assert_close(out, expected, **tolerance(dtype))
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert same(cache, expected_cache)  # bit for bit
     untouched = random_case(dtype, dim=dim)[1]
     assert all(torch.equal(t[5], u[5]) for t, u in zip(cache, untouched))  # past the batch
@@ -311,14 +302,14 @@ def test_any_shape_matches_pytorch(heads, dim, ctx, rows, extra_rows, dtype, see
     expected = reference(qkv, expected_cache, positions, 0.5)
     out = attend(qkv, cache, positions, 0.5)
     assert out.shape == (rows, heads * dim)
-    assert_close(out, expected, **tolerance(dtype))
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert same(cache, expected_cache)
 
 
 @needs_compiler
 def test_kernel_built_for_an_older_x86_matches_pytorch(older_x86):
-    """The AVX2 and the AVX-512-without-VNNI code (int8 scores in blocks of 8 or 16 keys and
-    the rest one by one) against the reference, every cache type and the common head sizes."""
+    """The AVX2 and the AVX-512-without-BF16 code (vectors of 8 or 16 numbers) against the
+    reference, every cache type and the common head sizes."""
     attend = native.decode_attention()
     assert attend is not None
     for dtype in (torch.float32, *NARROW_DTYPES):
@@ -327,7 +318,7 @@ def test_kernel_built_for_an_older_x86_matches_pytorch(older_x86):
             expected_cache = copy(cache)
             expected = reference(qkv, expected_cache, positions, 1 / math.sqrt(dim))
             out = attend(qkv, cache, positions, 1 / math.sqrt(dim))
-            assert_close(out, expected, **tolerance(dtype))
+            assert_close(out, expected, atol=1e-5, rtol=1e-5)
             assert same(cache, expected_cache)
 
 

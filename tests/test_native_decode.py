@@ -153,9 +153,9 @@ def test_native_step_equals_the_pytorch_path(
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=str)
 @torch.inference_mode()
 def test_a_step_built_for_an_older_x86_equals_the_pytorch_path(older_x86, torch_path, cache_dtype):
-    """The AVX2 and AVX-512-without-VNNI builds of the compiled step against the PyTorch
+    """The AVX2 and AVX-512-without-BF16 builds of the compiled step against the PyTorch
     layers (whose attention is the same build's kernel, which test_native checks against
-    PyTorch's): head size 32, rows long enough for blocks of int8 keys and a remainder."""
+    PyTorch's), at head size 32."""
     assert decode.decode_step() is not None
     model = tiny_gpt(n_head=2, n_embd=64, **MODERN)
     native_state = prefilled(model, [1, 9, 15], cache_dtype)

@@ -143,115 +143,6 @@ static inline __attribute__((always_inline)) void i8_values(
     }
 }
 
-/* An int8 cache's scores with integer dot products: the query rounded to int16 (its own
-   scale, max|q| / 32767: ~1e-5 relative error against the cache's int8 4e-3), each key
-   widened to int16 and multiplied in pairs into int32 lanes (exact: a key's score is the
-   same integer whichever way its lanes are summed). A block of I8_SCORE_BLOCK keys has its
-   lanes summed together by a transposing tree of shuffles and adds (45 for 16 keys on
-   AVX-512, 21 for 8 on AVX2) instead of one horizontal sum a key. Key widths: dim % 32 == 0
-   on AVX-512, dim % 16 == 0 on AVX2. */
-#if defined(__AVX512BW__)
-#define I8_SCORE_BLOCK 16
-#define I8_DOT_WIDTH 32
-typedef __m512i ivec;
-
-static inline ivec i8_dot(const char *key, const int16_t *q16, int64_t dim)
-{
-    ivec acc = _mm512_setzero_si512();
-    for (int64_t d = 0; d < dim; d += 32) {
-        ivec k = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(key + d)));
-        ivec q = _mm512_loadu_si512((const void *)(q16 + d));
-#if defined(__AVX512VNNI__)
-        acc = _mm512_dpwssd_epi32(acc, k, q);
-#else
-        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(k, q));
-#endif
-    }
-    return acc;
-}
-
-static inline int32_t i8_lane_sum(ivec v) { return _mm512_reduce_add_epi32(v); }
-
-/* Slot s of the tree holds key 4 * (s % 4) + s / 4: the tree's last step leaves slot
-   4j + L in lane 4L + j, so that lane n ends with key n's sum. */
-static inline ivec i8_block_sums(const char *keys, int64_t row_bytes, const int16_t *q16,
-                                 int64_t dim)
-{
-    ivec a[16], b[8], c[4], d[2];
-    for (int s = 0; s < 16; s++) a[s] = i8_dot(keys + (4 * (s % 4) + s / 4) * row_bytes, q16, dim);
-    for (int i = 0; i < 8; i++) /* 256-bit halves: each key's 16 lanes to 8 */
-        b[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0x44),
-                                _mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; i++) /* 128-bit quarters: to 4 lanes, four keys a vector */
-        c[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(b[2 * i], b[2 * i + 1], 0x88),
-                                _mm512_shuffle_i64x2(b[2 * i], b[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++) /* 64-bit pairs: to 2 lanes */
-        d[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(c[2 * i], c[2 * i + 1]),
-                                _mm512_unpackhi_epi64(c[2 * i], c[2 * i + 1]));
-    __m512 lo = _mm512_shuffle_ps(_mm512_castsi512_ps(d[0]), _mm512_castsi512_ps(d[1]), 0x88);
-    __m512 hi = _mm512_shuffle_ps(_mm512_castsi512_ps(d[0]), _mm512_castsi512_ps(d[1]), 0xDD);
-    return _mm512_add_epi32(_mm512_castps_si512(lo), _mm512_castps_si512(hi));
-}
-#elif defined(__AVX2__)
-#define I8_SCORE_BLOCK 8
-#define I8_DOT_WIDTH 16
-typedef __m256i ivec;
-
-static inline ivec i8_dot(const char *key, const int16_t *q16, int64_t dim)
-{
-    ivec acc = _mm256_setzero_si256();
-    for (int64_t d = 0; d < dim; d += 16) {
-        ivec k = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(key + d)));
-        ivec q = _mm256_loadu_si256((const __m256i *)(q16 + d));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(k, q));
-    }
-    return acc;
-}
-
-static inline int32_t i8_lane_sum(ivec v)
-{
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
-}
-
-/* Slot s of the tree holds key 4 * (s % 2) + s / 2: the last step leaves slot 2j + L in
-   lane 4L + j. */
-static inline ivec i8_block_sums(const char *keys, int64_t row_bytes, const int16_t *q16,
-                                 int64_t dim)
-{
-    ivec a[8], b[4], c[2];
-    for (int s = 0; s < 8; s++) a[s] = i8_dot(keys + (4 * (s % 2) + s / 2) * row_bytes, q16, dim);
-    for (int i = 0; i < 4; i++) /* 128-bit halves: each key's 8 lanes to 4 */
-        b[i] = _mm256_add_epi32(_mm256_permute2x128_si256(a[2 * i], a[2 * i + 1], 0x20),
-                                _mm256_permute2x128_si256(a[2 * i], a[2 * i + 1], 0x31));
-    for (int i = 0; i < 2; i++) /* 64-bit pairs: to 2 lanes */
-        c[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(b[2 * i], b[2 * i + 1]),
-                                _mm256_unpackhi_epi64(b[2 * i], b[2 * i + 1]));
-    __m256 lo = _mm256_shuffle_ps(_mm256_castsi256_ps(c[0]), _mm256_castsi256_ps(c[1]), 0x88);
-    __m256 hi = _mm256_shuffle_ps(_mm256_castsi256_ps(c[0]), _mm256_castsi256_ps(c[1]), 0xDD);
-    return _mm256_add_epi32(_mm256_castps_si256(lo), _mm256_castps_si256(hi));
-}
-#endif
-
-#if defined(I8_SCORE_BLOCK)
-/* Scores of keys 0..I8_SCORE_BLOCK-1 (row_bytes apart), times their scales and the query's. */
-static inline void i8_scores_block(const char *keys, int64_t row_bytes, const int16_t *q16,
-                                   int64_t dim, float q_scale, float *scores)
-{
-    int32_t sums[I8_SCORE_BLOCK];
-    ivec block = i8_block_sums(keys, row_bytes, q16, dim);
-    memcpy(sums, &block, sizeof sums);
-    for (int n = 0; n < I8_SCORE_BLOCK; n++)
-        scores[n] = (float)sums[n] * vector_scale(keys + n * row_bytes, dim) * q_scale;
-}
-
-static inline float i8_score(const char *key, const int16_t *q16, int64_t dim, float q_scale)
-{
-    return (float)i8_lane_sum(i8_dot(key, q16, dim)) * vector_scale(key, dim) * q_scale;
-}
-#endif
-
 /* One (row, head): store the new key and value, then softmax(q . keys) . values. `next`
    is the item after this one (-1 if none), most often this thread's next. */
 static inline __attribute__((always_inline)) void attend_one(
@@ -286,29 +177,7 @@ static inline __attribute__((always_inline)) void attend_one(
     int64_t asked = 0; /* bytes asked for so far, of the values and of the next keys each */
     float scaled[dim];
     for (int64_t d = 0; d < dim; d++) scaled[d] = q[d] * scale;
-    int64_t t = 0;
-#if defined(I8_SCORE_BLOCK)
-    if (kind == I8 && dim % I8_DOT_WIDTH == 0) {
-        int16_t q16[dim];
-        float max = 0.0f;
-        for (int64_t d = 0; d < dim; d++) max = fabsf(scaled[d]) > max ? fabsf(scaled[d]) : max;
-        float q_scale = max / 32767.0f, inverse = max > 0.0f ? 32767.0f / max : 0.0f;
-        for (int64_t d = 0; d < dim; d++) q16[d] = (int16_t)lrintf(scaled[d] * inverse);
-        for (; t < len; t += I8_SCORE_BLOCK) {
-            for (; asked < (t + I8_SCORE_BLOCK) * row_bytes; asked += 64) {
-                if (asked < value_bytes) __builtin_prefetch(values + asked);
-                if (asked < next_bytes) __builtin_prefetch(next_keys + asked);
-            }
-            if (t + I8_SCORE_BLOCK <= len) {
-                i8_scores_block(keys + t * row_bytes, row_bytes, q16, dim, q_scale, scores + t);
-            } else {
-                for (int64_t u = t; u < len; u++)
-                    scores[u] = i8_score(keys + u * row_bytes, q16, dim, q_scale);
-            }
-        }
-    }
-#endif
-    for (; t < len; t++) {
+    for (int64_t t = 0; t < len; t++) {
         for (; asked < (t + 1) * row_bytes; asked += 64) {
             if (asked < value_bytes) __builtin_prefetch(values + asked);
             if (asked < next_bytes) __builtin_prefetch(next_keys + asked);
