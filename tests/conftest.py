@@ -225,9 +225,10 @@ OLDER_X86 = {
 
 
 @pytest.fixture(params=list(OLDER_X86))
-def older_x86(request, tmp_path, monkeypatch):
-    """The native kernels built afresh for an older x86 level (`LM_NATIVE_ARCH`), where
-    this CPU runs that level's code: a machine with AVX-512 tests its AVX2 paths too."""
+def older_x86(request, tmp_path_factory, monkeypatch):
+    """The native kernels built for an older x86 level (`LM_NATIVE_ARCH`; once a level, in
+    its own cache directory), where this CPU runs that level's code: a machine with AVX-512
+    tests its AVX2 paths too."""
     import platform
 
     from lm import native
@@ -237,7 +238,8 @@ def older_x86(request, tmp_path, monkeypatch):
     if platform.machine() not in ("x86_64", "AMD64") or not OLDER_X86[request.param] <= flags:
         pytest.skip(f"this CPU does not run {request.param} code")
     monkeypatch.setenv("LM_NATIVE_ARCH", request.param)
-    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+    directory = tmp_path_factory.getbasetemp() / f"native-{request.param}"
+    monkeypatch.setenv("LM_CACHE_DIR", str(directory))
     monkeypatch.delenv("LM_NATIVE", raising=False)
     caches = (native.decode_attention, decode.decode_step, decode.generate_step, decode.draw)
     for function in caches:
