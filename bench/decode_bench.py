@@ -7,11 +7,11 @@ wall time, prefill included.
 
 The "native step" rows time a bare `GPT.step` of the shipped char GPT (`--step-gpt`, or
 random weights of its shape) per decode step, through the compiled whole-model step
-(`lm.native.decode`) in float32, with bfloat16 products (`LM_BF16_DECODE`, where the
-build has them) and through the PyTorch path, over a float32 cache, and with bfloat16
-products over a bfloat16 and an int8 cache (`lm.kv_int8`, lm serve's default), interleaved,
-rows at positions spread over the context, in one thread, as CPU time (meaningful even on
-a busy machine).
+(`lm.native.decode`) in float32, with bfloat16 products (where the build has them) and
+through the PyTorch path, over a float32 cache; with bfloat16 products over a bfloat16 and
+an int8 cache (`lm.kv_int8`, lm serve's default); and with int8 products over the int8
+cache (`--decode-matrices int8`, where the build has them), interleaved, rows at positions
+spread over the context, in one thread, as CPU time (meaningful even on a busy machine).
 
     python -m bench.decode_bench [--streams 1,8,32,64] [--new-tokens 256] [--threads 2]
 """
@@ -49,14 +49,14 @@ def step_ms(
     batch: int,
     native: bool,
     steps: int,
-    bf16: bool = False,
+    matrices: str = "float32",
     cache_dtype: torch.dtype = torch.float32,
 ) -> float:
     """Median CPU milliseconds of one decode step of `batch` rows (positions spread out),
     in one thread: the thread's CPU time, so that other work on a busy machine does not
-    count (its cache pollution still does). `bf16`: the native step's bfloat16 products."""
+    count (its cache pollution still does). `matrices`: the native step's products
+    (`LM_DECODE_MATRICES`)."""
     import lm.models.gpt as gpt
-    from lm.native import decode
 
     context = model.config.block_size
     state = model.init_state(batch, cache_dtype=cache_dtype)
@@ -68,7 +68,7 @@ def step_ms(
     try:
         with (
             torch.inference_mode(),
-            environment("LM_BF16_DECODE", str(int(bf16)), decode.bf16_decode),
+            environment("LM_DECODE_MATRICES", matrices),
         ):
             for i in range(steps):
                 state["pos"] = (torch.arange(batch) * 7 + i) % (context - 1)
@@ -83,10 +83,12 @@ def step_ms(
 def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dict:
     """The native step (float32, and bfloat16 products where the build has them) and the
     PyTorch step, interleaved over `rounds` (medians of medians); then the native step with
-    lm serve's caches, bfloat16 and int8 (`lm.kv_int8`), bfloat16 products where built."""
-    from lm.native.decode import bf16_weights
+    lm serve's caches, bfloat16 and int8 (`lm.kv_int8`), bfloat16 products where built,
+    and over the int8 cache with int8 products where built (`--decode-matrices int8`)."""
+    from lm.native.decode import bf16_weights, i8_weights
 
-    native, bf16, pytorch = [], [], []
+    products = "bfloat16" if bf16_weights() else "float32"
+    native, bf16, pytorch, i8 = [], [], [], []
     caches = {torch.bfloat16: [], torch.int8: []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -94,10 +96,12 @@ def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dic
         for _ in range(rounds):
             native.append(step_ms(model, batch, True, steps))
             if bf16_weights():
-                bf16.append(step_ms(model, batch, True, steps, bf16=True))
+                bf16.append(step_ms(model, batch, True, steps, "bfloat16"))
             pytorch.append(step_ms(model, batch, False, steps))
             for dtype, times in caches.items():
-                times.append(step_ms(model, batch, True, steps, bf16_weights(), dtype))
+                times.append(step_ms(model, batch, True, steps, products, dtype))
+            if i8_weights():
+                i8.append(step_ms(model, batch, True, steps, "int8", torch.int8))
     finally:
         torch.set_num_threads(threads)
     native_ms, pytorch_ms = sorted(native)[rounds // 2], sorted(pytorch)[rounds // 2]
@@ -113,6 +117,9 @@ def native_step_row(model, batch: int, steps: int = 200, rounds: int = 5) -> dic
     row["bf16_cache_step_ms"] = sorted(caches[torch.bfloat16])[rounds // 2]
     row["int8_cache_step_ms"] = sorted(caches[torch.int8])[rounds // 2]
     row["int8_cache_speedup"] = row["bf16_cache_step_ms"] / row["int8_cache_step_ms"]
+    if i8:
+        row["int8_products_step_ms"] = sorted(i8)[rounds // 2]
+        row["int8_products_speedup"] = row["int8_cache_step_ms"] / row["int8_products_step_ms"]
     return row
 
 

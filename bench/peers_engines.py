@@ -172,10 +172,12 @@ def engine_cells(exports: Exports, batches: list[int], threads: list[int]) -> li
     """Every (engine, variant, batch) to time: each engine with each thread count, except
     CTranslate2 at batch 1 (1 thread: 2 threads is several times slower there). lm runs
     its defaults, and where those multiply in bfloat16 (`lm.native.decode.bf16_decode`)
-    also in float32 (`LM_BF16_DECODE=0`), as "lm float32"."""
-    from lm.native.decode import bf16_decode
+    also in float32 (`LM_BF16_DECODE=0`), as "lm float32"; where its build multiplies
+    int8 (`i8_weights`), also with int8 products, as "lm int8" (CTranslate2 int8's scheme)."""
+    from lm.native.decode import bf16_decode, i8_weights
 
     lms = [("lm", {})] + ([("lm float32", {"LM_BF16_DECODE": "0"})] if bf16_decode() else [])
+    lms += [("lm int8", {"LM_DECODE_MATRICES": "int8"})] if i8_weights() else []
     cells = []
     for batch in batches:
         for name, env in lms:

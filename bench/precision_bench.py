@@ -4,9 +4,9 @@ For each shipped GPT, 32 windows of the held-out 10% of Tiny Shakespeare are pre
 with half a context and then decoded token by token to the end of the context, through
 `step` as the engine runs it (compiled attention kernel on the CPU where it builds). The
 loss is averaged over every predicted token. Configurations: the KV cache in float32,
-float16, bfloat16 and int8 (a scale per head vector, `lm.kv_int8`), bfloat16 matrix products in the prefill (`LM_BF16_PREFILL`, on
-CPUs that have them in hardware) and in the native decode step (`LM_BF16_DECODE`, where
-its build has them); `lm serve`'s default is the last row.
+float16, bfloat16 and int8 (a scale per head vector, `lm.kv_int8`), bfloat16 matrix products
+in the prefill (`LM_BF16_PREFILL`, on CPUs that have them in hardware) and bfloat16 or int8
+ones in the native decode step (`LM_DECODE_MATRICES`, where its build has them).
 
     python -m bench.precision_bench [--windows 32]
 """
@@ -25,23 +25,24 @@ from lm.checkpoint import load_checkpoint
 from lm.native import decode
 
 CHECKPOINTS = ("shakespeare-char-gpt", "shakespeare-bpe-gpt")
-CONFIGS = [  # (name, cache dtype, bfloat16 prefill, bfloat16 decode products)
-    ("float32 cache, float32 prefill", torch.float32, False, False),
-    ("float16 cache", torch.float16, False, False),
-    ("bfloat16 cache", torch.bfloat16, False, False),
-    ("bfloat16 cache, bfloat16 prefill", torch.bfloat16, True, False),
-    (
-        "bfloat16 cache, prefill and decode products",
-        torch.bfloat16,
-        True,
-        True,
-    ),
-    ("int8 cache (lm.kv_int8)", torch.int8, False, False),
+CONFIGS = [  # (name, cache dtype, bfloat16 prefill, decode step's matrix products)
+    ("float32 cache, float32 prefill", torch.float32, False, "float32"),
+    ("float16 cache", torch.float16, False, "float32"),
+    ("bfloat16 cache", torch.bfloat16, False, "float32"),
+    ("bfloat16 cache, bfloat16 prefill", torch.bfloat16, True, "float32"),
+    ("bfloat16 cache, prefill and decode products", torch.bfloat16, True, "bfloat16"),
+    ("int8 cache (lm.kv_int8)", torch.int8, False, "float32"),
     (
         "int8 cache, bfloat16 prefill and decode products (lm serve's default)",
         torch.int8,
         True,
+        "bfloat16",
+    ),
+    (
+        "int8 cache, bfloat16 prefill, int8 decode products (--decode-matrices int8)",
+        torch.int8,
         True,
+        "int8",
     ),
 ]
 
@@ -73,11 +74,10 @@ def main() -> None:
         checkpoint = load_checkpoint(name)
         ids = torch.tensor(checkpoint.tokenizer.encode(held_out))
         reference = None
-        for config, cache_dtype, bf16_prefill, bf16_decode in CONFIGS:
+        for config, cache_dtype, bf16_prefill, matrices in CONFIGS:
             os.environ["LM_BF16_PREFILL"] = "1" if bf16_prefill else "0"
-            os.environ["LM_BF16_DECODE"] = "1" if bf16_decode else "0"
+            os.environ["LM_DECODE_MATRICES"] = matrices
             native.bf16_matmul_is_fast.cache_clear()
-            decode.bf16_decode.cache_clear()
             applied = bf16_prefill and native.bf16_matmul_is_fast()
             loss = decode_loss(checkpoint.model, ids, args.windows, cache_dtype)
             reference = loss if reference is None else reference
@@ -87,7 +87,7 @@ def main() -> None:
                 "loss": loss,
                 "delta": loss - reference,
                 "bf16_prefill_applied": applied,
-                "bf16_decode_applied": bf16_decode and decode.bf16_decode(),
+                "decode_matrices": decode.decode_matrices(matrices),
                 "native_kernel": native.decode_attention() is not None,
             }
             print(row, flush=True)

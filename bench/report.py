@@ -135,19 +135,24 @@ def decode_section(r: dict) -> list[str]:
             "of interleaved rounds; rows at positions spread over the context): the PyTorch "
             "path, the native step with float32 and with bfloat16 products over a float32 "
             "cache, and with bfloat16 products over lm serve's caches (bfloat16; int8 with a "
-            "scale per head vector, `--kv-cache-dtype int8`).",
+            "scale per head vector, `--kv-cache-dtype int8`); then int8 products over the int8 "
+            "cache (`--decode-matrices int8`).",
             "",
             "| rows | PyTorch | native float32 | native bf16 products | + bf16 cache "
-            "| + int8 cache | int8 cache's speed-up |",
-            "|---|---|---|---|---|---|---|",
+            "| + int8 cache | int8 cache's speed-up | int8 products, int8 cache | their "
+            "speed-up |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in steps:
+            speedup = row.get("int8_products_speedup")
             lines.append(
                 f"| {row['streams']} | {fmt(row['pytorch_step_ms'], 3)} | "
                 f"{fmt(row['native_step_ms'], 3)} | {fmt(row.get('bf16_step_ms'), 3)} | "
                 f"{fmt(row.get('bf16_cache_step_ms'), 3)} | "
                 f"{fmt(row.get('int8_cache_step_ms'), 3)} | "
-                f"{fmt(row.get('int8_cache_speedup'), 2)}x |"
+                f"{fmt(row.get('int8_cache_speedup'), 2)}x | "
+                f"{fmt(row.get('int8_products_step_ms'), 3)} | "
+                f"{'-' if speedup is None else fmt(speedup, 2) + 'x'} |"
             )
     return lines + [""]
 

@@ -29,6 +29,7 @@ from lm.cuda_graphs import applies as cuda_graphs_apply
 from lm.detokenize import TextTracker
 from lm.device import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from lm.errors import LMError
+from lm.native.decode import DECODE_MATRICES
 from lm.prefix_cache import DEFAULT_CAPACITY_MB, PrefixCache
 from lm.sampling import SamplingParams, SamplingSlots, token_logprobs
 from lm.tokenizers import Tokenizer
@@ -258,6 +259,7 @@ class Engine:
         stream_interval: int = 1,
         prefix_cache_mb: float = DEFAULT_CAPACITY_MB,
         cuda_graphs: bool = True,
+        decode_matrices: str = "auto",
     ):
         if max_batch < 1:
             raise LMError("max_batch must be at least 1")
@@ -270,7 +272,14 @@ class Engine:
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                 f"got {kv_cache_dtype!r}"
             )
+        if decode_matrices not in DECODE_MATRICES:
+            raise LMError(
+                f"decode_matrices must be one of {', '.join(DECODE_MATRICES)}, "
+                f"got {decode_matrices!r}"
+            )
         self.model = model.eval()
+        if decode_matrices != "auto":  # GPT steps on the CPU (lm.native.decode)
+            model.decode_matrices = decode_matrices
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue

@@ -92,14 +92,15 @@ def run(settings: Settings) -> int:
 
     from lm import native
     from lm.device import resolve_kv_cache_dtype
-    from lm.native.decode import bf16_decode
+    from lm.native.decode import decode_matrices
 
     checkpoints = load_checkpoints(settings)  # sets the thread counts before tensor work
     app = create_app(settings, checkpoints)
     device = next(checkpoints[0].model.parameters()).device if checkpoints else "none"
     kernel = "PyTorch decode"
     if getattr(device, "type", None) == "cpu" and native.decode_attention():
-        kernel = "native decode" + (", bfloat16 products" if bf16_decode() else "")
+        matrices = decode_matrices(settings.decode_matrices)
+        kernel = "native decode" + (f", {matrices} products" if matrices != "float32" else "")
     caches = {
         str(dtype).removeprefix("torch.")
         for c in checkpoints

@@ -123,6 +123,7 @@ def start_engines(
             threads=threads,
             stream_interval=settings.stream_interval,
             kv_cache_dtype=settings.kv_cache_dtype if is_gpt else "auto",
+            decode_matrices=settings.decode_matrices,
             prefix_cache_mb=settings.prefix_cache_mb,
             cuda_graphs=settings.cuda_graphs,
         )

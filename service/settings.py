@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from lm.checkpoint import DEFAULT_CHECKPOINT
 from lm.device import KV_CACHE_DTYPES, MODEL_DTYPES
 from lm.errors import LMError
+from lm.native.decode import DECODE_MATRICES
 from lm.prefix_cache import DEFAULT_CAPACITY_MB
 from lm.sampling import MAX_STOP_SEQUENCES, Limits
 
@@ -87,6 +88,15 @@ class Settings(BaseSettings):
         description=(
             "GPT KV cache precision (auto: int8 with a scale per head vector on the CPU when "
             "the native attention kernel is built, else the model's)"
+        ),
+    )
+    decode_matrices: Literal[DECODE_MATRICES] = Field(
+        "auto",
+        description=(
+            "GPT matrix products in CPU decode steps: float32, bfloat16 or int8 (weights "
+            "per output and each step's inputs per row rounded to int8, as CTranslate2's "
+            "int8; where the CPU has the instructions, float32 elsewhere); auto: bfloat16 "
+            "where the CPU multiplies it in hardware, else float32"
         ),
     )
     prefix_cache_mb: float = Field(

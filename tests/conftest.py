@@ -242,6 +242,7 @@ def older_x86(request, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LM_CACHE_DIR", str(directory))
     monkeypatch.delenv("LM_NATIVE", raising=False)
     caches = (native.decode_attention, decode.decode_step, decode.generate_step, decode.draw)
+    caches += (decode.bf16_weights, decode.i8_weights, decode.bf16_decode)
     for function in caches:
         function.cache_clear()
     yield request.param

@@ -515,3 +515,164 @@ def test_bf16_setting_repacks_and_runs_alone_as_in_batches(bf16_step, monkeypatc
     in_runs = generate()
     monkeypatch.setattr("lm.engine.RUN_TOKENS", 1)
     assert generate() == in_runs
+
+
+# -- int8 products (LM_DECODE_MATRICES=int8) ---------------------------------------------
+
+
+@pytest.fixture
+def i8_step(native_step):
+    """The native step with its matrices in int8 (AVX512-VNNI builds). Its own patch: the
+    contexts below undo theirs (`monkeypatch.undo`)."""
+    if not decode.i8_weights():
+        pytest.skip("this CPU has no int8 dot products (AVX512-VNNI)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LM_DECODE_MATRICES", "int8")
+        yield native_step
+
+
+@pytest.fixture
+def quantized_products(monkeypatch, torch_path):
+    """A context in which GPT.step runs its PyTorch path with every matrix product's
+    weights rounded to int8 per output and its inputs per row (`decode.quantize_rows`),
+    the integer products summed exactly: what the int8 step computes."""
+
+    def quantized(x, weight, bias=None):
+        qx, x_scale = decode.quantize_rows(x)
+        qw, w_scale = decode.quantize_rows(weight)
+        sums = qx.double() @ qw.double().T  # exact: below 2**53
+        y = sums.float() * (x_scale[..., None] * w_scale)
+        return y if bias is None else y + bias
+
+    class Quantized:
+        def __enter__(self):
+            torch_path().__enter__()
+            monkeypatch.setattr(torch.nn.functional, "linear", quantized)
+
+        def __exit__(self, *exc):
+            monkeypatch.undo()
+
+    return Quantized
+
+
+@pytest.mark.parametrize(
+    "options", OPTIONS[:2] + OPTIONS[-3:], ids=lambda o: ",".join(o) or "classic"
+)
+@pytest.mark.parametrize("prompt_lengths", [[5], [1, 9, 3]], ids=["batch1", "batch3"])
+@torch.inference_mode()
+def test_i8_step_computes_the_quantized_products(
+    i8_step, torch_path, quantized_products, options, prompt_lengths
+):
+    """Step by step from the same state, the int8 step's logits and new keys and values
+    are the PyTorch path's with quantized products: the same integers, so equal within a
+    few float32 roundings, but where the two paths' floats (norms, attention) differ in
+    the last bit on either side of a rounding boundary, an input rounds to the
+    neighbouring integer: a few numbers then differ by about one quantization step. Both
+    differ from the float32 path's by the quantization."""
+    model = tiny_gpt(n_embd=44, **options)  # widths that are not multiples of 4 or 16
+    state = prefilled(model, prompt_lengths, torch.float32)
+    assert model._native_weights().matrices == "int8"
+    close, total, worst, worst_exact = 0, 0, 0.0, 0.0
+    for t in range(6):
+        ids = ids_of(len(prompt_lengths), 1, seed=50 + t)
+        logits, native_state = model.step(ids, clone(state))
+        with quantized_products():
+            expected, quantized_state = model.step(ids, clone(state))
+        with torch_path():
+            exact, _ = model.step(ids, clone(state))
+        new = [(native_state, quantized_state)] if t else []
+        for got, want in [(logits, expected)] + [
+            (as_float(a[key]), as_float(b[key])) for a, b in new for key in a if key != "pos"
+        ]:
+            diff = (got - want).abs()
+            close += int((diff <= 1e-5).sum())
+            total += diff.numel()
+            worst = max(worst, float(diff.max()))
+        worst_exact = max(worst_exact, float((logits - exact).abs().max()))
+        state = native_state
+    assert close >= 0.97 * total
+    assert worst < 0.1
+    assert worst_exact > 0.005
+
+
+@pytest.mark.parametrize("rows", [1, 37, 45])
+@torch.inference_mode()
+def test_i8_rows_do_not_depend_on_batch_or_threads(i8_step, rows):
+    model = tiny_gpt(n_head=2, n_embd=40, **MODERN)
+    lengths = [1 + (7 * row) % 20 for row in range(rows)]
+    state = prefilled(model, lengths, torch.int8)
+    ids = ids_of(rows, 1, seed=9)
+    one, two = (step_with_threads(model, ids, state, n) for n in (1, 2))
+    assert torch.equal(one, two)
+    for row in {0, rows // 2, rows - 1}:
+        alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
+        logits, _ = model.step(ids[row : row + 1], alone)
+        assert torch.equal(logits[0], one[row])
+
+
+@torch.inference_mode()
+def test_i8_step_keeps_a_non_finite_row_to_itself(i8_step):
+    """A row whose numbers overflow gets non-finite logits (which the engine reports for
+    that row) instead of a finite answer rounded from garbage; its neighbours are as
+    without it."""
+    model = tiny_gpt(n_embd=40, **MODERN)
+    state = prefilled(model, [3, 4, 5], torch.float32)
+    prompts = {int(t) for n in (3, 4, 5) for t in ids_of(1, n, seed=n).flatten()}
+    bad, good = max(set(range(VOCAB)) - prompts), min(prompts)
+    with torch.no_grad():
+        model.wte.weight[bad] = float("inf")  # a token no prompt holds
+    ids = torch.tensor([[good], [bad], [good]])
+    logits, _ = model.step(ids, clone(state))
+    assert not logits[1].isfinite().any()
+    assert logits[[0, 2]].isfinite().all()
+    alone, _ = model.step(ids[[0, 2]], {key: t[[0, 2]].clone() for key, t in state.items()})
+    assert torch.equal(alone, logits[[0, 2]])
+
+
+@torch.inference_mode()
+def test_i8_setting_repacks(i8_step, monkeypatch):
+    model = tiny_gpt(n_embd=40, **MODERN)
+    state = prefilled(model, [4], torch.float32)
+    i8, _ = model.step(ids_of(1, 1), clone(state))
+    assert model._native_weights().matrices == "int8"
+    monkeypatch.setenv("LM_DECODE_MATRICES", "float32")
+    exact, _ = model.step(ids_of(1, 1), clone(state))
+    assert model._native_weights().matrices == "float32" and not torch.equal(i8, exact)
+
+
+@torch.inference_mode()
+def test_a_build_without_int8_products_falls_back_and_refuses_them(older_x86, monkeypatch):
+    """The AVX2 and AVX-512-without-VNNI builds have no int8 matrices: asked for them, a
+    model packs its matrices as it would otherwise, and the step refuses an int8 pack."""
+    assert decode.decode_step() is not None and not decode.i8_weights()
+    monkeypatch.setenv("LM_DECODE_MATRICES", "int8")
+    model = tiny_gpt(n_embd=40, **MODERN)
+    state = prefilled(model, [4], torch.float32)
+    logits, _ = model.step(ids_of(1, 1), clone(state))
+    assert model._native_weights().matrices == "float32"
+    with pytest.raises(ValueError, match="int8"):
+        decode.decode_step()(
+            model._pack("int8"),
+            torch.tensor([1]),
+            state["pos"].clone(),
+            [state[f"k{i}"] for i in range(2)],
+            [state[f"v{i}"] for i in range(2)],
+        )
+
+
+@torch.inference_mode()
+def test_an_engine_packs_the_matrices_it_is_told(i8_step):
+    """`Engine(decode_matrices=...)` (lm serve's --decode-matrices) decides over the
+    LM_DECODE_MATRICES variable (int8 here); a value it does not know is refused."""
+    from lm.errors import LMError
+
+    tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvw")
+    for asked, packed in (("float32", "float32"), ("auto", "int8"), ("int8", "int8")):
+        model = tiny_gpt(n_embd=40, vocab_size=tokenizer.vocab_size, **MODERN)
+        engine = Engine(model, tokenizer, max_batch=2, decode_matrices=asked)
+        seq = engine.submit(tokenizer.encode("abc"), SamplingParams(max_new_tokens=3))
+        engine.run_until_idle()
+        assert len(seq.generated) == 3
+        assert model._native_weights().matrices == packed
+    with pytest.raises(LMError, match="decode_matrices"):
+        Engine(model, tokenizer, decode_matrices="int4")

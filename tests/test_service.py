@@ -419,6 +419,39 @@ def test_kv_cache_dtype_setting_is_checked():
         Settings(kv_cache_dtype="int4")
 
 
+def test_decode_matrices_setting_serves_gpts_and_leaves_recurrent_models_alone(
+    tiny_checkpoint_dir, launch
+):
+    """LM_DECODE_MATRICES (--decode-matrices) picks the GPT's decode products: int8 on a CPU
+    with AVX512-VNNI, float32 where not; the same greedy text as float32 products here
+    (the tiny model's margins are wide); a recurrent model beside it answers all the same."""
+    from lm.native import decode
+    from service.app import create_app
+    from service.settings import Settings
+
+    texts = {}
+    for matrices in ("float32", "int8"):
+        settings = Settings(checkpoints=[], decode_matrices=matrices)
+        gpt = load_checkpoint(tiny_checkpoint_dir)
+        lstm = load_checkpoint("shakespeare-char-lstm")
+        server = launch(create_app(settings, [gpt, lstm]))
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+        for model in ("tiny", "shakespeare-char-lstm"):
+            texts[matrices, model] = (
+                client.completions.create(
+                    model=model, prompt=PROMPT, max_tokens=8, seed=1, temperature=0.0
+                )
+                .choices[0]
+                .text
+            )
+        packed = gpt.model._native_weights()
+        if decode.decode_step() is not None:
+            want = "int8" if matrices == "int8" and decode.i8_weights() else "float32"
+            assert packed.matrices == want
+    for model in ("tiny", "shakespeare-char-lstm"):
+        assert texts["float32", model] == texts["int8", model] != ""
+
+
 def test_health_is_503_from_the_signal_on(tiny_checkpoint_dir):
     """`lm serve`'s server marks the app draining when SIGTERM arrives (uvicorn then lets
     running requests finish), so /health answers 503 from that moment."""

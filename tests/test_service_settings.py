@@ -27,6 +27,7 @@ SAMPLES = {
     "stream_flush_ms": ("25", "25", 25.0),
     "stream_chunk_rate": ("2000", "2000", 2000.0),
     "kv_cache_dtype": ("float16", "float16", "float16"),
+    "decode_matrices": ("int8", "int8", "int8"),
     "prefix_cache_mb": ("0", "0", 0.0),
     "max_tokens_limit": ("99", "99", 99),
     "max_n": ("3", "3", 3),

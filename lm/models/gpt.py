@@ -22,7 +22,7 @@ from lm import kv_int8
 from lm.lora import MultiLoRALinear
 from lm.models import ModelConfig, State
 from lm.native import CACHE_DTYPES, DecodeAttention, bf16_matmul_is_fast, decode_attention
-from lm.native.decode import PackedGPT, bf16_decode, decode_step, generate_step, pack
+from lm.native.decode import PackedGPT, decode_matrices, decode_step, generate_step, pack
 from lm.native.dropout import Dropout
 
 # A prefill of this many tokens per row or more multiplies in bfloat16 (on CPUs that do it
@@ -594,8 +594,9 @@ class GPT(nn.Module):
         """The weights packed for the native step, packed again when any parameter or
         layer has changed since (in place, reassigned, replaced); None while a layer
         carries a LoRA adapter that applies to every row (`lm.lora.LoRALinear`)."""
-        cached, bf16 = self.__dict__.get("_native_pack"), bf16_decode()
-        if cached is not None and cached.bf16 == bf16 and cached.unchanged():
+        cached = self.__dict__.get("_native_pack")
+        matrices = decode_matrices(self.__dict__.get("decode_matrices"))
+        if cached is not None and cached.matrices == matrices and cached.unchanged():
             return cached.packed
         watch, packed = _Watch.of(self), None
         linears = [
@@ -604,11 +605,11 @@ class GPT(nn.Module):
             for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         ]
         if all(type(layer) in (nn.Linear, MultiLoRALinear) for layer in linears):
-            packed = self._pack(bf16)
-        self._native_pack = _NativePack(packed, watch, bf16)
+            packed = self._pack(matrices)
+        self._native_pack = _NativePack(packed, watch, matrices)
         return packed
 
-    def _pack(self, bf16: bool = False) -> PackedGPT:
+    def _pack(self, matrices: str = "float32") -> PackedGPT:
         c = self.config
         tensors = {
             "wte": self.wte.weight,
@@ -650,7 +651,7 @@ class GPT(nn.Module):
             eps=_eps(self.ln_f),
             qk_eps=RMS_NORM_EPS if q_norm is None else _eps(q_norm),
             softcap=c.logit_softcap,
-            bf16=bf16,
+            matrices=matrices,
         )
 
 
@@ -701,7 +702,7 @@ def _stamps(parameters: list[torch.Tensor], inference: list[torch.Tensor]):
 class _NativePack(NamedTuple):
     packed: PackedGPT | None  # None: a layer the native step cannot run
     watch: _Watch
-    bf16: bool  # matrices in bfloat16 (`lm.native.decode.bf16_decode`)
+    matrices: str  # what the matrices hold (`lm.native.decode.decode_matrices`)
 
     def unchanged(self) -> bool:
         return self.watch.unchanged()

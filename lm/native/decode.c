@@ -20,10 +20,10 @@
  * Arguments:
  *   shape    n_layer, n_embd, n_head, mlp hidden width, vocab, context, norm (0 LayerNorm,
  *            1 RMSNorm), mlp (0 GELU, 1 ReLU squared, 2 SwiGLU), matrices (0 float32,
- *            1 bfloat16 pairs: `linear`)
+ *            1 bfloat16 pairs, 2 int8 with scales: `linear`)
  *   numbers  eps of the block norms, eps of the QK-norm, logit soft-cap (0: none)
- *   weights  the packed tensors, float32 but for bfloat16 matrices; `offsets` says where
- *            each slot starts, in floats (-1: absent)
+ *   weights  the packed tensors, float32 but for bfloat16 and int8 matrices; `offsets` says
+ *            where each slot starts, in floats (-1: absent)
  *   ids, pos [batch] int64: each row's new token and its position (< context)
  *   k_caches, v_caches  per layer, keys and values [rows, heads, ctx, dim] in the cache's
  *            type (int8: dim + 4 bytes a vector, attention.c), rows `cache_row_stride`
@@ -32,7 +32,8 @@
  *   threads  how many threads share the step
  * Returns 0; or, with nothing written, 1 when the scratch could not be allocated, 2 for a
  * token outside the vocabulary, 3 for a position outside the context, 4 for bfloat16
- * matrices in a build without them (`lm_bf16_weights`).
+ * matrices in a build without them (`lm_bf16_weights`), 5 for int8 matrices in a build
+ * without them (`lm_i8_weights`).
  */
 #define LM_ATTENTION_HELPERS_ONLY /* attend_one and friends, not attention.c's exports */
 #include "attention.c"
@@ -252,6 +253,150 @@ static void to_pairs(const float *restrict x, int64_t x_stride, uint32_t *restri
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define I8_WEIGHTS 1
+/* The sums from int8 weights and inputs, where the CPU multiplies bytes (AVX512-VNNI), as
+   CTranslate2's int8 does: each output's weights are rounded to int8 with one float32 scale
+   (max |w| / 127), and each row of inputs, when a product needs it, to int8 with its own
+   scale (`to_quads`), plus 128 so that one VPDPBUSD multiplies four unsigned inputs by four
+   signed weights and adds them to an int32 sum: four products per lane where bfloat16
+   pairs give two, from a quarter of float32's bytes. The sum is exact (integers); the 128s
+   come off with the output's `128 * sum(weights)` (`comp`), and
+   y = (sum - comp) * (input scale * weight scale). A panel is [in / 4][PANEL][4] int8
+   (inputs 4i .. 4i + 3 side by side for each of its eight outputs), then the eight scales
+   and the eight comps: I8_PANEL_BYTES(quads) bytes. */
+#define I8_PANEL_BYTES(quads) ((quads) * 4 * PANEL + 2 * PANEL * 4)
+#define I8_KERNEL(R, P)                                                                       \
+    static inline __attribute__((always_inline)) void i8_kernel_##R##x##P(                    \
+        const int8_t *restrict w, const uint32_t *restrict x, int64_t x_stride,               \
+        int64_t quads, __m256i out[R][P])                                                     \
+    {                                                                                         \
+        const int64_t stride = I8_PANEL_BYTES(quads);                                         \
+        /* Integer sums: any order gives the same. One row runs two chains per panel (the  \
+           even and the odd quads), to hide the multiply-add's latency. */                   \
+        const int chains = R == 1 ? 2 : 1;                                                    \
+        __m256i acc[2][R][P];                                                                 \
+        for (int c = 0; c < 2; c++)                                                           \
+            for (int r = 0; r < R; r++)                                                       \
+                for (int p = 0; p < P; p++) acc[c][r][p] = _mm256_setzero_si256();            \
+        int64_t i = 0;                                                                        \
+        for (; i + chains <= quads; i += chains)                                              \
+            for (int c = 0; c < chains; c++)                                                  \
+                for (int p = 0; p < P; p++) {                                                 \
+                    __m256i weights =                                                         \
+                        _mm256_loadu_si256((const __m256i *)(w + p * stride + (i + c) * 4 * PANEL)); \
+                    for (int r = 0; r < R; r++)                                               \
+                        acc[c][r][p] = _mm256_dpbusd_epi32(                                   \
+                            acc[c][r][p], _mm256_set1_epi32((int)x[r * x_stride + i + c]), weights); \
+                }                                                                             \
+        for (; i < quads; i++)                                                                \
+            for (int p = 0; p < P; p++) {                                                     \
+                __m256i weights =                                                             \
+                    _mm256_loadu_si256((const __m256i *)(w + p * stride + i * 4 * PANEL));    \
+                for (int r = 0; r < R; r++)                                                   \
+                    acc[0][r][p] = _mm256_dpbusd_epi32(                                       \
+                        acc[0][r][p], _mm256_set1_epi32((int)x[r * x_stride + i]), weights);  \
+            }                                                                                 \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int p = 0; p < P; p++) out[r][p] = _mm256_add_epi32(acc[0][r][p], acc[1][r][p]); \
+    }
+
+I8_KERNEL(1, 4)
+I8_KERNEL(1, 2)
+I8_KERNEL(2, 2)
+I8_KERNEL(4, 2)
+I8_KERNEL(5, 2)
+
+/* `rows` rows of `in` floats, `x_stride` apart, rounded to int8 plus 128 (unsigned bytes,
+   four to a word; 128 past `in`, to a whole word), `q_stride` words apart; each row's scale
+   (max |x| / 127, a float) in the word after its bytes. round(x * (1 / scale)), halves to
+   even, as lm/native/decode.py's `quantize_rows`. A row with a NaN or an infinity gets a
+   NaN scale, so that all its outputs are NaN (the engine then fails that row alone). */
+static void to_quads(const float *restrict x, int64_t x_stride, uint32_t *restrict q,
+                     int64_t q_stride, int64_t rows, int64_t in)
+{
+    const int64_t quads = (in + 3) / 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        uint8_t *out = (uint8_t *)(q + r * q_stride);
+        /* max |x| by the bits (integer order of non-negative floats; NaN above infinity):
+           -ffast-math lets the compiler assume every float is finite. */
+        uint32_t top = 0;
+        for (int64_t i = 0; i < in; i++) {
+            uint32_t bits = float_to_bits(xr[i]) & 0x7fffffffu;
+            top = bits > top ? bits : top;
+        }
+        float scale = bits_to_float(top) * (1.0f / 127.0f);
+        float inverse = top ? 1.0f / scale : 0.0f;
+        if (top >= 0x7f800000u) scale = bits_to_float(0x7fc00000u), inverse = 0.0f;
+        int64_t i = 0;
+        const __m512 by = _mm512_set1_ps(inverse);
+        for (; i + 16 <= in; i += 16) {
+            __m512i n = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), by));
+            n = _mm512_min_epi32(_mm512_max_epi32(n, _mm512_set1_epi32(-127)),
+                                 _mm512_set1_epi32(127));
+            n = _mm512_add_epi32(n, _mm512_set1_epi32(128));
+            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(n));
+        }
+        for (; i < in; i++) {
+            float n = nearbyintf(xr[i] * inverse);
+            n = n < -127.0f ? -127.0f : n > 127.0f ? 127.0f : n;
+            out[i] = (uint8_t)((int)n + 128);
+        }
+        for (; i < 4 * quads; i++) out[i] = 128;
+        memcpy(q + r * q_stride + quads, &scale, sizeof scale);
+    }
+}
+
+/* One panel's int32 sums for a row whose input scale is `scale`, as floats (plus bias)
+   into y's row, or added to it (panel_store). */
+static inline void i8_store(__m256i sums, const int8_t *panel, int64_t quads, float scale,
+                            const float *bias, float *y, int64_t o, int64_t out, int accumulate)
+{
+    const int8_t *tail = panel + quads * 4 * PANEL;
+    __m256 w_scale = _mm256_loadu_ps((const float *)tail);
+    __m256i comp = _mm256_loadu_si256((const __m256i *)(tail + PANEL * 4));
+    __m256 value = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, comp));
+    /* Each product as written: -ffast-math lets the compiler reassociate the three factors
+       or fuse the last product with the addition of the bias or residual, differently in
+       different inlined tiles, and a row's numbers would then depend on its tile. */
+    __m256 factor = _mm256_mul_ps(_mm256_set1_ps(scale), w_scale);
+    __asm__("" : "+x"(factor));
+    value = _mm256_mul_ps(value, factor);
+    __asm__("" : "+x"(value));
+    panel_store((v8)value, bias, y, o, out, accumulate);
+}
+
+#define I8_TILE(R, P)                                                                         \
+    do {                                                                                      \
+        __m256i sums[R][P];                                                                   \
+        const int8_t *first = w + p * I8_PANEL_BYTES(in);                                     \
+        i8_kernel_##R##x##P(first, x + b * x_stride, x_stride, in, sums);                     \
+        for (int r = 0; r < R; r++) {                                                         \
+            float scale;                                                                      \
+            memcpy(&scale, x + (b + r) * x_stride + in, sizeof scale);                        \
+            for (int q = 0; q < P; q++)                                                       \
+                i8_store(sums[r][q], first + q * I8_PANEL_BYTES(in), in, scale, bias,         \
+                         y + (b + r) * y_stride, (p + q) * PANEL, out, accumulate);           \
+        }                                                                                     \
+    } while (0)
+
+/* As `f32_tile` (`in` counts quads). */
+static inline void i8_tile(const int8_t *restrict w, const float *restrict bias,
+                           const uint32_t *restrict x, int64_t x_stride, float *restrict y,
+                           int64_t y_stride, int64_t b, int64_t rows, int64_t p, int64_t in,
+                           int64_t out, int accumulate)
+{
+    switch (rows) {
+    case 1: I8_TILE(1, 2); break;
+    case 2: I8_TILE(2, 2); break;
+    case 3: I8_TILE(2, 2); b += 2; I8_TILE(1, 2); break;
+    case 4: I8_TILE(4, 2); break;
+    default: I8_TILE(5, 2); break;
+    }
+}
+#endif
+
 /* One tile: `R` rows from row `b` by `P` panels from panel `p` of the `FAMILY` kernels
    (f32 or bf16; `in` counts their inputs: floats or pairs), computed and stored. */
 #define TILE(FAMILY, R, P)                                                                    \
@@ -286,6 +431,9 @@ DEFINE_TILE(f32, float, float)
 #ifdef BF16_WEIGHTS
 DEFINE_TILE(bf16, uint16_t, uint32_t)
 #endif
+#define f32_ONE_ROW TILE(f32, 1, 4)
+#define bf16_ONE_ROW TILE(bf16, 1, 4)
+#define i8_ONE_ROW I8_TILE(1, 4)
 
 /* One group of four panels, for every row: TILE_ROWS rows at a time by two panels (one row
    alone takes all four at once). */
@@ -293,7 +441,7 @@ DEFINE_TILE(bf16, uint16_t, uint32_t)
     do {                                                                                      \
         if (batch == 1 && end - p0 == 4) {                                                    \
             const int64_t b = 0, p = p0;                                                      \
-            TILE(FAMILY, 1, 4);                                                               \
+            FAMILY##_ONE_ROW;                                                                 \
         } else {                                                                              \
             for (int64_t b = 0; b < batch; b += TILE_ROWS)                                    \
                 for (int64_t p = p0; p < end; p += 2)                                         \
@@ -303,11 +451,15 @@ DEFINE_TILE(bf16, uint16_t, uint32_t)
         }                                                                                     \
     } while (0)
 
-/* The weights of a `linear`: float32, or bfloat16 pairs (`pairs`, a thread's own scratch
-   for the inputs as pairs, `pairs_stride` words a row); `in` counts floats either way. */
+/* What the matrices hold (shape[8]). */
+enum { F32_MATRICES, BF16_MATRICES, I8_MATRICES };
+
+/* The weights of a `linear`: float32, bfloat16 pairs or int8 (`kind`), with `pairs`, a
+   thread's own scratch for the inputs as pairs or quads, `pairs_stride` words a row; `in`
+   counts floats either way. */
 struct matrix {
     const void *w;
-    int bf16;
+    int kind;
     uint32_t *pairs;
     int64_t pairs_stride;
 };
@@ -320,11 +472,19 @@ static inline void linear_group(struct matrix m, const float *restrict bias,
 {
     const int64_t p0 = 4 * g, end = panels < p0 + 4 ? panels : p0 + 4;
 #ifdef BF16_WEIGHTS
-    if (m.bf16) {
+    if (m.kind == BF16_MATRICES) {
         const uint16_t *w = m.w;
         const uint32_t *x = m.pairs;
         const int64_t x_stride = m.pairs_stride, in = (in_f32 + 1) / 2;
         GROUP(bf16);
+    } else
+#endif
+#ifdef I8_WEIGHTS
+    if (m.kind == I8_MATRICES) {
+        const int8_t *w = m.w;
+        const uint32_t *x = m.pairs;
+        const int64_t x_stride = m.pairs_stride, in = (in_f32 + 3) / 4;
+        GROUP(i8);
     } else
 #endif
     {
@@ -349,9 +509,12 @@ static void linear(struct matrix m, const float *restrict bias, const float *res
                    int64_t a_stride, int64_t hidden)
 {
     const int64_t panels = 2 * ((out + 2 * PANEL - 1) / (2 * PANEL)), groups = (panels + 3) / 4;
+    /* Every thread converts the rows for itself: no wait for the others. */
 #ifdef BF16_WEIGHTS
-    if (m.bf16) /* every thread converts the rows for itself: no wait for the others */
-        to_pairs(x, x_stride, m.pairs, m.pairs_stride, batch, in);
+    if (m.kind == BF16_MATRICES) to_pairs(x, x_stride, m.pairs, m.pairs_stride, batch, in);
+#endif
+#ifdef I8_WEIGHTS
+    if (m.kind == I8_MATRICES) to_quads(x, x_stride, m.pairs, m.pairs_stride, batch, in);
 #endif
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++)
@@ -482,9 +645,9 @@ struct step {
     int64_t cache_row_stride, batch;
     float *logits;
     enum element kind;
-    int bf16;                           /* the matrices hold bfloat16 pairs */
+    int matrices;                       /* F32_MATRICES, BF16_MATRICES or I8_MATRICES */
     int64_t row, qkv_row, f_row, a_row; /* scratch row strides, in floats */
-    int64_t pairs_row;                  /* a row of inputs as bfloat16 pairs, in words */
+    int64_t pairs_row; /* a row of inputs as bfloat16 pairs or int8 quads, in words */
     float *x, *qkv, *att, *f, *a;       /* [batch, *_row] */
     int chunk;                          /* attention items a thread takes at a time */
 };
@@ -507,7 +670,7 @@ static void step_layers(const struct step *s, float *scores, char *new_kv, float
 #define LAYER_SLOT(layer, i) SLOT(GLOBAL_SLOTS + (layer) * SLOTS_PER_LAYER + (i))
     const float *wte = SLOT(WTE), *wpe = SLOT(WPE);
     const float *cos_table = SLOT(ROPE_COS), *sin_table = SLOT(ROPE_SIN);
-#define MATRIX(w) ((struct matrix){(w), s->bf16, pairs, s->pairs_row})
+#define MATRIX(w) ((struct matrix){(w), s->matrices, pairs, s->pairs_row})
 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nb; b++) {
@@ -591,10 +754,13 @@ static int decode_step(const int64_t *shape, const float *numbers, const float *
         .eps = numbers[0], .qk_eps = numbers[1], .softcap = numbers[2],
         .weights = weights, .offsets = offsets, .ids = ids, .pos = pos,
         .k_caches = k_caches, .v_caches = v_caches, .cache_row_stride = cache_row_stride,
-        .batch = batch, .logits = logits, .kind = kind, .bf16 = (int)shape[8],
+        .batch = batch, .logits = logits, .kind = kind, .matrices = (int)shape[8],
     };
 #ifndef BF16_WEIGHTS
-    if (s.bf16) return 4;
+    if (s.matrices == BF16_MATRICES) return 4;
+#endif
+#ifndef I8_WEIGHTS
+    if (s.matrices == I8_MATRICES) return 5;
 #endif
     s.dim = s.n_embd / s.heads;
     s.scale = 1.0f / sqrtf((float)s.dim);
@@ -753,6 +919,17 @@ DEFINE_GENERATE(lm_gpt_generate_i8, I8)
 int lm_bf16_weights(void)
 {
 #ifdef BF16_WEIGHTS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Whether this build multiplies int8 weights (shape[8] = 2): compiled for a CPU with
+   AVX512-VNNI. */
+int lm_i8_weights(void)
+{
+#ifdef I8_WEIGHTS
     return 1;
 #else
     return 0;

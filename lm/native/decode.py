@@ -5,13 +5,15 @@
 compiled step, which takes a pack, one new token per row, the rows' positions and the
 per-layer KV caches, writes the new keys and values into the caches and returns the
 next-token logits. `lm.models.gpt.GPT.step` uses it for decode steps on the CPU, with
-its matrices in bfloat16 where the build multiplies bfloat16 pairs (`bf16_decode`).
+its matrices in bfloat16 where the build multiplies bfloat16 pairs (`bf16_decode`), or in
+int8 where asked and the build multiplies bytes (`decode_matrices`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,8 @@ PANELLED = {
     "mlp.c_proj.weight",
 }
 PANEL = 8
+MATRICES = ("float32", "bfloat16", "int8")  # what decode.c's matrices hold (shape[8])
+DECODE_MATRICES = ("auto", *MATRICES)  # what a user may ask for (`decode_matrices`)
 MLP_KINDS = ("gelu", "relu2", "swiglu")
 _FUNCTIONS = {
     torch.float32: "lm_gpt_decode_f32",
@@ -73,7 +77,7 @@ class PackedGPT:
     weights: torch.Tensor  # float32, every tensor of `slots` one after the other
     offsets: torch.Tensor  # int64, where each slot starts in `weights` (-1: absent)
     shape: torch.Tensor  # int64: n_layer, n_embd, n_head, hidden, vocab, context, norm, mlp,
-    # bf16 (1: the matrices hold bfloat16 pairs)
+    # matrices (MATRICES: 0 float32, 1 bfloat16 pairs, 2 int8)
     numbers: torch.Tensor  # float32: norm eps, QK-norm eps, logit soft-cap
 
     @property
@@ -81,8 +85,12 @@ class PackedGPT:
         return int(self.shape[0])
 
     @property
+    def matrices(self) -> str:
+        return MATRICES[int(self.shape[8])]
+
+    @property
     def bf16(self) -> bool:
-        return bool(self.shape[8])
+        return self.matrices == "bfloat16"
 
 
 def pack(
@@ -99,12 +107,14 @@ def pack(
     eps: float,
     qk_eps: float,
     softcap: float,
-    bf16: bool = False,
+    matrices: str = "float32",
 ) -> PackedGPT:
     """Copy `tensors` (named as `GLOBAL_SLOTS`, and `LAYER_SLOTS` prefixed `blocks.{i}.`;
     absent or None where the model has no such part) into one float32 buffer, matrices in
-    panels (`PANELLED`), rounded to bfloat16 pairs with `bf16` (`_bf16_panels`). A tensor
-    that fills two slots in one layout is stored once."""
+    panels (`PANELLED`): float32, bfloat16 pairs (`_bf16_panels`) or int8 with scales
+    (`_i8_panels`), as `matrices` says. A tensor that fills two slots in one layout is
+    stored once."""
+    panels = {"float32": _panels, "bfloat16": _bf16_panels, "int8": _i8_panels}[matrices]
     names = [*GLOBAL_SLOTS, *(f"blocks.{i}.{s}" for i in range(n_layer) for s in LAYER_SLOTS)]
     offsets, chunks, seen, size = [], [], {}, 0
     for name in names:
@@ -123,7 +133,7 @@ def pack(
         if mlp == "swiglu" and name.split(".", 2)[-1].startswith("mlp.c_fc."):
             flat = _gate_up_panels(flat, hidden)
         if panelled:
-            flat = _bf16_panels(flat) if bf16 else _panels(flat)
+            flat = panels(flat)
         else:
             flat = flat.reshape(-1)
         padding = -flat.numel() % _ALIGN
@@ -136,7 +146,7 @@ def pack(
         aligned[start : start + weights.numel()] = weights
         weights = aligned[start : start + weights.numel()]
     shape = [n_layer, n_embd, n_head, hidden, vocab, context, int(rmsnorm), MLP_KINDS.index(mlp)]
-    shape.append(int(bf16))
+    shape.append(MATRICES.index(matrices))
     return PackedGPT(
         weights=weights,
         offsets=torch.tensor(offsets, dtype=torch.int64),
@@ -183,13 +193,69 @@ def _bf16_panels(matrix: torch.Tensor) -> torch.Tensor:
     return pairs.transpose(1, 2).contiguous().reshape(-1).view(torch.float32)
 
 
+_STEP = torch.tensor(1.0 / 127.0, dtype=torch.float32)  # as decode.c rounds its constant
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of float32 `x[..., n]` as int8 numbers and one float32 scale, as decode.c
+    rounds weights (per output) and inputs (per row): scale = max|x| * (1/127),
+    q = round(x * (1 / scale)) (halves to even), all zeros for a row of zeros."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) * _STEP
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(x * inverse).clamp_(-127, 127).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
+def _i8_panels(matrix: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> per panel of PANEL outputs: [in / 4, PANEL, 4] int8 (each output's
+    weights rounded with its own scale, `quantize_rows`; inputs 4i .. 4i + 3 side by side,
+    zeros past the last input and output), then the PANEL scales (float32) and the PANEL
+    sums of the output's int8 weights times 128 (int32), in an even number of panels;
+    flattened and seen as float32 words (decode.c: I8_PANEL_BYTES)."""
+    out, width = matrix.shape
+    quads = -(-width // 4)
+    padded = matrix.new_zeros(-(-out // (2 * PANEL)) * 2 * PANEL, 4 * quads)
+    padded[:out, :width] = matrix
+    q, scale = quantize_rows(padded)
+    comp = (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32)  # sum() gives int64
+    weights = q.reshape(-1, PANEL, quads, 4).transpose(1, 2).reshape(-1, quads * 4 * PANEL)
+    tails = (scale.reshape(-1, PANEL).view(torch.int8), comp.reshape(-1, PANEL).view(torch.int8))
+    return torch.cat((weights, *tails), dim=1).reshape(-1).view(torch.float32)
+
+
 @functools.cache
 def bf16_weights() -> bool:
-    """Whether the compiled step multiplies bfloat16 matrices (`pack(bf16=True)`): built
+    """Whether the compiled step multiplies bfloat16 matrices (`pack(matrices="bfloat16")`): built
     for a CPU with AVX512-BF16, where that is twice the products per instruction of
     float32, from half the bytes."""
     library = _library()
     return library is not None and bool(library.lm_bf16_weights())
+
+
+@functools.cache
+def i8_weights() -> bool:
+    """Whether the compiled step multiplies int8 matrices (`pack(matrices="int8")`): built
+    for a CPU with AVX512-VNNI."""
+    library = _library()
+    return library is not None and bool(library.lm_i8_weights())
+
+
+def decode_matrices(asked: str | None = None) -> str:
+    """What a GPT's matrices are packed in for the native step, for `asked` (None: the
+    `LM_DECODE_MATRICES` variable, else "auto"): "float32"; "bfloat16" or "int8" where the
+    build multiplies them (`bf16_weights`, `i8_weights`; float32 where not); "auto":
+    bfloat16 where `bf16_decode`, else float32."""
+    asked = asked or os.environ.get("LM_DECODE_MATRICES") or "auto"
+    if asked not in DECODE_MATRICES:
+        raise ValueError(f"decode matrices must be one of {', '.join(DECODE_MATRICES)}: {asked!r}")
+    if asked == "int8" and i8_weights():
+        return "int8"
+    if asked == "bfloat16" and bf16_weights():
+        return "bfloat16"
+    if asked == "auto" and bf16_decode():
+        return "bfloat16"
+    return "float32"
 
 
 @functools.cache
@@ -227,8 +293,9 @@ def _library() -> ctypes.CDLL | None:
         function.restype = i64
     library.lm_draw.argtypes = [pointer, i64, i64, pointer, pointer, pointer]
     library.lm_draw.restype = None
-    library.lm_bf16_weights.argtypes = []
-    library.lm_bf16_weights.restype = ctypes.c_int
+    for name in ("lm_bf16_weights", "lm_i8_weights"):
+        getattr(library, name).argtypes = []
+        getattr(library, name).restype = ctypes.c_int
     return library
 
 
@@ -379,6 +446,8 @@ def _raise(failed: int, packed: PackedGPT, positions: torch.Tensor) -> None:
         )
     if failed == 4:
         raise ValueError("this build of the native step has no bfloat16 matrices (bf16_weights)")
+    if failed == 5:
+        raise ValueError("this build of the native step has no int8 matrices (i8_weights)")
 
 
 def _check(
