@@ -276,6 +276,19 @@ def test_generate_bad_input_is_one_line_and_status_2(capsys, argv, fragments):
     assert_one_line_error(err, *fragments)
 
 
+def test_generate_a_bad_decode_matrices_variable_is_one_line(capsys, monkeypatch):
+    """LM_DECODE_MATRICES is read where a GPT's native decode step runs."""
+    from lm.native import decode
+
+    if decode.decode_step() is None:
+        pytest.skip("no native decode step here (LM_NATIVE=0 or no compiler)")
+    monkeypatch.setenv("LM_DECODE_MATRICES", "int4")
+    status, out, err = run(capsys, "generate", "We", "--checkpoint", "tiny")
+    assert status == 2
+    assert out == ""
+    assert_one_line_error(err, "LM_DECODE_MATRICES", "int4", "int8")
+
+
 def test_generate_a_damaged_checkpoint_is_one_line(capsys, tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json", encoding="utf-8")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lm import kv_int8
+from lm.errors import LMError
 from lm.native import CACHE_DTYPES, load_library, switched_off
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -248,7 +249,10 @@ def decode_matrices(asked: str | None = None) -> str:
     bfloat16 where `bf16_decode`, else float32."""
     asked = asked or os.environ.get("LM_DECODE_MATRICES") or "auto"
     if asked not in DECODE_MATRICES:
-        raise ValueError(f"decode matrices must be one of {', '.join(DECODE_MATRICES)}: {asked!r}")
+        raise LMError(
+            f"LM_DECODE_MATRICES must be one of {', '.join(DECODE_MATRICES)}, got {asked!r}",
+            param="decode_matrices",
+        )
     if asked == "int8" and i8_weights():
         return "int8"
     if asked == "bfloat16" and bf16_weights():
