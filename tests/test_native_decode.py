@@ -433,15 +433,21 @@ def rounded_products(monkeypatch, torch_path):
     def rounded(x, weight, bias=None):
         return linear(x.bfloat16().float(), weight.bfloat16().float(), bias)
 
-    class Rounded:
+    return linear_context(monkeypatch, torch_path, rounded)
+
+
+def linear_context(monkeypatch, torch_path, linear):
+    """A context in which GPT.step runs its PyTorch path with `linear` as F.linear."""
+
+    class Patched:
         def __enter__(self):
             torch_path().__enter__()
-            monkeypatch.setattr(torch.nn.functional, "linear", rounded)
+            monkeypatch.setattr(torch.nn.functional, "linear", linear)
 
         def __exit__(self, *exc):
             monkeypatch.undo()
 
-    return Rounded
+    return Patched
 
 
 @pytest.mark.parametrize(
@@ -544,15 +550,7 @@ def quantized_products(monkeypatch, torch_path):
         y = sums.float() * (x_scale[..., None] * w_scale)
         return y if bias is None else y + bias
 
-    class Quantized:
-        def __enter__(self):
-            torch_path().__enter__()
-            monkeypatch.setattr(torch.nn.functional, "linear", quantized)
-
-        def __exit__(self, *exc):
-            monkeypatch.undo()
-
-    return Quantized
+    return linear_context(monkeypatch, torch_path, quantized)
 
 
 @pytest.mark.parametrize(
