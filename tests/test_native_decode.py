@@ -478,12 +478,12 @@ def test_bf16_step_computes_the_rounded_products(
     assert worst_exact > 10 * worst_rounded
 
 
-@pytest.mark.parametrize("rows", [1, 37, 45])
-@torch.inference_mode()
-def test_bf16_rows_do_not_depend_on_batch_or_threads(bf16_step, rows):
+def assert_rows_independent(rows: int, cache_dtype: torch.dtype) -> None:
+    """A row's logits are bit for bit the same with 1 or 2 threads and alone as in a batch
+    of `rows` at spread positions."""
     model = tiny_gpt(n_head=2, n_embd=40, **MODERN)
     lengths = [1 + (7 * row) % 20 for row in range(rows)]
-    state = prefilled(model, lengths, torch.bfloat16)
+    state = prefilled(model, lengths, cache_dtype)
     ids = ids_of(rows, 1, seed=9)
     one, two = (step_with_threads(model, ids, state, n) for n in (1, 2))
     assert torch.equal(one, two)
@@ -491,6 +491,12 @@ def test_bf16_rows_do_not_depend_on_batch_or_threads(bf16_step, rows):
         alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
         logits, _ = model.step(ids[row : row + 1], alone)
         assert torch.equal(logits[0], one[row])
+
+
+@pytest.mark.parametrize("rows", [1, 37, 45])
+@torch.inference_mode()
+def test_bf16_rows_do_not_depend_on_batch_or_threads(bf16_step, rows):
+    assert_rows_independent(rows, torch.bfloat16)
 
 
 @torch.inference_mode()
@@ -596,16 +602,7 @@ def test_i8_step_computes_the_quantized_products(
 @pytest.mark.parametrize("rows", [1, 37, 45])
 @torch.inference_mode()
 def test_i8_rows_do_not_depend_on_batch_or_threads(i8_step, rows):
-    model = tiny_gpt(n_head=2, n_embd=40, **MODERN)
-    lengths = [1 + (7 * row) % 20 for row in range(rows)]
-    state = prefilled(model, lengths, torch.int8)
-    ids = ids_of(rows, 1, seed=9)
-    one, two = (step_with_threads(model, ids, state, n) for n in (1, 2))
-    assert torch.equal(one, two)
-    for row in {0, rows // 2, rows - 1}:
-        alone = {key: tensor[row : row + 1].clone() for key, tensor in state.items()}
-        logits, _ = model.step(ids[row : row + 1], alone)
-        assert torch.equal(logits[0], one[row])
+    assert_rows_independent(rows, torch.int8)
 
 
 @torch.inference_mode()
