@@ -35,6 +35,32 @@ def read_corpus(paths: Sequence[str | Path]) -> str:
     return "\n".join(parts)
 
 
+def read_loss_mask(paths: Sequence[str | Path], corpus: Sequence[str | Path]) -> np.ndarray:
+    """The loss mask of a corpus (`lm make-tasks --mask`): for each corpus file, a file of
+    one byte per character, 1 where that character is a target the loss counts, 0 where it
+    is not; joined as `read_corpus` joins the texts (the newline between files counts not)."""
+    if len(paths) != len(corpus):
+        raise LMError(
+            f"{len(paths)} loss mask file(s) for {len(corpus)} corpus file(s); "
+            "give one mask per corpus file, in the same order"
+        )
+    parts = []
+    for i, (path, text_path) in enumerate(zip(map(Path, paths), corpus)):
+        if not path.is_file():
+            raise LMError(f"loss mask {path}: no such file")
+        mask = np.fromfile(path, dtype=np.uint8)
+        chars = len(read_corpus([text_path]))
+        if len(mask) != chars:
+            raise LMError(
+                f"loss mask {path}: {len(mask):,} bytes for the {chars:,} characters of "
+                f"{text_path}; it must hold one byte (0 or 1) per character"
+            )
+        if mask.size and mask.max() > 1:
+            raise LMError(f"loss mask {path}: bytes must be 0 or 1, found {int(mask.max())}")
+        parts.extend([np.zeros(1, np.uint8)] * (i > 0) + [mask])
+    return np.concatenate(parts)
+
+
 def corpus_hash(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -61,17 +87,30 @@ def as_long(ids: TokenArray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
 
+IGNORE = -100  # the target of a position no loss counts (F.cross_entropy's ignore_index)
+
+
+def masked(targets: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+    """`targets` with IGNORE where the loss mask (same shape) is 0; as is without a mask."""
+    if mask is None:
+        return targets
+    return targets.masked_fill(torch.from_numpy(np.asarray(mask) == 0), IGNORE)
+
+
 def windows_at(
-    data: TokenArray, starts: torch.Tensor, block_size: int
+    data: TokenArray, starts: torch.Tensor, block_size: int, mask: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windows beginning at `starts`: inputs and next-token targets, each [batch, block].
-    Reads only those windows, so `data` may be a memory-mapped file."""
+    """The windows beginning at `starts`: inputs and next-token targets, each [batch, block]
+    (targets the loss `mask` leaves out are IGNORE). Reads only those windows, so `data`
+    may be a memory-mapped file."""
     if isinstance(data, torch.Tensor):
         rows = data[starts[:, None] + torch.arange(block_size + 1)]
     else:
         rows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
     rows = as_long(rows)
-    return rows[:, :-1], rows[:, 1:]
+    if mask is not None:
+        mask = mask[starts.numpy()[:, None] + np.arange(1, block_size + 1)]
+    return rows[:, :-1], masked(rows[:, 1:], mask)
 
 
 def random_windows(
@@ -100,8 +139,10 @@ class WindowSampler:
         rank: int = 0,
         world_size: int = 1,
         accum_steps: int = 1,
+        mask: np.ndarray | None = None,
     ):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.mask = mask
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self.accum_steps = accum_steps
         self.micro_step = 0  # 0 between optimizer steps, when resume state is saved
@@ -116,7 +157,7 @@ class WindowSampler:
             ).view(self.accum_steps, self.world_size, self.batch_size)
         starts = self.starts[self.micro_step, self.rank]
         self.micro_step = (self.micro_step + 1) % self.accum_steps
-        return windows_at(self.data, starts, self.block_size)
+        return windows_at(self.data, starts, self.block_size, self.mask)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -205,7 +246,13 @@ class Streams:
     so the hidden state of row i carries over from one batch to the next.
     """
 
-    def __init__(self, data: TokenArray, block_size: int, batch_size: int):
+    def __init__(
+        self,
+        data: TokenArray,
+        block_size: int,
+        batch_size: int,
+        mask: np.ndarray | None = None,
+    ):
         length = (len(data) - 1) // batch_size
         if length <= block_size:
             raise LMError(
@@ -213,6 +260,9 @@ class Streams:
             )
         self.x = data[: length * batch_size].reshape(batch_size, length)
         self.y = data[1 : length * batch_size + 1].reshape(batch_size, length)
+        self.mask = None if mask is None else mask[1 : length * batch_size + 1]
+        if self.mask is not None:
+            self.mask = self.mask.reshape(batch_size, length)
         self.block_size = block_size
         self.position = 0
 
@@ -224,16 +274,22 @@ class Streams:
         start, end = self.position, self.position + self.block_size
         self.position = end
         x, y = as_long(self.x[:, start:end]), as_long(self.y[:, start:end])
+        y = masked(y, None if self.mask is None else self.mask[:, start:end])
         return x, y, restart or start == 0
 
 
-def eval_windows(data: TokenArray, block_size: int, batch_size: int) -> Iterator[tuple]:
+def eval_windows(
+    data: TokenArray, block_size: int, batch_size: int, mask: np.ndarray | None = None
+) -> Iterator[tuple]:
     """Non-overlapping windows covering `data`, for a deterministic GPT evaluation; reads
-    one batch of windows at a time, so `data` may be a memory-mapped file."""
+    one batch of windows at a time, so `data` may be a memory-mapped file. Targets the
+    loss `mask` leaves out are IGNORE."""
     n_windows = (len(data) - 1) // block_size
     for start in range(0, n_windows, batch_size):
         rows = min(batch_size, n_windows - start)
         first = start * block_size
         x = as_long(data[first : first + rows * block_size]).reshape(rows, block_size)
         y = as_long(data[first + 1 : first + rows * block_size + 1]).reshape(rows, block_size)
+        if mask is not None:
+            y = masked(y, mask[first + 1 : first + rows * block_size + 1].reshape(y.shape))
         yield x, y

@@ -481,9 +481,21 @@ def format_episode(examples: list[Example], template: str = DEFAULT_TEMPLATE) ->
     return "".join(template.format(input=ex.input, output=ex.output) for ex in examples)
 
 
-def make_corpus(n_episodes: int, seed: int = 0, version: int = LATEST_VERSION) -> str:
-    """Training text: `n_episodes` episodes of one random task each, blank-line separated,
-    in the format of corpus `version` (see the module docstring)."""
+def answer_mask(examples: list[Example], template: str = DEFAULT_TEMPLATE) -> bytes:
+    """One byte per character of `format_episode(examples, template)`: 1 on each output and
+    the template's text after it (the line end that closes an answer), 0 on the rest. As
+    `lm train --loss-mask` it puts the loss on the answers only."""
+    head, middle, tail = split_template(template)
+    return b"".join(
+        bytes(len(head) + len(ex.input) + len(middle)) + b"\1" * (len(ex.output) + len(tail))
+        for ex in examples
+    )
+
+
+def _corpus_episodes(
+    n_episodes: int, seed: int, version: int
+) -> Iterator[tuple[list[Example], str]]:
+    """The examples and template of each training episode of corpus `version`."""
     if n_episodes < 1:
         raise LMError(f"the number of episodes must be at least 1, got {n_episodes}")
     if version not in CORPUS_VERSIONS:
@@ -493,29 +505,54 @@ def make_corpus(n_episodes: int, seed: int = 0, version: int = LATEST_VERSION) -
         )
     rng = random.Random(seed)
     names, weights = zip(*TRAIN_TEMPLATES)
-    episodes = []
     for _ in range(n_episodes):
         template = rng.choices(names, weights)[0] if version >= 3 else DEFAULT_TEMPLATE
         fits = _fits(template) if version >= 3 else None
         task = draw_train_task(rng)
         source = _train_source(rng, task, version)
         count = rng.randint(*EPISODE_LINES)
-        examples = _draw_examples(rng, task, source, count, heldout=False, fits=fits)
-        episodes.append(format_episode(examples, template))
-    return EPISODE_SEPARATOR.join(episodes)
+        yield _draw_examples(rng, task, source, count, heldout=False, fits=fits), template
+
+
+def make_corpus(n_episodes: int, seed: int = 0, version: int = LATEST_VERSION) -> str:
+    """Training text: `n_episodes` episodes of one random task each, blank-line separated,
+    in the format of corpus `version` (see the module docstring)."""
+    return make_corpus_and_mask(n_episodes, seed, version)[0]
+
+
+def make_corpus_and_mask(
+    n_episodes: int, seed: int = 0, version: int = LATEST_VERSION
+) -> tuple[str, bytes]:
+    """`make_corpus` and its `answer_mask`, one byte per character (0 on the blank lines)."""
+    texts, masks = [], []
+    for examples, template in _corpus_episodes(n_episodes, seed, version):
+        texts.append(format_episode(examples, template))
+        masks.append(answer_mask(examples, template))
+    text = EPISODE_SEPARATOR.join(texts)
+    mask = bytes(len(EPISODE_SEPARATOR)).join(masks)
+    assert len(mask) == len(text), "a template's text must format as written"
+    return text, mask
 
 
 def write_corpus(
-    path: str | Path, n_episodes: int, seed: int = 0, version: int = LATEST_VERSION
+    path: str | Path,
+    n_episodes: int,
+    seed: int = 0,
+    version: int = LATEST_VERSION,
+    mask_path: str | Path | None = None,
 ) -> str:
-    """Write `make_corpus` to `path` (UTF-8, parent folders created); return the text."""
-    text = make_corpus(n_episodes, seed, version)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise LMError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    """Write `make_corpus` to `path` (UTF-8, parent folders created), and its answer mask
+    to `mask_path` if given; return the text."""
+    text, mask = make_corpus_and_mask(n_episodes, seed, version)
+    for target, data in ((path, text.encode("utf-8")), (mask_path, mask)):
+        if target is None:
+            continue
+        target = Path(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        except OSError as exc:
+            raise LMError(f"{target}: cannot write ({exc.strerror or exc})") from exc
     return text
 
 

@@ -29,11 +29,13 @@ from lm.checkpoint import (
     save_checkpoint,
 )
 from lm.data import (
+    IGNORE,
     Streams,
     WindowSampler,
     corpus_hash,
     open_tokens,
     read_corpus,
+    read_loss_mask,
     split_text,
     to_tensor,
     token_file,
@@ -75,6 +77,10 @@ def read_recipe(path: str | Path) -> dict:
 @dataclass
 class TrainConfig:
     corpus: list[str] = field(default_factory=list)
+    # Loss on marked characters only (char tokenizer): one mask file per corpus file, one
+    # byte per character, 1 where the character is a target that counts (lm make-tasks
+    # --mask marks the answers). Validation loss is then the marked targets' loss too.
+    loss_mask: list[str] | None = None
     out: str = "runs/model"
     tokenizer: str = "char"
     vocab_size: int | None = None
@@ -142,6 +148,8 @@ class TrainConfig:
         config = cls(**data)
         if isinstance(config.corpus, str):
             config.corpus = [config.corpus]
+        if isinstance(config.loss_mask, str):
+            config.loss_mask = [config.loss_mask]
         return config
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -290,6 +298,20 @@ class Trainer:
             unit = "character" if self.tokenizer.kind == "char" else "word"
             total = len(text) if unit == "character" else len(self.tokenizer.split(text))
             report_unknown(describe_unknowns(self.unknown, total, config.unknown, unit))
+        self.train_mask = self.val_mask = None
+        if config.loss_mask:
+            if self.tokenizer.kind != "char":
+                raise LMError(
+                    "--loss-mask marks characters: it needs the char tokenizer "
+                    f"(this run's is {self.tokenizer.kind})"
+                )
+            if self.unknown and config.unknown == "drop":
+                raise LMError("--loss-mask needs --unknown map: dropped characters misalign it")
+            mask = read_loss_mask(config.loss_mask, config.corpus)
+            self.train_mask, self.val_mask = mask[: len(train_text)], mask[len(train_text) :]
+            if not self.train_mask[1:].any() or not self.val_mask[1:].any():
+                split = "training" if not self.train_mask[1:].any() else "validation"
+                raise LMError(f"the loss mask marks no character of the {split} split")
         if self.unknown and config.unknown == "drop":  # token files hold plain encodings
             train_ids, _ = encode_corpus(self.tokenizer, train_text, config.unknown)
             val_ids, _ = encode_corpus(self.tokenizer, val_text, config.unknown)
@@ -297,6 +319,10 @@ class Trainer:
         else:  # unknowns (if any) are <unk> in the encoding itself
             self.train_ids, self.val_ids = self._token_files(train_text, val_text)
         self.val_chars = len(val_text)
+        if self.train_mask is not None and (
+            len(self.train_mask) != len(self.train_ids) or len(self.val_mask) != len(self.val_ids)
+        ):  # the char tokenizer writes one token per character; anything else is a bug
+            raise LMError("the loss mask does not align with the corpus's tokens")
         del text, train_text, val_text
         need = config.block_size + 2
         if len(self.train_ids) < need or len(self.val_ids) < 2:
@@ -341,12 +367,16 @@ class Trainer:
             self.rank,
             self.world_size,
             config.grad_accum_steps,
+            self.train_mask,
         )
         self.streams = None
         if self.model_config.kind != "gpt":
             shard = len(self.train_ids) // self.world_size  # each rank reads its own part
-            own = self.train_ids[self.rank * shard : (self.rank + 1) * shard + 1]
-            self.streams = Streams(own, config.block_size, config.batch_size)
+            own = slice(self.rank * shard, (self.rank + 1) * shard + 1)
+            own_mask = None if self.train_mask is None else self.train_mask[own]
+            self.streams = Streams(
+                self.train_ids[own], config.block_size, config.batch_size, own_mask
+            )
         self.rnn_state = None
         self.step = 0
         self.best_val = float("inf")
@@ -550,7 +580,12 @@ class Trainer:
                 state = None if restart or self.rnn_state is None else self.rnn_state
                 logits, new_state = self.ddp_model(x, state, return_state=True)
                 self.rnn_state = {k: v.detach() for k, v in new_state.items()}
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            logits, y = logits.flatten(0, 1).float(), y.flatten()
+            if self.train_mask is None:
+                return F.cross_entropy(logits, y)
+            # the mean over the targets that count; 0 for a batch without any (not NaN)
+            loss = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
+            return loss / (y != IGNORE).sum().clamp(min=1)
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite (on every rank). If not, stop the run before the
@@ -669,7 +704,12 @@ class Trainer:
             return
         t0 = time.perf_counter()
         result = evaluate(
-            self.model, self.val_ids, self.val_chars, self.config.eval_tokens, self.device
+            self.model,
+            self.val_ids,
+            self.val_chars,
+            self.config.eval_tokens,
+            self.device,
+            self.val_mask,
         )
         self.elapsed += time.perf_counter() - t0
         self.eval_seconds += time.perf_counter() - t0
@@ -713,6 +753,11 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "settings": {k: v for k, v in asdict(self.config).items() if k != "resume"}
             | {"corpus": corpus_names}
+            | (
+                {"loss_mask": [Path(p).name for p in self.config.loss_mask]}
+                if self.config.loss_mask
+                else {}
+            )
             | ({"init_from": self.parent.name} if self.parent is not None else {}),
             "trainable_params": self.trainable_params,
             **self._lineage(),
@@ -748,7 +793,9 @@ class Trainer:
         from lm.checkpoint import load_checkpoint
 
         best = load_checkpoint(self.out, self.device)
-        result = evaluate(best.model, self.val_ids, self.val_chars, None, self.device)
+        result = evaluate(
+            best.model, self.val_ids, self.val_chars, None, self.device, self.val_mask
+        )
         summary = dict(
             best.training,
             **{

@@ -31,6 +31,7 @@ from lm.tasks import (
     fewshot_accuracy,
     is_heldout,
     make_corpus,
+    make_corpus_and_mask,
     train_compositions,
     word_list,
 )
@@ -371,6 +372,28 @@ def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
     assert main(args) == 0
     assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=2)
     assert "version 2" in capsys.readouterr().out
+
+
+def test_answer_mask_marks_each_answer_and_its_line_end(corpus_v3):
+    text, mask = make_corpus_and_mask(3000, seed=0, version=3)
+    assert text == corpus_v3  # the mask changes nothing in the corpus
+    expected = []
+    for template, pairs in parse_v3(text):
+        head, middle, tail = tasks.split_template(template)
+        for source, answer in pairs:
+            expected.append(bytes(len(head + source + middle)) + b"\1" * len(answer + tail))
+        expected.append(b"\0")  # the blank line between episodes
+    assert mask == b"".join(expected)[:-1]
+
+
+def test_cli_make_tasks_writes_the_mask(tmp_path, capsys):
+    out, mask = tmp_path / "tasks.txt", tmp_path / "sub" / "tasks.mask"
+    args = ["make-tasks", "--out", str(out), "--episodes", "30", "--seed", "2", "--mask", str(mask)]
+    assert main(args) == 0
+    text, expected = make_corpus_and_mask(30, seed=2)
+    assert out.read_text(encoding="utf-8") == text
+    assert mask.read_bytes() == expected and len(expected) == len(text)
+    assert "answer mask" in capsys.readouterr().out
 
 
 # -- corpus version 3: templates and punctuation -------------------------------------------

@@ -29,6 +29,13 @@ def add_parser(subparsers) -> None:
         default="float32",
         help="weights' precision (default float32, as trained; bfloat16 measures its cost)",
     )
+    p.add_argument(
+        "--loss-mask",
+        action="append",
+        metavar="PATH",
+        help="score only the characters this file marks (one byte per corpus character, "
+        "as lm train --loss-mask); one per --corpus",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -44,6 +51,7 @@ def run(args) -> int:
         args.max_tokens,
         args.device,
         args.dtype,
+        args.loss_mask,
     )
     if args.json:
         print(json.dumps(result))

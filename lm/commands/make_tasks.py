@@ -26,15 +26,22 @@ def add_parser(subparsers) -> None:
         help="corpus format: 3 (default) mixes templates and punctuation; 2 is the "
         "`input => output` corpus of letters and digits",
     )
+    p.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="also write the answer mask here: one byte per character of the corpus, 1 "
+        "on each answer and its line end, 0 elsewhere (for lm train --loss-mask)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lm.tasks import write_corpus
 
-    text = write_corpus(args.out, args.episodes, args.seed, args.version)
+    text = write_corpus(args.out, args.episodes, args.seed, args.version, args.mask)
     print(
         f"wrote {args.episodes:,} episodes ({len(text):,} characters, "
         f"version {args.version}) to {args.out}"
+        + (f", and their answer mask to {args.mask}" if args.mask else "")
     )
     return 0

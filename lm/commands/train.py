@@ -18,6 +18,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--config", help="recipe.toml with the same keys as these flags")
     p.add_argument("--corpus", action="append", help="UTF-8 text file (repeatable)")
+    p.add_argument(
+        "--loss-mask",
+        action="append",
+        metavar="PATH",
+        help="loss on marked characters only (char tokenizer): one byte per corpus "
+        "character, 1 = counts (lm make-tasks --mask); one per --corpus, in order",
+    )
     p.add_argument("--out", help="checkpoint directory to write (default runs/model)")
     p.add_argument("--tokenizer", choices=list(TOKENIZERS))
     p.add_argument("--vocab-size", type=positive_int)
@@ -145,12 +152,12 @@ def run(args) -> int:
     from lm.train import TrainConfig, read_recipe, run_training
 
     settings = read_recipe(args.config) if args.config else {}
-    if "corpus" in settings and args.config:  # recipe paths are relative to the recipe
+    if args.config:  # recipe paths are relative to the recipe
         base = Path(args.config).parent
-        corpus = (
-            settings["corpus"] if isinstance(settings["corpus"], list) else [settings["corpus"]]
-        )
-        settings["corpus"] = [str(_relative_to(base, c)) for c in corpus]
+        for key in ("corpus", "loss_mask"):
+            if settings.get(key):
+                values = settings[key] if isinstance(settings[key], list) else [settings[key]]
+                settings[key] = [str(_relative_to(base, value)) for value in values]
     if "out" in settings and args.config:
         settings["out"] = str(_relative_to(Path(args.config).parent, settings["out"]))
     skip = {"config", "func", "command", "no_progress"}
