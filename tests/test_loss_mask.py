@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_train_config
 
 from lm.checkpoint import load_checkpoint
 from lm.cli import main
@@ -42,27 +43,9 @@ def masked_corpus(tmp_path: Path) -> tuple[Path, Path, str, bytes]:
     return corpus, mask_path, text, mask
 
 
-def config(corpus: Path, mask: Path | None, out: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        corpus=[str(corpus)],
-        loss_mask=None if mask is None else [str(mask)],
-        out=str(out),
-        tokenizer="char",
-        model="gpt",
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        block_size=32,
-        batch_size=8,
-        lr=1e-2,
-        warmup_steps=5,
-        max_steps=40,
-        eval_interval=20,
-        device="cpu",
-        seed=7,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+def config(corpus: Path, mask: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(block_size=32, max_steps=40, eval_interval=20) | overrides
+    return tiny_train_config(corpus, out, loss_mask=[str(mask)], **settings)
 
 
 # -- masked windows, loss and evaluation --------------------------------------------------

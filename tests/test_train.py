@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_train_config as tiny_config
 from torch.testing import assert_close
 
 from lm.checkpoint import load_checkpoint
@@ -25,28 +26,6 @@ ARTEFACTS = (
     "loss.png",
     "train_state.pt",
 )
-
-
-def tiny_config(corpus: Path, out: Path, model: str, **overrides) -> TrainConfig:
-    settings = dict(
-        corpus=[str(corpus)],
-        out=str(out),
-        tokenizer="char",
-        model=model,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        block_size=16,
-        batch_size=8,
-        lr=1e-2,
-        warmup_steps=5,
-        max_steps=30,
-        eval_interval=10,
-        device="cpu",
-        seed=7,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_train_config
 from torch.testing import assert_close
 
 from lm.checkpoint import load_checkpoint, load_train_state
 from lm.errors import LMError
 from lm.optim import Muon, orthogonalize
 from lm.train import TrainConfig, Trainer, effective_step, lr_at
+
+
+def tiny_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
+    return tiny_train_config(corpus, out, threads=1, **overrides)
+
 
 MODERN = dict(
     position="rope",
@@ -23,29 +29,6 @@ MODERN = dict(
     tie_embeddings=False,
     zero_init_proj=True,
 )
-
-
-def tiny_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        corpus=[str(corpus)],
-        out=str(out),
-        tokenizer="char",
-        model="gpt",
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        block_size=16,
-        batch_size=8,
-        lr=1e-2,
-        warmup_steps=5,
-        max_steps=30,
-        eval_interval=10,
-        device="cpu",
-        seed=7,
-        threads=1,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 def read_metrics(out: Path) -> list[dict]:
