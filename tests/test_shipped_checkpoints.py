@@ -46,12 +46,12 @@ def skip_fewshot_v1(meta: dict) -> None:
 
 
 @functools.cache
-def task_corpus(version: int) -> str:
-    """The few-shot checkpoints' training corpus (about a minute to make): made once for
-    both of the version's checkpoints."""
-    from lm.tasks import make_corpus
+def task_corpus(version: int) -> tuple[str, bytes]:
+    """The few-shot checkpoints' training corpus and its answer mask (about a minute to
+    make): made once for both of the version's checkpoints."""
+    from lm.tasks import make_corpus_and_mask
 
-    return make_corpus(FEWSHOT_EPISODES, FEWSHOT_SEED, version=version)
+    return make_corpus_and_mask(FEWSHOT_EPISODES, FEWSHOT_SEED, version=version)
 
 
 def card_loss(name: str) -> float:
@@ -79,20 +79,23 @@ def two_threads():
 @pytest.mark.parametrize("name", shipped_checkpoints())
 def test_validation_loss_matches_the_card(name, shakespeare_path, tmp_path, two_threads):
     meta = read_config(shipped_dir() / name)
-    max_tokens = None
+    max_tokens, loss_mask = None, None
     if name.startswith("fewshot"):
         skip_fewshot_v1(meta)
         version = int(re.search(r"-v(\d+)\.txt$", meta["training"]["corpus"][0])[1])
-        text = task_corpus(version)
+        text, mask = task_corpus(version)
         corpus = tmp_path / "tasks.txt"
         corpus.write_text(text, encoding="utf-8")
         max_tokens = FEWSHOT_EVAL_TOKENS
+        if meta["training"]["settings"].get("loss_mask"):  # trained (and scored) on answers
+            (tmp_path / "tasks.mask").write_bytes(mask)
+            loss_mask = [str(tmp_path / "tasks.mask")]
     else:
         corpus = shakespeare_path
         text = corpus.read_text(encoding="utf-8")
     assert corpus_hash(text) == meta["training"]["corpus_hash"], "not the training corpus"
     result = evaluate_checkpoint(
-        name, [str(corpus)], split="val", max_tokens=max_tokens, device="cpu"
+        name, [str(corpus)], split="val", max_tokens=max_tokens, device="cpu", loss_mask=loss_mask
     )
     tolerance = 0.02 if max_tokens is None else FEWSHOT_TOLERANCE
     assert abs(result["loss"] - card_loss(name)) <= tolerance
