@@ -21,8 +21,10 @@ for name in "${names[@]}"; do
       if [[ -f $dir/recipe-v$v.toml ]]; then recipe=$dir/recipe-v$v.toml; break; fi
     done
     version=$(grep -o 'fewshot-tasks-v[0-9]*\.txt' "$recipe" | head -1 | tr -dc 0-9)
-    [[ -f runs/fewshot-tasks-v$version.txt ]] ||
-      lm make-tasks --out runs/fewshot-tasks-v$version.txt --episodes 300000 --seed 1234 --version "$version"
+    # and its answer mask (lm train --loss-mask), made with it
+    [[ -f runs/fewshot-tasks-v$version.txt && -f runs/fewshot-tasks-v$version.mask ]] ||
+      lm make-tasks --out runs/fewshot-tasks-v$version.txt --episodes 300000 --seed 1234 \
+        --version "$version" --mask runs/fewshot-tasks-v$version.mask
   fi
   # Resume a run interrupted in the recipe's out directory (relative to the recipe).
   out=$(sed -n 's/^out = "\(.*\)".*/\1/p' "$recipe")

@@ -121,12 +121,14 @@ def write_card(name: str, description: str = "") -> Path:
     prompt = {"fewshot": "apple => elppa\nriver => revir\nstone => enots\ngarden => "}.get(
         name.split("-")[0], "ROMEO:\n"
     )
+    # Trained with the loss on the answers only (lm train --loss-mask), a model writes
+    # answers, not new examples: its sample stops at the answer's line end.
+    answers_only = bool(settings.get("loss_mask"))
     checkpoint = load_checkpoint(directory)
-    sample = (
-        Generator(checkpoint)
-        .complete([prompt], SamplingParams(max_new_tokens=300, temperature=0.8, top_k=0, seed=0))[0]
-        .text
+    params = SamplingParams(
+        max_new_tokens=300, temperature=0.8, top_k=0, seed=0, stop=["\n"] if answers_only else []
     )
+    sample = Generator(checkpoint).complete([prompt], params)[0].text
     minutes = training.get("train_seconds", 0) / 60
     corpus = ", ".join(Path(c).name for c in training.get("corpus", []))
     # A versioned recipe (recipe-v3.toml), while there is one beside recipe.toml, made the
@@ -158,14 +160,20 @@ def write_card(name: str, description: str = "") -> Path:
         f"| perplexity | {training['val_perplexity']:.3f} per token |",
         f"| bits per character | {training['val_bpc']:.4f} |",
         f"| validation tokens | {training['val_tokens']:,} "
-        f"({'the whole held-out split' if training.get('val_full_split') else 'a subset'}) |",
+        f"({'the answers of ' if answers_only else ''}"
+        f"{'the whole held-out split' if training.get('val_full_split') else 'a subset'}) |",
         "",
         f"Reproduce: `lm train --config checkpoints/{name}/{recipe}` (see `{recipe}`).",
         f"Check: `lm eval --checkpoint {name} --corpus data/{corpus}`."
         if name.startswith("shakespeare")
         else "",
         "",
-        f"Sample (`temperature 0.8, seed 0`, prompt {prompt!r}):",
+        f"Sample (`temperature 0.8, seed 0`, prompt {prompt!r}"
+        + (
+            ", stopped at the answer's line end: trained on answers only):"
+            if answers_only
+            else "):"
+        ),
         "",
         "```",
         prompt + sample,
