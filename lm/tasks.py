@@ -7,7 +7,8 @@ string task; episodes are separated by a blank line. Inputs are real English wor
 strings of 1 to 12 characters, in lower, Capitalized, UPPER or mIxEd case. Tasks are
 primitives (reverse, shift by k, first n, ...), their parameters and two-step compositions
 (reverse then upper, ...): half the episodes draw a primitive, half a composition from a
-Zipfian mix over ~1,000 of them, so many tasks occur few times each.
+Zipfian mix over ~1,600 of them (v4: a pair of primitive families, uniformly, then the
+parameters), so many tasks occur few times each.
 
 Kept out of training, for evaluation: one input in ten (by a hash of the lowercased text, so
 whole words and strings), inputs longer than 12, and the task variants in UNSEEN_TASKS
@@ -18,7 +19,11 @@ episode in the default template and draws letters and digits only (the corpus th
 few-shot models of issue 13 trained on); 3 writes each episode in a template drawn from
 TRAIN_TEMPLATES (`->`, `:`, `=`, tab, `Q: ... A: ...`, two-line `Input:`/`Output:`, ...)
 and adds inputs with punctuation, so the vocabulary is all of printable ASCII and a model
-follows the format a user writes. HELDOUT_TEMPLATES are never trained on.
+follows the format a user writes. HELDOUT_TEMPLATES are never trained on. 4 is 3 with the
+compositions drawn by family pair: v3's Zipfian mix over the flat list gives one composition
+(novowels|capitalize) 12.5% of the compositions' episodes and reverse|double 0.009%, and
+puts a third on shift-rotate-slice pairs; v4 gives each of the 141 family pairs 0.7%, so
+every primitive is seen composed with every family it composes with.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ VOWELS = "aeiouAEIOU"
 ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of a v2 corpus
 # Every character of a v3 corpus: printable ASCII without the rare vertical whitespace.
 ALPHABET_V3 = "".join(sorted(set(string.printable) - set("\r\x0b\x0c")))
-CORPUS_VERSIONS = (2, 3)
-LATEST_VERSION = 3
+CORPUS_VERSIONS = (2, 3, 4)
+LATEST_VERSION = 4
 # v3: each episode's format, and how often. The default stays the most common (the format
 # of `lm generate --example` and the API's examples without a template).
 TRAIN_TEMPLATES = (
@@ -246,9 +251,28 @@ def _zipf_weights(n: int) -> list[float]:
     return list(itertools.accumulate(1 / (rank + 1) ** ZIPF_EXPONENT for rank in range(n)))
 
 
-def draw_train_task(rng: random.Random) -> Task:
-    """Half primitives (a family, then a parameter), half compositions by Zipf rank."""
+@cache
+def family_pair_compositions() -> tuple[tuple[Task, ...], ...]:
+    """The compositions trained on, grouped by their pair of primitive families (each
+    group non-empty, in a fixed order): shift then rotate holds 24 x 5 tasks."""
+    groups = []
+    for first_family, second_family in itertools.permutations(PRIMITIVE_FAMILIES, 2):
+        group = tuple(
+            a.then(b)
+            for a, b in itertools.product(first_family, second_family)
+            if _composable(a, b)
+        )
+        if group:
+            groups.append(group)
+    return tuple(groups)
+
+
+def draw_train_task(rng: random.Random, version: int = 3) -> Task:
+    """Half primitives (a family, then a parameter), half compositions: by Zipf rank over
+    all of them (version 2 and 3), or (4) a pair of families uniformly, then parameters."""
     if rng.random() < COMPOSITION_SHARE:
+        if version >= 4:
+            return rng.choice(rng.choice(family_pair_compositions()))
         compositions = train_compositions()
         return rng.choices(compositions, cum_weights=_zipf_weights(len(compositions)))[0]
     return rng.choice(rng.choice(PRIMITIVE_FAMILIES))
@@ -395,6 +419,7 @@ INPUT_KINDS = {  # corpus version: (kinds of training input, their weights)
     2: (("word", "letters", "alnum"), (0.55, 0.3, 0.15)),
     3: (("word", "letters", "alnum", "symbols"), (0.5, 0.25, 0.13, 0.12)),
 }
+INPUT_KINDS[4] = INPUT_KINDS[3]
 
 
 def _train_source(rng: random.Random, task: Task, version: int = 2) -> Source:
@@ -508,7 +533,7 @@ def _corpus_episodes(
     for _ in range(n_episodes):
         template = rng.choices(names, weights)[0] if version >= 3 else DEFAULT_TEMPLATE
         fits = _fits(template) if version >= 3 else None
-        task = draw_train_task(rng)
+        task = draw_train_task(rng, version)
         source = _train_source(rng, task, version)
         count = rng.randint(*EPISODE_LINES)
         yield _draw_examples(rng, task, source, count, heldout=False, fits=fits), template

@@ -366,7 +366,7 @@ def test_fewshot_accuracy_scores_each_category_apart(tmp_path, monkeypatch):
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
     out = tmp_path / "sub" / "tasks.txt"
     assert main(["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4"]) == 0
-    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=3)
+    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=4)
     assert "25 episodes" in capsys.readouterr().out
     args = ["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4", "--version", "2"]
     assert main(args) == 0
@@ -399,15 +399,17 @@ def test_cli_make_tasks_writes_the_mask(tmp_path, capsys):
 # -- corpus version 3: templates and punctuation -------------------------------------------
 
 
-def test_v2_corpus_is_the_one_the_shipped_models_trained_on():
-    """Version 3 came later: version 2's text must not move (recipes regenerate it)."""
+@pytest.mark.parametrize(("version", "digest"), [(2, "26f6eb7ddebab14a"), (3, "d1a6e1d77273b790")])
+def test_older_corpora_are_the_ones_their_models_trained_on(version, digest):
+    """Later versions came later: an older version's text must not move (recipes
+    regenerate it)."""
     import hashlib
 
-    text = make_corpus(2000, seed=1234, version=2)
-    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "26f6eb7ddebab14a"
+    text = make_corpus(2000, seed=1234, version=version)
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest
     assert make_corpus(50, seed=3) == make_corpus(50, seed=3, version=tasks.LATEST_VERSION)
     with pytest.raises(LMError, match="corpus version"):
-        make_corpus(5, version=4)
+        make_corpus(5, version=tasks.LATEST_VERSION + 1)
 
 
 def test_v3_episodes_each_use_one_training_template(corpus_v3):
@@ -434,6 +436,38 @@ def test_v3_episodes_are_training_tasks_over_any_printable_ascii(corpus_v3):
     assert set(corpus_v3) == set(tasks.ALPHABET_V3)  # the vocabulary: all printable ASCII
     assert sum(any(c in tasks.SYMBOLS for c in x) for x in inputs) > len(inputs) / 20
     assert not [x for x in inputs if is_heldout(x)]
+
+
+def test_v4_draws_compositions_by_family_pair():
+    """Version 4: the same tasks as version 3, but each pair of primitive families gets an
+    equal share of the compositions (v3's Zipfian ranks gave one 12.5%, others ~0.01%)."""
+    import random
+
+    groups = tasks.family_pair_compositions()
+    flat = [task.name for group in groups for task in group]
+    assert sorted(flat) == sorted(task.name for task in tasks.train_compositions())
+    rng = random.Random(0)
+    draws = [tasks.draw_train_task(rng, version=4).name for _ in range(20_000)]
+    composed = [name for name in draws if "|" in name]
+    assert 0.45 < len(composed) / len(draws) < 0.55
+    group_of = {task.name: index for index, group in enumerate(groups) for task in group}
+    per_group = [0] * len(groups)
+    for name in composed:
+        per_group[group_of[name]] += 1
+    expected = len(composed) / len(groups)  # ~71 each
+    assert min(per_group) > 0.5 * expected and max(per_group) < 1.6 * expected
+    # The pairs v3 all but left out are now seen as often as any other.
+    assert sum(name.startswith("reverse|double") for name in composed) > 0.5 * expected
+    unseen = {task.name for task in UNSEEN_TASKS}
+    assert not unseen & set(draws)
+
+
+def test_v4_corpus_episodes_are_training_tasks():
+    text = make_corpus(400, seed=0, version=4)
+    parsed = parse_v3(text)
+    assert len(parsed) == 400
+    for _, pairs in parsed:
+        assert any(consistent(task, pairs) for task in TRAIN_TASKS), pairs
 
 
 def test_v3_examples_never_hold_their_templates_separators():
