@@ -22,7 +22,7 @@ and adds inputs with punctuation, so the vocabulary is all of printable ASCII an
 follows the format a user writes. HELDOUT_TEMPLATES are never trained on. 4 is 3 with the
 compositions drawn by family pair: v3's Zipfian mix over the flat list gives one composition
 (novowels|capitalize) 12.5% of the compositions' episodes and reverse|double 0.009%, and
-puts a third on shift-rotate-slice pairs; v4 gives each of the 141 family pairs 0.7%, so
+puts 45% on pairs of shift, rotate and slice families; v4 gives each of the 141 family pairs 0.7%, so
 every primitive is seen composed with every family it composes with.
 """
 
