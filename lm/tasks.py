@@ -22,8 +22,8 @@ and adds inputs with punctuation, so the vocabulary is all of printable ASCII an
 follows the format a user writes. HELDOUT_TEMPLATES are never trained on. 4 is 3 with the
 compositions drawn by family pair: v3's Zipfian mix over the flat list gives one composition
 (novowels|capitalize) 12.5% of the compositions' episodes and reverse|double 0.009%, and
-puts 45% on pairs of shift, rotate and slice families; v4 gives each of the 141 family pairs 0.7%, so
-every primitive is seen composed with every family it composes with.
+puts 45% on pairs of shift, rotate and slice families; v4 gives each of the 141 family
+pairs 0.7%, so every primitive is seen composed with every family it composes with.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def family_pair_compositions() -> tuple[tuple[Task, ...], ...]:
     return tuple(groups)
 
 
-def draw_train_task(rng: random.Random, version: int = 3) -> Task:
+def draw_train_task(rng: random.Random, version: int) -> Task:
     """Half primitives (a family, then a parameter), half compositions: by Zipf rank over
     all of them (version 2 and 3), or (4) a pair of families uniformly, then parameters."""
     if rng.random() < COMPOSITION_SHARE:
