@@ -23,7 +23,12 @@ follows the format a user writes. HELDOUT_TEMPLATES are never trained on. 4 is 3
 compositions drawn by family pair: v3's Zipfian mix over the flat list gives one composition
 (novowels|capitalize) 12.5% of the compositions' episodes and reverse|double 0.009%, and
 puts 45% on pairs of shift, rotate and slice families; v4 gives each of the 141 family
-pairs 0.7%, so every primitive is seen composed with every family it composes with.
+pairs 0.7%, so every primitive is seen composed with every family it composes with. 5 is 4
+with each family pair weighted by the square root of its number of tasks: v4 starves the
+pairs with many parameters (shift by k then reverse, 24 tasks, gets 0.35% of the episodes,
+and a model trained on it composes no shift with any reordering), v5 gives shift and reorder
+pairs 17% of the compositions (v3 28%, v4 7%) and the smallest pair 0.28% (v3's
+reverse then double 0.009%).
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ VOWELS = "aeiouAEIOU"
 ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of a v2 corpus
 # Every character of a v3 corpus: printable ASCII without the rare vertical whitespace.
 ALPHABET_V3 = "".join(sorted(set(string.printable) - set("\r\x0b\x0c")))
-CORPUS_VERSIONS = (2, 3, 4)
-LATEST_VERSION = 4
+CORPUS_VERSIONS = (2, 3, 4, 5)
+LATEST_VERSION = 5
 # v3: each episode's format, and how often. The default stays the most common (the format
 # of `lm generate --example` and the API's examples without a template).
 TRAIN_TEMPLATES = (
@@ -267,11 +272,23 @@ def family_pair_compositions() -> tuple[tuple[Task, ...], ...]:
     return tuple(groups)
 
 
+@cache
+def _family_pair_weights() -> list[float]:
+    """Cumulative weights of the family pairs in version 5: the square root of each pair's
+    number of tasks (1 to 120), between v4's equal pairs and an equal share per task."""
+    sizes = [len(group) for group in family_pair_compositions()]
+    return list(itertools.accumulate(size**0.5 for size in sizes))
+
+
 def draw_train_task(rng: random.Random, version: int) -> Task:
     """Half primitives (a family, then a parameter), half compositions: by Zipf rank over
-    all of them (version 2 and 3), or (4) a pair of families uniformly, then parameters."""
+    all of them (version 2 and 3), or a pair of families, then parameters: the pairs
+    uniformly (4) or by the square root of their sizes (5)."""
     if rng.random() < COMPOSITION_SHARE:
-        if version >= 4:
+        if version >= 5:
+            groups = family_pair_compositions()
+            return rng.choice(rng.choices(groups, cum_weights=_family_pair_weights())[0])
+        if version == 4:
             return rng.choice(rng.choice(family_pair_compositions()))
         compositions = train_compositions()
         return rng.choices(compositions, cum_weights=_zipf_weights(len(compositions)))[0]
@@ -419,7 +436,7 @@ INPUT_KINDS = {  # corpus version: (kinds of training input, their weights)
     2: (("word", "letters", "alnum"), (0.55, 0.3, 0.15)),
     3: (("word", "letters", "alnum", "symbols"), (0.5, 0.25, 0.13, 0.12)),
 }
-INPUT_KINDS[4] = INPUT_KINDS[3]
+INPUT_KINDS[4] = INPUT_KINDS[5] = INPUT_KINDS[3]
 
 
 def _train_source(rng: random.Random, task: Task, version: int = 2) -> Source:

@@ -366,7 +366,7 @@ def test_fewshot_accuracy_scores_each_category_apart(tmp_path, monkeypatch):
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
     out = tmp_path / "sub" / "tasks.txt"
     assert main(["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4"]) == 0
-    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=4)
+    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=5)
     assert "25 episodes" in capsys.readouterr().out
     args = ["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4", "--version", "2"]
     assert main(args) == 0
@@ -399,7 +399,10 @@ def test_cli_make_tasks_writes_the_mask(tmp_path, capsys):
 # -- corpus version 3: templates and punctuation -------------------------------------------
 
 
-@pytest.mark.parametrize(("version", "digest"), [(2, "26f6eb7ddebab14a"), (3, "d1a6e1d77273b790")])
+@pytest.mark.parametrize(
+    ("version", "digest"),
+    [(2, "26f6eb7ddebab14a"), (3, "d1a6e1d77273b790"), (4, "5363392580670e77")],
+)
 def test_older_corpora_are_the_ones_their_models_trained_on(version, digest):
     """Later versions came later: an older version's text must not move (recipes
     regenerate it)."""
@@ -462,8 +465,36 @@ def test_v4_draws_compositions_by_family_pair():
     assert not unseen & set(draws)
 
 
-def test_v4_corpus_episodes_are_training_tasks():
-    text = make_corpus(400, seed=0, version=4)
+def test_v5_weights_family_pairs_by_the_square_root_of_their_size():
+    """Version 5: a pair of families with 24 parameters (shift then reverse) is drawn
+    sqrt(24) ~ 4.9 times as often as a pair of single tasks (reverse then double), so
+    composing a shift with a reordering is no longer starved; every pair still occurs."""
+    import random
+
+    groups = tasks.family_pair_compositions()
+    rng = random.Random(0)
+    draws = [tasks.draw_train_task(rng, version=5).name for _ in range(40_000)]
+    composed = [name for name in draws if "|" in name]
+    assert 0.45 < len(composed) / len(draws) < 0.55
+    group_of = {task.name: index for index, group in enumerate(groups) for task in group}
+    per_group = [0] * len(groups)
+    for name in composed:
+        per_group[group_of[name]] += 1
+    total = sum(len(group) ** 0.5 for group in groups)
+    for group, count in zip(groups, per_group):
+        expected = len(composed) * len(group) ** 0.5 / total
+        assert 0.6 * expected < count < 1.5 * expected, group[0].name
+    shift_reverse = sum(
+        name.startswith("shift") and name.endswith("|reverse") for name in composed
+    )
+    reverse_double = composed.count("reverse|double")
+    assert 3 < shift_reverse / reverse_double < 8
+    assert not {task.name for task in UNSEEN_TASKS} & set(draws)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_v4_and_v5_corpus_episodes_are_training_tasks(version):
+    text = make_corpus(400, seed=0, version=version)
     parsed = parse_v3(text)
     assert len(parsed) == 400
     for _, pairs in parsed:
