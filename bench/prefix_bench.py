@@ -8,7 +8,9 @@ ordinary English words, then a query; greedy, the answer ends at the template's 
 request the examples' KV blocks are cached; "distinct": each request draws its own 8
 examples, so nothing but the template's first characters is shared. Reports requests/s,
 mean and p50 time to first token, the server's prefix-cache hit rate and its memory, as the
-mean over `--rounds` waves of each kind, interleaved.
+mean over `--rounds` waves of each kind, interleaved. First, `--warmup` waves of each kind
+that are not counted: a fresh server's first wave pays one-time costs (~250 ms more to the
+first token), which would fall on whichever kind goes first.
 
     python -m bench.prefix_bench [--checkpoint fewshot-char-gpt] [--clients 64] [--rounds 3]
 """
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="fewshot-char-gpt")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted rounds first")
     parser.add_argument(
         "--server-args",
         default="",
@@ -124,7 +127,7 @@ def main() -> None:
             model = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
             model = model["data"][0]["id"]
             results: dict[str, list[dict]] = {"shared": [], "distinct": []}
-            for _ in range(args.rounds):
+            for round_ in range(args.warmup + args.rounds):
                 for kind in results:  # interleaved: shared, distinct, shared, ...
                     shared = _examples(words, rng)
                     requests = [
@@ -144,7 +147,8 @@ def main() -> None:
                         if delta["ttft_count"]
                         else None
                     )
-                    results[kind].append(result)
+                    if round_ >= args.warmup:
+                        results[kind].append(result)
             for kind, waves in results.items():
                 row = {
                     "prefix_cache_mb": float(cache_mb),
@@ -167,11 +171,13 @@ def main() -> None:
         "prefix",
         {
             "command": "python -m bench.prefix_bench "
-            f"--checkpoint {args.checkpoint} --clients {args.clients} --rounds {args.rounds}"
+            f"--checkpoint {args.checkpoint} --clients {args.clients} --rounds {args.rounds} "
+            f"--warmup {args.warmup}"
             + (f" --server-args {shlex.quote(args.server_args)}" if args.server_args else ""),
             "server_args": args.server_args,
             "checkpoint": args.checkpoint,
             "clients": args.clients,
+            "warmup_rounds": args.warmup,
             "shots": SHOTS,
             "rows": rows,
             "shared_vs_distinct": ratios,

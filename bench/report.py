@@ -327,7 +327,12 @@ def prefix_section(r: dict) -> list[str]:
         f"{r['clients']} concurrent streaming few-shot requests ({r['checkpoint']}, "
         f"{r['shots']} examples each through the API's `examples` field, greedy), whose "
         'examples are the same in every request ("shared") or differ ("distinct"); '
-        "means over interleaved waves.",
+        "means over interleaved waves"
+        + (
+            f", after {r['warmup_rounds']} uncounted round(s) of each."
+            if r.get("warmup_rounds")
+            else "."
+        ),
         "",
         "| prefix cache | examples | requests/s | mean TTFT ms | p50 TTFT ms | "
         "engine's mean TTFT ms | hit rate | resident MB |",
