@@ -484,9 +484,7 @@ def test_v5_weights_family_pairs_by_the_square_root_of_their_size():
     for group, count in zip(groups, per_group):
         expected = len(composed) * len(group) ** 0.5 / total
         assert 0.6 * expected < count < 1.5 * expected, group[0].name
-    shift_reverse = sum(
-        name.startswith("shift") and name.endswith("|reverse") for name in composed
-    )
+    shift_reverse = sum(name.startswith("shift") and name.endswith("|reverse") for name in composed)
     reverse_double = composed.count("reverse|double")
     assert 3 < shift_reverse / reverse_double < 8
     assert not {task.name for task in UNSEEN_TASKS} & set(draws)
