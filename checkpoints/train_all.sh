@@ -22,8 +22,10 @@ for name in "${names[@]}"; do
     done
     version=$(grep -o 'fewshot-tasks-v[0-9]*\.txt' "$recipe" | head -1 | tr -dc 0-9)
     # and its answer mask (lm train --loss-mask), made with it
+    episodes=300000  # 500,000 from version 5 on, as tests/test_shipped_checkpoints.py
+    if [[ $version -ge 5 ]]; then episodes=500000; fi
     [[ -f runs/fewshot-tasks-v$version.txt && -f runs/fewshot-tasks-v$version.mask ]] ||
-      lm make-tasks --out runs/fewshot-tasks-v$version.txt --episodes 300000 --seed 1234 \
+      lm make-tasks --out runs/fewshot-tasks-v$version.txt --episodes "$episodes" --seed 1234 \
         --version "$version" --mask runs/fewshot-tasks-v$version.mask
   fi
   # Resume a run interrupted in the recipe's out directory (relative to the recipe).

@@ -25,8 +25,9 @@ SHAKESPEARE = [
     "shakespeare-bpe-gpt",
     "shakespeare-word-lstm",
 ]
-# The corpus the few-shot checkpoints were trained on: `lm make-tasks` in train_all.sh.
-FEWSHOT_EPISODES, FEWSHOT_SEED = 300000, 1234
+# The corpus the few-shot checkpoints were trained on: `lm make-tasks` in train_all.sh,
+# episodes by corpus version (v5 made more than one run reads: no episode is seen twice).
+FEWSHOT_EPISODES, FEWSHOT_SEED = {2: 300000, 3: 300000, 4: 300000, 5: 500000}, 1234
 FEWSHOT_V1_CORPUS = "fewshot-tasks.txt"  # made by lm/tasks.py before issue 13; gone
 # The few-shot cards' losses are over the whole validation split (1.3M tokens of uniform
 # random episodes); the test scores its first quarter of a million, within a wider
@@ -51,7 +52,7 @@ def task_corpus(version: int) -> tuple[str, bytes]:
     make): made once for both of the version's checkpoints."""
     from lm.tasks import make_corpus_and_mask
 
-    return make_corpus_and_mask(FEWSHOT_EPISODES, FEWSHOT_SEED, version=version)
+    return make_corpus_and_mask(FEWSHOT_EPISODES[version], FEWSHOT_SEED, version=version)
 
 
 def card_loss(name: str) -> float:
