@@ -8,7 +8,8 @@ strings of 1 to 12 characters, in lower, Capitalized, UPPER or mIxEd case. Tasks
 primitives (reverse, shift by k, first n, ...), their parameters and two-step compositions
 (reverse then upper, ...): half the episodes draw a primitive, half a composition from a
 Zipfian mix over ~1,600 of them (v4: a pair of primitive families, uniformly, then the
-parameters), so many tasks occur few times each.
+parameters; v5: the pairs weighted by the square root of their sizes), so many tasks occur
+few times each.
 
 Kept out of training, for evaluation: one input in ten (by a hash of the lowercased text, so
 whole words and strings), inputs longer than 12, and the task variants in UNSEEN_TASKS
