@@ -441,22 +441,30 @@ def test_v3_episodes_are_training_tasks_over_any_printable_ascii(corpus_v3):
     assert not [x for x in inputs if is_heldout(x)]
 
 
-def test_v4_draws_compositions_by_family_pair():
-    """Version 4: the same tasks as version 3, but each pair of primitive families gets an
-    equal share of the compositions (v3's Zipfian ranks gave one 12.5%, others ~0.01%)."""
+def composition_draws(version: int, n: int) -> tuple[list[str], list[str], list[int]]:
+    """`n` training tasks drawn as corpus `version` draws them (seeded): their names, the
+    compositions among them (about half) and how many fell in each family pair."""
     import random
 
-    groups = tasks.family_pair_compositions()
-    flat = [task.name for group in groups for task in group]
-    assert sorted(flat) == sorted(task.name for task in tasks.train_compositions())
     rng = random.Random(0)
-    draws = [tasks.draw_train_task(rng, version=4).name for _ in range(20_000)]
+    draws = [tasks.draw_train_task(rng, version=version).name for _ in range(n)]
     composed = [name for name in draws if "|" in name]
     assert 0.45 < len(composed) / len(draws) < 0.55
+    groups = tasks.family_pair_compositions()
     group_of = {task.name: index for index, group in enumerate(groups) for task in group}
     per_group = [0] * len(groups)
     for name in composed:
         per_group[group_of[name]] += 1
+    return draws, composed, per_group
+
+
+def test_v4_draws_compositions_by_family_pair():
+    """Version 4: the same tasks as version 3, but each pair of primitive families gets an
+    equal share of the compositions (v3's Zipfian ranks gave one 12.5%, others ~0.01%)."""
+    groups = tasks.family_pair_compositions()
+    flat = [task.name for group in groups for task in group]
+    assert sorted(flat) == sorted(task.name for task in tasks.train_compositions())
+    draws, composed, per_group = composition_draws(version=4, n=20_000)
     expected = len(composed) / len(groups)  # ~71 each
     assert min(per_group) > 0.5 * expected and max(per_group) < 1.6 * expected
     # The pairs v3 all but left out are now seen as often as any other.
@@ -469,17 +477,8 @@ def test_v5_weights_family_pairs_by_the_square_root_of_their_size():
     """Version 5: a pair of families with 24 parameters (shift then reverse) is drawn
     sqrt(24) ~ 4.9 times as often as a pair of single tasks (reverse then double), so
     composing a shift with a reordering is no longer starved; every pair still occurs."""
-    import random
-
     groups = tasks.family_pair_compositions()
-    rng = random.Random(0)
-    draws = [tasks.draw_train_task(rng, version=5).name for _ in range(40_000)]
-    composed = [name for name in draws if "|" in name]
-    assert 0.45 < len(composed) / len(draws) < 0.55
-    group_of = {task.name: index for index, group in enumerate(groups) for task in group}
-    per_group = [0] * len(groups)
-    for name in composed:
-        per_group[group_of[name]] += 1
+    draws, composed, per_group = composition_draws(version=5, n=40_000)
     total = sum(len(group) ** 0.5 for group in groups)
     for group, count in zip(groups, per_group):
         expected = len(composed) * len(group) ** 0.5 / total
