@@ -8,8 +8,8 @@ strings of 1 to 12 characters, in lower, Capitalized, UPPER or mIxEd case. Tasks
 primitives (reverse, shift by k, first n, ...), their parameters and two-step compositions
 (reverse then upper, ...): half the episodes draw a primitive, half a composition from a
 Zipfian mix over ~1,600 of them (v4: a pair of primitive families, uniformly, then the
-parameters; v5: the pairs weighted by the square root of their sizes), so many tasks occur
-few times each.
+parameters; v5: the pairs weighted by the square root of their sizes; v6: then each
+parameter by Zipf rank), so many tasks occur few times each.
 
 Kept out of training, for evaluation: one input in ten (by a hash of the lowercased text, so
 whole words and strings), inputs longer than 12, and the task variants in UNSEEN_TASKS
@@ -29,7 +29,10 @@ with each family pair weighted by the square root of its number of tasks: v4 sta
 pairs with many parameters (shift by k then reverse, 24 tasks, gets 0.35% of the episodes,
 and a model trained on it composes no shift with any reordering), v5 gives shift and reorder
 pairs 17% of the compositions (v3 28%, v4 7%) and the smallest pair 0.28% (v3's
-reverse then double 0.009%).
+reverse then double 0.009%). 6 is 5 with each step's parameter drawn by Zipf rank instead of
+uniformly (shift by 1, then 2, 4, ...; first 1, then 2, ...): v5 spreads shift-then-reverse
+over 24 shifts, so shift by 1 then reverse got 0.06% of the compositions (v6: 0.34%), and
+a model trained on v5 composes no shift with a reordering, not even that one.
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ VOWELS = "aeiouAEIOU"
 ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of a v2 corpus
 # Every character of a v3 corpus: printable ASCII without the rare vertical whitespace.
 ALPHABET_V3 = "".join(sorted(set(string.printable) - set("\r\x0b\x0c")))
-CORPUS_VERSIONS = (2, 3, 4, 5)
-LATEST_VERSION = 5
+CORPUS_VERSIONS = (2, 3, 4, 5, 6)
+LATEST_VERSION = 6
 # v3: each episode's format, and how often. The default stays the most common (the format
 # of `lm generate --example` and the API's examples without a template).
 TRAIN_TEMPLATES = (
@@ -258,35 +261,50 @@ def _zipf_weights(n: int) -> list[float]:
 
 
 @cache
+def family_pairs() -> tuple[tuple[tuple[Task, ...], tuple[Task, ...]], ...]:
+    """The ordered pairs of primitive families whose tasks compose, in a fixed order. Every
+    task of the first family composes with every task of the second (held-out pairs and
+    kinds that do not compose are whole families)."""
+    return tuple(
+        (first, second)
+        for first, second in itertools.permutations(PRIMITIVE_FAMILIES, 2)
+        if _composable(first[0], second[0])
+    )
+
+
+@cache
 def family_pair_compositions() -> tuple[tuple[Task, ...], ...]:
-    """The compositions trained on, grouped by their pair of primitive families (each
-    group non-empty, in a fixed order): shift then rotate holds 24 x 5 tasks."""
-    groups = []
-    for first_family, second_family in itertools.permutations(PRIMITIVE_FAMILIES, 2):
-        group = tuple(
-            a.then(b)
-            for a, b in itertools.product(first_family, second_family)
-            if _composable(a, b)
-        )
-        if group:
-            groups.append(group)
-    return tuple(groups)
+    """The compositions trained on, grouped by their pair of primitive families (in
+    family_pairs' order): shift then rotate holds 24 x 5 tasks."""
+    return tuple(
+        tuple(a.then(b) for a, b in itertools.product(first, second))
+        for first, second in family_pairs()
+    )
 
 
 @cache
 def _family_pair_weights() -> list[float]:
-    """Cumulative weights of the family pairs in version 5: the square root of each pair's
-    number of tasks (1 to 120), between v4's equal pairs and an equal share per task."""
+    """Cumulative weights of the family pairs from version 5 on: the square root of each
+    pair's number of tasks (1 to 120), between v4's equal pairs and an equal share per task."""
     sizes = [len(group) for group in family_pair_compositions()]
     return list(itertools.accumulate(size**0.5 for size in sizes))
+
+
+def _zipf_choice(rng: random.Random, family: tuple[Task, ...]) -> Task:
+    """A task of `family` by Zipf rank in its order (shift by 1 first, then 2, 4, ...)."""
+    return rng.choices(family, cum_weights=_zipf_weights(len(family)))[0]
 
 
 def draw_train_task(rng: random.Random, version: int) -> Task:
     """Half primitives (a family, then a parameter), half compositions: by Zipf rank over
     all of them (version 2 and 3), or a pair of families, then parameters: the pairs
-    uniformly (4) or by the square root of their sizes (5)."""
+    uniformly (4) or by the square root of their sizes (5 and 6); version 6 then draws each
+    step's parameter by Zipf rank instead of uniformly."""
     if rng.random() < COMPOSITION_SHARE:
-        if version >= 5:
+        if version >= 6:
+            first, second = rng.choices(family_pairs(), cum_weights=_family_pair_weights())[0]
+            return _zipf_choice(rng, first).then(_zipf_choice(rng, second))
+        if version == 5:
             groups = family_pair_compositions()
             return rng.choice(rng.choices(groups, cum_weights=_family_pair_weights())[0])
         if version == 4:
@@ -437,7 +455,7 @@ INPUT_KINDS = {  # corpus version: (kinds of training input, their weights)
     2: (("word", "letters", "alnum"), (0.55, 0.3, 0.15)),
     3: (("word", "letters", "alnum", "symbols"), (0.5, 0.25, 0.13, 0.12)),
 }
-INPUT_KINDS[4] = INPUT_KINDS[5] = INPUT_KINDS[3]
+INPUT_KINDS[4] = INPUT_KINDS[5] = INPUT_KINDS[6] = INPUT_KINDS[3]
 
 
 def _train_source(rng: random.Random, task: Task, version: int = 2) -> Source:

@@ -366,7 +366,7 @@ def test_fewshot_accuracy_scores_each_category_apart(tmp_path, monkeypatch):
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
     out = tmp_path / "sub" / "tasks.txt"
     assert main(["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4"]) == 0
-    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=5)
+    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=6)
     assert "25 episodes" in capsys.readouterr().out
     args = ["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4", "--version", "2"]
     assert main(args) == 0
@@ -401,7 +401,12 @@ def test_cli_make_tasks_writes_the_mask(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("version", "digest"),
-    [(2, "26f6eb7ddebab14a"), (3, "d1a6e1d77273b790"), (4, "5363392580670e77")],
+    [
+        (2, "26f6eb7ddebab14a"),
+        (3, "d1a6e1d77273b790"),
+        (4, "5363392580670e77"),
+        (5, "a89cf42b07fc9a72"),
+    ],
 )
 def test_older_corpora_are_the_ones_their_models_trained_on(version, digest):
     """Later versions came later: an older version's text must not move (recipes
@@ -489,8 +494,38 @@ def test_v5_weights_family_pairs_by_the_square_root_of_their_size():
     assert not {task.name for task in UNSEEN_TASKS} & set(draws)
 
 
-@pytest.mark.parametrize("version", [4, 5])
-def test_v4_and_v5_corpus_episodes_are_training_tasks(version):
+def test_v6_draws_each_steps_parameter_by_zipf_rank():
+    """Version 6: the family pairs as version 5, then each step's parameter by Zipf rank, so
+    shift by 1 then reverse is ~1 / H(24) ~ 26% of the shift-then-reverse compositions
+    (v5: 1 / 24), and shift by 2 half of that; every parameter still occurs."""
+    groups = tasks.family_pair_compositions()
+    draws, composed, per_group = composition_draws(version=6, n=40_000)
+    total = sum(len(group) ** 0.5 for group in groups)
+    for group, count in zip(groups, per_group):  # the pairs' shares as version 5
+        expected = len(composed) * len(group) ** 0.5 / total
+        assert 0.6 * expected < count < 1.5 * expected, group[0].name
+    shift_reverse = [n for n in composed if n.startswith("shift") and n.endswith("|reverse")]
+    harmonic = sum(1 / rank for rank in range(1, len(tasks.TRAIN_SHIFTS) + 1))
+    share = shift_reverse.count("shift1|reverse") / len(shift_reverse)
+    assert abs(share - 1 / harmonic) < 0.08
+    assert 1.4 < shift_reverse.count("shift1|reverse") / shift_reverse.count("shift2|reverse") < 2.8
+    shift_first = [n.split("|")[0] for n in composed if n.startswith("shift")]
+    assert {f"shift{k}" for k in tasks.TRAIN_SHIFTS} == set(shift_first)
+    assert not {task.name for task in UNSEEN_TASKS} & set(draws)
+
+
+def test_family_pairs_compose_whole_families():
+    """Version 6 draws each step of a pair on its own: every task of a pair's first family
+    composes with every task of its second."""
+    import itertools
+
+    for first, second in tasks.family_pairs():
+        assert all(tasks._composable(a, b) for a, b in itertools.product(first, second))
+    assert sum(len(group) for group in tasks.family_pair_compositions()) == 1616
+
+
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_v4_to_v6_corpus_episodes_are_training_tasks(version):
     text = make_corpus(400, seed=0, version=version)
     parsed = parse_v3(text)
     assert len(parsed) == 400

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lm.commands._args import positive_int
 
-VERSIONS = (2, 3, 4, 5)  # lm.tasks.CORPUS_VERSIONS (not imported here: the CLI starts fast)
+VERSIONS = (2, 3, 4, 5, 6)  # lm.tasks.CORPUS_VERSIONS (not imported here: the CLI starts fast)
 
 
 def add_parser(subparsers) -> None:
@@ -12,7 +12,7 @@ def add_parser(subparsers) -> None:
         "make-tasks",
         help="write an in-context-learning corpus of few-shot episodes",
         description="Episodes of `input => output` lines (version 3 on: each episode "
-        "in one of several templates; 4 and 5: compositions drawn by pair of task "
+        "in one of several templates; 4 on: compositions drawn by pair of task "
         "families), "
         "one random string task each, blank-line separated; held-out words never appear.",
     )
@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
         type=int,
         choices=VERSIONS,
         default=VERSIONS[-1],
-        help="corpus format: 5 (default) is 4 with each pair of task families weighted by "
+        help="corpus format: 6 (default) is 5 with each step's parameter drawn by Zipf rank "
+        "(shift by 1 most often); 5 is 4 with each pair of task families weighted by "
         "the square root of its number of tasks; 4 is 3 with every pair of task families "
         "composed equally often; 3 mixes templates and punctuation; 2 is the `input => output` "
         "corpus of letters and digits",
