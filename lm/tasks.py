@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import string
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -206,6 +207,14 @@ def _rotate(k: int) -> Task:
     return Task(f"rotate{k}", partial(rotate, k=k), "rotate")
 
 
+def _first(n: int) -> Task:
+    return Task(f"first{n}", partial(first, n=n), "slice")
+
+
+def _last(n: int) -> Task:
+    return Task(f"last{n}", partial(last, n=n), "slice")
+
+
 PRIMITIVE_FAMILIES: tuple[tuple[Task, ...], ...] = (
     (Task("reverse", reverse),),
     (Task("upper", upper, "case"),),
@@ -216,8 +225,8 @@ PRIMITIVE_FAMILIES: tuple[tuple[Task, ...], ...] = (
     (Task("swap", swap_pairs),),
     tuple(_shift(k) for k in TRAIN_SHIFTS),
     tuple(_rotate(k) for k in TRAIN_ROTATIONS),
-    tuple(Task(f"first{n}", partial(first, n=n), "slice") for n in SLICE_SIZES),
-    tuple(Task(f"last{n}", partial(last, n=n), "slice") for n in SLICE_SIZES),
+    tuple(_first(n) for n in SLICE_SIZES),
+    tuple(_last(n) for n in SLICE_SIZES),
     (Task("novowels", drop_vowels, "filter"),),
     (Task("double", double_letters, "grow"),),
     (Task("repeat", repeat, "grow"),),
@@ -302,8 +311,8 @@ def draw_train_task(rng: random.Random, version: int) -> Task:
     step's parameter by Zipf rank instead of uniformly."""
     if rng.random() < COMPOSITION_SHARE:
         if version >= 6:
-            first, second = rng.choices(family_pairs(), cum_weights=_family_pair_weights())[0]
-            return _zipf_choice(rng, first).then(_zipf_choice(rng, second))
+            pair = rng.choices(family_pairs(), cum_weights=_family_pair_weights())[0]
+            return _zipf_choice(rng, pair[0]).then(_zipf_choice(rng, pair[1]))
         if version == 5:
             groups = family_pair_compositions()
             return rng.choice(rng.choices(groups, cum_weights=_family_pair_weights())[0])
@@ -356,6 +365,33 @@ CATEGORIES = {
     "long": f"seen tasks, {LONG_LENGTHS[0]}-{LONG_LENGTHS[1]} characters (longer than training)",
     "unseen": "task variants never trained on, held-out words",
 }
+
+
+# Task families with a number in their name (shift3, first7): the number makes the task.
+PARAMETERISED = {"shift": _shift, "rotate": _rotate, "first": _first, "last": _last}
+
+
+def task_named(name: str) -> Task:
+    """The task a name says: a primitive (`reverse`, `shift3`, `first7`: any parameter from 1,
+    trained on or not) or steps joined by `|`, applied left to right (`shift1|reverse`)."""
+    steps = []
+    for step in (part.strip() for part in name.split("|")):
+        match = re.fullmatch(r"([a-z]+?)([1-9]\d*)", step)
+        if match and match[1] in PARAMETERISED:
+            steps.append(PARAMETERISED[match[1]](int(match[2])))
+        elif step in PRIMITIVES and PRIMITIVES[step].inputs == "text":
+            steps.append(PRIMITIVES[step])
+        else:
+            singles = [n for n, t in PRIMITIVES.items() if t.inputs == "text" and n.isalpha()]
+            raise LMError(
+                f"unknown task {step!r} in {name!r}; a task is one of {', '.join(singles)}, "
+                f"{', '.join(f'{family}N' for family in PARAMETERISED)} (N from 1), "
+                "or such steps joined by |"
+            )
+    task = steps[0]
+    for step in steps[1:]:
+        task = task.then(step)
+    return task
 
 
 # -- inputs --------------------------------------------------------------------------------
@@ -634,8 +670,11 @@ def eval_tasks(category: str) -> tuple[Task, ...]:
     return SEEN_TASKS
 
 
-def eval_episodes(category: str, n: int, seed: int = 0, shots: int = 4) -> Iterator[Episode]:
-    """`n` evaluation episodes of `category` (see CATEGORIES), over held-out inputs only.
+def eval_episodes(
+    category: str, n: int, seed: int = 0, shots: int = 4, tasks: Iterable[Task] | None = None
+) -> Iterator[Episode]:
+    """`n` evaluation episodes of `category` (see CATEGORIES), over held-out inputs only:
+    its tasks (eval_tasks), or `tasks` on the category's inputs.
 
     Tasks take turns in a seeded order, so every task is equally represented. Episode i is
     the same query for every `shots`, and its examples for k shots are the first k of its
@@ -649,7 +688,9 @@ def eval_episodes(category: str, n: int, seed: int = 0, shots: int = 4) -> Itera
         raise LMError(f"the number of episodes must be at least 1, got {n}")
     if shots < 0:
         raise LMError(f"shots must be >= 0, got {shots}")
-    order = list(eval_tasks(category))
+    order = list(eval_tasks(category) if tasks is None else tasks)
+    if not order:
+        raise LMError("give at least one task")
     random.Random(f"tasks:{category}:{seed}").shuffle(order)
     for i in range(n):
         task = order[i % len(order)]
@@ -681,13 +722,15 @@ def fewshot_accuracy(
     seed: int = 0,
     max_batch: int = 64,
     template: str = DEFAULT_TEMPLATE,
+    tasks: Iterable[Task] | None = None,
 ) -> dict[int, dict]:
     """Exact-match accuracy of greedy completions on held-out episodes, per shot count:
     {shots: {"words", "random", "long", "unseen", "overall", "per_task": {category: {task}}}}.
 
     `episodes` per category (CATEGORIES says what each measures); "overall" pools them all.
     The prompts follow `template` (a user's own format, to see whether the model follows
-    it; the training corpus uses the default).
+    it; the training corpus uses the default). `tasks` (task_named's): score these on
+    held-out words, random strings and longer inputs instead; "unseen" is then None.
     `checkpoint` is a loaded lm.checkpoint.Checkpoint, a shipped name or a directory. All
     prompts (every shot count) go to the engine at once, batched `max_batch` at a time.
     """
@@ -700,10 +743,16 @@ def fewshot_accuracy(
     shots_list = sorted(set(shots_list))
     if not shots_list:
         raise LMError("give at least one number of shots")
+    tasks = None if tasks is None else tuple(tasks)
+    categories = [c for c in CATEGORIES if tasks is None or c != "unseen"]
+
+    def scored(category: str) -> tuple[Task, ...]:
+        return eval_tasks(category) if tasks is None else tasks
+
     prompts, keys, answers, stop = [], [], [], []
     for shots in shots_list:
-        for category in CATEGORIES:
-            for episode in eval_episodes(category, episodes, seed, shots):
+        for category in categories:
+            for episode in eval_episodes(category, episodes, seed, shots, scored(category)):
                 prompt, stop = episode_prompt(episode.examples, episode.query, template)
                 prompts.append(prompt)
                 keys.append((shots, category, episode.task))
@@ -722,7 +771,8 @@ def fewshot_accuracy(
     result = {}
     for shots, per_category in tally.items():
         row: dict = {}
-        for category, per_task in per_category.items():
+        for category in CATEGORIES:
+            per_task = per_category[category]
             row[category] = _mean([s for scores in per_task.values() for s in scores])
         row["overall"] = _mean(
             [
@@ -735,7 +785,7 @@ def fewshot_accuracy(
         row["per_task"] = {
             category: {
                 task.name: _mean(per_task[task.name])
-                for task in eval_tasks(category)
+                for task in scored(category)
                 if task.name in per_task
             }
             for category, per_task in per_category.items()
@@ -786,6 +836,8 @@ def plot_accuracy(results: dict[str, dict[int, dict]], path: str | Path) -> None
         all_shots.update(shots)
         for category, color in colors.items():
             values = [result[s][category] for s in shots]
+            if all(v is None for v in values):  # "unseen" when given tasks were scored
+                continue
             ax.plot(
                 shots,
                 [100 * (v or 0) for v in values],

@@ -610,3 +610,70 @@ def test_cli_fewshot_eval_malformed_template_exit_2_before_loading(tmp_path, cap
     code = main(["fewshot-eval", "--checkpoint", str(tmp_path / "nope"), "--template", "{input}"])
     assert code == 2
     assert "template" in capsys.readouterr().err
+
+
+# -- named tasks (lm fewshot-eval --task) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "word", "output"),
+    [
+        ("reverse", "Garden", "nedraG"),
+        ("shift3", "Garden", "Jdughq"),  # a parameter kept out of training
+        ("first7", "gardening", "gardeni"),  # one never trained (first 1-5)
+        ("rotate3", "Garden", "denGar"),
+        ("shift1|reverse", "Garden", "ofesbH"),
+        ("upper | shift2 | reverse", "abc", "EDC"),  # three steps, spaces allowed
+    ],
+)
+def test_task_named_builds_primitives_parameters_and_compositions(name, word, output):
+    task = tasks.task_named(name)
+    assert task.apply(word) == output
+    assert task.name == name.replace(" ", "")
+
+
+def test_task_named_gives_the_trained_tasks_themselves():
+    for task in (*SEEN_TASKS, *UNSEEN_TASKS, *tasks.train_compositions()[:50]):
+        named = tasks.task_named(task.name)
+        assert named.name == task.name
+        assert all(named.apply(w) == task.apply(w) for w in ("Garden", "xyz", "a1B2c3d4e5"))
+
+
+@pytest.mark.parametrize("name", ["shift0", "digits", "foo|reverse", "", "shift1|", "Reverse"])
+def test_task_named_rejects_what_it_cannot_build(name):
+    with pytest.raises(LMError, match="unknown task .* a task is one of reverse"):
+        tasks.task_named(name)
+
+
+def test_fewshot_accuracy_scores_given_tasks_on_each_kind_of_input(tmp_path, monkeypatch):
+    checkpoint = tiny_checkpoint(tmp_path / "gpt", "gpt")
+    chosen = [tasks.task_named("shift2|reverse"), tasks.task_named("reverse")]
+
+    def fake_complete(self, prompts, params, n=1):
+        replies = []
+        for i, prompt in enumerate(prompts):  # reverse right, shift2|reverse wrong
+            query = prompt.rsplit("\n", 1)[1].removesuffix(" => ")
+            replies.append(Completion(i, query[::-1], "stop", [], None, 0))
+        return replies
+
+    monkeypatch.setattr(Generator, "complete", fake_complete)
+    row = fewshot_accuracy(checkpoint, [2], episodes=10, tasks=chosen)[2]
+    assert row["unseen"] is None and row["per_task"]["unseen"] == {}
+    for category in ("words", "random", "long"):
+        assert row[category] == 0.5
+        assert row["per_task"][category] == {"shift2|reverse": 0.0, "reverse": 1.0}
+    assert "shift2|reverse" in accuracy_table({2: row})
+
+
+def test_cli_fewshot_eval_given_tasks_and_a_bad_one(tmp_path, capsys):
+    gpt = tiny_checkpoint(tmp_path / "gpt", "gpt")
+    args = ["fewshot-eval", "--checkpoint", str(gpt), "--shots", "1", "--episodes", "2"]
+    plot = tmp_path / "acc.png"
+    given = ["--task", "shift1|reverse", "--task", "first7", "--json", "--plot", str(plot)]
+    assert main([*args, *given]) == 0
+    assert plot.stat().st_size > 0  # no line for the empty "unseen"
+    row = json.loads(capsys.readouterr().out)[str(gpt)]["1"]
+    assert set(row["per_task"]["words"]) == {"shift1|reverse", "first7"}
+    assert row["unseen"] is None
+    assert main([*args, "--task", "shift0"]) == 2
+    assert "unknown task 'shift0'" in capsys.readouterr().err

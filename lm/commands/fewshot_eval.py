@@ -39,6 +39,14 @@ def add_parser(subparsers) -> None:
         help="few-shot format of the prompts (default the training one, '{input} => {output}\\n'; "
         "\\n is a line end, \\t a tab)",
     )
+    p.add_argument(
+        "--task",
+        action="append",
+        metavar="NAME",
+        help="score this task instead of the standard ones (repeatable): a primitive "
+        "(reverse, upper, sort, shift3, first7, ...) or steps joined by | (shift1|reverse), "
+        "on held-out words, random strings and longer inputs",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--json",
@@ -56,10 +64,11 @@ def run(args) -> int:
     from lm.checkpoint import load_checkpoint
     from lm.device import pick_device
     from lm.fewshot import DEFAULT_TEMPLATE, build_prompt
-    from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy
+    from lm.tasks import accuracy_table, fewshot_accuracy, plot_accuracy, task_named
 
     template = DEFAULT_TEMPLATE if args.template is None else args.template
     build_prompt([], "query", template)  # a malformed template fails now, before loading
+    tasks = None if args.task is None else [task_named(name) for name in args.task]
 
     if args.plot:  # fail before the evaluation, not after it
         from lm.plotting import pyplot
@@ -70,7 +79,7 @@ def run(args) -> int:
     for name in args.checkpoint:
         checkpoint = load_checkpoint(name, device)
         results[name] = fewshot_accuracy(
-            checkpoint, args.shots, args.episodes, args.seed, template=template
+            checkpoint, args.shots, args.episodes, args.seed, template=template, tasks=tasks
         )
     if args.plot:
         plot_accuracy(results, args.plot)
