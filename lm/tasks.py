@@ -275,9 +275,9 @@ def family_pairs() -> tuple[tuple[tuple[Task, ...], tuple[Task, ...]], ...]:
     task of the first family composes with every task of the second (held-out pairs and
     kinds that do not compose are whole families)."""
     return tuple(
-        (first, second)
-        for first, second in itertools.permutations(PRIMITIVE_FAMILIES, 2)
-        if _composable(first[0], second[0])
+        (before, after)
+        for before, after in itertools.permutations(PRIMITIVE_FAMILIES, 2)
+        if _composable(before[0], after[0])
     )
 
 
@@ -286,8 +286,8 @@ def family_pair_compositions() -> tuple[tuple[Task, ...], ...]:
     """The compositions trained on, grouped by their pair of primitive families (in
     family_pairs' order): shift then rotate holds 24 x 5 tasks."""
     return tuple(
-        tuple(a.then(b) for a, b in itertools.product(first, second))
-        for first, second in family_pairs()
+        tuple(a.then(b) for a, b in itertools.product(before, after))
+        for before, after in family_pairs()
     )
 
 
