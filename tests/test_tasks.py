@@ -363,10 +363,17 @@ def test_fewshot_accuracy_scores_each_category_apart(tmp_path, monkeypatch):
     assert "shift3" in table and "per task at 1 shots" in table
 
 
+def test_cli_make_tasks_versions_are_lm_tasks_versions():
+    from lm.commands import make_tasks
+
+    assert make_tasks.VERSIONS == tasks.CORPUS_VERSIONS
+    assert make_tasks.DEFAULT_VERSION == tasks.LATEST_VERSION
+
+
 def test_cli_make_tasks_writes_the_corpus(tmp_path, capsys):
     out = tmp_path / "sub" / "tasks.txt"
     assert main(["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4"]) == 0
-    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=6)
+    assert out.read_text(encoding="utf-8") == make_corpus(25, seed=4, version=5)
     assert "25 episodes" in capsys.readouterr().out
     args = ["make-tasks", "--out", str(out), "--episodes", "25", "--seed", "4", "--version", "2"]
     assert main(args) == 0
@@ -417,7 +424,7 @@ def test_older_corpora_are_the_ones_their_models_trained_on(version, digest):
     assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest
     assert make_corpus(50, seed=3) == make_corpus(50, seed=3, version=tasks.LATEST_VERSION)
     with pytest.raises(LMError, match="corpus version"):
-        make_corpus(5, version=tasks.LATEST_VERSION + 1)
+        make_corpus(5, version=max(tasks.CORPUS_VERSIONS) + 1)
 
 
 def test_v3_episodes_each_use_one_training_template(corpus_v3):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lm.commands._args import positive_int
 
-VERSIONS = (2, 3, 4, 5, 6)  # lm.tasks.CORPUS_VERSIONS (not imported here: the CLI starts fast)
+VERSIONS = (2, 3, 4, 5, 6)  # lm.tasks.CORPUS_VERSIONS (not imported: the CLI starts fast)
+DEFAULT_VERSION = 5  # lm.tasks.LATEST_VERSION
 
 
 def add_parser(subparsers) -> None:
@@ -23,9 +24,10 @@ def add_parser(subparsers) -> None:
         "--version",
         type=int,
         choices=VERSIONS,
-        default=VERSIONS[-1],
-        help="corpus format: 6 (default) is 5 with each step's parameter drawn by Zipf rank "
-        "(shift by 1 most often); 5 is 4 with each pair of task families weighted by "
+        default=DEFAULT_VERSION,
+        help="corpus format: 6 is 5 with each composed step's parameter drawn by Zipf rank "
+        "(shift by 1 most often); 5 (default, the shipped few-shot GPT's) is 4 with each "
+        "pair of task families weighted by "
         "the square root of its number of tasks; 4 is 3 with every pair of task families "
         "composed equally often; 3 mixes templates and punctuation; 2 is the `input => output` "
         "corpus of letters and digits",
