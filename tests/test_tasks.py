@@ -470,6 +470,14 @@ def composition_draws(version: int, n: int) -> tuple[list[str], list[str], list[
     return draws, composed, per_group
 
 
+def assert_pairs_by_square_root_of_size(composed: list[str], per_group: list[int]) -> None:
+    groups = tasks.family_pair_compositions()
+    total = sum(len(group) ** 0.5 for group in groups)
+    for group, count in zip(groups, per_group):
+        expected = len(composed) * len(group) ** 0.5 / total
+        assert 0.6 * expected < count < 1.5 * expected, group[0].name
+
+
 def test_v4_draws_compositions_by_family_pair():
     """Version 4: the same tasks as version 3, but each pair of primitive families gets an
     equal share of the compositions (v3's Zipfian ranks gave one 12.5%, others ~0.01%)."""
@@ -489,12 +497,8 @@ def test_v5_weights_family_pairs_by_the_square_root_of_their_size():
     """Version 5: a pair of families with 24 parameters (shift then reverse) is drawn
     sqrt(24) ~ 4.9 times as often as a pair of single tasks (reverse then double), so
     composing a shift with a reordering is no longer starved; every pair still occurs."""
-    groups = tasks.family_pair_compositions()
     draws, composed, per_group = composition_draws(version=5, n=40_000)
-    total = sum(len(group) ** 0.5 for group in groups)
-    for group, count in zip(groups, per_group):
-        expected = len(composed) * len(group) ** 0.5 / total
-        assert 0.6 * expected < count < 1.5 * expected, group[0].name
+    assert_pairs_by_square_root_of_size(composed, per_group)
     shift_reverse = sum(name.startswith("shift") and name.endswith("|reverse") for name in composed)
     reverse_double = composed.count("reverse|double")
     assert 3 < shift_reverse / reverse_double < 8
@@ -505,12 +509,8 @@ def test_v6_draws_each_steps_parameter_by_zipf_rank():
     """Version 6: the family pairs as version 5, then each step's parameter by Zipf rank, so
     shift by 1 then reverse is ~1 / H(24) ~ 26% of the shift-then-reverse compositions
     (v5: 1 / 24), and shift by 2 half of that; every parameter still occurs."""
-    groups = tasks.family_pair_compositions()
     draws, composed, per_group = composition_draws(version=6, n=40_000)
-    total = sum(len(group) ** 0.5 for group in groups)
-    for group, count in zip(groups, per_group):  # the pairs' shares as version 5
-        expected = len(composed) * len(group) ** 0.5 / total
-        assert 0.6 * expected < count < 1.5 * expected, group[0].name
+    assert_pairs_by_square_root_of_size(composed, per_group)  # as version 5
     shift_reverse = [n for n in composed if n.startswith("shift") and n.endswith("|reverse")]
     harmonic = sum(1 / rank for rank in range(1, len(tasks.TRAIN_SHIFTS) + 1))
     share = shift_reverse.count("shift1|reverse") / len(shift_reverse)
