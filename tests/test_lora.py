@@ -263,6 +263,21 @@ def test_init_from_fine_tunes_the_parent(base_dir, tmp_path, caplog):
     assert changed
 
 
+def test_a_recipes_parent_is_relative_to_the_recipe(base_dir, tmp_path, monkeypatch):
+    """Like its corpus, a recipe's init_from is found from the recipe's folder; a shipped
+    name (no such folder there) stays a name."""
+    import shutil
+
+    shutil.copytree(base_dir, tmp_path / "runs" / "base")
+    (tmp_path / "runs" / "new.txt").write_text("The sailor sings. " * 40, encoding="utf-8")
+    recipe = tmp_path / "runs" / "ft" / "recipe.toml"
+    recipe.parent.mkdir()
+    recipe.write_text('init_from = "../base"\ncorpus = ["../new.txt"]\nout = "."\n')
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    assert main(["train", "--config", str(recipe), *TRAIN]) == 0
+    assert load_checkpoint(recipe.parent).training["parent"]["name"] == "base"
+
+
 def test_lora_training_writes_a_small_adapter_naming_its_base(base_dir, tmp_path, capsys):
     corpus = tmp_path / "new.txt"
     corpus.write_text("The sailor sings about the sea. " * 40, encoding="utf-8")

@@ -160,6 +160,10 @@ def run(args) -> int:
                 settings[key] = [str(_relative_to(base, value)) for value in values]
     if "out" in settings and args.config:
         settings["out"] = str(_relative_to(Path(args.config).parent, settings["out"]))
+    if settings.get("init_from") and args.config:  # a run's folder, or a shipped name
+        parent = _relative_to(Path(args.config).parent, settings["init_from"])
+        if parent.is_dir():
+            settings["init_from"] = str(parent)
     skip = {"config", "func", "command", "no_progress"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip and v is not None})
     config = TrainConfig.from_dict(settings)
