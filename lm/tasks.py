@@ -33,7 +33,10 @@ reverse then double 0.009%). 6 is 5 with each step's parameter drawn by Zipf ran
 uniformly (shift by 1, then 2, 4, ...; first 1, then 2, ...): v5 spreads shift-then-reverse
 over 24 shifts, so shift by 1 then reverse got 0.06% of the compositions (v6: 0.34%), and
 a model trained on v5 composes no shift with a reordering, not even that one. Trained on v6
-the same model does that one, but answers shift by 3 with a shift it saw more often.
+the same model does that one, but answers shift by 3 with a shift it saw more often. 7 is
+6 with each primitive's family drawn by the square root of its number of tasks, as the
+pairs are: shift by k, 24 values drawn evenly, goes from 1 in 17 of the primitives to 1 in
+5, so reading k off the examples is practised over every value.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ VOWELS = "aeiouAEIOU"
 ALPHABET = string.ascii_letters + string.digits + " =>-\n"  # every character of a v2 corpus
 # Every character of a v3 corpus: printable ASCII without the rare vertical whitespace.
 ALPHABET_V3 = "".join(sorted(set(string.printable) - set("\r\x0b\x0c")))
-CORPUS_VERSIONS = (2, 3, 4, 5, 6)
+CORPUS_VERSIONS = (2, 3, 4, 5, 6, 7)
 LATEST_VERSION = 5  # the default: the shipped few-shot GPT's corpus (6: docs/BENCHMARKS.md)
 # v3: each episode's format, and how often. The default stays the most common (the format
 # of `lm generate --example` and the API's examples without a template).
@@ -300,6 +303,13 @@ def _family_pair_weights() -> list[float]:
     return list(itertools.accumulate(size**0.5 for size in sizes))
 
 
+@cache
+def _primitive_family_weights() -> list[float]:
+    """Cumulative weights of the primitive families from version 7 on: the square root of
+    each family's number of tasks, as the pairs (shift by k: sqrt(24) ~ 4.9 a single task's)."""
+    return list(itertools.accumulate(len(family) ** 0.5 for family in PRIMITIVE_FAMILIES))
+
+
 def _zipf_choice(rng: random.Random, family: tuple[Task, ...]) -> Task:
     """A task of `family` by Zipf rank in its order (shift by 1 first, then 2, 4, ...)."""
     return rng.choices(family, cum_weights=_zipf_weights(len(family)))[0]
@@ -308,8 +318,10 @@ def _zipf_choice(rng: random.Random, family: tuple[Task, ...]) -> Task:
 def draw_train_task(rng: random.Random, version: int) -> Task:
     """Half primitives (a family, then a parameter), half compositions: by Zipf rank over
     all of them (version 2 and 3), or a pair of families, then parameters: the pairs
-    uniformly (4) or by the square root of their sizes (5 and 6); version 6 then draws each
-    step's parameter by Zipf rank instead of uniformly."""
+    uniformly (4) or by the square root of their sizes (5 on); version 6 on then draws each
+    step's parameter by Zipf rank instead of uniformly. A primitive's family is drawn
+    uniformly, or from version 7 on by the square root of its size, then its parameter
+    uniformly."""
     if rng.random() < COMPOSITION_SHARE:
         if version >= 6:
             pair = rng.choices(family_pairs(), cum_weights=_family_pair_weights())[0]
@@ -321,6 +333,9 @@ def draw_train_task(rng: random.Random, version: int) -> Task:
             return rng.choice(rng.choice(family_pair_compositions()))
         compositions = train_compositions()
         return rng.choices(compositions, cum_weights=_zipf_weights(len(compositions)))[0]
+    if version >= 7:
+        family = rng.choices(PRIMITIVE_FAMILIES, cum_weights=_primitive_family_weights())[0]
+        return rng.choice(family)
     return rng.choice(rng.choice(PRIMITIVE_FAMILIES))
 
 
@@ -492,7 +507,8 @@ INPUT_KINDS = {  # corpus version: (kinds of training input, their weights)
     2: (("word", "letters", "alnum"), (0.55, 0.3, 0.15)),
     3: (("word", "letters", "alnum", "symbols"), (0.5, 0.25, 0.13, 0.12)),
 }
-INPUT_KINDS[4] = INPUT_KINDS[5] = INPUT_KINDS[6] = INPUT_KINDS[3]
+for _version in (4, 5, 6, 7):
+    INPUT_KINDS[_version] = INPUT_KINDS[3]
 
 
 def _train_source(rng: random.Random, task: Task, version: int = 2) -> Source:

@@ -413,6 +413,7 @@ def test_cli_make_tasks_writes_the_mask(tmp_path, capsys):
         (3, "d1a6e1d77273b790"),
         (4, "5363392580670e77"),
         (5, "a89cf42b07fc9a72"),
+        (6, "bf2a7ddd5a201db7"),
     ],
 )
 def test_older_corpora_are_the_ones_their_models_trained_on(version, digest):
@@ -521,6 +522,29 @@ def test_v6_draws_each_steps_parameter_by_zipf_rank():
     assert not {task.name for task in UNSEEN_TASKS} & set(draws)
 
 
+def test_v7_draws_primitive_families_by_the_square_root_of_their_size():
+    """Version 7: the compositions as version 6; a primitive's family by the square root of
+    its number of tasks, so shift by k (24 values) is ~20% of the primitives (v6: 1 in 17),
+    each value still drawn evenly; every primitive still occurs."""
+    import collections
+    import random
+
+    rng = random.Random(0)
+    draws = [tasks.draw_train_task(rng, version=7).name for _ in range(40_000)]
+    primitives = [name for name in draws if "|" not in name]
+    families = collections.Counter(name.rstrip("0123456789") for name in primitives)
+    total = sum(len(family) ** 0.5 for family in tasks.PRIMITIVE_FAMILIES)
+    assert abs(families["shift"] / len(primitives) - 24**0.5 / total) < 0.02
+    assert abs(families["reverse"] / len(primitives) - 1 / total) < 0.01
+    shifts = collections.Counter(name for name in primitives if name.startswith("shift"))
+    assert set(shifts) == {f"shift{k}" for k in tasks.TRAIN_SHIFTS}
+    assert max(shifts.values()) < 1.5 * min(shifts.values())  # parameters stay even
+    assert set(primitives) == set(tasks.PRIMITIVES)
+    composed = [name for name in draws if "|" in name]
+    assert abs(composed.count("shift1|reverse") / len(composed) - 0.0034) < 0.0015  # as v6
+    assert not {task.name for task in UNSEEN_TASKS} & set(draws)
+
+
 def test_family_pairs_compose_whole_families():
     """Version 6 draws each step of a pair on its own: every task of a pair's first family
     composes with every task of its second."""
@@ -531,8 +555,8 @@ def test_family_pairs_compose_whole_families():
     assert sum(len(group) for group in tasks.family_pair_compositions()) == 1616
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
-def test_v4_to_v6_corpus_episodes_are_training_tasks(version):
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_v4_to_v7_corpus_episodes_are_training_tasks(version):
     text = make_corpus(400, seed=0, version=version)
     parsed = parse_v3(text)
     assert len(parsed) == 400

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lm.commands._args import positive_int
 
-VERSIONS = (2, 3, 4, 5, 6)  # lm.tasks.CORPUS_VERSIONS (not imported: the CLI starts fast)
+VERSIONS = (2, 3, 4, 5, 6, 7)  # lm.tasks.CORPUS_VERSIONS (not imported: the CLI starts fast)
 DEFAULT_VERSION = 5  # lm.tasks.LATEST_VERSION
 
 
@@ -25,7 +25,9 @@ def add_parser(subparsers) -> None:
         type=int,
         choices=VERSIONS,
         default=DEFAULT_VERSION,
-        help="corpus format: 6 is 5 with each composed step's parameter drawn by Zipf rank "
+        help="corpus format: 7 is 6 with each primitive's family drawn by the square root of "
+        "its number of tasks (shift by k most often); "
+        "6 is 5 with each composed step's parameter drawn by Zipf rank "
         "(shift by 1 most often); 5 (default, the shipped few-shot GPT's) is 4 with each "
         "pair of task families weighted by "
         "the square root of its number of tasks; 4 is 3 with every pair of task families "
