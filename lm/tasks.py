@@ -36,7 +36,8 @@ a model trained on v5 composes no shift with a reordering, not even that one. Tr
 the same model does that one, but answers shift by 3 with a shift it saw more often. 7 is
 6 with each primitive's family drawn by the square root of its number of tasks, as the
 pairs are: shift by k, 24 values drawn evenly, goes from 1 in 17 of the primitives to 1 in
-5, so reading k off the examples is practised over every value.
+5, so reading k off the examples is practised over every value; trained on it, the same
+model still misses shift by 3 (docs/BENCHMARKS.md, session 22).
 """
 
 from __future__ import annotations
