@@ -264,8 +264,8 @@ def test_init_from_fine_tunes_the_parent(base_dir, tmp_path, caplog):
 
 
 def test_a_recipes_parent_is_relative_to_the_recipe(base_dir, tmp_path, monkeypatch):
-    """Like its corpus, a recipe's init_from is found from the recipe's folder; a shipped
-    name (no such folder there) stays a name."""
+    """Like its corpus, a recipe's init_from is found from the recipe's folder, whatever
+    the working directory."""
     import shutil
 
     shutil.copytree(base_dir, tmp_path / "runs" / "base")
